@@ -1,0 +1,103 @@
+"""The one conversion engine: applies a family's weight mapping in either direction.
+
+It accounts for every tensor. Before any tensor is read it checks, by name, that every source
+tensor is consumed by exactly one binding and that every target tensor is produced; while
+converting it checks each produced tensor's shape. Any mismatch is an error naming the tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from megatron_patch.convert.mapping import Binding, Dims
+
+
+class ConversionError(ValueError):
+    """A conversion that would lose, invent or misshape a tensor."""
+
+
+def _names(names: Iterable[str], limit: int = 20) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_names(bindings: list[Binding], *, source: Iterable[str], target: Iterable[str],
+                direction: str, ignore: tuple[str, ...] = ()) -> None:
+    """Name-level accounting for `direction` 'hf->megatron' or 'megatron->hf'."""
+    to_megatron = direction == "hf->megatron"
+    consumed = [n for b in bindings for n in (b.hf if to_megatron else (b.megatron,))]
+    produced = [n for b in bindings for n in ((b.megatron,) if to_megatron else b.hf)]
+    ignored = [re.compile(p) for p in ignore]
+    source = {n for n in source if not any(p.fullmatch(n) for p in ignored)}
+    target = set(target)
+
+    problems = []
+    duplicated = {n for n in consumed if consumed.count(n) > 1}
+    if duplicated:
+        problems.append(f"source tensors used by more than one rule: {_names(duplicated)}")
+    if missing := set(consumed) - source:
+        problems.append(f"tensors the mapping needs are missing from the source: {_names(missing)}")
+    if unused := source - set(consumed):
+        problems.append(f"source tensors no rule consumes (they would be lost): {_names(unused)}")
+    if unset := target - set(produced):
+        problems.append(f"target tensors no rule produces (they would stay unset): "
+                        f"{_names(unset)}")
+    if unknown := set(produced) - target:
+        problems.append(f"the mapping produces tensors the target does not have: "
+                        f"{_names(unknown)}")
+    if problems:
+        raise ConversionError(f"{direction} conversion refused:\n  - " + "\n  - ".join(problems))
+
+
+def check_shapes(shapes: Mapping[str, tuple[int, ...]],
+                 expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Compare every named shape against the expected one, reporting all mismatches at once."""
+    wrong = [f"{n}: {tuple(shapes[n])} (expected {tuple(expected[n])})"
+             for n in sorted(set(shapes) & set(expected))
+             if tuple(shapes[n]) != tuple(expected[n])]
+    if wrong:
+        raise ConversionError(f"{where}: tensors with the wrong shape:\n  - " + "\n  - ".join(wrong))
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...] | None) -> None:
+    if expected is not None and tuple(tensor.shape) != tuple(expected):
+        raise ConversionError(
+            f"tensor {name}: shape {tuple(tensor.shape)} does not match the expected "
+            f"{tuple(expected)}"
+        )
+
+
+def hf_to_megatron(bindings: list[Binding], dims: Dims, read: Callable[[str], torch.Tensor],
+                   expected_shapes: Mapping[str, tuple[int, ...]]) -> Iterator[
+                       tuple[str, torch.Tensor]]:
+    """Yield (megatron name, tensor), reading HF tensors on demand through `read`."""
+    for b in bindings:
+        try:
+            tensor = b.transform.to_megatron([read(n) for n in b.hf], dims)
+        except (RuntimeError, ValueError) as e:
+            raise ConversionError(f"tensor {b.megatron} from {list(b.hf)}: {e}") from e
+        _check_shape(b.megatron, tensor, expected_shapes.get(b.megatron))
+        yield b.megatron, tensor
+
+
+def megatron_to_hf(bindings: list[Binding], dims: Dims, read: Callable[[str], torch.Tensor],
+                   expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Iterator[
+                       tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor), reading Megatron tensors on demand through `read`."""
+    expected_shapes = expected_shapes or {}
+    for b in bindings:
+        try:
+            parts = b.transform.to_hf(read(b.megatron), dims)
+        except (RuntimeError, ValueError) as e:
+            raise ConversionError(f"tensor {b.megatron} to {list(b.hf)}: {e}") from e
+        if len(parts) != len(b.hf):
+            raise ConversionError(
+                f"tensor {b.megatron}: transform gave {len(parts)} tensors for {list(b.hf)}"
+            )
+        for name, tensor in zip(b.hf, parts):
+            _check_shape(name, tensor, expected_shapes.get(name))
+            yield name, tensor

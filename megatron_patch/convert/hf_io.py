@@ -1,0 +1,178 @@
+"""Reading and writing Hugging Face checkpoint directories tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.index\.json$")
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class HFCheckpointReader:
+    """Lazy access to the tensors of an HF model directory (safetensors or pytorch_model*.bin)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._where: dict[str, str] = {}
+        self._open: dict[str, Any] = {}
+        if os.path.isfile(os.path.join(path, SAFE_INDEX)):
+            self._from_index(SAFE_INDEX)
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            self._add_file("model.safetensors")
+        elif os.path.isfile(os.path.join(path, BIN_INDEX)):
+            self._from_index(BIN_INDEX)
+        elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            self._add_file("pytorch_model.bin")
+        else:
+            raise FileNotFoundError(
+                f"{path}: no model.safetensors, {SAFE_INDEX}, pytorch_model.bin or {BIN_INDEX}"
+            )
+
+    def _from_index(self, index_name: str) -> None:
+        index_path = os.path.join(self.path, index_name)
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        for file in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(self.path, file)):
+                raise FileNotFoundError(f"{index_path} names {file}, which does not exist")
+        for file in sorted(set(weight_map.values())):
+            self._add_file(file)
+        listed = set(weight_map)
+        if listed != set(self._where):
+            raise ValueError(
+                f"{index_path} does not match its shards: listed only "
+                f"{sorted(listed - set(self._where))[:10]}, stored only "
+                f"{sorted(set(self._where) - listed)[:10]}"
+            )
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            full = os.path.join(self.path, file)
+            if file.endswith(".safetensors"):
+                self._open[file] = safe_open(full, framework="pt")
+            else:
+                # mmap: tensors are paged in when read, not all at once.
+                self._open[file] = torch.load(full, map_location="cpu", mmap=True,
+                                              weights_only=True)
+        return self._open[file]
+
+    def _add_file(self, file: str) -> None:
+        handle = self._handle(file)
+        for name in handle.keys():
+            if name in self._where:
+                raise ValueError(f"{self.path}: tensor {name} is stored in both "
+                                 f"{self._where[name]} and {file}")
+            self._where[name] = file
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self._where.values()))
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        handle = self._handle(self._where[name])
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        handle = self._handle(self._where[name])
+        if isinstance(handle, dict):
+            return handle[name].dtype
+        return SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
+
+    def read(self, name: str) -> torch.Tensor:
+        handle = self._handle(self._where[name])
+        if isinstance(handle, dict):
+            return handle[name]
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
+    if not match:
+        raise ValueError(f"cannot read size {size!r}; use e.g. 5GB or 500MB")
+    value, unit = float(match.group(1)), match.group(2) or "B"
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(value * powers[unit])
+
+
+def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]],
+                             max_shard_size: int | str = "5GB", progress=None) -> list[str]:
+    """Write tensors as save_pretrained does: model.safetensors, or numbered shards plus
+    model.safetensors.index.json. Each shard is written as soon as it is full."""
+    limit = parse_size(max_shard_size)
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    written: list[tuple[str, list[str]]] = []
+    total = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f"shard-{len(written):05d}.tmp"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        written.append((name, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > limit:
+            flush()
+        shard[name] = tensor.contiguous()
+        shard_bytes += size
+        total += size
+        if progress is not None:
+            progress.update(size)
+    if shard or not written:
+        flush()
+
+    if len(written) == 1:
+        os.replace(os.path.join(out_dir, written[0][0]), os.path.join(out_dir, "model.safetensors"))
+        return ["model.safetensors"]
+    weight_map, files = {}, []
+    for i, (tmp, names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
+        files.append(final)
+        weight_map.update({n: final for n in names})
+    with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                  f, indent=2)
+        f.write("\n")
+    return files
+
+
+def copy_non_weight_files(src: str, dst: str) -> list[str]:
+    """config.json, generation_config.json, tokenizer files, remote-code .py files ..."""
+    os.makedirs(dst, exist_ok=True)
+    copied = []
+    for name in sorted(os.listdir(src)):
+        full = os.path.join(src, name)
+        if os.path.isfile(full) and not WEIGHT_FILE.fullmatch(name):
+            shutil.copy2(full, os.path.join(dst, name))
+            copied.append(name)
+    return copied

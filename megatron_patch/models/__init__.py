@@ -1,0 +1,172 @@
+"""Megatron-Core models of Hugging Face architectures.
+
+    from megatron_patch.models import load_hf_config, family_for, transformer_config, build_model
+
+    hf_config = load_hf_config("path/to/hf_or_checkpoint")
+    args = family_for(hf_config).model_args(hf_config)
+    config = transformer_config(args)             # after megatron's parallel_state is initialised
+    model = build_model(args, config, hf_config)  # a megatron.core GPTModel for this stage
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from megatron_patch import cpu_mode
+from megatron_patch.models.registry import family_for, supported_architectures
+from megatron_patch.models.spec import FamilySpec, ModelArgs, pad_vocab_size
+
+__all__ = [
+    "FamilySpec", "ModelArgs", "build_model", "check_layout", "family_for", "from_checkpoint",
+    "load_hf_config",
+    "pad_vocab_size", "supported_architectures", "transformer_config",
+]
+
+cpu_mode.maybe_enable()
+
+ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.nn.functional.relu,
+}
+
+
+def load_hf_config(path: str) -> dict[str, Any]:
+    """config.json of an HF model directory, or of the HF files a converted checkpoint carries."""
+    for candidate in (os.path.join(path, "config.json"), os.path.join(path, "hf", "config.json")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                return json.load(f)
+    raise FileNotFoundError(f"no config.json in {path} (nor in {path}/hf)")
+
+
+def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
+                 vpp: int | None = None) -> None:
+    """Refuse a parallel layout that cannot split this model, before any work is done."""
+    problems = []
+    for what, n in (("num_attention_heads", args.num_attention_heads),
+                    ("num_key_value_heads (query groups)", args.num_query_groups),
+                    ("intermediate_size", args.ffn_hidden_size),
+                    ("padded vocab size", padded_vocab_size)):
+        if n % tp:
+            problems.append(f"{what}={n} is not divisible by tensor parallel size {tp}")
+    stages = pp * (vpp or 1)
+    if args.num_layers % stages:
+        problems.append(
+            f"num_hidden_layers={args.num_layers} is not divisible into {stages} pipeline stages"
+        )
+    if problems:
+        raise ValueError("parallel layout TP=%d PP=%d does not fit the model: %s"
+                         % (tp, pp, "; ".join(problems)))
+
+
+def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.float32,
+                       sequence_parallel: bool = False, **overrides: Any):
+    """Megatron-Core TransformerConfig for `args` at the current parallel layout."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    window = None if args.sliding_window is None else (args.sliding_window - 1, 0)
+    kwargs: dict[str, Any] = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        layernorm_epsilon=args.layernorm_epsilon,
+        normalization=args.normalization,
+        gated_linear_unit=args.gated_linear_unit,
+        activation_func=ACTIVATIONS[args.activation],
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        window_size=window,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        # Fused kernels are CUDA/apex only; the unfused paths compute the same function.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=cpu_mode.is_enabled(),
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
+                padded_vocab_size: int | None = None, pre_process: bool | None = None,
+                post_process: bool | None = None, vp_stage: int | None = None):
+    """The GPTModel of this pipeline stage (and virtual stage)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_patch.models import rope
+    from megatron_patch.models.layers import block_spec
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage),
+        vocab_size=padded_vocab_size or args.vocab_size,
+        max_sequence_length=args.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        vp_stage=vp_stage,
+    )
+    if args.position_embedding_type == "rope":
+        rotary_dim = int(args.kv_channels * args.rotary_percent)
+        model.rotary_pos_emb.inv_freq = rope.inv_freq(hf_config, rotary_dim).to(
+            model.rotary_pos_emb.inv_freq.device
+        )
+    return model
+
+
+def from_checkpoint(ckpt_dir: str, *, sequence_parallel: bool = False,
+                    params_dtype: torch.dtype | None = None, **config_overrides: Any):
+    """Build this rank's model for the current parallel layout and load a converted checkpoint.
+
+    Returns (model, meta) where meta is the checkpoint's CheckpointMeta.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_patch import checkpoint
+
+    meta = checkpoint.read_meta(ckpt_dir)
+    hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
+    args = family_for(hf_config).model_args(hf_config)
+    check_layout(args, meta.padded_vocab_size,
+                 parallel_state.get_tensor_model_parallel_world_size(),
+                 parallel_state.get_pipeline_model_parallel_world_size())
+    config = transformer_config(args, params_dtype=params_dtype or meta.torch_dtype,
+                                sequence_parallel=sequence_parallel, **config_overrides)
+    model = build_model(args, config, hf_config, padded_vocab_size=meta.padded_vocab_size)
+    checkpoint.load_model(ckpt_dir, model)
+    return model, meta

@@ -1,0 +1,99 @@
+"""Megatron-Core building blocks that the model zoo plugs in through the ModuleSpec system."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+
+class Norm(torch.nn.Module):
+    """LayerNorm or RMSNorm (per `config.normalization`) that works with sequence parallelism.
+
+    Megatron-Core's local `WrappedTorchNorm` refuses sequence parallelism. Under SP every TP rank
+    normalises a different slice of the sequence, so the weight gradients must be summed over TP:
+    megatron's `finalize_model_grads` does that for parameters tagged `sequence_parallel`.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        if config.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"unsupported normalization {config.normalization!r}")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = (
+            None if self.rms
+            else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        )
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 as Hugging Face does, result back in the input dtype.
+        dtype = x.dtype
+        h = x.float()
+        if self.rms:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * h.to(dtype)
+        h = torch.nn.functional.layer_norm(
+            h, h.shape[-1:], self.weight.float(), self.bias.float(), self.eps
+        )
+        return h.to(dtype)
+
+
+def layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=DotProductAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=Norm if qk_layernorm else IdentityOp,
+                    k_layernorm=Norm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            # Same checkpoint keys as Transformer Engine's fused norm+linear layers, so a
+            # checkpoint loads into either implementation.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
+               vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The decoder of this pipeline stage: its layers and the final norm."""
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec(qk_layernorm)] * num_layers, layer_norm=Norm
+    )

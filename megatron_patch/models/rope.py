@@ -1,0 +1,52 @@
+"""Rotary position embedding frequencies as Hugging Face configs describe them.
+
+Megatron-Core's RotaryEmbedding knows plain RoPE and Llama-3.1 scaling with fixed constants; the
+frequencies here follow every parameter of the HF `rope_parameters` / `rope_scaling` entry and are
+assigned to the model's rotary module after it is built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Normalise transformers v4 (`rope_theta` + `rope_scaling`) and v5 (`rope_parameters`)."""
+    params = dict(hf_config.get("rope_parameters") or {})
+    if not params:
+        params = dict(hf_config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def inv_freq(hf_config: dict[str, Any], rotary_dim: int) -> torch.Tensor:
+    params = rope_parameters(hf_config)
+    base = float(params["rope_theta"])
+    freqs = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return freqs
+    if kind == "linear":
+        return freqs / float(params["factor"])
+    if kind == "llama3":
+        return _llama3(freqs, params)
+    raise NotImplementedError(f"rope type {kind!r} is not supported yet")
+
+
+def _llama3(freqs: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, and the band in
+    # between interpolated linearly in 1/wavelength.
+    factor = float(params["factor"])
+    low = float(params["low_freq_factor"])
+    high = float(params["high_freq_factor"])
+    context = float(params["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > context / low, freqs / factor, freqs)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, scaled)

@@ -1,0 +1,95 @@
+"""What a model family is: a config mapping, layer options and a weight mapping, all as data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from megatron_patch.convert.mapping import Rule
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One HF config.json key <-> one model argument.
+
+    `default` is used when the HF key is absent: a value, or a function of the HF config.
+    """
+
+    hf: str
+    megatron: str
+    default: Any = _MISSING
+
+    def read(self, hf_config: dict[str, Any]) -> Any:
+        if self.hf in hf_config and hf_config[self.hf] is not None:
+            return hf_config[self.hf]
+        if self.default is _MISSING:
+            raise KeyError(f"config.json has no {self.hf!r}, which {self.megatron} needs")
+        return self.default(hf_config) if callable(self.default) else self.default
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything needed to build the Megatron model of a family member."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_sequence_length: int
+    layernorm_epsilon: float
+    normalization: str = "RMSNorm"
+    activation: str = "silu"
+    gated_linear_unit: bool = True
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    share_embeddings_and_output_weights: bool = False
+    position_embedding_type: str = "rope"
+    rotary_percent: float = 1.0
+    # HF semantics: each token sees itself and the `sliding_window - 1` tokens before it.
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A model family: HF architecture names, config mapping, layer options, weight mapping."""
+
+    name: str
+    architectures: tuple[str, ...]
+    config_fields: tuple[ConfigField, ...]
+    constants: dict[str, Any]
+    weights: tuple[Rule, ...]
+    # HF tensors that carry no weights (e.g. cached rotary buffers in old checkpoints).
+    hf_ignore: tuple[str, ...] = ()
+    # Values a config must have for this spec to be exact; anything else is refused.
+    requires: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
+
+    def model_args(self, hf_config: dict[str, Any]) -> ModelArgs:
+        for key, ok in self.requires.items():
+            if key in hf_config and not ok(hf_config[key]):
+                raise ValueError(
+                    f"{self.name}: config.json {key}={hf_config[key]!r} is not supported"
+                )
+        values = {f.megatron: f.read(hf_config) for f in self.config_fields}
+        return ModelArgs(**self.constants, **values)
+
+    def hf_config_updates(self, args: ModelArgs) -> dict[str, Any]:
+        """The reverse direction: HF config.json entries for a model built from Megatron args."""
+        return {f.hf: getattr(args, f.megatron) for f in self.config_fields}
+
+
+def head_dim(hf_config: dict[str, Any]) -> int:
+    return hf_config["hidden_size"] // hf_config["num_attention_heads"]
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Megatron-LM's padding: the smallest multiple of `divisible_by` not below `vocab_size`."""
+    return int(math.ceil(vocab_size / divisible_by) * divisible_by)

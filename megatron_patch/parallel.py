@@ -1,0 +1,64 @@
+"""Process groups: torch.distributed (NCCL on GPU, gloo in CPU mode) and Megatron-Core's layout."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from megatron_patch import cpu_mode
+
+cpu_mode.maybe_enable()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+               virtual_pipeline_model_parallel_size: int | None = None,
+               expert_model_parallel_size: int = 1, seed: int = 1234) -> None:
+    """Join (or create, for a lone process) the process group and set up Megatron's layout.
+
+    Under torchrun the usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables are used;
+    a process started without them becomes a world of one.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        backend = "gloo" if cpu_mode.is_enabled() else "nccl"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend)
+    world = torch.distributed.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by TP={tensor_model_parallel_size} x "
+            f"PP={pipeline_model_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

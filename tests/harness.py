@@ -1,0 +1,73 @@
+"""Run a function on N forked ranks that form a gloo process group.
+
+megatron.core is imported once by the test process; forking workers from it costs well under a
+second, where a torchrun launch costs 13-25 s. The parent does no torch computation before
+forking (forked children cannot use a thread pool the parent started), and workers return plain
+Python data.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+_CTX = mp.get_context("fork")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        result = fn(*args)
+        queue.put((rank, True, result))
+    except BaseException:  # report everything, including assertion failures, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron_patch import parallel
+
+            parallel.destroy()
+        finally:
+            os._exit(0)
+
+
+def run(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
+    """fn(*args) on every rank; returns the per-rank results, or raises with the worker traceback."""
+    queue = _CTX.Queue()
+    port = _free_port()
+    procs = [_CTX.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in procs:
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                break  # the other ranks may now wait forever on a collective
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise AssertionError("worker failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
