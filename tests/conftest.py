@@ -16,7 +16,7 @@ import megatron_patch.forward  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
 import harness  # noqa: E402
-import tiny_models  # noqa: E402
+from megatron_patch import tiny as tiny_models  # noqa: E402
 
 TOKENS_SEED = 1234
 BATCH, SEQ = 2, 32

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models and a locally trained tokenizer, for tests and the demo."""
+"""Tiny random Hugging Face models with a locally trained tokenizer: the demo's default model and
+the test suite's fixtures. Nothing is downloaded."""
 
 from __future__ import annotations
 

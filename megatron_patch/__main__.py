@@ -1,0 +1,5 @@
+import sys
+
+from megatron_patch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The `megatron-patch` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_patch.convert import hf_megatron
+
+    if args.direction == "hf-to-megatron":
+        import torch
+
+        dtype = getattr(torch, args.params_dtype) if args.params_dtype else None
+        meta = hf_megatron.hf_to_megatron(
+            args.src, args.dst,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            extra_vocab_size=args.extra_vocab_size, params_dtype=dtype,
+        )
+        print(f"{args.dst}: {meta.architecture}, vocab {meta.vocab_size} padded to "
+              f"{meta.padded_vocab_size}, {meta.dtype}")
+    else:
+        files = hf_megatron.megatron_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size,
+                                           iteration=args.iteration)
+        print(f"{args.dst}: {len(files)} safetensors file(s)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from megatron_patch import verify
+
+    return verify.launch(args)
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from megatron_patch import tiny
+
+    tiny.make_hf_model(args.out_dir, args.variant, seed=args.seed, dtype=args.dtype)
+    print(f"{args.out_dir}: tiny random {args.variant} model with a local tokenizer")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_patch import tiny, verify
+
+    parser = argparse.ArgumentParser(prog="megatron-patch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron-Core")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("src", help="HF model directory, or Megatron checkpoint directory")
+    convert.add_argument("dst", help="output directory")
+    convert.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    convert.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                         help="pad the vocabulary for this TP size (it loads at any TP that "
+                              "divides the padded size)")
+    convert.add_argument("--extra-vocab-size", type=int, default=0,
+                         help="extra embedding rows before padding")
+    convert.add_argument("--params-dtype", choices=["float32", "float16", "bfloat16"],
+                         help="store weights in this dtype (default: the source's)")
+    convert.add_argument("--max-shard-size", default="5GB", help="HF safetensors shard size")
+    convert.add_argument("--iteration", default=None,
+                         help="export this iteration instead of the latest")
+    convert.set_defaults(func=_convert)
+
+    check = sub.add_parser("verify", help="compare a converted checkpoint with the HF model "
+                                          "at a TP/PP layout")
+    verify.add_arguments(check)
+    check.set_defaults(func=_verify)
+
+    make = sub.add_parser("make-tiny", help="save a tiny random HF model with a local tokenizer")
+    make.add_argument("out_dir")
+    make.add_argument("--variant", default="llama2", choices=sorted(tiny.LLAMA_VARIANTS))
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    make.set_defaults(func=_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"megatron-patch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

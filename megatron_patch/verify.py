@@ -1,0 +1,97 @@
+"""Numerical parity of a converted checkpoint with its Hugging Face original, at a chosen layout.
+
+Started by `megatron-patch verify` under torchrun (one process per TP x PP rank). Every rank runs
+the Megatron model on the same random token batch; the last pipeline stage's first TP rank also
+runs the transformers model and prints one JSON line:
+
+    {"max_abs_diff": ..., "mean_abs_diff": ..., "argmax_agreement": ..., "loss_hf": ...,
+     "loss_megatron": ..., "loss_diff": ..., "tp": T, "pp": P, "sp": bool, "ok": bool}
+
+and exits 1 when a difference is above --atol (logits) or --loss-atol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir")
+    parser.add_argument("ckpt_dir")
+    parser.add_argument("--tp", "--tensor-model-parallel-size", type=int, default=1, dest="tp")
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", type=int, default=1, dest="pp")
+    parser.add_argument("--sp", "--sequence-parallel", action="store_true", dest="sp")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="largest allowed |delta logits| (default 1e-4, for fp32)")
+    parser.add_argument("--loss-atol", type=float, default=1e-5)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1234)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_patch import parallel
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(args.tp, args.pp, seed=args.seed)
+    model, meta = from_checkpoint(args.ckpt_dir, sequence_parallel=args.sp,
+                                  params_dtype=torch.float32)
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, meta.vocab_size, (args.batch_size, args.seq_length), generator=gen)
+    out = forward_logits([model], tokens, meta.vocab_size)
+    if out is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+        return 0
+
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=tokens, labels=tokens)
+    delta = (out["logits"] - ref.logits).abs()
+    report = {
+        "max_abs_diff": delta.max().item(),
+        "mean_abs_diff": delta.mean().item(),
+        "argmax_agreement": (out["logits"].argmax(-1) == ref.logits.argmax(-1)).float().mean()
+        .item(),
+        "loss_hf": ref.loss.item(),
+        "loss_megatron": out["loss"],
+        "loss_diff": abs(out["loss"] - ref.loss.item()),
+        "tp": args.tp, "pp": args.pp, "sp": args.sp,
+    }
+    report["ok"] = report["max_abs_diff"] <= args.atol and report["loss_diff"] <= args.loss_atol
+    print(json.dumps(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Start the workers under torchrun, or run in place when already started by it."""
+    if "LOCAL_RANK" in os.environ:
+        return run_worker(args)
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.tp * args.pp}", "-m", "megatron_patch.verify", *sys_argv(args)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def sys_argv(args: argparse.Namespace) -> list[str]:
+    argv = [args.hf_dir, args.ckpt_dir, "--tp", str(args.tp), "--pp", str(args.pp),
+            "--atol", str(args.atol), "--loss-atol", str(args.loss_atol),
+            "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
+            "--seed", str(args.seed)]
+    return argv + (["--sp"] if args.sp else [])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.verify")
+    add_arguments(parser)
+    sys.exit(run_worker(parser.parse_args()))

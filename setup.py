@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-patch",
+    version="0.1.0",
+    description="Hugging Face LLMs on Megatron-Core: conversion, training and generation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # 0.17 and later need Python 3.12.
+        "megatron-core>=0.16,<0.17",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        # megatron-core's dist_checkpointing needs it (and hangs on save without it) but does
+        # not declare it.
+        "psutil>=5.9",
+        "tensorboard>=2.10",
+    ],
+    extras_require={"test": ["pytest>=8", "ruff>=0.5"]},
+    entry_points={"console_scripts": ["megatron-patch=megatron_patch.cli:main"]},
+)
