@@ -50,6 +50,14 @@ def read_meta(root: str) -> CheckpointMeta:
         return CheckpointMeta(**json.load(f))
 
 
+def copy_metadata(src_root: str, dst_root: str) -> None:
+    """Give a new checkpoint directory the HF files and metadata of the one it descends from."""
+    os.makedirs(dst_root, exist_ok=True)
+    shutil.copytree(os.path.join(src_root, HF_DIR), os.path.join(dst_root, HF_DIR),
+                    dirs_exist_ok=True)
+    shutil.copy2(os.path.join(src_root, META), os.path.join(dst_root, META))
+
+
 def iteration_dir(root: str, iteration: int | str) -> str:
     name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
     return os.path.join(root, name)

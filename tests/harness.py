@@ -41,6 +41,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 
             parallel.destroy()
         finally:
+            # os._exit skips the queue's feeder thread: flush it first or the result is lost.
+            queue.close()
+            queue.join_thread()
             os._exit(0)
 
 

@@ -46,7 +46,7 @@ def hf_expected_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]] 
     with torch.device("meta"):
         model = cls(config)
     shapes, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen:  # tied weights are saved once
             continue
         seen.add(id(tensor))

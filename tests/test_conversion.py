@@ -1,0 +1,222 @@
+"""HF -> Megatron -> HF conversion: bit-exact round trips, input formats, and loud failures."""
+
+import os
+
+import pytest
+
+import harness
+from test_llama_parity import _parity
+
+
+def _compare_safetensors_dirs(a_dir: str, b_dir: str) -> list[str]:
+    """Names of tensors that differ (dtype, shape or any bit) between two HF directories."""
+    import torch
+
+    from megatron_patch.convert.hf_io import HFCheckpointReader
+
+    a, b = HFCheckpointReader(a_dir), HFCheckpointReader(b_dir)
+    problems = sorted(set(a.names()) ^ set(b.names()))
+    for name in sorted(set(a.names()) & set(b.names())):
+        x, y = a.read(name), b.read(name)
+        same_bits = x.dtype == y.dtype and x.shape == y.shape and torch.equal(
+            x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+        if not same_bits:
+            problems.append(name)
+    return problems
+
+
+def _export_and_compare(pairs: list[tuple[str, str, str]]) -> dict[str, list[str]]:
+    from megatron_patch.convert.hf_megatron import megatron_to_hf
+
+    report = {}
+    for ckpt, original, out in pairs:
+        megatron_to_hf(ckpt, out)
+        report[ckpt] = _compare_safetensors_dirs(original, out)
+    return report
+
+
+def test_round_trip_through_a_tp2_pp2_load_is_bit_exact(llama_models, tmp_path):
+    """HF -> Megatron, loaded at TP=2/PP=2 and saved from there, exported -> the same tensors."""
+    from megatron_patch import checkpoint
+
+    resaved = str(tmp_path / "resaved")
+    harness.run(_parity, 4, llama_models, 2, 2, True, resaved)
+    pairs = []
+    for variant, root in llama_models.items():
+        target = os.path.join(resaved, variant)
+        checkpoint.copy_metadata(os.path.join(root, "mcore"), target)
+        pairs.append((target, os.path.join(root, "hf"), str(tmp_path / f"{variant}_hf")))
+    (report,) = harness.run(_export_and_compare, 1, pairs)
+    assert len(report) == len(llama_models)
+    assert all(not diff for diff in report.values()), report
+    # The export is a complete HF directory.
+    for _, _, out in pairs:
+        for name in ("config.json", "generation_config.json", "tokenizer.json",
+                     "model.safetensors"):
+            assert os.path.isfile(os.path.join(out, name)), (out, name)
+
+
+def _formats(root: str) -> dict:
+    """fp16 / bf16 models, pytorch_model.bin and sharded safetensors inputs, sharded output."""
+    import json
+
+    import torch
+    import transformers
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron, megatron_to_hf
+
+    out = {}
+    base = os.path.join(root, "base")
+    tiny.make_hf_model(base, "llama2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    bin_dir = os.path.join(root, "bin")
+    tiny.make_hf_model(bin_dir, "llama2")
+    os.remove(os.path.join(bin_dir, "model.safetensors"))
+    torch.save(state, os.path.join(bin_dir, "pytorch_model.bin"))
+
+    sharded_in = os.path.join(root, "sharded_in")
+    model.save_pretrained(sharded_in, max_shard_size="300KB")
+    out["input_shards"] = len([f for f in os.listdir(sharded_in) if f.endswith(".safetensors")])
+
+    for name, src in (("bin", bin_dir), ("sharded", sharded_in)):
+        hf_to_megatron(src, os.path.join(root, f"{name}_mcore"))
+        megatron_to_hf(os.path.join(root, f"{name}_mcore"), os.path.join(root, f"{name}_out"),
+                       max_shard_size="250KB")
+        out[name] = _compare_safetensors_dirs(base, os.path.join(root, f"{name}_out"))
+
+    sharded_out = os.path.join(root, "sharded_out")
+    with open(os.path.join(sharded_out, "model.safetensors.index.json")) as f:
+        out["output_shards"] = len(set(json.load(f)["weight_map"].values()))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(sharded_out, dtype=torch.float32)
+    tokens = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        out["reload_max_abs"] = (reloaded(tokens).logits - model(tokens).logits).abs().max().item()
+
+    for dtype in ("float16", "bfloat16"):
+        src = os.path.join(root, dtype)
+        tiny.make_hf_model(src, "llama1_tied", dtype=dtype)
+        hf_to_megatron(src, os.path.join(root, f"{dtype}_mcore"))
+        megatron_to_hf(os.path.join(root, f"{dtype}_mcore"), os.path.join(root, f"{dtype}_out"))
+        out[dtype] = _compare_safetensors_dirs(src, os.path.join(root, f"{dtype}_out"))
+    return out
+
+
+def test_input_formats_dtypes_and_sharded_output(tmp_path):
+    (r,) = harness.run(_formats, 1, str(tmp_path))
+    assert r["input_shards"] > 1 and r["output_shards"] > 1, r
+    for key in ("bin", "sharded", "float16", "bfloat16"):
+        assert r[key] == [], (key, r[key])
+    # Loading the same fp32 tensors must give identical logits.
+    assert r["reload_max_abs"] == 0.0, r
+
+
+def _errors(root: str) -> dict[str, str]:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+    from megatron_patch.models import check_layout, family_for, load_hf_config
+
+    src = os.path.join(root, "src")
+    tiny.make_hf_model(src, "llama2")
+    weights = load_file(os.path.join(src, "model.safetensors"))
+
+    def attempt(case: str, edit) -> str:
+        case_dir = os.path.join(root, case)
+        tiny.make_hf_model(case_dir, "llama2")
+        tensors = dict(weights)
+        edit(tensors)
+        save_file(tensors, os.path.join(case_dir, "model.safetensors"), metadata={"format": "pt"})
+        try:
+            hf_to_megatron(case_dir, os.path.join(root, case + "_mcore"))
+        except ValueError as e:
+            return str(e)
+        return "no error"
+
+    messages = {
+        "missing": attempt("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "extra": attempt("extra", lambda t: t.update(
+            {"model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)})),
+        "shape": attempt("shape", lambda t: t.update(
+            {"model.layers.2.self_attn.k_proj.weight": torch.zeros(16, 64)})),
+    }
+    config = load_hf_config(src)
+    args = family_for(config).model_args(config)
+    for case, (tp, pp) in {"tp3": (3, 1), "pp3": (1, 3)}.items():
+        try:
+            check_layout(args, 1024, tp, pp)
+            messages[case] = "no error"
+        except ValueError as e:
+            messages[case] = str(e)
+    try:
+        family_for({"architectures": ["NotAModelForCausalLM"]})
+        messages["arch"] = "no error"
+    except ValueError as e:
+        messages["arch"] = str(e)
+    # Nothing half-written is left that looks like a checkpoint.
+    messages["leftover"] = str(sorted(
+        case for case in ("missing", "extra", "shape")
+        if os.path.exists(os.path.join(root, case + "_mcore", "latest_checkpointed_iteration.txt"))
+    ))
+    return messages
+
+
+def test_conversion_errors_name_the_problem(tmp_path):
+    (m,) = harness.run(_errors, 1, str(tmp_path))
+    assert "missing" in m["missing"] and "model.layers.1.mlp.up_proj.weight" in m["missing"]
+    assert "no rule consumes" in m["extra"] and "model.layers.0.mlp.extra_proj.weight" in m["extra"]
+    assert "model.layers.2.self_attn.k_proj.weight" in m["shape"] and "(16, 64)" in m["shape"]
+    assert "num_attention_heads=4" in m["tp3"] and "tensor parallel size 3" in m["tp3"]
+    assert "num_hidden_layers=4" in m["pp3"] and "3 pipeline stages" in m["pp3"]
+    assert "NotAModelForCausalLM" in m["arch"] and "LlamaForCausalLM" in m["arch"]
+    assert m["leftover"] == "[]"
+
+
+def _transforms() -> dict:
+    import torch
+
+    from megatron_patch.convert.mapping import TRANSFORMS, Dims
+
+    dims = Dims(num_layers=1, num_attention_heads=4, num_query_groups=2, kv_channels=2,
+                vocab_size=5, padded_vocab_size=8)
+    # Each row holds its own (tensor id, row) tag, so the fused layout can be read off.
+    q = torch.tensor([[0.0, i] for i in range(8)])
+    k = torch.tensor([[1.0, i] for i in range(4)])
+    v = torch.tensor([[2.0, i] for i in range(4)])
+    fused = TRANSFORMS["qkv"].to_megatron([q, k, v], dims)
+    back = TRANSFORMS["qkv"].to_hf(fused, dims)
+    emb = torch.arange(10.0).reshape(5, 2)
+    padded = TRANSFORMS["vocab"].to_megatron([emb], dims)
+    return {
+        "fused": fused.tolist(),
+        "qkv_inverse": all(torch.equal(a, b) for a, b in zip(back, (q, k, v))),
+        "padded_shape": list(padded.shape),
+        "padding_zero": bool((padded[5:] == 0).all()),
+        "vocab_inverse": torch.equal(TRANSFORMS["vocab"].to_hf(padded, dims)[0], emb),
+    }
+
+
+def test_transforms():
+    (r,) = harness.run(_transforms, 1)
+    # Group 0: q heads 0-1 (rows 0-3), k head 0 (rows 0-1), v head 0; then group 1.
+    expected = ([[0.0, i] for i in range(4)] + [[1.0, 0], [1.0, 1], [2.0, 0], [2.0, 1]]
+                + [[0.0, i] for i in range(4, 8)] + [[1.0, 2], [1.0, 3], [2.0, 2], [2.0, 3]])
+    assert r["fused"] == expected
+    assert r["qkv_inverse"] and r["vocab_inverse"] and r["padding_zero"]
+    assert r["padded_shape"] == [8, 2]
+
+
+def test_check_names_reports_unset_targets():
+    from megatron_patch.convert.engine import ConversionError, check_names
+    from megatron_patch.convert.mapping import TRANSFORMS, Binding
+
+    bindings = [Binding("a.weight", ("x",), TRANSFORMS["copy"])]
+    with pytest.raises(ConversionError, match=r"stay unset\): b\.weight"):
+        check_names(bindings, source=["x"], target=["a.weight", "b.weight"],
+                    direction="hf->megatron")
+    with pytest.raises(ConversionError, match="more than one rule: x"):
+        check_names(bindings * 2, source=["x"], target=["a.weight"], direction="hf->megatron")
