@@ -23,7 +23,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue,
+            kwargs: dict | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -31,7 +32,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         import torch
 
         torch.set_num_threads(1)
-        result = fn(*args)
+        result = fn(*args, **(kwargs or {}))
         queue.put((rank, True, result))
     except BaseException:  # report everything, including assertion failures, to the parent
         queue.put((rank, False, traceback.format_exc()))
@@ -47,11 +48,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             os._exit(0)
 
 
-def run(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
-    """fn(*args) on every rank; returns the per-rank results, or raises with the worker traceback."""
+def run(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
+        **kwargs: Any) -> list[Any]:
+    """fn(*args, **kwargs) on every rank; returns the per-rank results, or raises with the
+    worker traceback."""
     queue = _CTX.Queue()
     port = _free_port()
-    procs = [_CTX.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+    procs = [_CTX.Process(target=_worker, args=(r, world_size, port, fn, args, queue, kwargs))
              for r in range(world_size)]
     for p in procs:
         p.start()

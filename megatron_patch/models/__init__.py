@@ -67,7 +67,12 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
 
 def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.float32,
                        sequence_parallel: bool = False, **overrides: Any):
-    """Megatron-Core TransformerConfig for `args` at the current parallel layout."""
+    """Megatron-Core TransformerConfig for `args` at the current parallel layout.
+
+    Keep `perform_initialization` on for a model that will train: megatron-core 0.16 tags TP
+    weights `tensor_model_parallel` only while initialising them, and untagged shards are left
+    out of the gradient norm.
+    """
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -106,7 +111,9 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        use_cpu_initialization=cpu_mode.is_enabled(),
+        # Also on CPU: allocation follows torch.cuda.current_device(), which CPU mode points at
+        # the CPU, and each rank initialises only its own shard (as on GPU).
+        use_cpu_initialization=False,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

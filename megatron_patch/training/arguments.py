@@ -1,0 +1,121 @@
+"""Training flags, with Megatron-LM's names and meanings."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--load", help="checkpoint to start from: a converted model (fresh run) or a "
+                                  "training checkpoint (resumed exactly)")
+    g.add_argument("--save", help="where to save checkpoints")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, with --save) once the iteration is a multiple of this")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only and start at iteration 0")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+
+    g = p.add_argument_group("precision and memory")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
+                   help="FP8 through Transformer Engine (GPU only)")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="static loss scale for fp16 (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="selective recomputation (same as --recompute-granularity selective)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="flash attention through Transformer Engine (GPU only)")
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-tokens", type=int, default=None)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"],
+                   default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=int, default=None)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="dataset prefixes, optionally weighted: [W1] P1 [W2] P2 ...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--tokenizer-model", default=None,
+                   help="HF tokenizer directory (default: the one the checkpoint carries)")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+
+    g = p.add_argument_group("model from scratch (ignored when --load gives the architecture)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"],
+                   default="learned_absolute")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true")
+    g.add_argument("--no-position-embedding", action="store_true")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--extra-vocab-size", type=int, default=0)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = add_arguments(argparse.ArgumentParser(prog="megatron-patch train"))
+    return validate(parser.parse_args(argv))
+
+
+def validate(args: argparse.Namespace) -> argparse.Namespace:
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 are exclusive")
+    if args.seq_length is None:
+        raise ValueError("--seq-length is required")
+    if args.train_iters is None and args.train_tokens is None:
+        raise ValueError("give --train-iters or --train-tokens")
+    return args

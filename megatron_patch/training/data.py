@@ -1,0 +1,75 @@
+"""Pretraining data: Megatron-Core's GPTDataset over mmap datasets, read in a resumable order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class DatasetTokenizer:
+    """What GPTDataset needs of a tokenizer: the end-of-document id and the vocabulary size."""
+
+    eod: int
+    vocab_size: int
+
+    @property
+    def unique_identifiers(self) -> dict[str, Any]:
+        # Part of the dataset description that names megatron's index cache files.
+        return {"class": type(self).__name__, "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
+    """Megatron-LM's --data-path: 'P1 P2' or 'W1 P1 W2 P2'."""
+    try:
+        weights = [float(x) for x in data_path[0::2]]
+    except ValueError:
+        return list(data_path), None
+    if len(data_path) % 2:
+        raise ValueError(f"--data-path {' '.join(data_path)}: weights and paths must alternate")
+    return list(data_path[1::2]), weights
+
+
+def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
+                       tokenizer: DatasetTokenizer, num_samples: list[int],
+                       cache_path: str | None = None) -> list[Any]:
+    """[train, valid, test] GPTDatasets (None where a split is empty)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=parse_blend(data_path), split=split,
+        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache_path,
+    )
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    def build():
+        return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True,
+                                             config).build()
+
+    # Rank 0 writes the index caches; the others then read them instead of racing to write.
+    datasets = build() if rank == 0 else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return datasets if rank == 0 else build()
+
+
+def microbatches(dataset, consumed_samples: int, micro_batch_size: int, num_microbatches: int,
+                 dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The microbatches of one global batch for this data-parallel rank.
+
+    Sample order depends only on `consumed_samples`, so a run resumed from a checkpoint reads
+    exactly the samples it would have read, and the same global batch is seen whatever the DP
+    size: each microbatch step takes `micro_batch_size * dp_size` consecutive samples.
+    """
+    step = micro_batch_size * dp_size
+    for m in range(num_microbatches):
+        start = consumed_samples + m * step + dp_rank * micro_batch_size
+        samples = [dataset[(start + i) % len(dataset)] for i in range(micro_batch_size)]
+        yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

@@ -1,0 +1,454 @@
+"""The training loop: Megatron-Core schedules, DDP, optimizer, scheduler, checkpoints, logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from megatron_patch import checkpoint, parallel
+from megatron_patch.forward import masked_vocab_parallel_cross_entropy
+from megatron_patch.models import (
+    build_model,
+    check_layout,
+    family_for,
+    load_hf_config,
+    pad_vocab_size,
+    transformer_config,
+)
+from megatron_patch.training import data
+
+log = logging.getLogger("megatron_patch.train")
+
+
+def lm_loss(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int,
+            output: torch.Tensor):
+    """Sum of next-token losses over unmasked tokens, and their count.
+
+    The schedule then divides by the tokens of the whole global batch (all microbatches and DP
+    ranks: `calculate_per_token_loss`), so the loss and its gradients do not depend on how the
+    batch is split.
+    """
+    per_token = masked_vocab_parallel_cross_entropy(output, labels, vocab_size)
+    mask = loss_mask.float()
+    loss_sum = (per_token * mask).sum()
+    tokens = mask.sum()
+    return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack([loss_sum.detach().clone(),
+                                                                    tokens.detach().clone()])}
+
+
+def pretrain_forward_step(vocab_size: int) -> Callable:
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(lm_loss, batch["labels"], batch["loss_mask"], vocab_size)
+
+    return step
+
+
+def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    """An HF Llama config.json for a model defined by Megatron-LM architecture flags."""
+    llama_like = (args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
+                  and args.position_embedding_type == "rope")
+    if not llama_like:
+        raise ValueError("models built from scratch must be Llama-style for now: pass --swiglu "
+                         "--normalization RMSNorm --disable-bias-linear "
+                         "--use-rotary-position-embeddings")
+    missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size",
+                                                    "num_attention_heads")
+               if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"a model from scratch needs {', '.join(missing)}")
+    heads = args.num_attention_heads
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "num_hidden_layers": args.num_layers, "hidden_size": args.hidden_size,
+        "intermediate_size": args.ffn_hidden_size or 4 * args.hidden_size,
+        "num_attention_heads": heads,
+        "num_key_value_heads": args.num_query_groups if args.group_query_attention else heads,
+        "head_dim": args.hidden_size // heads, "vocab_size": vocab_size,
+        "max_position_embeddings": args.max_position_embeddings or args.seq_length,
+        "rms_norm_eps": args.norm_epsilon, "rope_theta": args.rotary_base,
+        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
+        "hidden_act": "silu", "torch_dtype": "float32",
+    }
+
+
+class Trainer:
+    """Sets up everything from Megatron-LM style flags, then trains, evaluates and saves."""
+
+    def __init__(self, args: argparse.Namespace, forward_step: Callable | None = None,
+                 datasets: list[Any] | None = None) -> None:
+        from megatron.core import parallel_state
+
+        self.args = args
+        if args.fp8_format is not None:
+            raise ValueError("--fp8-format needs Transformer Engine on a GPU; this run has "
+                             + ("no CUDA" if not torch.cuda.is_available() else "no TE"))
+        if args.use_flash_attn:
+            raise ValueError("--use-flash-attn needs Transformer Engine on a GPU, which this "
+                             "build does not use yet; leave it off (attention is unfused)")
+        parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            seed=args.seed)
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.global_batch_size = args.global_batch_size or args.micro_batch_size * self.dp
+        if self.global_batch_size % (args.micro_batch_size * self.dp):
+            raise ValueError(f"--global-batch-size {self.global_batch_size} is not a multiple "
+                             f"of micro batch {args.micro_batch_size} x DP {self.dp}")
+        self.num_microbatches = self.global_batch_size // (args.micro_batch_size * self.dp)
+        tokens_per_iter = self.global_batch_size * args.seq_length
+        self.train_iters = args.train_iters or -(-args.train_tokens // tokens_per_iter)
+        warmup = (args.lr_warmup_iters if args.lr_warmup_tokens is None
+                  else -(-args.lr_warmup_tokens // tokens_per_iter))
+
+        self._setup_model()
+        self._setup_optimizer(warmup)
+        self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
+        if args.load:
+            self._load()
+        self.forward_step = forward_step or pretrain_forward_step(self.vocab_size)
+        self.datasets = datasets if datasets is not None else self._build_datasets()
+        self.writer = self._tensorboard()
+
+    # ---- setup -------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        args = self.args
+        if args.load:
+            self.meta = checkpoint.read_meta(args.load)
+            self.hf_source = os.path.join(args.load, checkpoint.HF_DIR)
+            self.hf_config = load_hf_config(self.hf_source)
+        else:
+            from transformers import AutoTokenizer
+
+            if not args.tokenizer_model:
+                raise ValueError("without --load, give --tokenizer-model (an HF tokenizer dir)")
+            vocab = len(AutoTokenizer.from_pretrained(args.tokenizer_model))
+            self.hf_config = scratch_hf_config(args, vocab)
+            self.hf_source = args.tokenizer_model
+            padded = pad_vocab_size(vocab + args.extra_vocab_size,
+                                    args.make_vocab_size_divisible_by * self.tp)
+            self.meta = checkpoint.CheckpointMeta("LlamaForCausalLM", vocab, padded, "float32")
+        self.model_args = family_for(self.hf_config).model_args(self.hf_config)
+        self.vocab_size = self.meta.vocab_size
+        check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp)
+
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        overrides: dict[str, Any] = dict(
+            calculate_per_token_loss=True, init_method_std=args.init_method_std,
+        )
+        if args.recompute_granularity:
+            overrides["recompute_granularity"] = args.recompute_granularity
+            if args.recompute_granularity == "full":
+                overrides.update(recompute_method=args.recompute_method,
+                                 recompute_num_layers=args.recompute_num_layers)
+        self.config = transformer_config(self.model_args, params_dtype=dtype,
+                                         sequence_parallel=args.sequence_parallel, **overrides)
+        module = build_model(self.model_args, self.config, self.hf_config,
+                             padded_vocab_size=self.meta.padded_vocab_size)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=dtype != torch.float32,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config,
+                                             module=module)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model.no_sync
+
+    def _setup_optimizer(self, warmup_iters: int) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        a = self.args
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
+                adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+                clip_grad=a.clip_grad, bf16=a.bf16, fp16=a.fp16,
+                params_dtype=self.config.params_dtype, loss_scale=a.loss_scale,
+                initial_loss_scale=a.initial_loss_scale, min_loss_scale=a.min_loss_scale,
+                loss_scale_window=a.loss_scale_window, hysteresis=a.hysteresis,
+                use_distributed_optimizer=a.use_distributed_optimizer,
+            ),
+            [self.model],
+        )
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        gbs = self.global_batch_size
+        decay_iters = a.lr_decay_iters or self.train_iters
+        if a.lr_decay_style != "constant" and warmup_iters >= decay_iters:
+            raise ValueError(f"{warmup_iters} warmup iterations leave no room to decay the "
+                             f"learning rate within {decay_iters} iterations")
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=a.lr, min_lr=a.min_lr,
+            lr_warmup_steps=warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
+            lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
+            wd_incr_steps=self.train_iters * gbs, wd_incr_style="constant",
+        )
+
+    def _build_datasets(self) -> list[Any]:
+        a = self.args
+        if not a.data_path:
+            raise ValueError("give --data-path (datasets made by `megatron-patch preprocess`)")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.tokenizer_model or self.hf_source)
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {a.tokenizer_model or self.hf_source} has no EOS token")
+        gbs = self.global_batch_size
+        evals = (self.train_iters // a.eval_interval + 1) * a.eval_iters
+        return data.build_gpt_datasets(
+            a.data_path, a.split, a.seq_length, a.seed,
+            data.DatasetTokenizer(eod=tok.eos_token_id, vocab_size=self.vocab_size),
+            [self.train_iters * gbs, evals * gbs, 0], a.data_cache_path,
+        )
+
+    def _tensorboard(self):
+        is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        if not (self.args.tensorboard_dir and is_last):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=self.args.tensorboard_dir, max_queue=10)
+
+    # ---- steps -------------------------------------------------------------------------
+    def _run_schedule(self, dataset, consumed: int, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batches = data.microbatches(dataset, consumed, self.args.micro_batch_size,
+                                    self.num_microbatches, self.dp_rank, self.dp)
+        return get_forward_backward_func()(
+            forward_step_func=self.forward_step, data_iterator=batches, model=[self.model],
+            num_microbatches=self.num_microbatches, seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
+        )
+
+    def _reduce_loss(self, outputs: list[dict]) -> float:
+        """Token-weighted mean loss of the global batch, made known to every rank."""
+        from megatron.core import parallel_state
+
+        total = torch.zeros(2)
+        for out in outputs:
+            total += out["lm loss"].float()
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        torch.distributed.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def train_step(self) -> dict[str, float]:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(self.datasets[0], self.consumed_samples, False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=self.global_batch_size)
+        self.iteration += 1
+        self.consumed_samples += self.global_batch_size
+        return {"loss": self._reduce_loss(outputs), "grad_norm": float(grad_norm or 0.0),
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped": not ok,
+                "loss_scale": float(self.optimizer.get_loss_scale())}
+
+    def evaluate(self) -> float | None:
+        if self.datasets[1] is None:
+            return None
+        self.model.eval()
+        losses = []
+        with torch.no_grad():
+            for _ in range(self.args.eval_iters):
+                outputs = self._run_schedule(self.datasets[1], self.consumed_valid_samples, True)
+                self.consumed_valid_samples += self.global_batch_size
+                losses.append(self._reduce_loss(outputs))
+        self.model.train()
+        return float(np.mean(losses))
+
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token (forward + backward, 6N plus attention)."""
+        m = self.model_args
+        attn = m.hidden_size * (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
+        attn += m.num_attention_heads * m.kv_channels * m.hidden_size
+        mlp = (3 if m.gated_linear_unit else 2) * m.hidden_size * m.ffn_hidden_size
+        params = m.num_layers * (attn + mlp) + self.meta.padded_vocab_size * m.hidden_size
+        attention_scores = 2 * m.num_layers * self.args.seq_length * m.num_attention_heads \
+            * m.kv_channels
+        return 6 * params + 6 * attention_scores
+
+    def train(self) -> list[dict[str, float]]:
+        a = self.args
+        history = []
+        self.model.train()
+        world = torch.distributed.get_world_size()
+        tokens_per_iter = self.global_batch_size * a.seq_length
+        start = window_start = time.time()
+        window_iters = 0
+        while self.iteration < self.train_iters:
+            stats = self.train_step()
+            history.append(stats)
+            window_iters += 1
+            if self.iteration % a.log_interval == 0 or self.iteration == self.train_iters:
+                elapsed = time.time() - window_start
+                tps = window_iters * tokens_per_iter / max(elapsed, 1e-9)
+                stats.update(tokens_per_sec=tps,
+                             tflops=tps * self.flops_per_token() / world / 1e12)
+                eta = (time.time() - start) / self.iteration * (self.train_iters - self.iteration)
+                self._log(stats, eta)
+                window_start, window_iters = time.time(), 0
+            if a.eval_interval and self.iteration % a.eval_interval == 0:
+                self._log_eval(self.evaluate())
+            saved = False
+            if a.save and a.save_interval and self.iteration % a.save_interval == 0:
+                self.save()
+                saved = True
+            if a.exit_interval and self.iteration % a.exit_interval == 0:
+                if a.save and not saved:
+                    self.save()
+                break
+        else:
+            if a.save and (not a.save_interval or self.iteration % a.save_interval):
+                self.save()
+        if self.writer:
+            self.writer.close()
+        return history
+
+    def _log(self, s: dict[str, float], eta: float) -> None:
+        consumed_tokens = self.consumed_samples * self.args.seq_length
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            print(f"iteration {self.iteration:6d}/{self.train_iters} | consumed tokens "
+                  f"{consumed_tokens} | lm loss {s['loss']:.6f} | lr {s['lr']:.3e} | grad norm "
+                  f"{s['grad_norm']:.4f} | loss scale {s['loss_scale']:g} | tokens/s "
+                  f"{s['tokens_per_sec']:.1f} | TFLOP/s/device {s['tflops']:.4f} | "
+                  f"ETA {eta:.0f}s", flush=True)
+        if self.writer:
+            for key, value in (("lm loss", s["loss"]), ("learning-rate", s["lr"]),
+                               ("grad-norm", s["grad_norm"]), ("loss-scale", s["loss_scale"]),
+                               ("tokens-per-sec", s["tokens_per_sec"]),
+                               ("tflops-per-device", s["tflops"])):
+                self.writer.add_scalar(key, value, self.iteration)
+            self.writer.add_scalar("lm loss vs tokens", s["loss"], consumed_tokens)
+
+    def _log_eval(self, loss: float | None) -> None:
+        if loss is None:
+            return
+        if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            print(f"validation at iteration {self.iteration} | lm loss {loss:.6f} | "
+                  f"ppl {float(np.exp(min(loss, 20))):.3f}", flush=True)
+        if self.writer:
+            self.writer.add_scalar("validation lm loss", loss, self.iteration)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    # Lets a distributed-optimizer checkpoint load at another TP/PP/DP.
+    _OPTIM_METADATA: ClassVar[dict] = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+    def _rng_state(self):
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        state = {"random": random.getstate(), "numpy": np.random.get_state(),
+                 "torch": torch.get_rng_state(),
+                 "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+        return ShardedObject(
+            "rng_state", state, (self.pp, self.tp, self.dp),
+            (parallel_state.get_pipeline_model_parallel_rank(),
+             parallel_state.get_tensor_model_parallel_rank(), self.dp_rank),
+            replica_id=0,
+        )
+
+    def _state(self, loading: bool, optimizer: bool = True, rng: bool = True) -> dict[str, Any]:
+        model_sd = self.model.module.sharded_state_dict()
+        state: dict[str, Any] = {"model": model_sd}
+        if optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=loading, metadata=self._OPTIM_METADATA)
+        if rng:
+            state["rng_state"] = self._rng_state()
+        return state
+
+    def save(self) -> None:
+        a = self.args
+        state = self._state(loading=False)
+        state.update(
+            checkpoint_version=3.0, iteration=self.iteration,
+            consumed_samples=self.consumed_samples,
+            consumed_valid_samples=self.consumed_valid_samples,
+            opt_param_scheduler=self.scheduler.state_dict(),
+            parallel_layout=[self.tp, self.pp, self.dp],
+        )
+        if torch.distributed.get_rank() == 0:
+            self._write_model_files(a.save)
+        checkpoint.save(a.save, self.iteration, state)
+        if torch.distributed.get_rank() == 0:
+            print(f"saved checkpoint at iteration {self.iteration} to {a.save}", flush=True)
+
+    def _write_model_files(self, root: str) -> None:
+        """Give the save directory what export needs: HF config/tokenizer files and meta."""
+        from megatron_patch.convert.hf_io import copy_non_weight_files
+
+        if os.path.isfile(os.path.join(root, checkpoint.META)):
+            return
+        hf_dir = os.path.join(root, checkpoint.HF_DIR)
+        copy_non_weight_files(self.hf_source, hf_dir)
+        if not self.args.load:
+            with open(os.path.join(hf_dir, "config.json"), "w") as f:
+                json.dump(self.hf_config, f, indent=2)
+        checkpoint.write_meta(root, self.meta)
+
+    def _load(self) -> None:
+        from megatron.core import dist_checkpointing
+
+        a = self.args
+        iteration = checkpoint.latest_iteration(a.load)
+        common = dist_checkpointing.load_common_state_dict(
+            checkpoint.iteration_dir(a.load, iteration))
+        # A converted model ("release") or --finetune: weights only, fresh run from iteration 0.
+        if a.finetune or iteration == "release" or "iteration" not in common:
+            checkpoint.load_model(a.load, self.model.module, iteration)
+            log.info("loaded weights from %s (%s): fresh run", a.load, iteration)
+            return
+        same_layout = list(common.get("parallel_layout", [])) == [self.tp, self.pp, self.dp]
+        load_rng = same_layout and not a.no_load_rng
+        state = checkpoint.load(a.load, self._state(True, not a.no_load_optim, load_rng),
+                                iteration)
+        self.model.module.load_state_dict(state["model"])
+        if not a.no_load_optim:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        if load_rng:
+            rng = state["rng_state"]
+            random.setstate(rng["random"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.consumed_valid_samples = int(state.get("consumed_valid_samples", 0))
+        log.info("resumed %s at iteration %d", a.load, self.iteration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_patch.training.arguments import parse_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(parse_args(argv))
+    trainer.train()
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
