@@ -35,6 +35,18 @@ def _verify(args: argparse.Namespace) -> int:
     return verify.launch(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from megatron_patch.training import loop
+
+    return loop.main(args.flags)
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from megatron_patch.data import preprocess
+
+    return preprocess.run(args)
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from megatron_patch import tiny
 
@@ -45,6 +57,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_patch import tiny, verify
+    from megatron_patch.data import preprocess
 
     parser = argparse.ArgumentParser(prog="megatron-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                                           "at a TP/PP layout")
     verify.add_arguments(check)
     check.set_defaults(func=_verify)
+
+    train = sub.add_parser(
+        "train", add_help=False,
+        help="train with Megatron-LM flags (run under torchrun for several processes; "
+             "`megatron-patch train --help` lists them)")
+    train.add_argument("flags", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_train)
+
+    prep = sub.add_parser("preprocess", help="JSON lines -> Megatron .bin/.idx datasets")
+    preprocess.add_arguments(prep)
+    prep.set_defaults(func=_preprocess)
 
     make = sub.add_parser("make-tiny", help="save a tiny random HF model with a local tokenizer")
     make.add_argument("out_dir")

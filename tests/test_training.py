@@ -163,3 +163,20 @@ def test_sigkill_during_save_keeps_previous_checkpoint(llama_models, tmp_path):
     assert os.path.isdir(os.path.join(save, "iter_0000004.partial"))
     (r,) = harness.run(_load_latest, 1, save, data)
     assert r["latest"] == 2 and r["iteration"] == 2 and len(r["losses"]) == 1
+
+
+def _split_error(data: str) -> str:
+    from megatron_patch.training.data import check_splits
+
+    try:
+        check_splits([data], "969,30,1")
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_split_without_documents_is_refused(tmp_path):
+    data = str(tmp_path / "small")
+    harness.run(_make_dataset, 1, data, num_docs=20)
+    (message,) = harness.run(_split_error, 1, data)
+    assert "test part" in message and "20 documents" in message, message

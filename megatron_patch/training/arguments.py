@@ -67,7 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="dataset prefixes, optionally weighted: [W1] P1 [W2] P2 ...")
-    g.add_argument("--split", default="969,30,1")
+    # Megatron-LM defaults to 969,30,1; this loop never evaluates a test split, so none is held out.
+    g.add_argument("--split", default="98,2,0",
+                   help="train,valid,test weights of each dataset's documents")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--tokenizer-model", default=None,
                    help="HF tokenizer directory (default: the one the checkpoint carries)")

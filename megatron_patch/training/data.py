@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,27 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
     return list(data_path[1::2]), weights
 
 
+def check_splits(paths: list[str], split: str) -> None:
+    """Refuse a split that would leave a used part of a dataset without documents (megatron-core
+    0.16 then loops forever looking for tokens)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    weights = [float(w) for w in split.replace("/", ",").split(",")]
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    for path in paths:
+        if not (os.path.isfile(path + ".idx") and os.path.isfile(path + ".bin")):
+            raise FileNotFoundError(f"--data-path {path}: no {path}.bin / {path}.idx")
+        docs = len(IndexedDataset(path).sequence_lengths)
+        start = 0.0
+        for name, weight in zip(("train", "valid", "test"), weights):
+            end = start + weight / total
+            if weight > 0 and round(end * docs) - round(start * docs) == 0:
+                raise ValueError(f"--split {split}: the {name} part of {path} ({docs} documents) "
+                                 "gets no document; give it weight 0 or more data")
+            start = end
+
+
 def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
                        tokenizer: DatasetTokenizer, num_samples: list[int],
                        cache_path: str | None = None) -> list[Any]:
@@ -42,6 +64,8 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    paths, _ = parse_blend(data_path)
+    check_splits(paths, split)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=parse_blend(data_path), split=split,
         tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
