@@ -13,6 +13,10 @@ CORPUS = [
     "Round trips from Hugging Face to Megatron and back give the same tensors.",
     "def add(a, b):\n    return a + b\n",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+    # The Alpaca prompt (megatron_patch.data.sft), so SFT prompts tokenize compactly.
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n",
+    "\n\n### Response:\n",
 ] * 20
 
 # Every variant keeps the vocabulary off multiples of 128, so padding is exercised.

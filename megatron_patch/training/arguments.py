@@ -74,6 +74,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None,
                    help="HF tokenizer directory (default: the one the checkpoint carries)")
 
+    g = p.add_argument_group("supervised fine-tuning (--train-mode finetune)")
+    g.add_argument("--train-mode", choices=["pretrain", "finetune"], default="pretrain")
+    g.add_argument("--train-data-path", help="SFT records: JSON list or JSON lines")
+    g.add_argument("--valid-data-path", help="SFT validation records")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="SFT length in passes over the training set (instead of --train-iters)")
+    g.add_argument("--pack-sequences", action="store_true",
+                   help="pack several samples per sequence (each attends only to itself)")
+    g.add_argument("--skip-long-samples", action="store_true",
+                   help="drop samples longer than --seq-length instead of truncating them")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed SFT records (counted) instead of failing")
+
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
@@ -118,6 +131,10 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--bf16 and --fp16 are exclusive")
     if args.seq_length is None:
         raise ValueError("--seq-length is required")
-    if args.train_iters is None and args.train_tokens is None:
-        raise ValueError("give --train-iters or --train-tokens")
+    finetune = args.train_mode == "finetune"
+    if args.train_iters is None and args.train_tokens is None and not (finetune and args.epochs):
+        raise ValueError("give --train-iters or --train-tokens"
+                         + (" or --epochs" if finetune else ""))
+    if finetune and not args.train_data_path:
+        raise ValueError("--train-mode finetune needs --train-data-path")
     return args

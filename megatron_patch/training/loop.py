@@ -46,10 +46,12 @@ def lm_loss(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int,
                                                                     tokens.detach().clone()])}
 
 
-def pretrain_forward_step(vocab_size: int) -> Callable:
+def lm_forward_step(vocab_size: int) -> Callable:
+    """Forward step for pretraining and SFT batches (an attention mask only when packed)."""
+
     def step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         return output, partial(lm_loss, batch["labels"], batch["loss_mask"], vocab_size)
 
     return step
@@ -109,17 +111,29 @@ class Trainer:
                              f"of micro batch {args.micro_batch_size} x DP {self.dp}")
         self.num_microbatches = self.global_batch_size // (args.micro_batch_size * self.dp)
         tokens_per_iter = self.global_batch_size * args.seq_length
-        self.train_iters = args.train_iters or -(-args.train_tokens // tokens_per_iter)
-        warmup = (args.lr_warmup_iters if args.lr_warmup_tokens is None
-                  else -(-args.lr_warmup_tokens // tokens_per_iter))
 
         self._setup_model()
+        self.datasets = datasets
+        if args.train_mode == "finetune" and datasets is None:
+            self.datasets = self._build_sft_datasets()
+        if args.train_iters:
+            self.train_iters = args.train_iters
+        elif args.train_tokens:
+            self.train_iters = -(-args.train_tokens // tokens_per_iter)
+        else:
+            from megatron_patch.data.sft import epochs_to_iters
+
+            self.train_iters = epochs_to_iters(len(self.datasets[0]), args.epochs,
+                                               self.global_batch_size)
+        if self.datasets is None:
+            self.datasets = self._build_datasets()
+        warmup = (args.lr_warmup_iters if args.lr_warmup_tokens is None
+                  else -(-args.lr_warmup_tokens // tokens_per_iter))
         self._setup_optimizer(warmup)
         self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
         if args.load:
             self._load()
-        self.forward_step = forward_step or pretrain_forward_step(self.vocab_size)
-        self.datasets = datasets if datasets is not None else self._build_datasets()
+        self.forward_step = forward_step or lm_forward_step(self.vocab_size)
         self.writer = self._tensorboard()
 
     # ---- setup -------------------------------------------------------------------------
@@ -216,6 +230,29 @@ class Trainer:
             data.DatasetTokenizer(eod=tok.eos_token_id, vocab_size=self.vocab_size),
             [self.train_iters * gbs, evals * gbs, 0], a.data_cache_path,
         )
+
+    def _build_sft_datasets(self) -> list[Any]:
+        from transformers import AutoTokenizer
+
+        from megatron_patch.data.sft import build_sft_dataset
+
+        a = self.args
+        tok = AutoTokenizer.from_pretrained(a.tokenizer_model or self.hf_source)
+        out = []
+        for path in (a.train_data_path, a.valid_data_path):
+            if not path:
+                out.append(None)
+                continue
+            dataset, summary = build_sft_dataset(
+                path, tok, a.seq_length, pack=a.pack_sequences, skip_long=a.skip_long_samples,
+                skip_bad=a.skip_bad_lines, seed=a.seed)
+            if torch.distributed.get_rank() == 0:
+                print(f"SFT data {path}: {summary.samples} samples in {summary.sequences} "
+                      f"sequences; truncated {summary.truncated}, skipped as too long "
+                      f"{summary.skipped_long}, bad records skipped {summary.bad_records}",
+                      flush=True)
+            out.append(dataset)
+        return out + [None]
 
     def _tensorboard(self):
         is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1

@@ -1,0 +1,176 @@
+"""Supervised fine-tuning: response-only loss, packing, microbatch invariance, learning."""
+
+import json
+import os
+
+import pytest
+
+import harness
+
+QA = [
+    ("What is the capital of France?", "Paris."),
+    ("What colour is the sky?", "Blue."),
+    ("How many legs does a cat have?", "Four."),
+    ("What is two plus two?", "4"),
+    ("Name a fast animal.", "The fox."),
+    ("What do we train?", "Language models."),
+]
+
+
+def _write_records(path: str, n: int | None = None) -> None:
+    with open(path, "w") as f:
+        for q, a in QA[:n]:
+            f.write(json.dumps({"instruction": q, "input": "", "output": a}) + "\n")
+
+
+def _sft_args(load: str, train: str, *, iters: int = 3, mbs: int = 4, gbs: int = 4,
+              seq: int = 96, lr: float = 1e-3, extra: tuple = ()):
+    from megatron_patch.training.arguments import parse_args
+
+    return parse_args(["--train-mode", "finetune", "--load", load, "--train-data-path", train,
+                       "--seq-length", str(seq), "--micro-batch-size", str(mbs),
+                       "--global-batch-size", str(gbs), "--train-iters", str(iters),
+                       "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-warmup-iters", "1",
+                       "--eval-interval", "100000", "--log-interval", "100", "--seed", "3",
+                       *extra])
+
+
+def _first_loss_vs_hand(model_root: str, train: str) -> dict:
+    import torch
+    import transformers
+
+    from megatron_patch.data.sft import ALPACA_PROMPT
+    from megatron_patch.training.loop import Trainer
+
+    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=2))
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(model_root, "hf"),
+                                                           dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for q, a in QA[:4]:
+        prompt = tok(ALPACA_PROMPT.format(instruction=q))["input_ids"]
+        response = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = hf(ids).logits[0]
+        # Position t predicts token t+1: the response tokens are predicted from
+        # positions len(prompt)-1 ... len(ids)-2.
+        pred = logits[len(prompt) - 1: ids.shape[1] - 1]
+        total += torch.nn.functional.cross_entropy(pred, torch.tensor(response),
+                                                   reduction="sum").item()
+        count += len(response)
+    return {"megatron": trainer.train()[0]["loss"], "hand": total / count}
+
+
+def test_loss_is_over_response_tokens_only(llama_models, tmp_path):
+    train = str(tmp_path / "train.jsonl")
+    _write_records(train, 4)
+    (r,) = harness.run(_first_loss_vs_hand, 1, llama_models["llama2"], train)
+    assert abs(r["megatron"] - r["hand"]) <= 1e-5, r
+
+
+def _per_sample_losses(model_root: str, train: str, pack: bool) -> list[float]:
+    import torch
+    import transformers
+
+    from megatron_patch import parallel
+    from megatron_patch.data.sft import build_sft_dataset
+    from megatron_patch.forward import masked_vocab_parallel_cross_entropy
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(1, 1)
+    model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    dataset, _ = build_sft_dataset(train, tok, 256 if pack else 96, pack=pack)
+    losses = {}
+    for parts in dataset.sequences:
+        item = dataset.build(parts)
+        with torch.no_grad():
+            logits = model(item["tokens"][None], item["position_ids"][None],
+                           item.get("attention_mask", None) if pack else None)
+        per_token = masked_vocab_parallel_cross_entropy(logits, item["labels"][None],
+                                                        meta.vocab_size)[0] * item["loss_mask"]
+        start = 0
+        for tokens, _ in parts:
+            losses[tuple(tokens)] = per_token[start:start + len(tokens)].sum().item()
+            start += len(tokens)
+    return [losses[k] for k in sorted(losses)]
+
+
+def test_packed_sequences_give_the_same_per_sample_losses(llama_models, tmp_path):
+    train = str(tmp_path / "train.jsonl")
+    _write_records(train)
+    (padded,) = harness.run(_per_sample_losses, 1, llama_models["llama2"], train, False)
+    (packed,) = harness.run(_per_sample_losses, 1, llama_models["llama2"], train, True)
+    assert len(packed) == len(padded) == len(QA)
+    assert max(abs(a - b) for a, b in zip(packed, padded)) <= 1e-5, (packed, padded)
+
+
+def _curve(model_root: str, train: str, mbs: int) -> list[float]:
+    from megatron_patch.training.loop import Trainer
+
+    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, mbs=mbs))
+    return [s["loss"] for s in trainer.train()]
+
+
+def test_microbatch_split_does_not_change_the_loss(llama_models, tmp_path):
+    train = str(tmp_path / "train.jsonl")
+    _write_records(train)
+    (one_by_four,) = harness.run(_curve, 1, llama_models["llama2"], train, 1)
+    (four_by_one,) = harness.run(_curve, 1, llama_models["llama2"], train, 4)
+    assert max(abs(a - b) for a, b in zip(one_by_four, four_by_one)) <= 1e-5, (
+        one_by_four, four_by_one)
+
+
+def _learn_and_answer(model_root: str, train: str, save: str) -> dict:
+    import transformers
+
+    from megatron_patch.data.sft import render_prompt
+    from megatron_patch.generation import generate
+    from megatron_patch.training.loop import Trainer
+
+    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=120,
+                                mbs=6, gbs=6, seq=64, lr=3e-3))
+    losses = [s["loss"] for s in trainer.train()]
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    prompts = [render_prompt(tok, {"instruction": q}) for q, _ in QA]
+    out = generate(trainer.model.module, prompts, max_new_tokens=12,
+                   vocab_size=trainer.vocab_size, eos_token_ids=[tok.eos_token_id],
+                   pad_token_id=tok.pad_token_id)
+    answers = [tok.decode(ids, skip_special_tokens=True) for ids in out]
+    return {"answers": answers, "first": losses[0], "last": losses[-1]}
+
+
+def test_finetuned_model_reproduces_the_answers(llama_models, tmp_path):
+    train = str(tmp_path / "train.jsonl")
+    _write_records(train)
+    (r,) = harness.run(_learn_and_answer, 1, llama_models["llama2"], train, str(tmp_path / "s"))
+    assert r["answers"] == [a for _, a in QA], r
+
+
+def _bad(path: str) -> str:
+    from megatron_patch.data.sft import read_records
+
+    try:
+        read_records(path)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    from megatron_patch.data.sft import read_records
+
+    path = str(tmp_path / "bad.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+        f.write(json.dumps({"instruction": "q"}) + "\n")
+        f.write("{not json\n")
+    assert _bad(path).startswith(f"{path}:2: missing or non-string 'output'")
+    records, bad = read_records(path, skip_bad=True)
+    assert len(records) == 1 and bad == 2
+    with pytest.raises(ValueError, match=f"{path}:3: invalid JSON"):
+        with open(path, "w") as f:
+            f.write(json.dumps({"instruction": "q", "output": "a"}) + "\n\n{not json\n")
+        read_records(path)
