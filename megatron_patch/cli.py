@@ -47,6 +47,12 @@ def _preprocess(args: argparse.Namespace) -> int:
     return preprocess.run(args)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from megatron_patch import generation
+
+    return generation.run(args)
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from megatron_patch import tiny
 
@@ -56,7 +62,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_patch import tiny, verify
+    from megatron_patch import generation, tiny, verify
     from megatron_patch.data import preprocess
 
     parser = argparse.ArgumentParser(prog="megatron-patch", description=__doc__)
@@ -94,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("preprocess", help="JSON lines -> Megatron .bin/.idx datasets")
     preprocess.add_arguments(prep)
     prep.set_defaults(func=_preprocess)
+
+    gen = sub.add_parser("generate", help="complete the prompts of a JSON-lines file "
+                                          "(under torchrun for TP > 1)")
+    generation.add_arguments(gen)
+    gen.set_defaults(func=_generate)
 
     make = sub.add_parser("make-tiny", help="save a tiny random HF model with a local tokenizer")
     make.add_argument("out_dir")

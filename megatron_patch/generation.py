@@ -130,3 +130,110 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
                 break
         results.append(kept)
     return results
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--load", required=True, help="checkpoint directory")
+    parser.add_argument("--input-file", required=True,
+                        help="JSON lines with `prompt`, `query`, `instruction` or `messages`")
+    parser.add_argument("--output-file", required=True)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="prompts per batch")
+    parser.add_argument("--max-input-length", type=int, default=None,
+                        help="keep only the last this-many prompt tokens")
+    parser.add_argument("--max-new-tokens", "--out-seq-length", type=int, default=128,
+                        dest="max_new_tokens")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding (also implied by --top-k 0 --top-p 0)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="HF tokenizer directory (default: the checkpoint's)")
+
+
+def sampling_params(args) -> SamplingParams:
+    """Megatron-LM's convention: top_k = 0 and top_p = 0 mean greedy; top_p = 0 means off."""
+    greedy = args.greedy or (args.top_k == 0 and args.top_p == 0.0)
+    return SamplingParams(do_sample=not greedy, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p if args.top_p > 0 else 1.0,
+                          repetition_penalty=args.repetition_penalty)
+
+
+def run(args) -> int:
+    """Generate completions for a JSON-lines prompt file (run under torchrun for TP > 1)."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    from megatron_patch import checkpoint, parallel
+    from megatron_patch.data.sft import read_records, render_prompt
+    from megatron_patch.models import from_checkpoint
+
+    if args.pipeline_model_parallel_size > 1:
+        raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
+    parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    model, meta = from_checkpoint(args.load, params_dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer_model
+                                        or os.path.join(args.load, checkpoint.HF_DIR))
+    records = _read_prompts(args.input_file)
+    params = sampling_params(args)
+    eos = [tok.eos_token_id]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rank0 = torch.distributed.get_rank() == 0
+    tmp = args.output_file + ".partial"
+    out = open(tmp, "w", encoding="utf-8") if rank0 else None
+    for start in range(0, len(records), args.micro_batch_size):
+        batch = records[start:start + args.micro_batch_size]
+        prompts = [render_prompt(tok, r)[-(args.max_input_length or 0):] for r in batch]
+        completions = generate(model, prompts, max_new_tokens=args.max_new_tokens,
+                               vocab_size=meta.vocab_size, eos_token_ids=eos, pad_token_id=pad,
+                               params=params, seed=args.seed + start)
+        if out:
+            for record, ids in zip(batch, completions):
+                text = tok.decode(ids, skip_special_tokens=True)
+                out.write(json.dumps({**record, "completion": text}, ensure_ascii=False) + "\n")
+            print(f"generated {min(start + len(batch), len(records))}/{len(records)}",
+                  flush=True)
+    if out:
+        out.close()
+        os.replace(tmp, args.output_file)
+    parallel.destroy()
+    return 0
+
+
+def _read_prompts(path: str) -> list[dict]:
+    import json
+
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or not any(
+                    isinstance(record.get(k), str) for k in ("prompt", "query", "instruction")) \
+                    and not isinstance(record.get("messages"), list):
+                raise ValueError(f"{path}:{lineno}: needs a string `prompt`, `query` or "
+                                 "`instruction`, or `messages`")
+            records.append(record)
+    return records
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.generation")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

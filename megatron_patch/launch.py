@@ -18,6 +18,18 @@ PRETRAIN_FIELDS = (
     "PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
 ).split()
 
+FINETUNE_FIELDS = (
+    "ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN "
+    "EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TRAIN_DATASET_PATH VALID_DATASET_PATH "
+    "PRETRAIN_CHECKPOINT_PATH EPOCH OUTPUT_BASEPATH"
+).split()
+
+GENERATE_FIELDS = (
+    "ENV MEGATRON_PATH MEGATRON_PATCH_PATH CHECKPOINT_PATH MODEL_SIZE TP BS SEQ_LEN PAD_LEN "
+    "EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE OUTPUT_FILE TOP_P "
+    "TEMPERATURE REPETITION_PENALTY"
+).split()
+
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -79,33 +91,74 @@ def torchrun_prefix(env: str, tp: int, pp: int) -> list[str]:
     raise ValueError(f"ENV must be dsw or dlc, got {env!r}")
 
 
-def pretrain_command(argv: list[str]) -> list[str]:
-    if len(argv) < len(PRETRAIN_FIELDS):
-        raise ValueError("usage: run_pretrain_*.sh " + " ".join(PRETRAIN_FIELDS)
+def _named(fields: list[str], argv: list[str], script: str) -> tuple[dict[str, str], list[str]]:
+    if len(argv) < len(fields):
+        raise ValueError(f"usage: {script} " + " ".join(fields)
                          + f" [EXTRA FLAGS...]\n(got {len(argv)} arguments)")
-    v = dict(zip(PRETRAIN_FIELDS, argv))
-    extra = argv[len(PRETRAIN_FIELDS):]
-    name = (f"pretrain-{v['MODEL_SIZE']}-lr{v['LR']}-bs{v['BATCH_SIZE']}-gbs"
-            f"{v['GLOBAL_BATCH_SIZE']}-seq{v['SEQ_LEN']}-pr{v['PR']}-tp{v['TP']}-pp{v['PP']}")
-    out = v["OUTPUT_BASEPATH"]
-    save = os.path.join(out, "checkpoint", name)
-    # Resume the run when its own checkpoints exist, otherwise start from the given model.
+    return dict(zip(fields, argv)), argv[len(fields):]
+
+
+def _run_dirs(v: dict[str, str], mode: str) -> tuple[str, str, list[str]]:
+    """Checkpoint and TensorBoard directories of a run, and its --load/--save flags: the run
+    resumes from its own checkpoints when they exist, else starts from the given model."""
+    name = (f"{mode}-{v['MODEL_SIZE']}-lr{v['LR']}-bs{v['BATCH_SIZE']}-seq{v['SEQ_LEN']}"
+            f"-pr{v['PR']}-tp{v['TP']}-pp{v['PP']}")
+    save = os.path.join(v["OUTPUT_BASEPATH"], "checkpoint", name)
     resume = os.path.isfile(os.path.join(save, "latest_checkpointed_iteration.txt"))
-    flags = [
-        "--load", save if resume else v["PRETRAIN_CHECKPOINT_PATH"], "--save", save,
+    load = save if resume else v["PRETRAIN_CHECKPOINT_PATH"]
+    tensorboard = os.path.join(v["OUTPUT_BASEPATH"], "tensorboard", name)
+    return save, tensorboard, ["--load", load, "--save", save, "--tensorboard-dir", tensorboard]
+
+
+def pretrain_command(argv: list[str]) -> list[str]:
+    v, extra = _named(PRETRAIN_FIELDS, argv, "run_pretrain_*.sh")
+    _, _, dirs = _run_dirs(v, f"pretrain-gbs{v['GLOBAL_BATCH_SIZE']}")
+    flags = dirs + [
         "--save-interval", v["SAVE_INTERVAL"], "--data-path", *v["DATASET_PATH"].split(),
         "--micro-batch-size", v["BATCH_SIZE"], "--global-batch-size", v["GLOBAL_BATCH_SIZE"],
         "--seq-length", v["SEQ_LEN"], "--lr", v["LR"], "--min-lr", v["MIN_LR"],
         "--train-tokens", v["TRAIN_TOKENS"], "--lr-warmup-tokens", v["WARMUP_TOKENS"],
-        "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"],
-        "--tensorboard-dir", os.path.join(out, "tensorboard", name),
-        "--log-interval", "1",
+        "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
     ] + parallel_flags(v) + extra
     return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]))
             + ["-m", "megatron_patch.training.loop"] + flags)
 
 
-COMMANDS = {"pretrain": pretrain_command}
+def finetune_command(argv: list[str]) -> list[str]:
+    """SFT: samples are padded (or packed) to PAD_LEN, which must not exceed SEQ_LEN."""
+    v, extra = _named(FINETUNE_FIELDS, argv, "run_finetune_*.sh")
+    if int(v["PAD_LEN"]) > int(v["SEQ_LEN"]):
+        raise ValueError(f"PAD_LEN {v['PAD_LEN']} exceeds SEQ_LEN {v['SEQ_LEN']}")
+    _, _, dirs = _run_dirs(v, "finetune")
+    flags = dirs + [
+        "--train-mode", "finetune", "--train-data-path", v["TRAIN_DATASET_PATH"],
+        "--micro-batch-size", v["BATCH_SIZE"], "--seq-length", v["PAD_LEN"],
+        "--lr", v["LR"], "--min-lr", v["MIN_LR"], "--epochs", v["EPOCH"],
+        "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
+    ] + parallel_flags(v) + extra
+    if v["VALID_DATASET_PATH"] not in ("", "none"):
+        flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval", "100"]
+    return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]))
+            + ["-m", "megatron_patch.training.loop"] + flags)
+
+
+def generate_command(argv: list[str]) -> list[str]:
+    """Offline generation; TOP_K=0 and TOP_P=0 mean greedy (Megatron-LM's convention)."""
+    v, extra = _named(GENERATE_FIELDS, argv, "run_text_generation_*.sh")
+    flags = ["--load", v["CHECKPOINT_PATH"], "--input-file", v["INPUT_FILE"],
+             "--output-file", v["OUTPUT_FILE"], "--tensor-model-parallel-size", v["TP"],
+             "--micro-batch-size", v["BS"], "--max-input-length", v["INPUT_SEQ_LEN"],
+             "--max-new-tokens", v["OUTPUT_SEQ_LEN"], "--top-k", v["TOP_K"],
+             "--top-p", v["TOP_P"], "--temperature", v["TEMPERATURE"],
+             "--repetition-penalty", v["REPETITION_PENALTY"]]
+    # Inference has no FP8 path here: PR=fp8 generates in bf16 (its first flag).
+    flags += precision_flags(v["PR"])[:1]
+    return (torchrun_prefix(v["ENV"], int(v["TP"]), 1) + ["-m", "megatron_patch.generation"]
+            + flags + extra)
+
+
+COMMANDS = {"pretrain": pretrain_command, "finetune": finetune_command,
+            "generate": generate_command}
 
 
 def main(argv: list[str] | None = None) -> int:
