@@ -58,8 +58,8 @@ def main() -> None:
 
     longest = max(map(len, prompts))
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(p) for p in prompts])[:, None]
-            ).long()
+    pads = torch.tensor([longest - len(p) for p in prompts])
+    mask = (torch.arange(longest)[None] >= pads[:, None]).long()
 
     def run_hf() -> list[list[int]]:
         # eos_token_id=-1: never stop early, so both sides decode exactly new_tokens tokens.

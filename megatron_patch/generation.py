@@ -174,7 +174,7 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.data.sft import read_records, render_prompt
+    from megatron_patch.data.sft import render_prompt
     from megatron_patch.models import from_checkpoint
 
     if args.pipeline_model_parallel_size > 1:
@@ -198,7 +198,7 @@ def run(args) -> int:
                                vocab_size=meta.vocab_size, eos_token_ids=eos, pad_token_id=pad,
                                params=params, seed=args.seed + start)
         if out:
-            for record, ids in zip(batch, completions):
+            for record, ids in zip(batch, completions, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
                 out.write(json.dumps({**record, "completion": text}, ensure_ascii=False) + "\n")
             print(f"generated {min(start + len(batch), len(records))}/{len(records)}",

@@ -95,7 +95,7 @@ def _named(fields: list[str], argv: list[str], script: str) -> tuple[dict[str, s
     if len(argv) < len(fields):
         raise ValueError(f"usage: {script} " + " ".join(fields)
                          + f" [EXTRA FLAGS...]\n(got {len(argv)} arguments)")
-    return dict(zip(fields, argv)), argv[len(fields):]
+    return dict(zip(fields, argv[:len(fields)], strict=True)), argv[len(fields):]
 
 
 def _run_dirs(v: dict[str, str], mode: str) -> tuple[str, str, list[str]]:

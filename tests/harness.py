@@ -12,7 +12,8 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _CTX = mp.get_context("fork")
 
@@ -77,3 +78,26 @@ def run(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
     if errors:
         raise AssertionError("worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def run_command(cmd: list[str], *, timeout: float = 600, env: dict | None = None,
+                check: bool = False):
+    """subprocess.run in its own process group, all of which is killed on timeout (a torchrun
+    launch leaves its workers running if only the launcher is killed)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-2000:]}"
+                             f"\n{err[-2000:]}") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check and proc.returncode:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-2000:]}"
+                             f"\n{err[-2000:]}")
+    return result

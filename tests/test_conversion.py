@@ -2,9 +2,8 @@
 
 import os
 
-import pytest
-
 import harness
+import pytest
 from test_llama_parity import _parity
 
 
@@ -193,7 +192,7 @@ def _transforms() -> dict:
     padded = TRANSFORMS["vocab"].to_megatron([emb], dims)
     return {
         "fused": fused.tolist(),
-        "qkv_inverse": all(torch.equal(a, b) for a, b in zip(back, (q, k, v))),
+        "qkv_inverse": all(torch.equal(a, b) for a, b in zip(back, (q, k, v), strict=True)),
         "padded_shape": list(padded.shape),
         "padding_zero": bool((padded[5:] == 0).all()),
         "vocab_inverse": torch.equal(TRANSFORMS["vocab"].to_hf(padded, dims)[0], emb),

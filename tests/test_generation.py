@@ -2,9 +2,8 @@
 
 import os
 
-import pytest
-
 import harness
+import pytest
 
 PROMPTS = [[5, 17, 99], [1, 300, 42, 7, 8, 250, 13], [9] * 12]
 MAX_NEW = 24

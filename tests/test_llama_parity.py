@@ -7,9 +7,8 @@ differently (fused QKV matmul, vocab-parallel softmax, TP all-reduces), which mo
 
 import os
 
-import pytest
-
 import harness
+import pytest
 
 LOGITS_ATOL = 1e-4
 LOSS_ATOL = 1e-5

@@ -2,12 +2,10 @@
 
 import glob
 import os
-import subprocess
 import sys
 
-import pytest
-
 import harness
+import pytest
 from test_training import _make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +50,8 @@ def test_launcher_trains_saves_logs_and_exports(llama_models, tmp_path):
     harness.run(_make_dataset, 1, data)
     ckpt = os.path.join(llama_models["llama2"], "mcore")
     env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2")
-    proc = subprocess.run(["bash", LAUNCHER, *_positional(data, ckpt, out)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = harness.run_command(["bash", LAUNCHER, *_positional(data, ckpt, out)], env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logs = [line for line in proc.stdout.splitlines() if line.startswith("iteration")]
     assert len(logs) == 6, proc.stdout[-3000:]
@@ -68,16 +66,16 @@ def test_launcher_trains_saves_logs_and_exports(llama_models, tmp_path):
 
     # The trained checkpoint exports to a directory transformers loads.
     hf_out = str(tmp_path / "hf_out")
-    subprocess.run([sys.executable, "-m", "megatron_patch", "convert", "megatron-to-hf", save,
-                    hf_out], check=True, capture_output=True, timeout=300)
+    harness.run_command([sys.executable, "-m", "megatron_patch", "convert", "megatron-to-hf", save,
+                    hf_out], check=True, timeout=300)
     check = ("import sys, torch, transformers; m = transformers.AutoModelForCausalLM"
              ".from_pretrained(sys.argv[1]); print(m(torch.tensor([[1, 2, 3]])).logits.shape)")
-    shape = subprocess.run([sys.executable, "-c", check, hf_out], capture_output=True,
-                           text=True, timeout=300, check=True).stdout
+    shape = harness.run_command([sys.executable, "-c", check, hf_out], timeout=300,
+                                check=True).stdout
     assert "torch.Size([1, 3, 1000])" in shape
 
 
 def test_wrong_argument_count_prints_usage():
-    proc = subprocess.run(["bash", LAUNCHER, "dsw"], capture_output=True, text=True,
+    proc = harness.run_command(["bash", LAUNCHER, "dsw"],
                           env=dict(os.environ, PYTHON=sys.executable), timeout=120)
     assert proc.returncode == 2 and "usage: run_pretrain_" in proc.stderr

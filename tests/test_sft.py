@@ -3,9 +3,8 @@
 import json
 import os
 
-import pytest
-
 import harness
+import pytest
 
 QA = [
     ("What is the capital of France?", "Paris."),
@@ -104,7 +103,7 @@ def test_packed_sequences_give_the_same_per_sample_losses(llama_models, tmp_path
     (padded,) = harness.run(_per_sample_losses, 1, llama_models["llama2"], train, False)
     (packed,) = harness.run(_per_sample_losses, 1, llama_models["llama2"], train, True)
     assert len(packed) == len(padded) == len(QA)
-    assert max(abs(a - b) for a, b in zip(packed, padded)) <= 1e-5, (packed, padded)
+    assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5, (packed, padded)
 
 
 def _curve(model_root: str, train: str, mbs: int) -> list[float]:
@@ -119,7 +118,7 @@ def test_microbatch_split_does_not_change_the_loss(llama_models, tmp_path):
     _write_records(train)
     (one_by_four,) = harness.run(_curve, 1, llama_models["llama2"], train, 1)
     (four_by_one,) = harness.run(_curve, 1, llama_models["llama2"], train, 4)
-    assert max(abs(a - b) for a, b in zip(one_by_four, four_by_one)) <= 1e-5, (
+    assert max(abs(a - b) for a, b in zip(one_by_four, four_by_one, strict=True)) <= 1e-5, (
         one_by_four, four_by_one)
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import harness
 from test_sft import QA, _write_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _launch(script: str, args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="2")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "llama2", script), *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = harness.run_command(["bash", os.path.join(ROOT, "examples", "llama2", script), *args],
+                          env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

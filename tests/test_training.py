@@ -99,7 +99,7 @@ def test_loss_curves_agree_across_layouts(llama_models, tmp_path):
     # fp32: the layouts sum the same numbers in different orders (TP all-reduces, DP gradient
     # reduction); over 10 Adam steps that stays below 1e-5 in the loss.
     for name, curve in curves.items():
-        diff = max(abs(a - b) for a, b in zip(curve, reference))
+        diff = max(abs(a - b) for a, b in zip(curve, reference, strict=True))
         assert len(curve) == len(reference) == 10 and diff <= 1e-5, (name, diff, curve, reference)
 
 
@@ -116,7 +116,7 @@ def test_resume_is_exact(llama_models, tmp_path):
     assert first + second == straight
     # Resumed at TP=2 with SP instead: same within fp32 reduction-order noise.
     other = harness.run(_train, 2, save, data, iters=20, tp=2, sp=True)[0]
-    assert max(abs(a - b) for a, b in zip(other, straight[10:])) <= 1e-5, (other, straight[10:])
+    assert max(abs(a - b) for a, b in zip(other, straight[10:], strict=True)) <= 1e-5, (other, straight[10:])
 
 
 def _killed_during_second_save(ckpt: str, data: str, save: str) -> None:

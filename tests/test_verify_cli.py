@@ -2,13 +2,14 @@
 
 import json
 import os
-import subprocess
 import sys
+
+import harness
 
 
 def _verify(hf_dir: str, ckpt_dir: str, *flags: str) -> tuple[int, dict]:
-    proc = subprocess.run([sys.executable, "-m", "megatron_patch", "verify", hf_dir, ckpt_dir,
-                           *flags], capture_output=True, text=True, timeout=300)
+    proc = harness.run_command([sys.executable, "-m", "megatron_patch", "verify", hf_dir, ckpt_dir,
+                           *flags], timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, proc.stdout + proc.stderr
     return proc.returncode, json.loads(lines[0])

@@ -61,8 +61,8 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
             f"num_hidden_layers={args.num_layers} is not divisible into {stages} pipeline stages"
         )
     if problems:
-        raise ValueError("parallel layout TP=%d PP=%d does not fit the model: %s"
-                         % (tp, pp, "; ".join(problems)))
+        raise ValueError(f"parallel layout TP={tp} PP={pp} does not fit the model: "
+                         + "; ".join(problems))
 
 
 def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.float32,

@@ -47,7 +47,7 @@ def check_splits(paths: list[str], split: str) -> None:
             raise FileNotFoundError(f"--data-path {path}: no {path}.bin / {path}.idx")
         docs = len(IndexedDataset(path).sequence_lengths)
         start = 0.0
-        for name, weight in zip(("train", "valid", "test"), weights):
+        for name, weight in zip(("train", "valid", "test"), weights, strict=False):
             end = start + weight / total
             if weight > 0 and round(end * docs) - round(start * docs) == 0:
                 raise ValueError(f"--split {split}: the {name} part of {path} ({docs} documents) "
