@@ -60,7 +60,8 @@ def check_shapes(shapes: Mapping[str, tuple[int, ...]],
              for n in sorted(set(shapes) & set(expected))
              if tuple(shapes[n]) != tuple(expected[n])]
     if wrong:
-        raise ConversionError(f"{where}: tensors with the wrong shape:\n  - " + "\n  - ".join(wrong))
+        raise ConversionError(f"{where}: tensors with the wrong shape:\n  - "
+                              + "\n  - ".join(wrong))
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...] | None) -> None:
@@ -98,6 +99,6 @@ def megatron_to_hf(bindings: list[Binding], dims: Dims, read: Callable[[str], to
             raise ConversionError(
                 f"tensor {b.megatron}: transform gave {len(parts)} tensors for {list(b.hf)}"
             )
-        for name, tensor in zip(b.hf, parts):
+        for name, tensor in zip(b.hf, parts, strict=True):
             _check_shape(name, tensor, expected_shapes.get(name))
             yield name, tensor
