@@ -58,6 +58,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
     tiny.make_hf_model(args.out_dir, args.variant, seed=args.seed, dtype=args.dtype)
     print(f"{args.out_dir}: tiny random {args.variant} model with a local tokenizer")
+    if args.demo_data:
+        for name, path in tiny.write_demo_data(args.demo_data).items():
+            print(f"{path}: demo {name}")
     return 0
 
 
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--variant", default="llama2", choices=sorted(tiny.LLAMA_VARIANTS))
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    make.add_argument("--demo-data", metavar="DIR",
+                      help="also write demo corpus.jsonl, sft.jsonl and prompts.jsonl here")
     make.set_defaults(func=_make_tiny)
     return parser
 

@@ -81,3 +81,32 @@ def make_hf_model(out_dir: str, variant: str, seed: int = 0, dtype: str = "float
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, **save_kwargs)
     train_tokenizer(out_dir)
+
+
+# Question/answer pairs a tiny model can memorise: the demo's fine-tuning set.
+QA = [
+    ("What is the capital of France?", "Paris."),
+    ("What colour is the sky?", "Blue."),
+    ("How many legs does a cat have?", "Four."),
+    ("What is two plus two?", "4"),
+    ("Name a fast animal.", "The fox."),
+    ("What do we train?", "Language models."),
+]
+
+
+def write_demo_data(out_dir: str) -> dict[str, str]:
+    """corpus.jsonl (pretraining text), sft.jsonl (instruction records) and prompts.jsonl."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("corpus", "sft", "prompts")}
+    with open(paths["corpus"], "w") as f:
+        for i, text in enumerate(CORPUS):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    with open(paths["sft"], "w") as f:
+        for q, a in QA:
+            f.write(json.dumps({"instruction": q, "input": "", "output": a}) + "\n")
+    with open(paths["prompts"], "w") as f:
+        for q, _ in QA:
+            f.write(json.dumps({"instruction": q}) + "\n")
+    return paths

@@ -6,14 +6,7 @@ import os
 import harness
 import pytest
 
-QA = [
-    ("What is the capital of France?", "Paris."),
-    ("What colour is the sky?", "Blue."),
-    ("How many legs does a cat have?", "Four."),
-    ("What is two plus two?", "4"),
-    ("Name a fast animal.", "The fox."),
-    ("What do we train?", "Language models."),
-]
+from megatron_patch.tiny import QA
 
 
 def _write_records(path: str, n: int | None = None) -> None:
