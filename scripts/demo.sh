@@ -35,10 +35,13 @@ megatron_to_hf() {
 
 compare_roundtrip() {
     python - "$OUT/hf" "$OUT/hf_roundtrip" <<'PY'
-import glob, os, sys
+import glob
+import os
+import sys
 
 import torch
 from safetensors import safe_open
+
 
 def load(d):
     out = {}
@@ -46,6 +49,7 @@ def load(d):
         with safe_open(path, "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
 
 a, b = load(sys.argv[1]), load(sys.argv[2])
 assert a.keys() == b.keys(), f"names differ: {sorted(a.keys() ^ b.keys())}"
