@@ -13,7 +13,8 @@ import functools
 import os
 import queue
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.utils._device

@@ -8,14 +8,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import harness  # noqa: E402
 import pytest  # noqa: E402
+import transformers  # noqa: E402,F401
 
 # Import the heavy modules once, here, so forked workers start with them loaded.
 import megatron_patch.convert.hf_megatron  # noqa: E402,F401
 import megatron_patch.forward  # noqa: E402,F401
-import transformers  # noqa: E402,F401
-
-import harness  # noqa: E402
 from megatron_patch import tiny as tiny_models  # noqa: E402
 
 TOKENS_SEED = 1234
@@ -25,7 +24,6 @@ BATCH, SEQ = 2, 32
 def _prepare(root: str, variants: list[str]) -> None:
     """In a worker: save each tiny HF model, its transformers reference output, and convert it."""
     import torch
-    import transformers
 
     from megatron_patch.convert.hf_megatron import hf_to_megatron
 
