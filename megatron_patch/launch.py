@@ -98,21 +98,21 @@ def _named(fields: list[str], argv: list[str], script: str) -> tuple[dict[str, s
     return dict(zip(fields, argv[:len(fields)], strict=True)), argv[len(fields):]
 
 
-def _run_dirs(v: dict[str, str], mode: str) -> tuple[str, str, list[str]]:
-    """Checkpoint and TensorBoard directories of a run, and its --load/--save flags: the run
-    resumes from its own checkpoints when they exist, else starts from the given model."""
+def _run_dirs(v: dict[str, str], mode: str) -> tuple[list[str], bool]:
+    """--load/--save/--tensorboard-dir of a run, and whether it resumes: it resumes from its own
+    checkpoints when they exist, else starts from PRETRAIN_CHECKPOINT_PATH."""
     name = (f"{mode}-{v['MODEL_SIZE']}-lr{v['LR']}-bs{v['BATCH_SIZE']}-seq{v['SEQ_LEN']}"
             f"-pr{v['PR']}-tp{v['TP']}-pp{v['PP']}")
     save = os.path.join(v["OUTPUT_BASEPATH"], "checkpoint", name)
     resume = os.path.isfile(os.path.join(save, "latest_checkpointed_iteration.txt"))
     load = save if resume else v["PRETRAIN_CHECKPOINT_PATH"]
     tensorboard = os.path.join(v["OUTPUT_BASEPATH"], "tensorboard", name)
-    return save, tensorboard, ["--load", load, "--save", save, "--tensorboard-dir", tensorboard]
+    return ["--load", load, "--save", save, "--tensorboard-dir", tensorboard], resume
 
 
 def pretrain_command(argv: list[str]) -> list[str]:
     v, extra = _named(PRETRAIN_FIELDS, argv, "run_pretrain_*.sh")
-    _, _, dirs = _run_dirs(v, f"pretrain-gbs{v['GLOBAL_BATCH_SIZE']}")
+    dirs, _ = _run_dirs(v, f"pretrain-gbs{v['GLOBAL_BATCH_SIZE']}")
     flags = dirs + [
         "--save-interval", v["SAVE_INTERVAL"], "--data-path", *v["DATASET_PATH"].split(),
         "--micro-batch-size", v["BATCH_SIZE"], "--global-batch-size", v["GLOBAL_BATCH_SIZE"],
@@ -129,7 +129,11 @@ def finetune_command(argv: list[str]) -> list[str]:
     v, extra = _named(FINETUNE_FIELDS, argv, "run_finetune_*.sh")
     if int(v["PAD_LEN"]) > int(v["SEQ_LEN"]):
         raise ValueError(f"PAD_LEN {v['PAD_LEN']} exceeds SEQ_LEN {v['SEQ_LEN']}")
-    _, _, dirs = _run_dirs(v, "finetune")
+    dirs, resume = _run_dirs(v, "finetune")
+    if not resume:
+        # Starting from a model, not resuming this run: its weights only (a pretraining
+        # checkpoint's optimizer state and iteration are not carried over).
+        dirs.append("--finetune")
     flags = dirs + [
         "--train-mode", "finetune", "--train-data-path", v["TRAIN_DATASET_PATH"],
         "--micro-batch-size", v["BATCH_SIZE"], "--seq-length", v["PAD_LEN"],

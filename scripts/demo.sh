@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end demo on the embedded tiny Llama-2-style model, on CPU, into demo_output/:
-# HF -> Megatron-Core -> parity check at TP=2 with sequence parallelism -> HF, bit-exact.
+# HF -> Megatron-Core -> parity check at TP=2 with sequence parallelism -> HF, bit-exact;
+# then continued pretraining at TP=2 on a small corpus, export to HF, supervised fine-tuning on
+# a few question/answer pairs, and greedy generation from the fine-tuned model.
 # Sets up .venv first (scripts/setup.sh). Each step is a function listed in STEPS.
 set -euo pipefail
 
@@ -18,7 +20,7 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 OUT=demo_output
 
 make_tiny() {
-    megatron-patch make-tiny "$OUT/hf"
+    megatron-patch make-tiny "$OUT/hf" --demo-data "$OUT/data"
 }
 
 hf_to_megatron() {
@@ -62,7 +64,47 @@ print(f"round trip bit-exact: {len(a)} tensors, {n:,} parameters, "
 PY
 }
 
-STEPS=(make_tiny hf_to_megatron verify_tp2_sp megatron_to_hf compare_roundtrip)
+preprocess() {
+    megatron-patch preprocess --input "$OUT/data/corpus.jsonl" --output-prefix "$OUT/data/corpus" \
+        --tokenizer-model "$OUT/hf" --workers 2
+}
+
+# The classic positional launchers: ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE
+# GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL
+# DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH
+pretrain_tp2() {
+    NPROC_PER_NODE=2 bash examples/llama2/run_pretrain_megatron_llama.sh \
+        dsw "" "$ROOT" tiny 4 8 3e-3 3e-4 64 64 0 fp32 2 1 sel false false true 20 \
+        "$OUT/data/corpus_text_document" "$OUT/mcore" $((40 * 8 * 64)) $((4 * 8 * 64)) \
+        "$OUT/pretrain"
+}
+
+export_pretrained() {
+    megatron-patch convert megatron-to-hf "$OUT"/pretrain/checkpoint/* "$OUT/hf_pretrained"
+}
+
+# ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN
+# EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TRAIN_DATASET_PATH VALID_DATASET_PATH
+# PRETRAIN_CHECKPOINT_PATH EPOCH OUTPUT_BASEPATH
+finetune() {
+    NPROC_PER_NODE=1 bash examples/llama2/run_finetune_megatron_llama.sh \
+        dsw "" "$ROOT" tiny 6 3e-3 3e-4 64 64 0 fp32 1 1 none false false false \
+        "$OUT/data/sft.jsonl" none "$(echo "$OUT"/pretrain/checkpoint/*)" 120 "$OUT/finetune" \
+        --log-interval 20
+}
+
+# ENV MEGATRON_PATH MEGATRON_PATCH_PATH CHECKPOINT_PATH MODEL_SIZE TP BS SEQ_LEN PAD_LEN
+# EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE OUTPUT_FILE TOP_P TEMPERATURE
+# REPETITION_PENALTY  (TOP_K=0 and TOP_P=0: greedy)
+generate_tp2() {
+    NPROC_PER_NODE=2 bash examples/llama2/run_text_generation_megatron_llama.sh \
+        dsw "" "$ROOT" "$(echo "$OUT"/finetune/checkpoint/*)" tiny 2 6 64 64 0 fp32 0 64 12 \
+        "$OUT/data/prompts.jsonl" "$OUT/generated.jsonl" 0 1.0 1.0
+    cat "$OUT/generated.jsonl"
+}
+
+STEPS=(make_tiny hf_to_megatron verify_tp2_sp megatron_to_hf compare_roundtrip preprocess
+       pretrain_tp2 export_pretrained finetune generate_tp2)
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
