@@ -82,3 +82,46 @@ def _processors() -> dict:
 def test_logits_processors_match_transformers():
     (r,) = harness.run(_processors, 1)
     assert all(r.values()), r
+
+
+def _sample(model_root: str, seed: int, tp: int = 1) -> list[list[int]]:
+    from megatron_patch import parallel
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(tp, 1)
+    model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
+    params = SamplingParams(do_sample=True, temperature=1.5, top_k=50, top_p=0.95,
+                            repetition_penalty=1.2)
+    return generate(model, PROMPTS, max_new_tokens=16, vocab_size=meta.vocab_size,
+                    eos_token_ids=[2], pad_token_id=0, params=params, seed=seed)
+
+
+def test_sampling_is_reproducible_with_a_seed(llama_models):
+    root = llama_models["llama2"]
+    (a,) = harness.run(_sample, 1, root, 11)
+    (b,) = harness.run(_sample, 1, root, 11)
+    (c,) = harness.run(_sample, 1, root, 12)
+    tp2 = harness.run(_sample, 2, root, 11, 2)
+    assert a == b and a != c
+    assert tp2[0] == tp2[1]  # TP ranks draw the same tokens
+
+
+def _refuse_pp(model_root: str) -> str:
+    from megatron_patch import parallel
+    from megatron_patch.generation import generate
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(1, 2)
+    model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
+    try:
+        generate(model, PROMPTS, max_new_tokens=2, vocab_size=meta.vocab_size,
+                 eos_token_ids=[2], pad_token_id=0)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_pipeline_parallel_generation_is_refused(llama_models):
+    messages = harness.run(_refuse_pp, 2, llama_models["llama2"])
+    assert all("pipeline parallelism" in m for m in messages), messages

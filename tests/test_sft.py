@@ -166,3 +166,35 @@ def test_bad_records_name_file_and_line(tmp_path):
         with open(path, "w") as f:
             f.write(json.dumps({"instruction": "q", "output": "a"}) + "\n\n{not json\n")
         read_records(path)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _chat_masks(model_root: str) -> dict:
+    import transformers
+
+    from megatron_patch.data.sft import render_prompt, tokenize_record
+
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    tok.chat_template = CHAT_TEMPLATE
+    record = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "What is two plus two?"},
+                           {"role": "assistant", "content": "4"},
+                           {"role": "user", "content": "And three plus three?"},
+                           {"role": "assistant", "content": "6"}]}
+    ids, mask = tokenize_record(tok, record)
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    prompt = tok.decode(render_prompt(tok, {"messages": record["messages"][:2]}))
+    return {"trained": trained, "full": tok.decode(ids), "prompt": prompt}
+
+
+def test_chat_template_trains_on_assistant_turns_only(llama_models):
+    (r,) = harness.run(_chat_masks, 1, llama_models["llama2"])
+    # Each assistant turn and the end-of-turn token the template puts after it, nothing else.
+    assert r["trained"] == "4</s>6</s>", r
+    assert r["full"].startswith("<|system|>Be brief.</s><|user|>What is two plus two?</s>")
+    assert r["prompt"] == "<|system|>Be brief.</s><|user|>What is two plus two?</s><|assistant|>"

@@ -181,3 +181,47 @@ def test_a_split_without_documents_is_refused(tmp_path):
     harness.run(_make_dataset, 1, data, num_docs=20)
     (message,) = harness.run(_split_error, 1, data)
     assert "test part" in message and "20 documents" in message, message
+
+
+def _scratch_and_eval(tokenizer_dir: str, data: str, save: str) -> dict:
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.loop import Trainer
+
+    args = parse_args([
+        "--tokenizer-model", tokenizer_dir, "--data-path", data, "--split", "90,10,0",
+        "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+        "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
+        "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+        "--use-rotary-position-embeddings", "--untie-embeddings-and-output-weights",
+        "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "30", "--lr", "3e-3", "--lr-warmup-iters", "2", "--eval-interval", "30",
+        "--eval-iters", "2", "--save", save, "--seed", "5"])
+    trainer = Trainer(args)
+    initial_eval = trainer.evaluate()
+    losses = [s["loss"] for s in trainer.train()]
+    return {"initial_eval": initial_eval, "final_eval": trainer.evaluate(), "losses": losses}
+
+
+def test_model_from_scratch_trains_evaluates_and_exports(llama_models, tmp_path):
+    data, save = str(tmp_path / "tokens"), str(tmp_path / "scratch")
+    harness.run(_make_dataset, 1, data)
+    (r,) = harness.run(_scratch_and_eval, 1, os.path.join(llama_models["llama2"], "hf"), data,
+                       save)
+    assert r["final_eval"] < r["initial_eval"] - 0.5, r
+    assert r["losses"][-1] < r["losses"][0], r
+    out = str(tmp_path / "exported")
+    (r,) = harness.run(_export_and_run, 1, save, out)
+    # One logit per token of the tokenizer's vocabulary: padding rows are not exported.
+    assert r["shape"] == [1, 3, r["tokenizer_size"]], r
+
+
+def _export_and_run(ckpt: str, out: str) -> dict:
+    import torch
+    import transformers
+
+    from megatron_patch.convert.hf_megatron import megatron_to_hf
+
+    megatron_to_hf(ckpt, out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    return {"shape": list(model(torch.tensor([[1, 2, 3]])).logits.shape),
+            "tokenizer_size": len(transformers.AutoTokenizer.from_pretrained(out))}

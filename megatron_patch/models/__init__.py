@@ -121,8 +121,12 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
 
 def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
                 padded_vocab_size: int | None = None, pre_process: bool | None = None,
-                post_process: bool | None = None, vp_stage: int | None = None):
-    """The GPTModel of this pipeline stage (and virtual stage)."""
+                post_process: bool | None = None, vp_stage: int | None = None,
+                transformer_impl: str = "auto"):
+    """The GPTModel of this pipeline stage (and virtual stage).
+
+    transformer_impl: "local", "transformer_engine" or "auto" (TE where importable on a GPU).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -137,7 +141,8 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
                                                              vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage),
+        transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage,
+                                          transformer_impl),
         vocab_size=padded_vocab_size or args.vocab_size,
         max_sequence_length=args.max_sequence_length,
         pre_process=pre_process,

@@ -90,10 +90,38 @@ def layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
     )
 
 
+def transformer_engine_available() -> bool:
+    from megatron_patch import cpu_mode
+
+    if cpu_mode.is_enabled():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
-               vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """The decoder of this pipeline stage: its layers and the final norm."""
+               vp_stage: int | None = None, transformer_impl: str = "auto"
+               ) -> TransformerBlockSubmodules:
+    """The decoder of this pipeline stage: its layers and the final norm.
+
+    transformer_impl: "local" (Megatron-Core's own modules), "transformer_engine", or "auto"
+    (Transformer Engine when it is importable on a GPU). Both write the same checkpoint keys.
+    """
+    use_te = transformer_impl == "transformer_engine" or (
+        transformer_impl == "auto" and transformer_engine_available())
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    if use_te:
+        # Not exercised by the CPU test suite: parity under TE needs a GPU run.
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec(qk_layernorm)] * num_layers, layer_norm=Norm
     )

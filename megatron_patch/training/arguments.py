@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"],
+                   default="auto", help="layer implementation (auto: Transformer Engine where "
+                                        "importable on a GPU, else Megatron-Core's local one)")
     g.add_argument("--use-flash-attn", action="store_true",
                    help="flash attention through Transformer Engine (GPU only)")
 

@@ -58,7 +58,11 @@ def lm_forward_step(vocab_size: int) -> Callable:
 
 
 def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
-    """An HF Llama config.json for a model defined by Megatron-LM architecture flags."""
+    """An HF Llama config.json for a model defined by Megatron-LM architecture flags, written
+    through the Llama family's two-way config table."""
+    from megatron_patch.models.families.llama import LLAMA
+    from megatron_patch.models.spec import ModelArgs
+
     llama_like = (args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
                   and args.position_embedding_type == "rope")
     if not llama_like:
@@ -71,18 +75,19 @@ def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, An
     if missing:
         raise ValueError(f"a model from scratch needs {', '.join(missing)}")
     heads = args.num_attention_heads
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": args.num_layers, "hidden_size": args.hidden_size,
-        "intermediate_size": args.ffn_hidden_size or 4 * args.hidden_size,
-        "num_attention_heads": heads,
-        "num_key_value_heads": args.num_query_groups if args.group_query_attention else heads,
-        "head_dim": args.hidden_size // heads, "vocab_size": vocab_size,
-        "max_position_embeddings": args.max_position_embeddings or args.seq_length,
-        "rms_norm_eps": args.norm_epsilon, "rope_theta": args.rotary_base,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "hidden_act": "silu", "torch_dtype": "float32",
-    }
+    model_args = ModelArgs(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else heads,
+        kv_channels=args.hidden_size // heads, vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings or args.seq_length,
+        layernorm_epsilon=args.norm_epsilon,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+    )
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "rope_theta": args.rotary_base, "torch_dtype": "float32",
+            **LLAMA.hf_config_updates(model_args)}
 
 
 class Trainer:
@@ -173,7 +178,8 @@ class Trainer:
         self.config = transformer_config(self.model_args, params_dtype=dtype,
                                          sequence_parallel=args.sequence_parallel, **overrides)
         module = build_model(self.model_args, self.config, self.hf_config,
-                             padded_vocab_size=self.meta.padded_vocab_size)
+                             padded_vocab_size=self.meta.padded_vocab_size,
+                             transformer_impl=args.transformer_impl)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=dtype != torch.float32,
             overlap_grad_reduce=args.overlap_grad_reduce,
