@@ -132,7 +132,13 @@ def enable() -> None:
     # (Not torch.manual_seed: it calls torch.cuda.manual_seed_all, which stays a lazy no-op.)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
 
+    from megatron.core import package_info
     from megatron.core.tensor_parallel import random as mcore_random
+
+    if not package_info.__version__.startswith(TARGET_MEGATRON_CORE + "."):
+        warnings.warn(f"megatron_patch.cpu_mode targets megatron-core {TARGET_MEGATRON_CORE}.x, "
+                      f"found {package_info.__version__}: CPU runs may hit unpatched CUDA calls",
+                      stacklevel=2)
 
     mcore_random._get_cuda_rng_state = (
         lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
