@@ -5,11 +5,16 @@ then runs each step in its own fresh Python process, so that every step's peak R
 
     generate        write the synthetic HF checkpoint (not measured against a target)
     baseline        read every tensor of every shard and write the same bytes back as safetensors
+    baseline_fsync  the same, then fsync each file (information only: Megatron-Core's checkpoint
+                    writer fsyncs, so on a slow disk this, not `baseline`, bounds hf_to_megatron)
     hf_to_megatron  megatron_patch.convert.hf_megatron.hf_to_megatron(hf_dir, ckpt_dir)
     megatron_to_hf  megatron_patch.convert.hf_megatron.megatron_to_hf(ckpt_dir, out_dir)
 
-Targets: each conversion moves the model's bytes at >= 0.8x the baseline copy's rate, and peaks
-at <= the largest input shard + 1 GiB of RSS. A final line holds every number as JSON.
+Targets: each conversion moves the model's bytes at >= 0.8x the `baseline` copy's rate, and
+peaks at <= the largest input shard + 1 GiB of RSS. Each step runs --repeat times (whole rounds);
+the table shows its best time and worst peak RSS, and, for information only, the worst peak RSS
+of the helper processes it forked (`helpers`: Megatron-Core's checkpoint writers). A final line
+holds every number as JSON.
 
     python benchmarks/convert_bench.py                 # ~1B parameters
     python benchmarks/convert_bench.py --params 1e8    # quick
@@ -46,7 +51,8 @@ RSS_HEADROOM_TARGET = GIB  # allowed peak RSS above the largest input shard
 # Llama-family models keep hidden_size / num_layers near 100 (TinyLlama 2048/22, Llama-2-7B
 # 4096/32); picking the width closest to that ratio gives realistic tensor sizes for any --params.
 ASPECT_RATIO = 100.0
-STEPS = ("baseline", "hf_to_megatron", "megatron_to_hf")
+STEPS = ("baseline", "baseline_fsync", "hf_to_megatron", "megatron_to_hf")
+CONVERSIONS = ("hf_to_megatron", "megatron_to_hf")
 
 
 # ---------------------------------------------------------------- model shape and tensor plan
@@ -219,8 +225,9 @@ def generate(hf_dir: str, shape: dict[str, int], max_shard_bytes: int) -> None:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def plain_copy(src: str, dst: str) -> None:
-    """The baseline: load each shard's tensors and save them again under the same file name."""
+def plain_copy(src: str, dst: str, fsync: bool = False) -> None:
+    """The baseline: load each shard's tensors and save them again under the same file name.
+    (safetensors' get_tensor maps the file rather than copying it, as a conversion may too.)"""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -232,6 +239,9 @@ def plain_copy(src: str, dst: str) -> None:
                 metadata = f.metadata()
             save_file(tensors, os.path.join(dst, name), metadata=metadata)
             del tensors
+            if fsync:
+                with open(os.path.join(dst, name), "rb") as f:
+                    os.fsync(f.fileno())
         else:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
@@ -246,7 +256,7 @@ def child(step: str, spec: dict[str, Any]) -> None:
     # Imports happen before the clock starts: only the work itself is timed.
     import torch  # noqa: F401
 
-    if step in ("hf_to_megatron", "megatron_to_hf"):
+    if step in CONVERSIONS:
         # Also the modules the conversion would otherwise import lazily on first use.
         # (transformers resolves LlamaForCausalLM lazily, on first attribute access.)
         from megatron.core import dist_checkpointing  # noqa: F401
@@ -258,6 +268,7 @@ def child(step: str, spec: dict[str, Any]) -> None:
     calls = {
         "generate": lambda: generate(spec["hf_dir"], spec["shape"], spec["max_shard_bytes"]),
         "baseline": lambda: plain_copy(spec["hf_dir"], spec["copy_dir"]),
+        "baseline_fsync": lambda: plain_copy(spec["hf_dir"], spec["copy_dir"], fsync=True),
         "hf_to_megatron": lambda: hf_megatron.hf_to_megatron(spec["hf_dir"], spec["ckpt_dir"]),
         "megatron_to_hf": lambda: hf_megatron.megatron_to_hf(spec["ckpt_dir"], spec["out_dir"],
                                                              max_shard_size=spec["max_shard_bytes"]),
@@ -275,9 +286,15 @@ def child(step: str, spec: dict[str, Any]) -> None:
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(os.path.join(spec["profile_dir"], f"{step}.prof"))
+    # The target is on this process only. Megatron-Core's checkpoint writer forks helper
+    # processes: they start with this process's pages (shared, not added) and map the pages they
+    # write from, which may be file pages (page cache) this process never touched. The largest
+    # helper's peak is shown for information.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    helper_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     with open(spec["result"], "w") as f:
-        json.dump({"seconds": seconds, "peak_rss": peak, "rss_before": rss_before}, f)
+        json.dump({"seconds": seconds, "peak_rss": peak, "rss_before": rss_before,
+                   "helper_peak_rss": helper_peak}, f)
 
 
 # ---------------------------------------------------------------- parent (no torch)
@@ -339,27 +356,34 @@ def same_tensors(original: str, exported: str) -> bool:
 
 
 def report(shape: dict[str, int], model_bytes: int, largest_shard: int, n_shards: int,
-           results: dict[str, dict[str, Any]], threads: int, identical: bool) -> bool:
+           results: dict[str, dict[str, Any]], threads: int, identical: bool,
+           load: list[float]) -> bool:
     """Print the table and the targets; True when every target is met."""
     base_rate = model_bytes / results["baseline"]["seconds"]
+    fsync_rate = model_bytes / results["baseline_fsync"]["seconds"]
     print(f"\nmodel: {num_params(shape) / 1e9:.3f} B params, hidden {shape['hidden_size']}, "
           f"{shape['num_hidden_layers']} layers, ffn {shape['intermediate_size']}, heads "
           f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} kv, fp16 "
           f"{model_bytes / GIB:.2f} GiB in {n_shards} shard(s), largest "
           f"{largest_shard / GIB:.2f} GiB; OMP_NUM_THREADS={threads}")
-    print(f"\n{'step':<16}{'seconds':>9}{'MB/s':>9}{'x copy':>8}{'RSS start':>11}"
-          f"{'peak RSS':>10}{'- shard':>9}  (GiB)")
+    # Other work on the machine makes the times noisy; say how busy it was.
+    print(f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} on "
+          f"{os.cpu_count()} CPUs")
+    print(f"\n{'step':<16}{'seconds':>9}{'MB/s':>9}{'x copy':>8}{'x fsync':>8}{'RSS start':>11}"
+          f"{'peak RSS':>10}{'- shard':>9}{'helpers':>9}  (RSS in GiB)")
     ok = True
     verdicts = []
     for step in STEPS:
         r = results[step]
         rate = model_bytes / r["seconds"]
         r.update(bytes_per_s=rate, throughput_ratio=rate / base_rate,
+                 throughput_ratio_to_fsync_copy=rate / fsync_rate,
                  rss_over_largest_shard=r["peak_rss"] - largest_shard)
         print(f"{step:<16}{r['seconds']:>9.2f}{rate / 1e6:>9.0f}{r['throughput_ratio']:>8.2f}"
-              f"{r['rss_before'] / GIB:>11.2f}{r['peak_rss'] / GIB:>10.2f}"
-              f"{r['rss_over_largest_shard'] / GIB:>9.2f}")
-        if step == "baseline":
+              f"{r['throughput_ratio_to_fsync_copy']:>8.2f}{r['rss_before'] / GIB:>11.2f}"
+              f"{r['peak_rss'] / GIB:>10.2f}{r['rss_over_largest_shard'] / GIB:>9.2f}"
+              f"{r['helper_peak_rss'] / GIB:>9.2f}")
+        if step not in CONVERSIONS:
             continue
         fast = r["throughput_ratio"] >= THROUGHPUT_TARGET
         lean = r["rss_over_largest_shard"] <= RSS_HEADROOM_TARGET
@@ -375,7 +399,8 @@ def report(shape: dict[str, int], model_bytes: int, largest_shard: int, n_shards
     print(f"round trip HF -> Megatron -> HF gives back the same tensors: {identical}")
     print(json.dumps({"shape": shape, "params": num_params(shape), "model_bytes": model_bytes,
                       "shards": n_shards, "largest_shard_bytes": largest_shard,
-                      "omp_num_threads": threads, "round_trip_same_tensors": identical,
+                      "omp_num_threads": threads, "load_average_before_after": load,
+                      "round_trip_same_tensors": identical,
                       "steps": results, "all_targets_met": ok}))
     return ok
 
@@ -396,7 +421,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="OMP_NUM_THREADS for every step (one process per step, so all "
                         "cores by default)")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of the three measured steps; the table shows each step's "
+                        help="rounds of the measured steps; the table shows each step's "
                         "best time and worst peak RSS")
     parser.add_argument("--workdir", help="directory for the checkpoints (a fresh temporary "
                         "directory inside it is used and removed); default: the system temp dir")
@@ -431,12 +456,14 @@ def main(argv: list[str]) -> int:
                        for n in os.listdir(spec["hf_dir"]) if n.endswith(".safetensors")]
         model_bytes = num_params(shape) * FP16_BYTES
         runs: dict[str, list[dict[str, Any]]] = {step: [] for step in STEPS}
+        load = [os.getloadavg()[0]]
         # Whole rounds, so that any drift of the machine affects every step alike.
         for round_ in range(args.repeat):
             if args.repeat > 1:
                 print(f"round {round_ + 1}/{args.repeat}")
             for step in STEPS:
-                for key in {"baseline": ("copy_dir",), "hf_to_megatron": ("ckpt_dir", "out_dir"),
+                for key in {"baseline": ("copy_dir",), "baseline_fsync": ("copy_dir",),
+                            "hf_to_megatron": ("ckpt_dir", "out_dir"),
                             "megatron_to_hf": ("out_dir",)}[step]:
                     shutil.rmtree(spec[key], ignore_errors=True)
                 runs[step].append(run_step(step, spec, workdir, args.threads))
@@ -445,11 +472,13 @@ def main(argv: list[str]) -> int:
         results = {step: {"seconds": min(r["seconds"] for r in rs),
                           "peak_rss": max(r["peak_rss"] for r in rs),
                           "rss_before": max(r["rss_before"] for r in rs),
+                          "helper_peak_rss": max(r["helper_peak_rss"] for r in rs),
                           "all_seconds": [r["seconds"] for r in rs]}
                    for step, rs in runs.items()}
+        load.append(os.getloadavg()[0])
         identical = same_tensors(spec["hf_dir"], spec["out_dir"])
         ok = report(shape, model_bytes, max(shard_sizes), len(shard_sizes), results, args.threads,
-                    identical)
+                    identical, load)
     finally:
         if args.keep:
             print(f"kept {workdir}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,7 +75,8 @@ def latest_iteration(root: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{path}: expected 'release' or an iteration number, got {text!r}")
+        raise ValueError(
+            f"{path}: expected 'release' or an iteration number, got {text!r}") from None
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -146,3 +148,70 @@ def load_model(root: str, model, iteration: int | str | None = None) -> None:
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {root} does not fit the model: missing {missing}, "
                            f"unexpected {unexpected}")
+
+
+def _sharded_tensors(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(path, ShardedTensor) for every ShardedTensor in nested dicts and lists."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(tree, ShardedTensor):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _sharded_tensors(value, (*path, key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _sharded_tensors(value, (*path, i))
+
+
+def load_model_in_place(root: str, model, iteration: int | str | None = None) -> None:
+    """Load weights straight into one model chunk's own tensors, at whatever TP/PP it was built
+    for. The same result as `load_model`, with less memory and time.
+
+    `load_model` lets Megatron-Core merge tensors it saves in parts (SwiGLU's linear_fc1 as its
+    gate and up halves: the merge concatenates them into a new tensor), then copies every tensor
+    into the model with load_state_dict. Here the factories that split such tensors are applied
+    first, so that each part is a view of the model's parameter and dist_checkpointing reads into
+    the model directly; a tensor is copied only where the loader did not fill the target itself.
+    Extra states (ShardedObjects) are not applied: only weights are.
+    """
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    # Recorded before loading: the loader replaces the ShardedTensors with what it read.
+    targets = [(path, sh.data) for path, sh in _sharded_tensors(sharded)]
+    _check_targets_cover(model, [t for _, t in targets], root)
+    loaded = load(root, {"model": sharded}, iteration)["model"]
+    with torch.no_grad():
+        for path, target in targets:
+            value: Any = loaded
+            for key in path:
+                value = value[key]
+            if value.shape != target.shape:
+                raise RuntimeError(f"checkpoint {root} does not fit the model: "
+                                   f"{'/'.join(map(str, path))} has shape {tuple(value.shape)}, "
+                                   f"the model {tuple(target.shape)}")
+            if value.data_ptr() != target.data_ptr():
+                target.copy_(value)
+
+
+def _check_targets_cover(model, targets: list[torch.Tensor], root: str) -> None:
+    """Every tensor of the model's state must be loaded into: the memory of each is covered by
+    the targets (views of the model's parameters, each contiguous) taken together."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                   for t in targets if t.is_contiguous())
+
+    def covered(start: int, end: int) -> bool:
+        for first, last in spans:  # sorted by start: a span starting later leaves a gap
+            if first > start:
+                break
+            start = max(start, last)
+        return start >= end
+
+    missing = [name for name, t in model.state_dict(keep_vars=True).items()
+               if isinstance(t, torch.Tensor) and not name.endswith("_extra_state") and t.numel()
+               and not covered(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())]
+    if missing:
+        raise RuntimeError(f"checkpoint {root} cannot be loaded into the model in place: the "
+                           f"model's sharded state does not cover {missing}")

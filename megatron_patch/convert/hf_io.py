@@ -124,12 +124,14 @@ def parse_size(size: int | str) -> int:
 def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]],
                              max_shard_size: int | str = "5GB", progress=None) -> list[str]:
     """Write tensors as save_pretrained does: model.safetensors, or numbered shards plus
-    model.safetensors.index.json. Each shard is written as soon as it is full."""
+    model.safetensors.index.json. Each shard is written as soon as it is full, so tensors should
+    come in the order save_pretrained writes them (the model's state-dict order, layer by layer)
+    for each shard to hold whole layers."""
     limit = parse_size(max_shard_size)
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
     written: list[tuple[str, list[str]]] = []
-    total = 0
+    total_size = total_parameters = 0
 
     def flush() -> None:
         nonlocal shard, shard_bytes
@@ -144,7 +146,8 @@ def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Te
             flush()
         shard[name] = tensor.contiguous()
         shard_bytes += size
-        total += size
+        total_size += size
+        total_parameters += tensor.numel()
         if progress is not None:
             progress.update(size)
     if shard or not written:
@@ -159,10 +162,11 @@ def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Te
         os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
         files.append(final)
         weight_map.update({n: final for n in names})
+    # transformers 5.x's layout: total_parameters as well as total_size, keys sorted.
+    index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
+             "weight_map": weight_map}
     with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                  f, indent=2)
-        f.write("\n")
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return files
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any
 
 import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
 from megatron_patch.convert import engine, hf_io
-from megatron_patch.convert.mapping import Dims, bind
+from megatron_patch.convert.mapping import Binding, Concat, Dims, bind
 from megatron_patch.models import (
     build_model,
     family_for,
@@ -61,7 +64,9 @@ def _single_process_model(args: ModelArgs, hf_config: dict[str, Any], dtype: tor
         raise RuntimeError("conversion runs in a single process; do not start it with torchrun")
     parallel.initialize(1, 1)
     config = transformer_config(args, params_dtype=dtype, perform_initialization=False)
-    return build_model(args, config, hf_config, padded_vocab_size=padded_vocab_size)
+    # The local implementation's parameter names are what the weight mappings describe.
+    return build_model(args, config, hf_config, padded_vocab_size=padded_vocab_size,
+                       transformer_impl="local")
 
 
 def _source_dtype(reader: hf_io.HFCheckpointReader, names: list[str]) -> torch.dtype:
@@ -74,6 +79,67 @@ def _source_dtype(reader: hf_io.HFCheckpointReader, names: list[str]) -> torch.d
 
 def _progress(total_bytes: int, desc: str) -> tqdm:
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=1.0)
+
+
+def _parts_by_parameter(params: dict[str, torch.Tensor],
+                        state: dict[str, Any]) -> dict[str, list[ShardedTensor]]:
+    """For each parameter, the ShardedTensors that save it, in storage order: one holding the
+    whole parameter or, where a factory has split it (SwiGLU's linear_fc1 into its gate and up
+    halves), one view per part. Found by storage: a part's data is a view of its parameter."""
+    owner = {p.untyped_storage().data_ptr(): name for name, p in params.items() if p.numel()}
+    parts: dict[str, list[ShardedTensor]] = {name: [] for name in params}
+    for sh in nested_values(state):
+        if isinstance(sh, ShardedTensor) and sh.data is not None:
+            name = owner.get(sh.data.untyped_storage().data_ptr())
+            if name is not None:
+                parts[name].append(sh)
+    if unsaved := sorted(n for n, found in parts.items() if not found and params[n].numel()):
+        raise engine.ConversionError(f"parameters missing from the model's checkpoint state (they "
+                                     f"would be converted, then lost): {unsaved}")
+    for found in parts.values():
+        found.sort(key=lambda sh: sh.data.storage_offset())
+    return parts
+
+
+def _stacks_into_parts(b: Binding, reader: hf_io.HFCheckpointReader,
+                       params: dict[str, torch.Tensor],
+                       parts: dict[str, list[ShardedTensor]]) -> bool:
+    """Whether `b` concatenates its HF tensors along dim 0 into a parameter that is saved in
+    exactly those pieces (row blocks of the same sizes, in the same order), so that each piece
+    can be saved from its HF tensor as it is, without building the concatenation."""
+    if type(b.transform).to_megatron is not Concat.to_megatron:
+        return False
+    param, pieces = params[b.megatron], parts[b.megatron]
+    if len(pieces) != len(b.hf) or not param.is_contiguous():
+        return False
+    offset = param.storage_offset()
+    for sh, name in zip(pieces, b.hf, strict=True):
+        view = sh.data
+        if (not view.is_contiguous() or view.storage_offset() != offset
+                or tuple(view.shape) != reader.shape(name) or view.shape[1:] != param.shape[1:]):
+            return False
+        offset += view.numel()
+    return offset == param.storage_offset() + param.numel()
+
+
+def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Give each ShardedTensor that saves `param` its part of the converted `tensor`."""
+    dense = None
+    for sh in pieces:
+        view = sh.data
+        if view.shape == param.shape and view.storage_offset() == param.storage_offset():
+            sh.data = tensor
+            continue
+        # A part: its view's strides and offset are the parameter's, which must be dense too.
+        if not param.is_contiguous():
+            raise engine.ConversionError(f"a part of a non-contiguous parameter: {sh.key}")
+        dense = tensor.contiguous() if dense is None else dense
+        # A copy of its own: Megatron-Core's writer clones every view before writing, all of them
+        # at once, while the whole tensors are still held.
+        sh.data = dense.as_strided(
+            view.shape, view.stride(),
+            dense.storage_offset() + view.storage_offset() - param.storage_offset(),
+        ).clone()
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
@@ -102,12 +168,27 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
               if not n.endswith("_extra_state")}
     engine.check_names(bindings, source=hf_names, target=params, direction="hf->megatron",
                        ignore=family.hf_ignore)
+    state = checkpoint.model_state(model)
+    # The checkpoint is written from `state`'s ShardedTensors, not from the model: each is given
+    # its converted tensor below, while the model's own parameters stay as allocated, never
+    # touched (so they take no memory). Memory-mapped input tensors go to the writer uncopied.
+    apply_factories(state)
+    parts = _parts_by_parameter(params, state)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     total = sum(p.numel() * dtype.itemsize for p in params.values())
+    direct: list[Binding] = []
+    rest: list[Binding] = []
+    for b in bindings:
+        (direct if _stacks_into_parts(b, reader, params, parts) else rest).append(b)
     with _progress(total, "hf->megatron") as bar:
-        for name, tensor in engine.hf_to_megatron(bindings, _dims(args, padded), reader.read,
-                                                  shapes):
-            params[name].data = tensor.to(dtype)
+        # Inputs that are exactly the parts a parameter is saved in are saved as they are, never
+        # concatenated (and then cut apart again by Megatron-Core's writer).
+        for b in direct:
+            for sh, name in zip(parts[b.megatron], b.hf, strict=True):
+                sh.data = reader.read(name).to(dtype)
+                bar.update(sh.data.numel() * dtype.itemsize)
+        for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes):
+            _fill_parts(parts[name], params[name], tensor.to(dtype))
             bar.update(tensor.numel() * dtype.itemsize)
     reader.close()
 
@@ -118,14 +199,21 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
         padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
     )
     checkpoint.write_meta(out_dir, meta)
-    checkpoint.save(out_dir, "release", checkpoint.model_state(model))
+    # (CRC-32 stays on: files with invalid zip checksums would be one torch release away from
+    # unreadable, for ~20% of this step's time.)
+    checkpoint.save(out_dir, "release", state)
     log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
     return meta
 
 
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "5GB",
                    iteration: int | str | None = None) -> list[str]:
-    """Export a Megatron-Core checkpoint (any iteration, any layout it was saved at) to HF."""
+    """Export a Megatron-Core checkpoint (any iteration, any layout it was saved at) to HF.
+
+    max_shard_size: the largest safetensors file, in decimal units as transformers reads it
+    ("5GB" is 5 * 10**9 bytes). The default "5GB" is transformers 4.x's save_pretrained
+    default; 5.x's is "50GB", which keeps models up to ~25B fp16 parameters in one file.
+    """
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not empty")
     meta = checkpoint.read_meta(ckpt_dir)
@@ -133,13 +221,14 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     family = family_for(hf_config)
     args = family.model_args(hf_config)
     model = _single_process_model(args, hf_config, meta.torch_dtype, meta.padded_vocab_size)
-    checkpoint.load_model(ckpt_dir, model, iteration)
+    checkpoint.load_model_in_place(ckpt_dir, model, iteration)
     state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
 
     bindings = bind(family.weights, hf_config, args.num_layers)
     expected_hf = hf_expected_shapes(hf_config)
     target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
     engine.check_names(bindings, source=state, target=target, direction="megatron->hf")
+    bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
 
     staging = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -156,6 +245,22 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
         os.rmdir(out_dir)
     os.replace(staging, out_dir)
     return files
+
+
+def _natural_key(name: str) -> tuple:
+    """'model.layers.10.x' sorts after 'model.layers.9.x'. (re.split with a group alternates
+    text and digits, so equal positions always hold the same type.)"""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name)))
+
+
+def _in_save_order(bindings: list[Binding], hf_order: list[str] | None) -> list[Binding]:
+    """The bindings in the order save_pretrained writes their tensors, so that each shard holds
+    whole layers: by the first place any of a binding's HF names has in `hf_order` (the HF
+    model's state-dict order, where transformers knows the model), else by layer, naturally."""
+    if hf_order is None:
+        return sorted(bindings, key=lambda b: min(_natural_key(n) for n in b.hf))
+    position = {name: i for i, name in enumerate(hf_order)}
+    return sorted(bindings, key=lambda b: min(position[n] for n in b.hf))
 
 
 def _ensure_generation_config(out_dir: str, hf_config: dict[str, Any]) -> None:
