@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="extra embedding rows before padding")
     convert.add_argument("--params-dtype", choices=["float32", "float16", "bfloat16"],
                          help="store weights in this dtype (default: the source's)")
-    convert.add_argument("--max-shard-size", default="5GB", help="HF safetensors shard size")
+    convert.add_argument("--max-shard-size", default="5GB",
+                         help="largest safetensors file, decimal units (default 5GB, "
+                              "transformers 4.x's save_pretrained default; 5.x uses 50GB)")
     convert.add_argument("--iteration", default=None,
                          help="export this iteration instead of the latest")
     convert.set_defaults(func=_convert)
