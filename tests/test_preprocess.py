@@ -287,22 +287,25 @@ def _big_input(path: str, lines: int) -> str:
     return _write_jsonl(path, [json.dumps({"text": f"{text} {i}"}) for i in range(lines)])
 
 
-def _run_main(argv: list[str]) -> None:
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the child exits, closing it)
+def _run_main(argv: list[str], log: str) -> None:
+    sys.stderr = open(log, "w", buffering=1)  # noqa: SIM115 (the child exits, closing it)
     sys.exit(pp.main(argv))
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_interrupted_run_leaves_no_dataset(assets, tmp_path, how):
     """A run killed mid-way (SIGKILL: no cleanup possible) leaves no .bin or .idx under the final
-    names; SIGTERM also removes its temporaries and exits 130."""
-    path = _big_input(str(tmp_path / "big.jsonl"), 100_000)
+    names; SIGTERM stops it at the next task (long before the end), removing its temporaries,
+    exit status 128 + 15."""
+    lines = 100_000
+    path = _big_input(str(tmp_path / "big.jsonl"), lines)
     out_dir = tmp_path / "out"
-    argv = ["--input", path, "--output-prefix", str(out_dir / "big"),
-            "--tokenizer-model", assets["hf"], "--workers", "2", "--log-interval", "0"]
+    log = str(tmp_path / "stderr.txt")
+    argv = ["--input", path, "--output-prefix", str(out_dir / "big"), "--tokenizer-model",
+            assets["hf"], "--workers", "2", "--batch-size", "500", "--log-interval", "500"]
     # A forked child of the test process: megatron and transformers are already imported, so
     # it is writing within a second, where a fresh interpreter would take several.
-    child = mp.get_context("fork").Process(target=_run_main, args=(argv,))
+    child = mp.get_context("fork").Process(target=_run_main, args=(argv, log))
     child.start()
     try:
         deadline = time.monotonic() + 60
@@ -326,8 +329,13 @@ def test_interrupted_run_leaves_no_dataset(assets, tmp_path, how):
         assert child.exitcode == -9
         assert any(".tmp-" in f for f in left), "expected the killed run's temporaries"
     else:
-        assert child.exitcode == 130, child.exitcode
+        with open(log) as f:
+            err = f.read()
+        assert child.exitcode == 143, (child.exitcode, err)
         assert left == [], f"SIGTERM left temporaries behind: {left}"
+        assert "stopped by SIGTERM; nothing written" in err, err
+        done = [int(line.split()[1]) for line in err.splitlines() if " docs, " in line]
+        assert done and done[-1] < lines // 2, f"did not stop at the next task: {done[-3:]}"
 
 
 def test_launcher_usage_on_wrong_argument_count(tmp_path):

@@ -21,8 +21,9 @@ Blank lines and empty documents are skipped and counted. Progress goes to stderr
 Output is written under temporary names (`<final name>.tmp-<pid>`) and renamed when complete:
 `.bin` first, `.idx` last, and an existing `.idx` of the same name is removed before either rename.
 So a dataset whose `.idx` exists is always complete, and an interrupted run never leaves one that
-looks complete. Temporaries are removed on errors, Ctrl-C and SIGTERM; only SIGKILL or a crash
-can leave `*.tmp-<pid>` files, which are safe to delete.
+looks complete. Ctrl-C or SIGTERM stops the run after the task in hand (a second one at once),
+exit status 128 + the signal number. Temporaries are removed on errors and interrupts; only
+SIGKILL or a crash can leave `*.tmp-<pid>` files, which are safe to delete.
 
 Flags follow Megatron-LM's tools/preprocess_data.py where one exists. Differences:
 
@@ -34,7 +35,7 @@ Flags follow Megatron-LM's tools/preprocess_data.py where one exists. Difference
 - EOD is appended by default (`--no-append-eod` turns it off); in Megatron-LM it is off unless
   `--append-eod` is given. `--append-eod` is accepted.
 - `--workers` defaults to 1. With 1 the work runs in this process; with N > 1 in N worker
-  processes, with identical output.
+  processes (JSON parsing and tokenizing; this process reads and writes), with identical output.
 - Not supported: `--split-sentences`, `--keep-newlines`, `--partitions`, `--lang`,
   `--keep-sequential-samples` (the output order is always the input order).
 - Added: `--skip-bad-lines`, `--batch-size` (lines per encoding batch and per task).
@@ -54,6 +55,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -107,6 +109,9 @@ class _SentencePieceTokenizer:
 def load_tokenizer(name_or_path: str, single_thread: bool = False) -> Any:
     """A sentencepiece `.model` file, else an HF tokenizer (directory or hub name). The result
     has `encode(texts) -> ids per text`, `eos_id` (None if absent) and `vocab_size`."""
+    if not os.path.exists(name_or_path) and name_or_path.startswith(("/", ".", "~")):
+        # Not a hub name either; transformers would say "Repo id must be in the form ...".
+        raise PreprocessError(f"tokenizer not found: {name_or_path}")
     try:
         if name_or_path.endswith(".model") and os.path.isfile(name_or_path):
             return _SentencePieceTokenizer(name_or_path, 1 if single_thread else None)
@@ -140,14 +145,24 @@ class _Result(NamedTuple):
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: str, json_key: str, append_eod: bool, dtype: type, in_child: bool,
-                 single_thread: bool) -> None:
-    if in_child:
-        # The parent alone handles Ctrl-C and SIGTERM (and then terminates the pool); a worker
-        # must die quietly on the pool's SIGTERM rather than inherit the parent's handler.
+def _exit_with(parent: int) -> None:
+    # A worker holds both ends of the executor's task queue, so it would wait for tasks forever
+    # once the parent is killed (SIGKILL, out of memory): it leaves when the parent is gone.
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _init_worker(tokenizer: str, json_key: str, append_eod: bool, dtype: type,
+                 parent: int | None = None) -> None:
+    """Load the tokenizer into this process. parent: the pid of the main process, in a worker."""
+    if parent is not None:
+        # Ctrl-C reaches every process of the group; the main process alone handles it (it
+        # stops at the next task boundary and shuts the workers down), so does SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    tok = load_tokenizer(tokenizer, single_thread)
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    tok = load_tokenizer(tokenizer, single_thread=parent is not None)
     _STATE.update(tokenizer=tok, json_key=json_key, dtype=dtype,
                   eos=tok.eos_id if append_eod else None)
 
@@ -163,7 +178,9 @@ def _encode_task(task: _Task) -> _Result:
             blank += 1
             continue
         try:
-            obj = json.loads(raw)  # bytes: json detects UTF-8/16/32; bad UTF-8 is a ValueError
+            # bytes: json detects UTF-8/16/32; bad UTF-8 is a ValueError. Without the newline,
+            # an unterminated string reads as such, not as an "invalid control character".
+            obj = json.loads(raw.rstrip(b"\r\n"))
         except ValueError as e:
             bad.append((number, f"bad JSON ({e}); expected one JSON object per line"))
             continue
@@ -209,27 +226,77 @@ def _read_tasks(files: list[str], batch_size: int) -> Iterator[_Task]:
 
 
 def _results(tasks: Iterator[_Task], workers: int, init_args: tuple) -> Iterator[_Result]:
-    """Encoded tasks, in input order."""
+    """Encoded tasks, in input order: in this process, or in a pool of worker processes."""
     if workers == 1:
-        _init_worker(*init_args, in_child=False, single_thread=False)
-        for task in tasks:
-            yield _encode_task(task)
+        _init_worker(*init_args)
+        try:
+            for task in tasks:
+                yield _encode_task(task)
+        finally:
+            _STATE.clear()  # the tokenizer is not needed after the run
         return
-    # fork: workers start in milliseconds and inherit the imported libraries. The parent has
-    # loaded a tokenizer but not encoded with it, so no tokenizers thread pool exists yet.
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else None)
-    with ctx.Pool(workers, _init_worker, (*init_args, True, True)) as pool:
-        # An ordered window of tasks in flight instead of pool.imap: imap's feeder thread reads
-        # the whole input ahead into memory when the workers are slower than the reader.
-        pending: deque = deque()
+    # A ProcessPoolExecutor rather than a multiprocessing.Pool: a worker that dies (killed for
+    # memory, say) makes it raise BrokenProcessPool where Pool waits forever, and Pool.terminate()
+    # can hang when workers are sending large results. fork: workers start in milliseconds and
+    # inherit the imported libraries (the parent loaded a tokenizer but has not encoded with it,
+    # so no tokenizers thread pool exists yet).
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(*init_args, os.getpid()))
+    try:
+        # An ordered window of tasks in flight rather than executor.map or Pool.imap, which
+        # read the whole input ahead into memory when the workers are slower than the reader.
+        pending: deque[Future] = deque()
         for task in tasks:
-            pending.append(pool.apply_async(_encode_task, (task,)))
+            pending.append(executor.submit(_encode_task, task))
             if len(pending) >= 2 * workers:
-                yield pending.pop().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
-    # Leaving the with block (also on an error or an interrupt) terminates the workers.
+            yield pending.popleft().result()
+    finally:
+        # Also on an error or an interrupt: drop the queued tasks, let each worker finish the
+        # one it is on, then exit. No signals, so no lock is left held by a killed worker.
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _StopOnSignal:
+    """Ctrl-C and SIGTERM make the run stop at the next task boundary (KeyboardInterrupt from
+    check()) instead of raising wherever the main thread is, which may be inside the executor's
+    bookkeeping. A second signal raises at once. Only in the main thread, where handlers live."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.pid = os.getpid()
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            return  # a worker just forked, before its initializer set its own handlers
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (Ctrl-C: SIGINT, or SIGTERM); nothing was written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
@@ -272,6 +339,26 @@ def _rates(docs: int, tokens: int, nbytes: int, seconds: float) -> str:
     s = max(seconds, 1e-9)
     return (f"{docs} docs, {tokens} tokens, {nbytes / 1e6:.1f} MB in {seconds:.1f} s: "
             f"{docs / s:.0f} docs/s, {tokens / s:.0f} tokens/s, {nbytes / 1e6 / s:.2f} MB/s")
+
+
+def _write(builder: Any, res: _Result, n: dict[str, int], skip_bad_lines: bool) -> None:
+    """Append one task's documents to the dataset and count them in n."""
+    for number, reason in res.bad:
+        where = f"{res.path}:{number}: {reason}"
+        if not skip_bad_lines:
+            raise PreprocessError(f"{where} (--skip-bad-lines skips such lines)")
+        if n["bad_lines"] < MAX_REPORTED_BAD_LINES:
+            print(f"preprocess: skipping {where}", file=sys.stderr)
+        n["bad_lines"] += 1
+    ends = np.cumsum(res.lengths)
+    for begin, end in zip(ends - res.lengths, ends, strict=True):
+        builder.add_document(res.tokens[begin:end], [int(end - begin)])
+    n["lines"] += res.lines
+    n["input_bytes"] += res.nbytes
+    n["documents"] += len(res.lengths)
+    n["tokens"] += len(res.tokens)
+    n["empty_documents"] += res.empty
+    n["blank_lines"] += res.blank
 
 
 def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer: str, *,
@@ -317,46 +404,35 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer: str, 
     builder = None
     tasks = _read_tasks(files, batch_size)
     results = _results(tasks, workers, (tokenizer, json_key, append_eod, dtype))
-    try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-        for res in results:
-            for number, reason in res.bad:
-                where = f"{res.path}:{number}: {reason}"
-                if not skip_bad_lines:
-                    raise PreprocessError(f"{where} (--skip-bad-lines skips such lines)")
-                if n["bad_lines"] < MAX_REPORTED_BAD_LINES:
-                    print(f"preprocess: skipping {where}", file=sys.stderr)
-                n["bad_lines"] += 1
-            ends = np.cumsum(res.lengths)
-            for begin, end in zip(ends - res.lengths, ends):
-                builder.add_document(res.tokens[begin:end], [end - begin])
-            n["lines"] += res.lines
-            n["input_bytes"] += res.nbytes
-            n["documents"] += len(res.lengths)
-            n["tokens"] += len(res.tokens)
-            n["empty_documents"] += res.empty
-            n["blank_lines"] += res.blank
-            if log_interval and n["documents"] >= next_log:
-                next_log += log_interval * ((n["documents"] - next_log) // log_interval + 1)
-                print("preprocess: " + _rates(n["documents"], n["tokens"], n["input_bytes"],
-                                              time.monotonic() - start), file=sys.stderr)
-        if n["documents"] == 0:
-            raise PreprocessError(f"no documents in {', '.join(files)}; nothing written")
-        builder.finalize(tmp_idx)
-        # Renamed only when complete. The .idx is what makes a dataset look complete, so an
-        # old one goes first and the new one comes last; fsync first so that holds after a
-        # machine crash too, not only after a killed process.
-        _fsync(tmp_bin)
-        _fsync(tmp_idx)
-        _remove(idx_path)
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    except BaseException:
-        results.close()  # terminates the worker pool now, not at garbage collection
-        if builder is not None:
-            builder.data_file.close()
-        _remove(tmp_bin, tmp_idx)
-        raise
+    with _StopOnSignal() as stop:
+        try:
+            builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+            for res in results:
+                stop.check()
+                _write(builder, res, n, skip_bad_lines)
+                if log_interval and n["documents"] >= next_log:
+                    next_log += log_interval * ((n["documents"] - next_log) // log_interval + 1)
+                    print("preprocess: " + _rates(n["documents"], n["tokens"], n["input_bytes"],
+                                                  time.monotonic() - start), file=sys.stderr)
+            if n["documents"] == 0:
+                raise PreprocessError(f"no documents in {', '.join(files)}; nothing written")
+            builder.finalize(tmp_idx)
+            # fsync, so that what the renames below promise also holds after a machine crash,
+            # not only after a killed process.
+            _fsync(tmp_bin)
+            _fsync(tmp_idx)
+            stop.check()
+            # Renamed only when complete. The .idx is what makes a dataset look complete, so
+            # an old one goes first and the new one comes last.
+            _remove(idx_path)
+            os.replace(tmp_bin, bin_path)
+            os.replace(tmp_idx, idx_path)
+        except BaseException:
+            results.close()  # shuts the worker processes down now, not at garbage collection
+            if builder is not None:
+                builder.data_file.close()
+            _remove(tmp_bin, tmp_idx)
+            raise
 
     seconds = time.monotonic() - start
     return dict(prefix=prefix, bin=bin_path, idx=idx_path, files=len(files),
@@ -403,30 +479,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip and count malformed lines instead of failing")
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run from parsed arguments. Bad input raises PreprocessError (a ValueError); an interrupt
-    (Ctrl-C, SIGTERM) removes the temporaries and returns 130."""
+    """Run from parsed arguments. Bad input raises PreprocessError (a ValueError). Ctrl-C or
+    SIGTERM stops the run, writing nothing, and returns 128 + the signal number."""
     if len(args.json_keys) != 1:
         raise PreprocessError(f"--json-keys takes one key, got {args.json_keys}")
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (from a scheduler, or kill) cleans up like Ctrl-C instead of leaving temporaries.
-        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer,
                              json_key=args.json_keys[0], append_eod=args.append_eod,
                              workers=args.workers, skip_bad_lines=args.skip_bad_lines,
                              batch_size=args.batch_size, log_interval=args.log_interval)
-    except KeyboardInterrupt:
-        print("preprocess: interrupted; nothing written", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"preprocess: stopped by {signal.Signals(signum).name}; nothing written",
+              file=sys.stderr)
+        return 128 + signum
     print(summary_line(summary), flush=True)
     return 0
 
