@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; other libraries' chatter (megatron-core's import notices) hidden.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron_patch").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

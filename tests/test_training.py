@@ -225,3 +225,24 @@ def _export_and_run(ckpt: str, out: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     return {"shape": list(model(torch.tensor([[1, 2, 3]])).logits.shape),
             "tokenizer_size": len(transformers.AutoTokenizer.from_pretrained(out))}
+
+
+def _mixed_precision(ckpt: str, data: str, flag: str) -> list[dict]:
+    from megatron_patch.training.loop import Trainer
+
+    extra = (flag, "--initial-loss-scale", "4096") if flag == "--fp16" else (flag,)
+    return Trainer(_args(ckpt, data, iters=8, lr=3e-3, extra=extra)).train()
+
+
+def test_bf16_and_fp16_with_dynamic_loss_scaling(llama_models, tmp_path):
+    data = str(tmp_path / "tokens")
+    harness.run(_make_dataset, 1, data)
+    ckpt = os.path.join(llama_models["llama2"], "mcore")
+    (bf16,) = harness.run(_mixed_precision, 1, ckpt, data, "--bf16")
+    (fp16,) = harness.run(_mixed_precision, 1, ckpt, data, "--fp16")
+    assert bf16[-1]["loss"] < bf16[0]["loss"] - 0.3, bf16
+    assert all(s["loss_scale"] == 1.0 for s in bf16)
+    # fp16: a dynamic scale that starts at 4096 and is halved on every overflow (hysteresis 2).
+    assert fp16[0]["loss_scale"] <= 4096 and not all(s["skipped"] for s in fp16), fp16
+    # The skipped (overflowing) first steps leave fewer updates: a smaller drop.
+    assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1, fp16

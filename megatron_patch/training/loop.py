@@ -102,8 +102,12 @@ class Trainer:
             raise ValueError("--fp8-format needs Transformer Engine on a GPU; this run has "
                              + ("no CUDA" if not torch.cuda.is_available() else "no TE"))
         if args.use_flash_attn:
-            raise ValueError("--use-flash-attn needs Transformer Engine on a GPU, which this "
-                             "build does not use yet; leave it off (attention is unfused)")
+            from megatron_patch.models.layers import transformer_engine_available
+
+            if not transformer_engine_available():
+                raise ValueError("--use-flash-attn needs Transformer Engine on a GPU (its fused "
+                                 "attention); without it attention runs unfused: leave it off")
+            args.transformer_impl = "transformer_engine"
         parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             seed=args.seed)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
