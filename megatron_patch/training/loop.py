@@ -99,8 +99,8 @@ class Trainer:
 
         self.args = args
         if args.fp8_format is not None:
-            raise ValueError("--fp8-format needs Transformer Engine on a GPU; this run has "
-                             + ("no CUDA" if not torch.cuda.is_available() else "no TE"))
+            raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
+                             "wired up in this version; use --bf16")
         if args.use_flash_attn:
             from megatron_patch.models.layers import transformer_engine_available
 
