@@ -174,7 +174,7 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.data.sft import render_prompt
+    from megatron_patch.data.sft import read_records, render_prompt, validate_prompt
     from megatron_patch.models import from_checkpoint
 
     if args.pipeline_model_parallel_size > 1:
@@ -184,7 +184,7 @@ def run(args) -> int:
     model, meta = from_checkpoint(args.load, params_dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))
-    records = _read_prompts(args.input_file)
+    records, _ = read_records(args.input_file, check=validate_prompt)
     params = sampling_params(args)
     eos = [tok.eos_token_id]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -208,27 +208,6 @@ def run(args) -> int:
         os.replace(tmp, args.output_file)
     parallel.destroy()
     return 0
-
-
-def _read_prompts(path: str) -> list[dict]:
-    import json
-
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not any(
-                    isinstance(record.get(k), str) for k in ("prompt", "query", "instruction")) \
-                    and not isinstance(record.get("messages"), list):
-                raise ValueError(f"{path}:{lineno}: needs a string `prompt`, `query` or "
-                                 "`instruction`, or `messages`")
-            records.append(record)
-    return records
 
 
 if __name__ == "__main__":

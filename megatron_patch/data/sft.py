@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +41,12 @@ class BadRecord(ValueError):
     pass
 
 
-def read_records(path: str, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """Records of a JSON list or JSON-lines file, in order; the first malformed one fails as
-    `file:line: reason` (or, with skip_bad, each is skipped and counted)."""
+def read_records(path: str, skip_bad: bool = False,
+                 check: Callable[[Any], str | None] | None = None) -> tuple[list[dict], int]:
+    """Records of a JSON list or JSON-lines file, in order; the first malformed one (bad JSON,
+    or what `check` objects to: training records by default) fails as `file:line: reason` (or,
+    with skip_bad, each is skipped and counted)."""
+    check = check or validate
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
@@ -61,7 +65,7 @@ def read_records(path: str, skip_bad: bool = False) -> tuple[list[dict], int]:
                     items.append((lineno, None, f"invalid JSON ({e.msg})"))
     records, bad = [], 0
     for lineno, record, problem in items:
-        problem = problem or validate(record)
+        problem = problem or check(record)
         if problem:
             if not skip_bad:
                 raise BadRecord(f"{where.format(lineno)}: {problem}")
@@ -92,6 +96,16 @@ def validate(record: Any) -> str | None:
     if not isinstance(record.get("input", ""), str):
         return "'input' must be a string"
     return None
+
+
+def validate_prompt(record: Any) -> str | None:
+    """What is wrong with a generation input (a prompt to complete), or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if any(isinstance(record.get(k), str) for k in ("prompt", "query", "instruction")) \
+            or isinstance(record.get("messages"), list):
+        return None
+    return "needs a string `prompt`, `query` or `instruction`, or `messages`"
 
 
 def to_messages(record: dict) -> list[dict[str, str]]:
