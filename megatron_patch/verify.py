@@ -47,9 +47,19 @@ def run_worker(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, meta.vocab_size, (args.batch_size, args.seq_length), generator=gen)
     out = forward_logits([model], tokens, meta.vocab_size)
-    if out is None or parallel_state.get_tensor_model_parallel_rank() != 0:
-        return 0
+    code = 0
+    if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        code = _compare_with_transformers(args, tokens, out)
+    # Every rank leaves the process group together: a rank exiting while another still uses
+    # gloo can abort ("terminate called without an active exception").
+    torch.distributed.barrier()
+    parallel.destroy()
+    return code
 
+
+def _compare_with_transformers(args: argparse.Namespace, tokens, out: dict) -> int:
+    """Run the HF model on the same tokens, print the JSON report, 0 if within tolerance."""
+    import torch
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
