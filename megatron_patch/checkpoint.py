@@ -140,16 +140,6 @@ def model_state(model) -> dict[str, Any]:
     return {"model": model.sharded_state_dict(), "checkpoint_version": 3.0}
 
 
-def load_model(root: str, model, iteration: int | str | None = None) -> None:
-    """Load weights into one model chunk, at whatever TP/PP it was built for."""
-    loaded = load(root, {"model": model.sharded_state_dict()}, iteration)
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {root} does not fit the model: missing {missing}, "
-                           f"unexpected {unexpected}")
-
-
 def _sharded_tensors(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     """(path, ShardedTensor) for every ShardedTensor in nested dicts and lists."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -164,13 +154,13 @@ def _sharded_tensors(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]
             yield from _sharded_tensors(value, (*path, i))
 
 
-def load_model_in_place(root: str, model, iteration: int | str | None = None) -> None:
+def load_model(root: str, model, iteration: int | str | None = None) -> None:
     """Load weights straight into one model chunk's own tensors, at whatever TP/PP it was built
-    for. The same result as `load_model`, with less memory and time.
+    for.
 
-    `load_model` lets Megatron-Core merge tensors it saves in parts (SwiGLU's linear_fc1 as its
-    gate and up halves: the merge concatenates them into a new tensor), then copies every tensor
-    into the model with load_state_dict. Here the factories that split such tensors are applied
+    Left to itself, Megatron-Core merges tensors it saves in parts (SwiGLU's linear_fc1 as its
+    gate and up halves: the merge concatenates them into a new tensor), and load_state_dict then
+    copies every tensor into the model. Here the factories that split such tensors are applied
     first, so that each part is a view of the model's parameter and dist_checkpointing reads into
     the model directly; a tensor is copied only where the loader did not fill the target itself.
     Extra states (ShardedObjects) are not applied: only weights are.

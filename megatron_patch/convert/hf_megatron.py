@@ -221,7 +221,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     family = family_for(hf_config)
     args = family.model_args(hf_config)
     model = _single_process_model(args, hf_config, meta.torch_dtype, meta.padded_vocab_size)
-    checkpoint.load_model_in_place(ckpt_dir, model, iteration)
+    checkpoint.load_model(ckpt_dir, model, iteration)
     state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
 
     bindings = bind(family.weights, hf_config, args.num_layers)
