@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from megatron_patch.models.spec import FamilySpec
 
 _FAMILIES: dict[str, FamilySpec] = {}
-_FAMILY_MODULES = ("llama",)
 
 
 def register(spec: FamilySpec) -> FamilySpec:
@@ -20,8 +20,11 @@ def register(spec: FamilySpec) -> FamilySpec:
 
 
 def _load() -> None:
-    for module in _FAMILY_MODULES:
-        importlib.import_module(f"megatron_patch.models.families.{module}")
+    """Import every module of `megatron_patch.models.families`: each registers its specs."""
+    from megatron_patch.models import families
+
+    for module in pkgutil.iter_modules(families.__path__):
+        importlib.import_module(f"{families.__name__}.{module.name}")
 
 
 def supported_architectures() -> list[str]:

@@ -1,0 +1,134 @@
+"""Every zoo family (tests/zoo/) against its oracle at each of its layouts, and round trips.
+
+Tolerance: fp32 on CPU. Megatron-Core and the oracles order floating-point reductions
+differently (fused QKV matmuls, vocab-parallel softmax, TP all-reduces, expert dispatch), which
+moves logits by ~1e-6; 1e-4 on logits and 1e-5 on the loss leave room for that and no more.
+Round trips are bit-exact: conversion only moves, splits and joins tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import harness
+import pytest
+import zoo
+from test_conversion import _compare_safetensors_dirs
+
+LOGITS_ATOL = 1e-4
+LOSS_ATOL = 1e-5
+BATCH, SEQ, TOKENS_SEED = 2, 32, 1234
+
+CASES = {c.name: c for c in zoo.all_cases()}
+LAYOUTS = sorted({layout for c in CASES.values() for layout in c.layouts})
+
+
+def _logits(output):
+    return output if hasattr(output, "dim") else output.logits
+
+
+def _prepare(root: str, names: list[str]) -> None:
+    """In a worker: each case's original-format checkpoint, oracle output, and conversion."""
+    import torch
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+
+    for name in names:
+        case = CASES[name]
+        hf_dir = os.path.join(root, name, "hf")
+        oracle = case.build()
+        gen = torch.Generator().manual_seed(TOKENS_SEED)
+        tokens = torch.randint(0, case.vocab_size, (BATCH, SEQ), generator=gen)
+        with torch.no_grad():
+            logits = _logits(oracle(input_ids=tokens)).float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+        os.makedirs(hf_dir, exist_ok=True)
+        (case.save or (lambda m, d: m.save_pretrained(d)))(oracle, hf_dir)
+        tiny.train_tokenizer(hf_dir)
+        torch.save({"tokens": tokens, "logits": logits, "loss": loss},
+                   os.path.join(root, name, "reference.pt"))
+        hf_to_megatron(hf_dir, os.path.join(root, name, "mcore"))
+
+
+@pytest.fixture(scope="session")
+def zoo_models(tmp_path_factory) -> dict[str, str]:
+    """case name -> directory holding hf/ (original format), mcore/ and reference.pt."""
+    root = str(tmp_path_factory.mktemp("zoo"))
+    harness.run(_prepare, 1, root, list(CASES))
+    return {name: os.path.join(root, name) for name in CASES}
+
+
+def _parity(dirs: dict[str, str], layout: zoo.Layout, save_root: str) -> dict[str, dict]:
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_patch import checkpoint, parallel
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(layout.tp, layout.pp, expert_model_parallel_size=layout.ep)
+    report = {}
+    for name, root in dirs.items():
+        ref = torch.load(os.path.join(root, "reference.pt"))
+        model, meta = from_checkpoint(os.path.join(root, "mcore"), sequence_parallel=layout.sp)
+        model.eval()
+        out = forward_logits([model], ref["tokens"], meta.vocab_size)
+        checkpoint.save(os.path.join(save_root, name), 7, checkpoint.model_state(model))
+        if out is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+            continue
+        delta = (out["logits"] - ref["logits"]).abs()
+        report[name] = {"max_abs": delta.max().item(), "loss_diff": abs(out["loss"] - ref["loss"]),
+                        "argmax_agree": (out["logits"].argmax(-1) == ref["logits"].argmax(-1))
+                        .float().mean().item()}
+    return report
+
+
+@pytest.fixture(scope="session")
+def resaved(tmp_path_factory) -> dict[tuple[str, str], str]:
+    """(layout id, case) -> a checkpoint saved by the model loaded at that layout."""
+    return {}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.id for lay in LAYOUTS])
+def test_logits_match_the_oracle(zoo_models, resaved, tmp_path, layout):
+    dirs = {n: d for n, d in zoo_models.items() if layout in CASES[n].layouts}
+    save_root = str(tmp_path / layout.id)
+    reports = harness.run(_parity, layout.world_size, dirs, layout, save_root)
+    merged = {k: v for r in reports for k, v in r.items()}
+    assert set(merged) == set(dirs), f"no report for {set(dirs) - set(merged)}"
+    bad = {n: r for n, r in merged.items()
+           if r["max_abs"] > LOGITS_ATOL or r["loss_diff"] > LOSS_ATOL or r["argmax_agree"] < 1}
+    assert not bad, bad
+    for name in dirs:
+        resaved[(layout.id, name)] = os.path.join(save_root, name)
+
+
+def _export_and_compare(jobs: list[tuple[str, str, str, str]]) -> dict[str, list[str]]:
+    from megatron_patch.convert.hf_megatron import megatron_to_hf
+
+    report = {}
+    for key, ckpt, original, out in jobs:
+        megatron_to_hf(ckpt, out)
+        report[key] = _compare_safetensors_dirs(original, out)
+    return report
+
+
+def test_round_trips_are_bit_exact(zoo_models, resaved, tmp_path):
+    """HF -> Megatron -> HF, directly and through every layout the parity tests loaded and
+    re-saved the model at (resharded by TP/PP/EP on load, merged again on export)."""
+    from megatron_patch import checkpoint
+
+    jobs = []
+    for name, root in zoo_models.items():
+        jobs.append((f"{name}/release", os.path.join(root, "mcore"), os.path.join(root, "hf"),
+                     str(tmp_path / name / "release")))
+        for (layout_id, case), ckpt in resaved.items():
+            if case == name and layout_id != zoo.Layout(1, 1).id:
+                checkpoint.copy_metadata(os.path.join(root, "mcore"), ckpt)
+                jobs.append((f"{name}/{layout_id}", ckpt, os.path.join(root, "hf"),
+                             str(tmp_path / name / layout_id)))
+    (report,) = harness.run(_export_and_compare, 1, jobs)
+    assert set(report) == {j[0] for j in jobs}
+    assert all(not diff for diff in report.values()), report
