@@ -96,6 +96,7 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         window_size=window,
+        rotary_interleaved=args.rotary_interleaved,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel and tp > 1,
@@ -155,7 +156,9 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
     )
     if args.position_embedding_type == "rope":
         rotary_dim = int(args.kv_channels * args.rotary_percent)
-        model.rotary_pos_emb.inv_freq = rope.inv_freq(hf_config, rotary_dim).to(
+        family = family_for(hf_config)
+        params = (family.rope_parameters or rope.rope_parameters)(hf_config)
+        model.rotary_pos_emb.inv_freq = rope.inv_freq(params, rotary_dim).to(
             model.rotary_pos_emb.inv_freq.device
         )
     return model

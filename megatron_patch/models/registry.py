@@ -8,14 +8,17 @@ from typing import Any
 
 from megatron_patch.models.spec import FamilySpec
 
-_FAMILIES: dict[str, FamilySpec] = {}
+_FAMILIES: dict[str, list[FamilySpec]] = {}
 
 
 def register(spec: FamilySpec) -> FamilySpec:
     for arch in spec.architectures:
-        if arch in _FAMILIES and _FAMILIES[arch] is not spec:
-            raise ValueError(f"architecture {arch} is registered twice")
-        _FAMILIES[arch] = spec
+        specs = _FAMILIES.setdefault(arch, [])
+        if any(s.name == spec.name for s in specs):
+            continue  # a module imported twice
+        if specs and (spec.applies is None or any(s.applies is None for s in specs)):
+            raise ValueError(f"architecture {arch} is registered twice without `applies`")
+        specs.append(spec)
     return spec
 
 
@@ -38,7 +41,11 @@ def family_for(hf_config: dict[str, Any]) -> FamilySpec:
     archs = hf_config.get("architectures") or []
     for arch in archs:
         if arch in _FAMILIES:
-            return _FAMILIES[arch]
+            specs = [s for s in _FAMILIES[arch] if s.applies is None or s.applies(hf_config)]
+            if len(specs) != 1:
+                raise ValueError(f"config.json ({arch}) matches {len(specs)} model specs "
+                                 f"({[s.name for s in _FAMILIES[arch]]}); expected one")
+            return specs[0]
     raise ValueError(
         f"config.json architectures {archs} is not supported; supported: "
         + ", ".join(supported_architectures())

@@ -23,8 +23,8 @@ def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def inv_freq(hf_config: dict[str, Any], rotary_dim: int) -> torch.Tensor:
-    params = rope_parameters(hf_config)
+def inv_freq(params: dict[str, Any], rotary_dim: int) -> torch.Tensor:
+    """Frequencies for `params` as `rope_parameters` returns them."""
     base = float(params["rope_theta"])
     freqs = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     kind = params["rope_type"]

@@ -57,6 +57,24 @@ class ModelArgs:
     sliding_window: int | None = None
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # Rotary on interleaved pairs (x0, x1), (x2, x3)... instead of halves (GLM).
+    rotary_interleaved: bool = False
+    # Pieces Megatron-Core lacks, added by megatron_patch (models/layers.py, models/gpt.py).
+    # position_embedding_type may also be "learned_absolute", "alibi" or "none".
+    position_offset: int = 0  # learned positions start at this row (OPT: 2)
+    embedding_norm: bool = False  # a norm right after the word embeddings (BLOOM)
+    parallel_attention: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) (Falcon)
+    parallel_attention_norms: int = 1  # 1: attention and MLP share the input norm; 2: one each
+    norm_head: bool = False  # output-layer rows L2-normalised in every forward (Baichuan2)
+    # Mixture of experts (Megatron-Core's MoE layer); None: a dense MLP.
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    # Softmax over all experts, then top-k (Qwen2-MoE without norm_topk_prob); else top-k
+    # logits, then softmax over those (Mixtral).
+    moe_router_pre_softmax: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,12 @@ class FamilySpec:
     hf_ignore: tuple[str, ...] = ()
     # Values a config must have for this spec to be exact; anything else is refused.
     requires: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
+    # Where several specs share an HF architecture (Baichuan: RoPE or ALiBi), the config
+    # decides: exactly one registered spec must apply to it.
+    applies: Callable[[dict[str, Any]], bool] | None = None
+    # The rotary parameters (rope_theta, rope_type, scaling) of a config, for families whose
+    # config.json names them differently from Llama's.
+    rope_parameters: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def model_args(self, hf_config: dict[str, Any]) -> ModelArgs:
         for key, ok in self.requires.items():
