@@ -107,7 +107,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
             if query > 1:
                 mask = mask | torch.ones(query, length, dtype=torch.bool,
                                          device=device).triu(1)
-            positions = torch.arange(length - query, length, device=device).expand(batch, -1)
+            # Each prompt's first real token is position 0, as in transformers (left padding
+            # would otherwise shift learned absolute positions and ALiBi distances).
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, length - query:]
             logits = model(step_tokens, positions, mask, inference_context=context,
                            runtime_gather_output=True)
             context.sequence_len_offset += query
