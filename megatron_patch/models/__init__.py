@@ -154,6 +154,10 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
         rotary_percent=args.rotary_percent,
         vp_stage=vp_stage,
     )
+    if not cpu_mode.is_enabled():
+        # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved
+        # with it, as Megatron-LM's get_model does.
+        model.cuda(torch.cuda.current_device())
     if args.position_embedding_type == "rope":
         rotary_dim = int(args.kv_channels * args.rotary_percent)
         family = family_for(hf_config)

@@ -92,8 +92,12 @@ def microbatches(dataset, consumed_samples: int, micro_batch_size: int, num_micr
     exactly the samples it would have read, and the same global batch is seen whatever the DP
     size: each microbatch step takes `micro_batch_size * dp_size` consecutive samples.
     """
+    from megatron_patch import cpu_mode
+
+    device = cpu_mode.device()
     step = micro_batch_size * dp_size
     for m in range(num_microbatches):
         start = consumed_samples + m * step + dp_rank * micro_batch_size
         samples = [dataset[(start + i) % len(dataset)] for i in range(micro_batch_size)]
-        yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        yield {k: torch.stack([s[k] for s in samples]).to(device, non_blocking=True)
+               for k in samples[0]}

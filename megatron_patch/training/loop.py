@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from megatron_patch import checkpoint, parallel
+from megatron_patch import checkpoint, cpu_mode, parallel
 from megatron_patch.forward import masked_vocab_parallel_cross_entropy
 from megatron_patch.models import (
     build_model,
@@ -288,7 +288,7 @@ class Trainer:
         """Token-weighted mean loss of the global batch, made known to every rank."""
         from megatron.core import parallel_state
 
-        total = torch.zeros(2)
+        total = torch.zeros(2, device=cpu_mode.device())
         for out in outputs:
             total += out["lm loss"].float()
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
