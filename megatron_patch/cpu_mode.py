@@ -10,6 +10,7 @@ written against. Nothing is changed when CUDA is present, unless MEGATRON_PATCH_
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import queue
 import warnings
@@ -146,7 +147,15 @@ def enable() -> None:
     mcore_random._set_cuda_rng_state = (
         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     )
+    # The tracker's fork() warns when the CPU generator moves inside a "GPU" RNG context: with
+    # the CPU generator standing in for the GPU's, it always does (each dropout, each init).
+    logging.getLogger(mcore_random.__name__).addFilter(_NotRngContextWarning())
     _enabled = True
+
+
+class _NotRngContextWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 def enable_in_process_checkpoint_queue() -> None:

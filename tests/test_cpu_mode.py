@@ -79,3 +79,19 @@ def test_wanted_follows_environment(monkeypatch):
     import torch
 
     assert cpu_mode.wanted() == (not torch.cuda.is_available())
+
+
+def test_rng_context_warning_is_filtered_and_others_are_not(caplog):
+    """CPU mode drops megatron's 'CPU RNG state changed' warning (always true there), only it."""
+    import logging
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from megatron_patch import cpu_mode
+
+    assert cpu_mode.is_enabled()
+    logger = logging.getLogger(mcore_random.__name__)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("CPU RNG state changed within GPU RNG context")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
