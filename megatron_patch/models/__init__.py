@@ -154,6 +154,10 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
         rotary_percent=args.rotary_percent,
         vp_stage=vp_stage,
     )
+    if args.norm_head and post_process:
+        from megatron_patch.models.norm_head import NormHeadLinear
+
+        NormHeadLinear.adopt(model.output_layer)
     if args.position_embedding_type == "rope":
         rotary_dim = int(args.kv_channels * args.rotary_percent)
         family = family_for(hf_config)
