@@ -7,8 +7,9 @@ w2 is the gate, w1 the up projection, and config.json's intermediate_size is twi
 Config keys with no effect here, by the public modeling code: `use_dynamic_ntk` and
 `use_logn_attn` act only in inference beyond `seq_length` tokens (NTK-scaled RoPE base, log-n
 query scaling) and never in training; within `seq_length` both are the identity, which is what
-the Megatron model computes at any length. `use_flash_attn`, `bf16`/`fp16`/`fp32` and
-`scale_attn_weights` (always on) choose kernels and dtypes, not the function.
+the Megatron model computes at any length. `use_flash_attn`, `bf16`/`fp16`/`fp32`,
+`softmax_in_fp32`, `use_cache_quantization` (the inference KV cache) and `scale_attn_weights`
+(always on) choose kernels, dtypes and caching, not the function.
 """
 
 from __future__ import annotations
