@@ -92,6 +92,28 @@ class FuseQKV(Transform):
         return [t.reshape(-1, *rest).contiguous() for t in (q, k, v)]
 
 
+class ConcatQKV(Transform):
+    """One HF tensor holding [all query heads; all key heads; all value heads] (Qwen v1 c_attn,
+    Baichuan W_pack, ChatGLM query_key_value) <-> Megatron's per-group fused linear_qkv.
+    Works for weights and biases, with any number of KV groups (GQA/MQA)."""
+
+    def _sizes(self, dims: Dims) -> list[int]:
+        d = dims.kv_channels
+        return [dims.num_attention_heads * d, dims.num_query_groups * d,
+                dims.num_query_groups * d]
+
+    def to_megatron(self, hf, dims):
+        (fused,) = hf
+        sizes = self._sizes(dims)
+        if fused.shape[0] != sum(sizes):
+            raise ValueError(f"fused q;k;v has {fused.shape[0]} rows, expected {sum(sizes)} "
+                             f"(q {sizes[0]}, k {sizes[1]}, v {sizes[2]})")
+        return FuseQKV().to_megatron(list(fused.split(sizes, dim=0)), dims)
+
+    def to_hf(self, megatron, dims):
+        return [torch.cat(FuseQKV().to_hf(megatron, dims), dim=0)]
+
+
 class Concat(Transform):
     """Several HF tensors stacked along dim 0 (e.g. SwiGLU [gate; up] into linear_fc1)."""
 
@@ -114,6 +136,7 @@ TRANSFORMS: dict[str, Transform] = {
     "copy": Copy(),
     "vocab": Vocab(),
     "qkv": FuseQKV(),
+    "qkv_concat": ConcatQKV(),
     "gate_up": GateUp(),
 }
 

@@ -154,6 +154,10 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
         rotary_percent=args.rotary_percent,
         vp_stage=vp_stage,
     )
+    if args.norm_head and post_process:
+        from megatron_patch.models.norm_head import NormHeadLinear
+
+        NormHeadLinear.adopt(model.output_layer)
     if not cpu_mode.is_enabled():
         # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved
         # with it, as Megatron-LM's get_model does.

@@ -17,15 +17,20 @@ class ConfigField:
     """One HF config.json key <-> one model argument.
 
     `default` is used when the HF key is absent: a value, or a function of the HF config.
+    `to_megatron` / `to_hf` convert a value whose units differ between the two sides (Qwen v1's
+    intermediate_size is twice the MLP width); a default is already in Megatron's units.
     """
 
     hf: str
     megatron: str
     default: Any = _MISSING
+    to_megatron: Callable[[Any], Any] | None = None
+    to_hf: Callable[[Any], Any] | None = None
 
     def read(self, hf_config: dict[str, Any]) -> Any:
         if self.hf in hf_config and hf_config[self.hf] is not None:
-            return hf_config[self.hf]
+            value = hf_config[self.hf]
+            return value if self.to_megatron is None else self.to_megatron(value)
         if self.default is _MISSING:
             raise KeyError(f"config.json has no {self.hf!r}, which {self.megatron} needs")
         return self.default(hf_config) if callable(self.default) else self.default
@@ -96,8 +101,12 @@ class FamilySpec:
     # The rotary parameters (rope_theta, rope_type, scaling) of a config, for families whose
     # config.json names them differently from Llama's.
     rope_parameters: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Checks `requires` cannot state (several keys, absent keys): raises ValueError naming them.
+    validate: Callable[[dict[str, Any]], None] | None = None
 
     def model_args(self, hf_config: dict[str, Any]) -> ModelArgs:
+        if self.validate is not None:
+            self.validate(hf_config)
         for key, ok in self.requires.items():
             if key in hf_config and not ok(hf_config[key]):
                 raise ValueError(
@@ -108,7 +117,8 @@ class FamilySpec:
 
     def hf_config_updates(self, args: ModelArgs) -> dict[str, Any]:
         """The reverse direction: HF config.json entries for a model built from Megatron args."""
-        return {f.hf: getattr(args, f.megatron) for f in self.config_fields}
+        return {f.hf: getattr(args, f.megatron) if f.to_hf is None else f.to_hf(
+            getattr(args, f.megatron)) for f in self.config_fields}
 
 
 def head_dim(hf_config: dict[str, Any]) -> int:

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_patch.convert.mapping import Rule
+from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_REQUIRES, LLAMA_WEIGHTS
+from megatron_patch.models.registry import register
+from megatron_patch.models.spec import ConfigField, FamilySpec
+
 BAICHUAN2_VOCAB_SIZE = 125696
 
 
@@ -34,3 +39,36 @@ def uses_norm_head(hf_config: dict[str, Any]) -> bool:
     if explicit is not None:
         return bool(explicit)
     return hf_config.get("vocab_size") == BAICHUAN2_VOCAB_SIZE
+
+
+# Llama with q, k and v fused as [q; k; v] in one W_pack (multi-head attention, no biases).
+W_PACK = Rule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
+              "model.layers.{layer}.self_attn.W_pack.weight", "qkv_concat")
+BAICHUAN_WEIGHTS = tuple(
+    W_PACK if r.megatron == W_PACK.megatron else r for r in LLAMA_WEIGHTS
+)
+BAICHUAN_CONFIG = LLAMA_CONFIG + (
+    # NormHead (Baichuan2): the raw lm_head rows are kept, and normalised in every forward.
+    ConfigField("norm_head", "norm_head", uses_norm_head),
+)
+BAICHUAN_REQUIRES = {
+    "hidden_act": LLAMA_REQUIRES["hidden_act"],
+    # lm_head is its own tensor in every Baichuan model; NormHead needs it untied.
+    "tie_word_embeddings": lambda v: not v,
+    # Baichuan2's training-only auxiliary loss on the logits; Megatron's loss has no such term.
+    "z_loss_weight": lambda v: v == 0,
+}
+
+BAICHUAN_ROPE = register(
+    FamilySpec(
+        name="baichuan",
+        # Baichuan-7B (BaiChuan...) and Baichuan2-7B (Baichuan...): RoPE.
+        architectures=("BaiChuanForCausalLM", "BaichuanForCausalLM"),
+        config_fields=BAICHUAN_CONFIG,
+        constants={},
+        weights=BAICHUAN_WEIGHTS,
+        hf_ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+        requires=BAICHUAN_REQUIRES,
+        applies=lambda c: not uses_alibi(c),
+    )
+)

@@ -1,0 +1,86 @@
+"""StarCoder2 (`Starcoder2ForCausalLM`): pre-norm LayerNorm (with bias) decoder, GQA, RoPE,
+sliding-window attention, biases on every linear layer, a GELU(tanh) MLP without gate, output
+layer tied to the embedding by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_patch.convert.mapping import Rule
+from megatron_patch.models.registry import register
+from megatron_patch.models.spec import ConfigField, FamilySpec, head_dim
+
+_L = "model.layers.{layer}"
+_M = "decoder.layers.{layer}"
+
+
+def _bias(cfg: dict[str, Any]) -> bool:
+    return cfg.get("use_bias", True)
+
+
+def _untied(cfg: dict[str, Any]) -> bool:
+    return not cfg.get("tie_word_embeddings", True)
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    # Megatron has one hidden_dropout, used after the embedding and on both residual branches.
+    emb, res = cfg.get("embedding_dropout", 0.0), cfg.get("residual_dropout", 0.0)
+    if emb != res:
+        raise ValueError(f"starcoder2: config.json embedding_dropout={emb!r} differs from "
+                         f"residual_dropout={res!r}; Megatron applies one hidden_dropout to both")
+
+
+def _norm(megatron: str, hf: str) -> tuple[Rule, ...]:
+    return (Rule(f"{megatron}.weight", f"{hf}.weight"), Rule(f"{megatron}.bias", f"{hf}.bias"))
+
+
+def _linear(megatron: str, hf: str) -> tuple[Rule, ...]:
+    return (Rule(f"{megatron}.weight", f"{hf}.weight"),
+            Rule(f"{megatron}.bias", f"{hf}.bias", when=_bias))
+
+
+_ATTN = f"{_L}.self_attn"
+
+STARCODER2 = register(
+    FamilySpec(
+        name="starcoder2",
+        architectures=("Starcoder2ForCausalLM",),
+        config_fields=(
+            ConfigField("num_hidden_layers", "num_layers"),
+            ConfigField("hidden_size", "hidden_size"),
+            ConfigField("intermediate_size", "ffn_hidden_size"),
+            ConfigField("num_attention_heads", "num_attention_heads"),
+            ConfigField("num_key_value_heads", "num_query_groups",
+                        lambda c: c["num_attention_heads"]),
+            ConfigField("head_dim", "kv_channels", head_dim),
+            ConfigField("vocab_size", "vocab_size"),
+            ConfigField("max_position_embeddings", "max_sequence_length", 4096),
+            ConfigField("norm_epsilon", "layernorm_epsilon", 1e-5),
+            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", True),
+            ConfigField("sliding_window", "sliding_window", None),
+            ConfigField("use_bias", "add_bias_linear", True),
+            ConfigField("attention_dropout", "attention_dropout", 0.0),
+            ConfigField("residual_dropout", "hidden_dropout", 0.0),
+        ),
+        constants={"normalization": "LayerNorm", "activation": "gelu_tanh",
+                   "gated_linear_unit": False},
+        weights=(
+            Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab"),
+            *_norm(f"{_M}.input_layernorm", f"{_L}.input_layernorm"),
+            Rule(f"{_M}.self_attention.linear_qkv.weight",
+                 (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight"),
+                 "qkv"),
+            Rule(f"{_M}.self_attention.linear_qkv.bias",
+                 (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
+                 "qkv", when=_bias),
+            *_linear(f"{_M}.self_attention.linear_proj", f"{_ATTN}.o_proj"),
+            *_norm(f"{_M}.pre_mlp_layernorm", f"{_L}.post_attention_layernorm"),
+            *_linear(f"{_M}.mlp.linear_fc1", f"{_L}.mlp.c_fc"),
+            *_linear(f"{_M}.mlp.linear_fc2", f"{_L}.mlp.c_proj"),
+            *_norm("decoder.final_layernorm", "model.norm"),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=_untied),
+        ),
+        requires={"hidden_act": lambda v: v == "gelu_pytorch_tanh"},
+        validate=_validate,
+    )
+)
