@@ -109,6 +109,7 @@ class Trainer:
                                  "attention); without it attention runs unfused: leave it off")
             args.transformer_impl = "transformer_engine"
         parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            expert_model_parallel_size=args.expert_model_parallel_size,
                             seed=args.seed)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -168,7 +169,8 @@ class Trainer:
             self.meta = checkpoint.CheckpointMeta("LlamaForCausalLM", vocab, padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         self.vocab_size = self.meta.vocab_size
-        check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp)
+        check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp,
+                     ep=args.expert_model_parallel_size)
 
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         overrides: dict[str, Any] = dict(
