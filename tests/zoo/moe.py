@@ -44,6 +44,12 @@ CASES = [
     Case("mixtral", routed(native("MixtralForCausalLM", **TINY, intermediate_size=96,
                                   num_local_experts=4, sliding_window=None)),
          layouts=MOE),
+    # Mixtral 8x7B v0.1 first shipped sliding_window=4096: a window shorter than the test's
+    # sequence (32), so that it matters.
+    Case("mixtral_sliding", routed(native("MixtralForCausalLM", seed=2, **TINY,
+                                          intermediate_size=96, num_local_experts=4,
+                                          sliding_window=16)),
+         layouts=MOE),
     # Qwen1.5-MoE: softmax over all experts, top-k probabilities not renormalised; a shared
     # expert behind a sigmoid gate; q/k/v biases; expert and shared sizes differ.
     Case("qwen2_moe", routed(native("Qwen2MoeForCausalLM", **TINY, intermediate_size=96,
