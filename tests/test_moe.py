@@ -152,3 +152,28 @@ def test_converter_accounts_for_every_expert(mixtral):
     assert "missing from the source" in err and missing in err, err
     (err,) = harness.run(_convert_with, 1, mixtral, None, {"num_local_experts": 3})
     assert "no rule consumes" in err and "experts.3.w1.weight" in err, err
+
+
+def test_bind_expands_every_expert_and_refuses_one_sided_placeholders():
+    from megatron_patch.convert.mapping import Rule, bind
+
+    rule = Rule("l.{layer}.e.{expert}.w", "h.{layer}.x.{expert}.w")
+    bound = bind((rule,), {}, num_layers=2, num_experts=3)
+    assert [(b.megatron, b.hf) for b in bound] == [
+        (f"l.{i}.e.{e}.w", (f"h.{i}.x.{e}.w",)) for i in range(2) for e in range(3)]
+    with pytest.raises(ValueError, match="appear on one side only"):
+        bind((Rule("l.{layer}.e.w", "h.{layer}.x.{expert}.w"),), {}, 2, 3)
+    with pytest.raises(ValueError, match="has no experts"):
+        bind((rule,), {}, 2, None)
+
+
+def test_qwen2_moe_without_qkv_bias():
+    from megatron_patch.convert.mapping import bind
+    from megatron_patch.models import family_for
+
+    for bias in (True, False):
+        config = _qwen2_moe_config(qkv_bias=bias)
+        family = family_for(config)
+        names = [b.megatron for b in bind(family.weights, config, 4, 4)]
+        assert family.model_args(config).add_qkv_bias is bias
+        assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) is bias
