@@ -177,3 +177,17 @@ def test_qwen2_moe_without_qkv_bias():
         names = [b.megatron for b in bind(family.weights, config, 4, 4)]
         assert family.model_args(config).add_qkv_bias is bias
         assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) is bias
+
+
+def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(mixtral, tmp_path):
+    ckpt, data = os.path.join(mixtral, "mcore"), os.path.join(mixtral, "tokens")
+    save = str(tmp_path / "run")
+    straight = harness.run(_train, 2, ckpt, data, iters=8, extra=_ep_flags(2))[0]
+    first = harness.run(_train, 2, ckpt, data, iters=8, save=save,
+                        extra=_ep_flags(2) + ("--exit-interval", "4"))[0]
+    second = harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(2))[0]
+    assert first + second == straight
+    with pytest.raises(AssertionError, match="saved at --expert-model-parallel-size 2"):
+        harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(1))
+    # Weights alone do reshard across EP.
+    harness.run(_train, 2, save, data, iters=6, extra=_ep_flags(1) + ("--no-load-optim",))
