@@ -56,7 +56,8 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
         sizes.append(("intermediate_size", args.ffn_hidden_size))
     else:
         # Experts are split over TP too (expert tensor parallel size = TP).
-        sizes.append(("expert intermediate size", args.moe_ffn_hidden_size))
+        sizes.append(("expert intermediate size (moe_intermediate_size; Mixtral: "
+                      "intermediate_size)", args.moe_ffn_hidden_size))
         if args.moe_shared_expert_intermediate_size:
             sizes.append(("shared expert intermediate size",
                           args.moe_shared_expert_intermediate_size))
