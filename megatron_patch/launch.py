@@ -70,13 +70,24 @@ def parallel_flags(v: dict[str, str]) -> list[str]:
     return flags
 
 
-def torchrun_prefix(env: str, tp: int, pp: int) -> list[str]:
-    """dsw: one node, every local device (CPU: TP x PP processes). dlc: a multi-node job whose
-    WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR and MASTER_PORT come from the platform."""
+def expert_parallel_size(extra: list[str]) -> int:
+    """--expert-model-parallel-size among the extra flags (MoE models), else 1."""
+    for i, flag in enumerate(extra):
+        if flag == "--expert-model-parallel-size" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if flag.startswith("--expert-model-parallel-size="):
+            return int(flag.split("=", 1)[1])
+    return 1
+
+
+def torchrun_prefix(env: str, tp: int, pp: int, ep: int = 1) -> list[str]:
+    """dsw: one node, every local device (CPU: TP x PP x EP processes). dlc: a multi-node job
+    whose WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR and MASTER_PORT come from the
+    platform."""
     import torch
 
     local = int(os.environ.get("NPROC_PER_NODE") or os.environ.get("GPUS_PER_NODE")
-                or torch.cuda.device_count() or tp * pp)
+                or torch.cuda.device_count() or tp * pp * ep)
     run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={local}"]
     if env == "dsw":
         return run + ["--standalone"]
@@ -120,7 +131,7 @@ def pretrain_command(argv: list[str]) -> list[str]:
         "--train-tokens", v["TRAIN_TOKENS"], "--lr-warmup-tokens", v["WARMUP_TOKENS"],
         "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
     ] + parallel_flags(v) + extra
-    return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]))
+    return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
             + ["-m", "megatron_patch.training.loop"] + flags)
 
 
@@ -142,7 +153,7 @@ def finetune_command(argv: list[str]) -> list[str]:
     ] + parallel_flags(v) + extra
     if v["VALID_DATASET_PATH"] not in ("", "none"):
         flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval", "100"]
-    return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]))
+    return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
             + ["-m", "megatron_patch.training.loop"] + flags)
 
 

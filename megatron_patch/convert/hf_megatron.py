@@ -48,8 +48,14 @@ def hf_expected_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]] 
     config = config_cls.from_dict(hf_config)
     with torch.device("meta"):
         model = cls(config)
+    state = model.state_dict(keep_vars=True)
+    # transformers 5 fuses some weights in memory (MoE experts into one 3-D tensor) and
+    # save_pretrained splits them back into the checkpoint's names: expect those.
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = revert_weight_conversion(model, state)
     shapes, seen = {}, set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         if id(tensor) in seen:  # tied weights are saved once
             continue
         seen.add(id(tensor))
@@ -152,7 +158,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     padded = pad_vocab_size(args.vocab_size + extra_vocab_size,
                             make_vocab_size_divisible_by * tensor_model_parallel_size)
     reader = hf_io.HFCheckpointReader(hf_dir)
-    bindings = bind(family.weights, hf_config, args.num_layers)
+    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
     # Name accounting on the HF side first: it needs no model.
     engine.check_names(bindings, source=hf_names,
@@ -224,7 +230,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     checkpoint.load_model(ckpt_dir, model, iteration)
     state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
 
-    bindings = bind(family.weights, hf_config, args.num_layers)
+    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     expected_hf = hf_expected_shapes(hf_config)
     target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
     engine.check_names(bindings, source=state, target=target, direction="megatron->hf")

@@ -1,7 +1,8 @@
 """Declarative weight mappings between Hugging Face and Megatron-Core tensor names.
 
 A family lists `Rule`s: a Megatron-Core name pattern, the HF name pattern(s) it comes from, and
-the kind of transform between them. `{layer}` in a pattern stands for the decoder layer index.
+the kind of transform between them. `{layer}` in a pattern stands for the decoder layer index and
+`{expert}` for the (global) expert index of a mixture-of-experts layer.
 Rules describe the unsharded (TP=1, PP=1) model; sharding for any TP/PP/EP is left to
 Megatron-Core's own `sharded_state_dict`, so a mapping can never disagree with how megatron
 splits a tensor.
@@ -9,6 +10,7 @@ splits a tensor.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,16 +164,27 @@ class Binding:
     transform: Transform
 
 
-def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int) -> list[Binding]:
+def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
+         num_experts: int | None = None) -> list[Binding]:
+    """Expand each applicable rule over its placeholders: `{layer}` over the decoder layers,
+    `{expert}` over all `num_experts` experts (every one of them: none may be left behind)."""
+    ranges = {"layer": range(num_layers), "expert": range(num_experts or 0)}
     bindings = []
     for rule in rules:
         if rule.kind not in TRANSFORMS:
             raise ValueError(f"rule for {rule.megatron}: unknown transform kind {rule.kind!r}")
         if rule.when is not None and not rule.when(hf_config):
             continue
-        layers = range(num_layers) if "{layer}" in rule.megatron else [None]
-        for layer in layers:
-            fmt = {} if layer is None else {"layer": layer}
+        keys = [k for k in ranges if "{" + k + "}" in rule.megatron]
+        for name in rule.hf_names():
+            if unmatched := [k for k in ranges if ("{" + k + "}" in name) != (k in keys)]:
+                raise ValueError(f"rule {rule.megatron} <- {name}: placeholders {unmatched} "
+                                 "appear on one side only")
+        if "expert" in keys and not num_experts:
+            raise ValueError(f"rule {rule.megatron} has an {{expert}} placeholder, but the model "
+                             "has no experts")
+        for values in itertools.product(*(ranges[k] for k in keys)):
+            fmt = dict(zip(keys, values, strict=True))
             bindings.append(
                 Binding(
                     megatron=rule.megatron.format(**fmt),

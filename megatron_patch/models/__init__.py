@@ -46,13 +46,27 @@ def load_hf_config(path: str) -> dict[str, Any]:
 
 
 def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
-                 vpp: int | None = None) -> None:
+                 vpp: int | None = None, ep: int = 1) -> None:
     """Refuse a parallel layout that cannot split this model, before any work is done."""
     problems = []
-    for what, n in (("num_attention_heads", args.num_attention_heads),
-                    ("num_key_value_heads (query groups)", args.num_query_groups),
-                    ("intermediate_size", args.ffn_hidden_size),
-                    ("padded vocab size", padded_vocab_size)):
+    sizes = [("num_attention_heads", args.num_attention_heads),
+             ("num_key_value_heads (query groups)", args.num_query_groups),
+             ("padded vocab size", padded_vocab_size)]
+    if args.num_moe_experts is None:
+        sizes.append(("intermediate_size", args.ffn_hidden_size))
+    else:
+        # Experts are split over TP too (expert tensor parallel size = TP).
+        sizes.append(("expert intermediate size (moe_intermediate_size; Mixtral: "
+                      "intermediate_size)", args.moe_ffn_hidden_size))
+        if args.moe_shared_expert_intermediate_size:
+            sizes.append(("shared expert intermediate size",
+                          args.moe_shared_expert_intermediate_size))
+        if args.num_moe_experts % ep:
+            problems.append(f"number of experts {args.num_moe_experts} is not divisible by "
+                            f"expert parallel size {ep}")
+    if ep > 1 and args.num_moe_experts is None:
+        problems.append(f"expert parallel size {ep} needs a mixture-of-experts model")
+    for what, n in sizes:
         if n % tp:
             problems.append(f"{what}={n} is not divisible by tensor parallel size {tp}")
     stages = pp * (vpp or 1)
@@ -61,7 +75,7 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
             f"num_hidden_layers={args.num_layers} is not divisible into {stages} pipeline stages"
         )
     if problems:
-        raise ValueError(f"parallel layout TP={tp} PP={pp} does not fit the model: "
+        raise ValueError(f"parallel layout TP={tp} PP={pp} EP={ep} does not fit the model: "
                          + "; ".join(problems))
 
 
@@ -116,8 +130,36 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
         # the CPU, and each rank initialises only its own shard (as on GPU).
         use_cpu_initialization=False,
     )
+    if args.num_moe_experts is not None:
+        kwargs.update(_moe_config(args))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _moe_config(args: ModelArgs) -> dict[str, Any]:
+    """Megatron-Core MoE settings: dropless top-k routing, as the Hugging Face models route."""
+    from megatron.core import parallel_state
+
+    return dict(
+        num_moe_experts=args.num_moe_experts,
+        moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        # Dropless: no capacity factor, every token reaches all of its top-k experts.
+        moe_expert_capacity_factor=None,
+        # Router logits and softmax in fp32 whatever the model dtype (Hugging Face takes the
+        # softmax in fp32 too), so that low precision cannot reorder the top-k.
+        moe_router_dtype="fp32",
+        # The all-gather dispatcher needs only all-gather / reduce-scatter, which gloo has too.
+        moe_token_dispatcher_type="allgather",
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+    )
 
 
 def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
@@ -187,7 +229,8 @@ def from_checkpoint(ckpt_dir: str, *, sequence_parallel: bool = False,
     args = family_for(hf_config).model_args(hf_config)
     check_layout(args, meta.padded_vocab_size,
                  parallel_state.get_tensor_model_parallel_world_size(),
-                 parallel_state.get_pipeline_model_parallel_world_size())
+                 parallel_state.get_pipeline_model_parallel_world_size(),
+                 ep=parallel_state.get_expert_model_parallel_world_size())
     config = transformer_config(args, params_dtype=params_dtype or meta.torch_dtype,
                                 sequence_parallel=sequence_parallel, **config_overrides)
     model = build_model(args, config, hf_config, padded_vocab_size=meta.padded_vocab_size)

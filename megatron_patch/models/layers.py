@@ -54,8 +54,36 @@ class Norm(torch.nn.Module):
         return h.to(dtype)
 
 
-def layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
-    """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules."""
+def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
+    """Megatron-Core's MoE layer (router, experts, optional shared expert) from its local
+    modules: experts run one after the other (SequentialMLP)."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe import moe_utils
+
+    # megatron-core 0.16's router gating tests `te_general_gemm is not None` but defines the name
+    # only when Transformer Engine imports (NameError without it); None selects its torch.mm path.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    return get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+
+
+def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> ModuleSpec:
+    """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules.
+
+    num_experts: a mixture-of-experts MLP with that many experts instead of a dense one.
+    """
+    keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    if num_experts is None:
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+        mlp = ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                     linear_fc2=RowParallelLinear),
+        )
+    else:
+        # Transformer Engine's MoE layer keeps its own pre_mlp_layernorm (no fused norm+linear
+        # in front of the router): same key here.
+        mlp = _moe_mlp_spec(num_experts)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -73,19 +101,11 @@ def layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             # Same checkpoint keys as Transformer Engine's fused norm+linear layers, so a
             # checkpoint loads into either implementation.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 
@@ -120,8 +140,12 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        # MoE: grouped experts (TEGroupedMLP), whose checkpoint keys are SequentialMLP's.
+        layer = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.num_moe_experts is not None,
+            qk_layernorm=qk_layernorm)
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(qk_layernorm)] * num_layers, layer_norm=Norm
+        layer_specs=[layer_spec(qk_layernorm, config.num_moe_experts)] * num_layers,
+        layer_norm=Norm,
     )

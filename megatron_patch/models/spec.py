@@ -80,6 +80,8 @@ class ModelArgs:
     # Softmax over all experts, then top-k (Qwen2-MoE without norm_topk_prob); else top-k
     # logits, then softmax over those (Mixtral).
     moe_router_pre_softmax: bool = False
+    # Load-balancing loss weight for training; it adds gradients only, never changes logits.
+    moe_aux_loss_coeff: float = 0.0
 
 
 @dataclass(frozen=True)

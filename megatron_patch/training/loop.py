@@ -109,9 +109,11 @@ class Trainer:
                                  "attention); without it attention runs unfused: leave it off")
             args.transformer_impl = "transformer_engine"
         parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            expert_model_parallel_size=args.expert_model_parallel_size,
                             seed=args.seed)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.ep = parallel_state.get_expert_model_parallel_world_size()
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.global_batch_size = args.global_batch_size or args.micro_batch_size * self.dp
@@ -168,7 +170,8 @@ class Trainer:
             self.meta = checkpoint.CheckpointMeta("LlamaForCausalLM", vocab, padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         self.vocab_size = self.meta.vocab_size
-        check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp)
+        check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp,
+                     ep=args.expert_model_parallel_size)
 
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         overrides: dict[str, Any] = dict(
@@ -432,7 +435,7 @@ class Trainer:
             consumed_samples=self.consumed_samples,
             consumed_valid_samples=self.consumed_valid_samples,
             opt_param_scheduler=self.scheduler.state_dict(),
-            parallel_layout=[self.tp, self.pp, self.dp],
+            parallel_layout=[self.tp, self.pp, self.dp], expert_parallel=self.ep,
         )
         if torch.distributed.get_rank() == 0:
             self._write_model_files(a.save)
@@ -465,6 +468,13 @@ class Trainer:
             checkpoint.load_model(a.load, self.model.module, iteration)
             log.info("loaded weights from %s (%s): fresh run", a.load, iteration)
             return
+        saved_ep = common.get("expert_parallel", 1)
+        if saved_ep != self.ep and not a.no_load_optim:
+            # Megatron-Core keeps expert and dense optimizer state apart only when EP > 1, so
+            # the optimizer state does not reshard across EP (the weights do).
+            raise ValueError(f"{a.load} was saved at --expert-model-parallel-size {saved_ep}; "
+                             f"its optimizer state cannot resume at {self.ep}: resume at "
+                             f"{saved_ep}, or pass --no-load-optim or --finetune")
         same_layout = list(common.get("parallel_layout", [])) == [self.tp, self.pp, self.dp]
         load_rng = same_layout and not a.no_load_rng
         state = checkpoint.load(a.load, self._state(True, not a.no_load_optim, load_rng),

@@ -1,0 +1,193 @@
+"""Mixture-of-experts specifics: training and generation through the MoE layer (Mixtral) with the
+experts split over EP=2, layout and config refusals, and the converter's expert accounting.
+(Parity with transformers at every layout is in test_zoo.py, cases in zoo/moe.py.)"""
+
+import os
+import re
+
+import harness
+import pytest
+from test_training import _make_dataset, _train
+
+
+def _prepare_mixtral(root: str) -> None:
+    import torch
+    import transformers
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, vocab_size=1000, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256, router_aux_loss_coef=0.01)
+    hf_dir = os.path.join(root, "hf")
+    transformers.MixtralForCausalLM(config).save_pretrained(hf_dir)
+    tiny.train_tokenizer(hf_dir)
+    hf_to_megatron(hf_dir, os.path.join(root, "mcore"))
+    _make_dataset(os.path.join(root, "tokens"))
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("mixtral_train"))
+    harness.run(_prepare_mixtral, 1, root)
+    return root
+
+
+def _ep_flags(ep: int) -> tuple:
+    return ("--expert-model-parallel-size", str(ep))
+
+
+def test_moe_loss_goes_down_and_ep_does_not_change_it(mixtral):
+    """DP=2 with all experts on each rank vs. DP=2 with the experts split over EP=2: routing is
+    dropless, so each token meets the same experts and the curves agree (fp32 reduction order
+    only, 1e-5 as in test_training). The load-balancing loss (router_aux_loss_coef 0.01) trains
+    along in both."""
+    ckpt, data = os.path.join(mixtral, "mcore"), os.path.join(mixtral, "tokens")
+    dense = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
+    split = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
+    assert sum(split[-3:]) / 3 < split[0] - 1.0, split
+    diff = max(abs(a - b) for a, b in zip(dense, split, strict=True))
+    assert diff <= 1e-5, (diff, dense, split)
+
+
+def test_moe_greedy_generation_equals_transformers(mixtral):
+    """The static inference engine (KV cache, one new token per step) through the MoE layer."""
+    from test_generation import _hf_greedy, _megatron_greedy
+
+    (ours,) = harness.run(_megatron_greedy, 1, mixtral, 1)
+    (theirs,) = harness.run(_hf_greedy, 1, mixtral)
+    assert ours == theirs, (ours, theirs)
+
+
+def test_launcher_starts_tp_x_pp_x_ep_cpu_processes(monkeypatch):
+    import torch
+
+    from megatron_patch import launch
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    monkeypatch.delenv("GPUS_PER_NODE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    extra = ["--expert-model-parallel-size", "2"]
+    assert launch.expert_parallel_size(extra) == 2
+    assert launch.expert_parallel_size(["--expert-model-parallel-size=4"]) == 4
+    assert launch.expert_parallel_size([]) == 1
+    assert "--nproc_per_node=4" in launch.torchrun_prefix("dsw", 2, 1, 2)
+
+
+def _qwen2_moe_config(**changes) -> dict:
+    config = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+              "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 1000,
+              "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+              "shared_expert_intermediate_size": 80, "hidden_act": "silu"}
+    return {**config, **changes}
+
+
+def test_layout_refuses_experts_not_divisible_by_ep():
+    from megatron_patch.models import check_layout, family_for
+
+    config = _qwen2_moe_config(num_experts=6)
+    args = family_for(config).model_args(config)
+    check_layout(args, 1024, tp=2, pp=2, ep=2)
+    with pytest.raises(ValueError, match="number of experts 6 is not divisible by expert "
+                                         "parallel size 4"):
+        check_layout(args, 1024, tp=1, pp=1, ep=4)
+
+
+@pytest.mark.parametrize("key, value", [("decoder_sparse_step", 2), ("mlp_only_layers", [1]),
+                                        ("use_sliding_window", True)])
+def test_qwen2_moe_refuses_dense_layers_and_sliding_window(key, value):
+    from megatron_patch.models import family_for
+
+    config = _qwen2_moe_config(**{key: value})
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} is not supported")):
+        family_for(config).model_args(config)
+
+
+def test_qwen2_moe_routing_follows_norm_topk_prob():
+    from megatron_patch.models import family_for
+
+    for norm, pre_softmax in ((False, True), (True, False)):
+        config = _qwen2_moe_config(norm_topk_prob=norm)
+        args = family_for(config).model_args(config)
+        assert args.moe_router_pre_softmax is pre_softmax and args.moe_shared_expert_gate
+
+
+def _convert_with(root: str, drop: str | None, config_changes: dict) -> str:
+    """Convert a copy of the Mixtral checkpoint with one tensor dropped / config changed; the
+    converter's error message, or '' if it converted."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+
+    hf_dir = os.path.join(root, f"hf_{drop}_{sorted(config_changes)}")
+    shutil.copytree(os.path.join(root, "hf"), hf_dir)
+    weights = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(weights)
+    if drop:
+        del tensors[drop]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump({**config, **config_changes}, f)
+    try:
+        hf_to_megatron(hf_dir, hf_dir + "_mcore")
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def test_converter_accounts_for_every_expert(mixtral):
+    """An expert missing from the checkpoint, or one the config does not count, is an error
+    naming it (never a silently dropped or uninitialised expert)."""
+    missing = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    (err,) = harness.run(_convert_with, 1, mixtral, missing, {})
+    assert "missing from the source" in err and missing in err, err
+    (err,) = harness.run(_convert_with, 1, mixtral, None, {"num_local_experts": 3})
+    assert "no rule consumes" in err and "experts.3.w1.weight" in err, err
+
+
+def test_bind_expands_every_expert_and_refuses_one_sided_placeholders():
+    from megatron_patch.convert.mapping import Rule, bind
+
+    rule = Rule("l.{layer}.e.{expert}.w", "h.{layer}.x.{expert}.w")
+    bound = bind((rule,), {}, num_layers=2, num_experts=3)
+    assert [(b.megatron, b.hf) for b in bound] == [
+        (f"l.{i}.e.{e}.w", (f"h.{i}.x.{e}.w",)) for i in range(2) for e in range(3)]
+    with pytest.raises(ValueError, match="appear on one side only"):
+        bind((Rule("l.{layer}.e.w", "h.{layer}.x.{expert}.w"),), {}, 2, 3)
+    with pytest.raises(ValueError, match="has no experts"):
+        bind((rule,), {}, 2, None)
+
+
+def test_qwen2_moe_without_qkv_bias():
+    from megatron_patch.convert.mapping import bind
+    from megatron_patch.models import family_for
+
+    for bias in (True, False):
+        config = _qwen2_moe_config(qkv_bias=bias)
+        family = family_for(config)
+        names = [b.megatron for b in bind(family.weights, config, 4, 4)]
+        assert family.model_args(config).add_qkv_bias is bias
+        assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) is bias
+
+
+def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(mixtral, tmp_path):
+    ckpt, data = os.path.join(mixtral, "mcore"), os.path.join(mixtral, "tokens")
+    save = str(tmp_path / "run")
+    straight = harness.run(_train, 2, ckpt, data, iters=8, extra=_ep_flags(2))[0]
+    first = harness.run(_train, 2, ckpt, data, iters=8, save=save,
+                        extra=_ep_flags(2) + ("--exit-interval", "4"))[0]
+    second = harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(2))[0]
+    assert first + second == straight
+    with pytest.raises(AssertionError, match="saved at --expert-model-parallel-size 2"):
+        harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(1))
+    # Weights alone do reshard across EP.
+    harness.run(_train, 2, save, data, iters=6, extra=_ep_flags(1) + ("--no-load-optim",))
