@@ -332,3 +332,56 @@ def test_cli_word_list_and_errors(extended, tmp_path):
     # Nothing to add, or an existing output: clear errors, exit status 2.
     assert harness.run(_cli, 1, ["extend-vocab", src, str(tmp_path / "x")]) == [2]
     assert harness.run(_cli, 1, argv) == [2]
+
+
+def _trainer_errors(root: str) -> list[str]:
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.loop import Trainer
+
+    base = ["--load", os.path.join(root, "sp_hf_mcore"), "--data-path", "unused",
+            "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "1",
+            "--train-iters", "1", "--lr", "1e-4"]
+    errors = []
+    for extra in (["--extra-vocab-size", "200"],  # 420 tokens + 200 > the 512 rows
+                  ["--tokenizer-model", os.path.join(root, "sp_hf_ext")]):  # a bigger tokenizer
+        try:
+            Trainer(parse_args(base + extra))
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_training_refuses_rows_it_does_not_have(extended):
+    """EXTRA_VOCAB_SIZE only pads: more rows than the checkpoint has, or a tokenizer with more
+    ids than the model has tokens, is an error that points at extend-vocab."""
+    root, _ = extended
+    (errors,) = harness.run(_trainer_errors, 1, root)
+    assert len(errors) == 2, errors
+    assert "--extra-vocab-size 200" in errors[0] and "extend-vocab" in errors[0]
+    assert "tokenizer has" in errors[1] and "extend-vocab" in errors[1]
+
+
+def test_launcher_learns_pieces_and_extends_a_megatron_checkpoint(extended, tmp_path):
+    """toolkits/vocab_extension/extend_vocab.sh, MODE train, on a converted checkpoint (in a
+    subprocess, as users run it)."""
+    import subprocess
+    import sys
+
+    root, _ = extended
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "toolkits", "vocab_extension", "extend_vocab.sh")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    dst = tmp_path / "mcore_zh"
+    r = subprocess.run(["bash", script, os.path.join(root, "sp_hf_mcore"), str(dst), "train",
+                        CORPUS, "400", "--tensor-model-parallel-size", "2"],
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pieces added" in r.stdout and "vocab_size (embedding rows) 420 ->" in r.stdout, r.stdout
+    from megatron_patch import checkpoint
+
+    meta = checkpoint.read_meta(str(dst))
+    assert meta.vocab_size > 420 and meta.padded_vocab_size % 256 == 0, meta
+    r = subprocess.run(["bash", script, "a", "b", "nonsense", "x"], env=env, capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 2 and "usage" in r.stderr
