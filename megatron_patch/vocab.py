@@ -67,8 +67,9 @@ class ExtensionSummary:
         return [
             f"pieces requested: {self.requested}, skipped: {self.duplicates} duplicates, "
             f"{self.split} split by the pre-tokenizer",
-            f"pieces added: {len(self.added)} ({self.intermediate} of them intermediate), "
-            f"ids {self.first_new_id}..{self.first_new_id + len(self.added) - 1}",
+            f"pieces added: {len(self.added)} ({self.intermediate} of them intermediate)"
+            + (f", ids {self.first_new_id}..{self.first_new_id + len(self.added) - 1}"
+               if self.added else ""),
             f"unreachable (added, but not produced by the tokenizer on their own): "
             f"{len(self.unreachable)}",
             f"tokenizer size {self.old_tokenizer_size} -> {self.new_tokenizer_size}, "
@@ -462,8 +463,9 @@ class TokenizerFiles:
             for k, piece in enumerate(pieces):
                 new = self.proto.pieces.add()
                 new.piece, new.score, new.type = piece, top + float(len(pieces) - k), SP_NORMAL
-        if self.json is not None:
+        if self.json is not None and pieces:
             model = self.json["model"]
+            self._own_added_tokens(model["vocab"])
             for piece in pieces:
                 model["vocab"][piece] = self.table.vocab[piece]
             as_strings = bool(model["merges"]) and isinstance(model["merges"][0], str)
@@ -472,6 +474,23 @@ class TokenizerFiles:
                 raise ValueError(f"{TOKENIZER_JSON}: a merge of pieces with spaces cannot be "
                                  "written as 'a b'")
             model["merges"] = [f"{a} {b}" if as_strings else [a, b] for a, b in merges]
+
+    def _own_added_tokens(self, vocab: dict[str, int]) -> None:
+        """Give the BPE model the added tokens that follow its vocabulary (Llama 3's and Qwen's
+        special tokens), at their ids. `tokenizers` numbers added tokens that the model lacks
+        from the model's size on loading, whatever ids the file gives them: with new pieces in
+        the model they would move onto the new pieces' ids. Added tokens are matched before the
+        model sees the text, so the model never produces them itself."""
+        assert self.json is not None
+        taken = set(vocab.values())
+        for token in self.json.get("added_tokens", []):
+            if token["content"] not in vocab and token["id"] not in taken:
+                vocab[token["content"]] = token["id"]
+                taken.add(token["id"])
+        if taken != set(range(self.size)):
+            missing = sorted(set(range(self.size)) - taken)
+            raise ValueError(f"{self.dir}: {TOKENIZER_JSON} has no token for ids {missing[:10]}"
+                             f"{'...' if len(missing) > 10 else ''}; new pieces cannot follow")
 
     def save(self, out_dir: str, pieces: list[str]) -> None:
         if self.proto is not None:
@@ -576,6 +595,7 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
         raise ValueError(f"{src}: the tokenizer has {files.size} ids but config.json "
                          f"{size_key}={old_vocab}")
     plan = plan_pieces(files.table, texts, files.spell)
+    log.info("%s: %d new pieces planned from %d texts", src, len(plan.pieces), len(texts))
     files.append(plan.pieces)
     new_size = files.table.next_id
     new_vocab = (old_vocab if new_size <= old_vocab
@@ -606,6 +626,7 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
                 tensor = grow_rows(tensor, new_vocab, sources, files.size)
             yield name, tensor
 
+    log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
     hf_io.write_safetensors_shards(staging, tensors(), max_shard_size)
     reader.close()
     if os.path.exists(dst):
@@ -645,7 +666,10 @@ def extend_megatron(src: str, dst: str, texts: list[str], *,
     if os.path.exists(dst) and os.listdir(dst):
         raise FileExistsError(f"{dst} exists and is not empty")
     meta = checkpoint.read_meta(src)
-    with tempfile.TemporaryDirectory(prefix="extend-vocab-") as tmp:
+    # The HF copies go next to the output: /tmp may not hold a large model twice.
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".extend-vocab-", dir=parent) as tmp:
         old_hf, new_hf = os.path.join(tmp, "old"), os.path.join(tmp, "new")
         hf_megatron.megatron_to_hf(src, old_hf, iteration=iteration)
         summary = extend_hf(old_hf, new_hf, texts,

@@ -385,3 +385,40 @@ def test_launcher_learns_pieces_and_extends_a_megatron_checkpoint(extended, tmp_
     r = subprocess.run(["bash", script, "a", "b", "nonsense", "x"], env=env, capture_output=True,
                        text=True, check=False)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
+    """Llama 3 / Qwen layout: a byte-level BPE (split regex, then ByteLevel without its own
+    regex) whose special tokens follow the model's vocabulary as added tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megatron_patch import tiny, vocab
+
+    split = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+(?!\S)|\s+"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(tiny.CORPUS, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    special = [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")]
+
+    files = vocab.TokenizerFiles(str(tmp_path))
+    assert files.kind == "byte_level" and files.size == max(special) + 1
+    plan = vocab.plan_pieces(files.table, ["天气", "人工智能", " 今天", "hello world", "天气"],
+                             files.spell)
+    assert plan.duplicates == 1 and plan.split == 1 and not plan.unreachable
+    files.append(plan.pieces)
+    files.save(str(tmp_path), plan.pieces)
+
+    new = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert [new.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")] == special
+    for word in ("天气", "人工智能", " 今天"):
+        ids = new.encode(word).ids
+        assert len(ids) == 1 and ids[0] == files.table.vocab[files.spell(word)] >= files.size
+    text = "<|begin_of_text|>今天天气很好, 人工智能 hello"
+    ids = new.encode(text).ids
+    assert ids[0] == special[0] and new.decode(ids, skip_special_tokens=False) == text
