@@ -375,6 +375,26 @@ def _json_kind(data: dict[str, Any], path: str) -> str:
     raise ValueError(f"{path}: neither a byte-level nor a sentencepiece-style (▁) BPE tokenizer")
 
 
+def _converted_tokenizer_json(model_dir: str) -> dict[str, Any] | None:
+    """transformers' own conversion of a directory's tokenizer.model, to be written next to it.
+
+    Without a tokenizer.json, transformers 5 converts tokenizer.model when loading, ordering the
+    merges by piece id and ignoring the scores: the new pieces, which score highest, would merge
+    last. A tokenizer.json extended like the tokenizer.model keeps the two alike."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        data = json.loads(tok.backend_tokenizer.to_str())
+    except Exception as e:  # noqa: BLE001 - any failure: go on with tokenizer.model alone
+        log.warning("%s: no %s written (transformers could not convert %s: %s)", model_dir,
+                    TOKENIZER_JSON, SP_MODEL, e)
+        return None
+    log.info("%s: writing %s too (transformers' conversion of %s, extended alike)", model_dir,
+             TOKENIZER_JSON, SP_MODEL)
+    return data
+
+
 class TokenizerFiles:
     """The tokenizer files of a model directory, edited together."""
 
@@ -388,6 +408,8 @@ class TokenizerFiles:
                 self.json = json.load(f)
         if self.proto is None and self.json is None:
             raise FileNotFoundError(f"{model_dir}: no {SP_MODEL} or {TOKENIZER_JSON}")
+        if self.json is None:
+            self.json = _converted_tokenizer_json(model_dir)
         if self.proto is not None:
             if self.proto.trainer_spec.model_type != SP_BPE:
                 raise ValueError(f"{sp_path}: only BPE sentencepiece models are supported "

@@ -422,3 +422,33 @@ def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
     text = "<|begin_of_text|>今天天气很好, 人工智能 hello"
     ids = new.encode(text).ids
     assert ids[0] == special[0] and new.decode(ids, skip_special_tokens=False) == text
+
+
+def test_sentencepiece_only_directory_gets_a_consistent_tokenizer_json(extended, tmp_path):
+    """Only tokenizer.model: transformers 5 would convert it ignoring the scores (new pieces
+    merging last), so a tokenizer.json extended alike is written next to it."""
+    import shutil
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from megatron_patch import vocab
+
+    root, _ = extended
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(root, "sp_hf", name), src / name)
+    files = vocab.TokenizerFiles(str(src))
+    assert files.json is not None
+    pieces = vocab.pieces_from_sentencepiece(os.path.join(root, "zh.model"))
+    plan = vocab.plan_pieces(files.table, pieces + WORDS, files.spell)
+    files.append(plan.pieces)
+    files.save(str(out), plan.pieces)
+    shutil.copy(src / "tokenizer_config.json", out / "tokenizer_config.json")
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    fast = AutoTokenizer.from_pretrained(str(out))
+    with open(CORPUS, encoding="utf-8") as f:
+        texts = f.read().splitlines() + MIXED
+    assert all(sp.encode(t) == fast(t, add_special_tokens=False).input_ids for t in texts)
