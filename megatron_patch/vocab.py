@@ -55,7 +55,7 @@ class ExtensionSummary:
     intermediate: int = 0
     duplicates: int = 0
     split: int = 0  # texts the pre-tokenizer splits: never one piece, skipped
-    unreachable: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # pieces (model spelling)
     first_new_id: int = 0
     old_tokenizer_size: int = 0
     new_tokenizer_size: int = 0
@@ -277,7 +277,7 @@ class Plan:
     requested: set[str] = field(default_factory=set)
     duplicates: int = 0
     split: int = 0
-    unreachable: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # pieces (model spelling)
 
 
 def plan_pieces(table: MergeTable, texts: Iterable[str],
@@ -343,7 +343,7 @@ def plan_pieces(table: MergeTable, texts: Iterable[str],
                 else:
                     add(joined)
         else:
-            plan.unreachable.append(text)
+            plan.unreachable.append(piece)
     return plan
 
 
@@ -539,6 +539,16 @@ class TokenizerFiles:
                 f.writelines(f"{line}\n" for line in header)
                 f.writelines(f"{a} {b}\n" for a, b in merged_list(old, self.table))
 
+    def not_single(self, pieces: Iterable[str]) -> list[str]:
+        """The pieces that the edited tokenizer.json's BPE model (the `tokenizers` library, not
+        this module's reference) does not encode as themselves: a check of the plan."""
+        if self.json is None:
+            return []
+        from tokenizers import Tokenizer
+
+        model = Tokenizer.from_str(json.dumps(self.json)).model
+        return [p for p in pieces if [t.value for t in model.tokenize(p)] != [p]]
+
     def inconsistencies(self, texts: Iterable[str]) -> int:
         """How many texts tokenizer.model and tokenizer.json (as edited) encode differently,
         of those the original pair encoded alike (the two differ on some texts from the start:
@@ -656,9 +666,13 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
     os.replace(staging, dst)
 
     requested = [p for p in plan.pieces if p in plan.requested]
+    if missed := files.not_single(requested):
+        log.warning("%d new pieces are not encoded as themselves by %s, e.g. %s", len(missed),
+                    TOKENIZER_JSON, missed[:5])
     summary = ExtensionSummary(
         requested=len(texts), added=plan.pieces, intermediate=len(plan.pieces) - len(requested),
-        duplicates=plan.duplicates, split=plan.split, unreachable=plan.unreachable,
+        duplicates=plan.duplicates, split=plan.split,
+        unreachable=plan.unreachable + [p for p in missed if p not in plan.unreachable],
         first_new_id=files.size,
         old_tokenizer_size=files.size, new_tokenizer_size=new_size, old_vocab_size=old_vocab,
         new_vocab_size=new_vocab,
