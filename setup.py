@@ -15,6 +15,9 @@ setup(
         "transformers>=4.45",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
+        # extend-vocab edits tokenizer.model through sentencepiece's sentencepiece_model_pb2 (a
+        # sentencepiece release checks that protobuf is at least the version it was built with).
+        "protobuf>=3.20,<8",
         "tokenizers>=0.19",
         "numpy>=1.24",
         "tqdm>=4.60",

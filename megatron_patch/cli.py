@@ -64,8 +64,14 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extend_vocab(args: argparse.Namespace) -> int:
+    from megatron_patch import vocab
+
+    return vocab.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_patch import generation, tiny, verify
+    from megatron_patch import generation, tiny, verify, vocab
     from megatron_patch.data import preprocess
 
     parser = argparse.ArgumentParser(prog="megatron-patch", description=__doc__)
@@ -119,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--demo-data", metavar="DIR",
                       help="also write demo corpus.jsonl, sft.jsonl and prompts.jsonl here")
     make.set_defaults(func=_make_tiny)
+
+    extend = sub.add_parser("extend-vocab", help="add pieces (e.g. Chinese words) to a model's "
+                                                 "tokenizer and grow its embeddings")
+    vocab.add_arguments(extend)
+    extend.set_defaults(func=_extend_vocab)
     return parser
 
 

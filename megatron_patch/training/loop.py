@@ -170,6 +170,14 @@ class Trainer:
             self.meta = checkpoint.CheckpointMeta("LlamaForCausalLM", vocab, padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         self.vocab_size = self.meta.vocab_size
+        if args.load and self.vocab_size + args.extra_vocab_size > self.meta.padded_vocab_size:
+            # The checkpoint fixes the embedding rows: EXTRA_VOCAB_SIZE rows are made when
+            # converting (`convert --extra-vocab-size`), and real new tokens by extend-vocab.
+            raise ValueError(
+                f"--extra-vocab-size {args.extra_vocab_size}: {args.load} has "
+                f"{self.meta.padded_vocab_size} embedding rows for its {self.vocab_size} "
+                f"tokens, fewer than {self.vocab_size + args.extra_vocab_size}; convert with "
+                "--extra-vocab-size, or add tokens with `megatron-patch extend-vocab`")
         check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp,
                      ep=args.expert_model_parallel_size)
 
@@ -234,6 +242,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(a.tokenizer_model or self.hf_source)
+        self._check_tokenizer(tok)
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer {a.tokenizer_model or self.hf_source} has no EOS token")
         gbs = self.global_batch_size
@@ -244,6 +253,15 @@ class Trainer:
             [self.train_iters * gbs, evals * gbs, 0], a.data_cache_path,
         )
 
+    def _check_tokenizer(self, tok: Any) -> None:
+        """Token ids past the model's vocabulary would index padding rows, whose logits the
+        loss masks out: a tokenizer with more ids than the model has tokens is refused."""
+        if len(tok) > self.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tok)} tokens, the model {self.vocab_size}: grow the "
+                "model with `megatron-patch extend-vocab` (EXTRA_VOCAB_SIZE only adds "
+                "padding rows, which are not trained and not exported)")
+
     def _build_sft_datasets(self) -> list[Any]:
         from transformers import AutoTokenizer
 
@@ -251,6 +269,7 @@ class Trainer:
 
         a = self.args
         tok = AutoTokenizer.from_pretrained(a.tokenizer_model or self.hf_source)
+        self._check_tokenizer(tok)
         out = []
         for path in (a.train_data_path, a.valid_data_path):
             if not path:
