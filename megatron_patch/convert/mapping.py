@@ -92,6 +92,23 @@ class FuseQKV(Transform):
         return [t.reshape(-1, *rest).contiguous() for t in (q, k, v)]
 
 
+class QKVConcat(FuseQKV):
+    """One HF tensor holding [q; k; v] stacked along dim 0 (Baichuan's W_pack) -> Megatron's
+    per-group fused linear_qkv, and back. Weights and biases."""
+
+    def to_megatron(self, hf, dims):
+        (packed,) = hf
+        d = dims.kv_channels
+        sizes = [dims.num_attention_heads * d, dims.num_query_groups * d,
+                 dims.num_query_groups * d]
+        if packed.shape[0] != sum(sizes):
+            raise ValueError(f"fused q;k;v has {packed.shape[0]} rows, expected {sum(sizes)}")
+        return super().to_megatron(list(packed.split(sizes, dim=0)), dims)
+
+    def to_hf(self, megatron, dims):
+        return [torch.cat(super().to_hf(megatron, dims), dim=0)]
+
+
 class Concat(Transform):
     """Several HF tensors stacked along dim 0 (e.g. SwiGLU [gate; up] into linear_fc1)."""
 
@@ -115,6 +132,7 @@ TRANSFORMS: dict[str, Transform] = {
     "vocab": Vocab(),
     "qkv": FuseQKV(),
     "gate_up": GateUp(),
+    "qkv_concat": QKVConcat(),
 }
 
 

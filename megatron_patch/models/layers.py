@@ -54,9 +54,18 @@ class Norm(torch.nn.Module):
         return h.to(dtype)
 
 
-def layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
-    """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules."""
-    return ModuleSpec(
+def layer_spec(qk_layernorm: bool = False, args=None) -> ModuleSpec:
+    """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules.
+
+    `args` (ModelArgs) plugs in the pieces Megatron-Core lacks: ALiBi attention
+    (models/alibi.py) and parallel attention + MLP (models/parallel_layer.py).
+    """
+    core_attention = DotProductAttention
+    if args is not None and args.position_embedding_type == "alibi":
+        from megatron_patch.models.alibi import AlibiDotProductAttention
+
+        core_attention = AlibiDotProductAttention
+    spec = ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
@@ -65,7 +74,7 @@ def layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=core_attention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=Norm if qk_layernorm else IdentityOp,
                     k_layernorm=Norm if qk_layernorm else IdentityOp,
@@ -88,6 +97,17 @@ def layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
             },
         ),
     )
+    if args is not None and args.parallel_attention:
+        from megatron_patch.models.parallel_layer import parallel_layer_spec
+
+        spec = parallel_layer_spec(spec, args.parallel_attention_norms)
+    return spec
+
+
+def needs_local_layers(args) -> bool:
+    """Whether `args` uses pieces that exist only as local (non-TE) modules."""
+    return args is not None and (args.position_embedding_type == "alibi"
+                                 or args.parallel_attention)
 
 
 def transformer_engine_available() -> bool:
@@ -103,15 +123,19 @@ def transformer_engine_available() -> bool:
 
 
 def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
-               vp_stage: int | None = None, transformer_impl: str = "auto"
+               vp_stage: int | None = None, transformer_impl: str = "auto", args=None
                ) -> TransformerBlockSubmodules:
     """The decoder of this pipeline stage: its layers and the final norm.
 
     transformer_impl: "local" (Megatron-Core's own modules), "transformer_engine", or "auto"
     (Transformer Engine when it is importable on a GPU). Both write the same checkpoint keys.
     """
+    if transformer_impl == "transformer_engine" and needs_local_layers(args):
+        raise ValueError("ALiBi and parallel attention layers exist only as local modules; "
+                         "use transformer_impl='local' (or 'auto')")
     use_te = transformer_impl == "transformer_engine" or (
-        transformer_impl == "auto" and transformer_engine_available())
+        transformer_impl == "auto" and transformer_engine_available()
+        and not needs_local_layers(args))
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     if use_te:
         # Not exercised by the CPU test suite: parity under TE needs a GPU run.
@@ -123,5 +147,5 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
         layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(qk_layernorm)] * num_layers, layer_norm=Norm
+        layer_specs=[layer_spec(qk_layernorm, args)] * num_layers, layer_norm=Norm
     )
