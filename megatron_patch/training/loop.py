@@ -167,6 +167,12 @@ class Trainer:
                                     args.make_vocab_size_divisible_by * self.tp)
             self.meta = checkpoint.CheckpointMeta("LlamaForCausalLM", vocab, padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
+        wanted = args.position_embedding_type
+        if args.load and wanted is not None and wanted != self.model_args.position_embedding_type:
+            raise ValueError(f"--position-embedding-type {wanted} (or --use-alibi-mask / "
+                             f"--use-rotary-position-embeddings) disagrees with the checkpoint "
+                             f"{args.load}, whose architecture uses "
+                             f"{self.model_args.position_embedding_type}")
         self.vocab_size = self.meta.vocab_size
         check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp)
 
