@@ -80,6 +80,20 @@ def test_unsupported_configs_are_refused_naming_the_key(config, message):
         family_for(cfg).model_args(cfg)
 
 
+def test_position_encoding_flags():
+    from test_training import _args
+
+    def kind(*flags):
+        return _args("ckpt", "data", extra=flags).position_embedding_type
+
+    assert kind("--use-alibi-mask") == "alibi"
+    assert kind("--position-embedding-type", "learned_absolute") == "learned_absolute"
+    assert kind("--use-rotary-position-embeddings") == "rope"
+    assert kind() is None  # not given: the checkpoint decides
+    with pytest.raises(ValueError, match="conflicting"):
+        kind("--use-alibi-mask", "--position-embedding-type", "rope")
+
+
 def test_multi_query_at_tp2_is_refused_by_the_layout_check():
     from megatron_patch.models import check_layout, family_for
 
@@ -184,7 +198,7 @@ def test_pieces_equal_hand_computations_at_tp2():
 # Families exercising the pieces: ALiBi + embedding norm (bloom), ALiBi + q;k;v concat
 # (baichuan), parallel layers with two and one norms (falcon), learned positions with offset.
 TRAINED = ["bloom", "baichuan13b_alibi", "falcon40b_style", "falcon_new_one_norm", "galactica"]
-GENERATED = ["bloom", "falcon40b_style", "galactica"]
+GENERATED = ["bloom", "falcon40b_style", "galactica", "gpt_bigcode_mha"]
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +213,14 @@ def _train_each(ckpts: dict[str, str], data: str) -> dict[str, list[float]]:
 
     curves = {}
     for name, ckpt in ckpts.items():
-        trainer = Trainer(_args(ckpt, data, iters=20, tp=2, sp=True, lr=5e-3))
+        # The position-encoding flags users know must agree with the checkpoint.
+        flags = ("--use-alibi-mask",) if name in ("bloom", "baichuan13b_alibi") else ()
+        trainer = Trainer(_args(ckpt, data, iters=20, tp=2, sp=True, lr=5e-3, extra=flags))
         curves[name] = [s["loss"] for s in trainer.train()]
+    try:
+        Trainer(_args(ckpts["bloom"], data, extra=("--position-embedding-type", "rope")))
+    except ValueError as e:
+        curves["refused"] = str(e)
     return curves
 
 
@@ -209,6 +229,7 @@ def test_pretraining_loss_goes_down_at_tp2(piece_models, tmp_path):
     harness.run(_make_dataset, 1, data)
     ckpts = {n: os.path.join(piece_models[n], "mcore") for n in TRAINED}
     curves = harness.run(_train_each, 2, ckpts, data)[0]
+    assert "disagrees with the checkpoint" in curves.pop("refused", "")
     for name, losses in curves.items():
         # The data is a few repeated motifs: 20 steps at lr 5e-3 learn most of it.
         assert sum(losses[-5:]) / 5 < losses[0] - 1.0, (name, losses)
