@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -17,6 +19,9 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+if TYPE_CHECKING:
+    from megatron_patch.models.spec import ModelArgs
 
 
 class Norm(torch.nn.Module):
@@ -54,7 +59,7 @@ class Norm(torch.nn.Module):
         return h.to(dtype)
 
 
-def layer_spec(qk_layernorm: bool = False, args=None) -> ModuleSpec:
+def layer_spec(qk_layernorm: bool = False, args: ModelArgs | None = None) -> ModuleSpec:
     """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules.
 
     `args` (ModelArgs) plugs in the pieces Megatron-Core lacks: ALiBi attention
@@ -104,7 +109,7 @@ def layer_spec(qk_layernorm: bool = False, args=None) -> ModuleSpec:
     return spec
 
 
-def needs_local_layers(args) -> bool:
+def needs_local_layers(args: ModelArgs | None) -> bool:
     """Whether `args` uses pieces that exist only as local (non-TE) modules."""
     return args is not None and (args.position_embedding_type == "alibi"
                                  or args.parallel_attention)
@@ -123,7 +128,8 @@ def transformer_engine_available() -> bool:
 
 
 def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
-               vp_stage: int | None = None, transformer_impl: str = "auto", args=None
+               vp_stage: int | None = None, transformer_impl: str = "auto",
+               args: ModelArgs | None = None
                ) -> TransformerBlockSubmodules:
     """The decoder of this pipeline stage: its layers and the final norm.
 

@@ -57,10 +57,17 @@ CASES = [
                                         new_decoder_architecture=True,
                                         num_ln_in_parallel_attn=1),
          layouts=(Layout(2, 1, sp=True),)),
+    # The old architecture without multi-query (a [q, k, v] block per head), sequential
+    # (parallel_attn: false, as falcon-rw), with biases.
+    Case("falcon_sequential_mha", _native("FalconForCausalLM", **{**FALCON, "bias": True},
+                                          multi_query=False, new_decoder_architecture=False,
+                                          parallel_attn=False)),
     Case("starcoder", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=True),
          layouts=NO_TP),
     Case("gpt_bigcode_mha", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=False)),
     Case("galactica", _native("OPTForCausalLM", **OPT, activation_function="gelu")),
     Case("opt_relu", _native("OPTForCausalLM", **OPT, activation_function="relu"),
          layouts=(Layout(1, 1),)),
+    Case("opt_no_bias", _native("OPTForCausalLM", **{**OPT, "enable_bias": False},
+                                activation_function="relu"), layouts=(Layout(2, 1, sp=True),)),
 ]
