@@ -301,3 +301,50 @@ def test_greedy_generation_with_kv_cache_matches_transformers(piece_models, name
 
 
 assert zoo.all_cases()  # the cases named above exist (duplicate names would fail here)
+
+
+def _scratch_train_export_compare(tokenizer_dir: str, data: str, root: str,
+                                  flags: tuple[str, ...]) -> dict:
+    """From-scratch training with the position-encoding flags, export, and the exported native
+    transformers model's logits against the trained Megatron model's."""
+    import torch
+    import transformers
+
+    from megatron_patch.convert.hf_megatron import megatron_to_hf
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import from_checkpoint
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.loop import Trainer
+
+    save, out = os.path.join(root, "save"), os.path.join(root, "hf")
+    args = parse_args([
+        "--tokenizer-model", tokenizer_dir, "--data-path", data, "--split", "90,10,0",
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--normalization", "LayerNorm", *flags, "--seq-length", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "10",
+        "--lr", "3e-3", "--eval-interval", "1000", "--save", save, "--seed", "5"])
+    losses = [s["loss"] for s in Trainer(args).train()]
+    megatron_to_hf(save, out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf_logits = hf(input_ids=tokens).logits
+    model, meta = from_checkpoint(save)
+    ours = forward_logits([model.eval()], tokens, meta.vocab_size)["logits"]
+    return {"arch": type(hf).__name__, "losses": losses,
+            "max_abs": (ours - hf_logits).abs().max().item()}
+
+
+@pytest.mark.parametrize("flags, arch", [
+    (("--use-alibi-mask",), "BloomForCausalLM"),
+    (("--position-embedding-type", "learned_absolute", "--group-query-attention",
+      "--num-query-groups", "1"), "GPTBigCodeForCausalLM"),
+])
+def test_models_from_scratch_select_the_architecture(piece_models, tmp_path, flags, arch):
+    data = str(tmp_path / "tokens")
+    harness.run(_make_dataset, 1, data)
+    tokenizer = os.path.join(piece_models["bloom"], "hf")
+    (r,) = harness.run(_scratch_train_export_compare, 1, tokenizer, data, str(tmp_path), flags)
+    assert r["arch"] == arch and r["losses"][-1] < r["losses"][0], r
+    # fp32, same weights: summation order only (as the zoo's 1e-4).
+    assert r["max_abs"] <= 1e-4, r

@@ -60,15 +60,21 @@ def lm_forward_step(vocab_size: int) -> Callable:
 def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
     """An HF Llama config.json for a model defined by Megatron-LM architecture flags, written
     through the Llama family's two-way config table."""
+    from megatron_patch.models import scratch
     from megatron_patch.models.families.llama import LLAMA
     from megatron_patch.models.spec import ModelArgs
 
+    other = scratch.hf_config(args, vocab_size)  # ALiBi (BLOOM) or learned positions
+    if other is not None:
+        return other
     llama_like = (args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
                   and args.position_embedding_type == "rope")
     if not llama_like:
         raise ValueError("models built from scratch must be Llama-style for now: pass --swiglu "
                          "--normalization RMSNorm --disable-bias-linear "
-                         "--use-rotary-position-embeddings")
+                         "--use-rotary-position-embeddings (or, with --normalization LayerNorm "
+                         "and biases: --use-alibi-mask for BLOOM-style, "
+                         "--position-embedding-type learned_absolute for GPT-BigCode-style)")
     missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size",
                                                     "num_attention_heads")
                if getattr(args, n) is None]
@@ -165,7 +171,8 @@ class Trainer:
             self.hf_source = args.tokenizer_model
             padded = pad_vocab_size(vocab + args.extra_vocab_size,
                                     args.make_vocab_size_divisible_by * self.tp)
-            self.meta = checkpoint.CheckpointMeta("LlamaForCausalLM", vocab, padded, "float32")
+            self.meta = checkpoint.CheckpointMeta(self.hf_config["architectures"][0], vocab,
+                                                  padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         wanted = args.position_embedding_type
         if args.load and wanted is not None and wanted != self.model_args.position_embedding_type:
