@@ -177,6 +177,11 @@ def _pieces_at_tp2() -> dict:
         torch.distributed.all_reduce(table)
         raw = table[tokens] + emb.position_embeddings.weight[positions + 2]
         want = emb.norm(raw.transpose(0, 1))
+    # Dropout follows the norm: dropped entries stay exactly zero (a norm after the dropout
+    # would move them).
+    dropping = ModelArgs(**{**args.__dict__, "hidden_dropout": 0.5})
+    emb2 = Embedding(transformer_config(dropping), 128, 16, "learned_absolute", norm=True)
+    out["embedding_zeros"] = (emb2.train()(tokens, positions) == 0).float().mean().item()
     out["embedding_rows"] = emb.position_embeddings.weight.shape[0]
     out["embedding_err"] = (got - want).abs().max().item()
     return out
@@ -193,6 +198,7 @@ def test_pieces_equal_hand_computations_at_tp2():
         assert r["parallel1_err"] <= 1e-6 and r["parallel2_err"] <= 1e-6, r
         assert not r["parallel1_has_mlp_norm"] and r["parallel2_has_mlp_norm"], r
         assert r["embedding_rows"] == 16 + 2 and r["embedding_err"] <= 1e-6, r
+        assert 0.3 < r["embedding_zeros"] < 0.7, r
 
 
 # Families exercising the pieces: ALiBi + embedding norm (bloom), ALiBi + q;k;v concat

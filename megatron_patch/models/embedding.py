@@ -13,6 +13,7 @@ embedding after construction, adopting the model's word-embedding module so that
 from __future__ import annotations
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
@@ -22,9 +23,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class Embedding(LanguageModelEmbedding):
     """LanguageModelEmbedding with a position offset and an optional norm on its output.
 
-    The norm is applied to the output [s, b, h] (a sequence-parallel slice under SP, which a
-    per-token norm does not mind), after the embedding dropout; BLOOM, the one model with this
-    norm, has no embedding dropout.
+    The norm is applied to the embeddings [s, b, h] (a sequence-parallel slice under SP, which
+    a per-token norm does not mind), before the embedding dropout.
     """
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
@@ -36,19 +36,28 @@ class Embedding(LanguageModelEmbedding):
         super().__init__(config, vocab_size, max_sequence_length + position_offset,
                          position_embedding_type, **kwargs)
         self.position_offset = position_offset
+        self.norm = None
         if norm:
             from megatron_patch.models.layers import Norm
 
             self.norm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
-        else:
-            self.norm = None
+            # The parent's forward ends with the dropout; here it follows the norm instead.
+            self.dropout_after_norm = self.embedding_dropout
+            self.embedding_dropout = torch.nn.Identity()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 tokentype_ids: int | None = None) -> torch.Tensor:
         if self.add_position_embedding and self.position_offset:
             position_ids = position_ids + self.position_offset
         embeddings = super().forward(input_ids, position_ids, tokentype_ids)
-        return embeddings if self.norm is None else self.norm(embeddings)
+        if self.norm is None:
+            return embeddings
+        embeddings = self.norm(embeddings)
+        if self.config.sequence_parallel:
+            # As the parent does: under SP each rank drops out its own slice of the sequence.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self.dropout_after_norm(embeddings)
+        return self.dropout_after_norm(embeddings)
 
 
 def install(model, *, max_sequence_length: int, position_embedding_type: str,
