@@ -94,6 +94,58 @@ def test_position_encoding_flags():
         kind("--use-alibi-mask", "--position-embedding-type", "rope")
 
 
+# Abridged config.json files of released checkpoints (as published), and what they must become.
+RELEASED = {
+    "bloom-176b": ({"architectures": ["BloomForCausalLM"], "n_embed": 14336,
+                    "num_attention_heads": 112, "n_layer": 70, "vocab_size": 250880,
+                    "layer_norm_epsilon": 1e-5, "slow_but_exact": False,
+                    "apply_residual_connection_post_layernorm": False},
+                   dict(num_attention_heads=112, num_query_groups=112, kv_channels=128,
+                        ffn_hidden_size=4 * 14336, position_embedding_type="alibi",
+                        embedding_norm=True)),
+    "falcon-7b": ({"architectures": ["FalconForCausalLM"], "hidden_size": 4544,
+                   "num_attention_heads": 71, "num_hidden_layers": 32, "multi_query": True,
+                   "new_decoder_architecture": False, "parallel_attn": True, "alibi": False,
+                   "bias": False, "vocab_size": 65024},
+                  dict(num_query_groups=1, kv_channels=64, parallel_attention=True,
+                       parallel_attention_norms=1, add_bias_linear=False, activation="gelu")),
+    "falcon-40b": ({"architectures": ["FalconForCausalLM"], "hidden_size": 8192,
+                    "num_attention_heads": 128, "num_hidden_layers": 60, "num_kv_heads": 8,
+                    "multi_query": True, "new_decoder_architecture": True,
+                    "parallel_attn": True, "alibi": False, "bias": False, "vocab_size": 65024},
+                   dict(num_query_groups=8, kv_channels=64, parallel_attention=True,
+                        parallel_attention_norms=2)),
+    "starcoder": ({"architectures": ["GPTBigCodeForCausalLM"], "n_embd": 6144, "n_head": 48,
+                   "n_layer": 40, "n_inner": 24576, "n_positions": 8192, "multi_query": True,
+                   "activation_function": "gelu_pytorch_tanh", "vocab_size": 49152,
+                   "scale_attn_weights": True},
+                  dict(num_query_groups=1, ffn_hidden_size=24576, max_sequence_length=8192,
+                       position_embedding_type="learned_absolute", activation="gelu_tanh")),
+    "galactica-1.3b": ({"architectures": ["OPTForCausalLM"], "hidden_size": 2048,
+                        "num_attention_heads": 32, "num_hidden_layers": 24, "ffn_dim": 8192,
+                        "max_position_embeddings": 2048, "activation_function": "gelu",
+                        "do_layer_norm_before": True, "word_embed_proj_dim": 2048,
+                        "vocab_size": 50000, "tie_word_embeddings": True},
+                       dict(position_offset=2, activation="gelu", add_bias_linear=True,
+                            share_embeddings_and_output_weights=True)),
+    "baichuan-13b": ({"architectures": ["BaichuanForCausalLM"], "hidden_size": 5120,
+                      "num_attention_heads": 40, "num_hidden_layers": 40,
+                      "intermediate_size": 13696, "vocab_size": 64000, "hidden_act": "silu",
+                      "model_max_length": 4096, "rms_norm_eps": 1e-6},
+                     dict(position_embedding_type="alibi", kv_channels=128, norm_head=False,
+                          share_embeddings_and_output_weights=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_configs(name):
+    from megatron_patch.models import family_for
+
+    config, expected = RELEASED[name]
+    args = family_for(config).model_args(config)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
 def test_multi_query_at_tp2_is_refused_by_the_layout_check():
     from megatron_patch.models import check_layout, family_for
 

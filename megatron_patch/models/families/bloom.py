@@ -8,16 +8,17 @@ per-group layout with one query head per group, so it is copied as it is.
 from __future__ import annotations
 
 from megatron_patch.convert.mapping import Rule
-from megatron_patch.models.families.derived import Derived, tied, with_bias
+from megatron_patch.models.families.derived import Derived, either, tied, with_bias
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
 
-def _hidden(cfg: dict) -> int:
-    # Early BLOOM configs call it n_embed.
-    return cfg["hidden_size"] if "hidden_size" in cfg else cfg["n_embed"]
+# Released BLOOM configs differ: bloom-560m has hidden_size / n_head, bloom (176B) n_embed /
+# num_attention_heads.
+_hidden = either("hidden_size", "n_embed")
+_heads = either("n_head", "num_attention_heads")
 
 
 BLOOM = register(
@@ -25,12 +26,12 @@ BLOOM = register(
         name="bloom",
         architectures=("BloomForCausalLM",),
         config_fields=(
-            ConfigField("n_layer", "num_layers"),
+            Derived("n_layer", "num_layers", either("n_layer", "num_hidden_layers")),
             Derived("hidden_size", "hidden_size", _hidden),
             Derived("hidden_size", "ffn_hidden_size", lambda c: 4 * _hidden(c)),
-            ConfigField("n_head", "num_attention_heads"),
-            ConfigField("n_head", "num_query_groups"),
-            Derived("hidden_size", "kv_channels", lambda c: _hidden(c) // c["n_head"]),
+            Derived("n_head", "num_attention_heads", _heads),
+            Derived("n_head", "num_query_groups", _heads),
+            Derived("hidden_size", "kv_channels", lambda c: _hidden(c) // _heads(c)),
             ConfigField("vocab_size", "vocab_size"),
             # ALiBi has no table: only a default length for training data and generation.
             ConfigField("seq_length", "max_sequence_length", 2048),

@@ -24,6 +24,19 @@ class Derived(ConfigField):
         return self.default(hf_config)
 
 
+def either(*keys: str) -> Any:
+    """A reader of the first of `keys` present in a config (released configs spell some keys
+    in their transformers attribute_map's other name, e.g. BLOOM-176B's num_attention_heads)."""
+
+    def read(cfg: dict[str, Any]) -> Any:
+        for key in keys:
+            if cfg.get(key) is not None:
+                return cfg[key]
+        raise KeyError(f"config.json has none of {list(keys)}")
+
+    return read
+
+
 def activation(key: str, default: str) -> Derived:
     def read(cfg: dict[str, Any]) -> str:
         name = cfg.get(key) or default
