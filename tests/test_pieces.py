@@ -357,7 +357,6 @@ def test_greedy_generation_with_kv_cache_matches_transformers(piece_models, name
     assert tp2[0] == tp2[1] == expected, (tp2, expected)
 
 
-
 def _scratch_train_export_compare(tokenizer_dir: str, data: str, root: str,
                                   flags: tuple[str, ...]) -> dict:
     """From-scratch training with the position-encoding flags, export, and the exported native
