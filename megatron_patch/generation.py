@@ -1,9 +1,10 @@
 """Text generation with a KV cache on Megatron-Core models, with Hugging Face's sampling rules.
 
 Prompts of different lengths are left-padded into one batch; padded key positions are masked.
-RoPE makes attention depend only on relative positions, so a left-padded prompt computes what it
-computes alone. Runs at any TP (every TP rank draws the same token: the logits are gathered and
-the generators are seeded alike); pipeline parallelism is refused.
+RoPE and ALiBi make attention depend only on relative positions, and learned position
+embeddings are read at positions counted from each row's first real token, so a left-padded
+prompt computes what it computes alone. Runs at any TP (every TP rank draws the same token: the
+logits are gathered and the generators are seeded alike); pipeline parallelism is refused.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
             if query > 1:
                 mask = mask | torch.ones(query, length, dtype=torch.bool,
                                          device=device).triu(1)
-            # Each prompt's first real token is position 0, as in transformers (left padding
-            # would otherwise shift learned absolute positions and ALiBi distances).
+            # Each row counts positions from its first real token (left padding shifts them):
+            # learned position tables need this; RoPE and ALiBi are shift-invariant anyway.
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, length - query:]
             logits = model(step_tokens, positions, mask, inference_context=context,
                            runtime_gather_output=True)

@@ -37,6 +37,17 @@ def test_released_baichuan2_7b_config_is_rope_with_norm_head():
         {**BAICHUAN2, "vocab_size": 64000}).norm_head
 
 
+def test_released_baichuan2_13b_config_is_alibi_with_norm_head():
+    # Baichuan2-13B's config states neither: hidden 5120 (not 4096) means ALiBi, vocab 125696
+    # means Baichuan2 (NormHead); Baichuan-13B (vocab 64000) has no NormHead.
+    cfg = {**BAICHUAN2, "hidden_size": 5120, "num_attention_heads": 40,
+           "intermediate_size": 13696, "model_max_length": 4096}
+    args = family_for(cfg).model_args(cfg)
+    assert args.norm_head and args.position_embedding_type == "alibi"
+    v1 = {**cfg, "vocab_size": 64000}
+    assert not family_for(v1).model_args(v1).norm_head
+
+
 def test_chatglm_rope_ratio_scales_the_base():
     family = family_for(CHATGLM)
     args = family.model_args(CHATGLM)

@@ -185,17 +185,25 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage,
-                                          transformer_impl),
+                                          transformer_impl, args),
         vocab_size=padded_vocab_size or args.vocab_size,
         max_sequence_length=args.max_sequence_length,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
+        # ALiBi lives in the attention (models/alibi.py), not in the embedding.
+        position_embedding_type=("none" if args.position_embedding_type == "alibi"
+                                 else args.position_embedding_type),
         rotary_percent=args.rotary_percent,
         vp_stage=vp_stage,
     )
+    if pre_process and (args.position_offset or args.embedding_norm):
+        from megatron_patch.models import embedding
+
+        embedding.install(model, max_sequence_length=args.max_sequence_length,
+                          position_embedding_type=args.position_embedding_type,
+                          position_offset=args.position_offset, norm=args.embedding_norm)
     if args.norm_head and post_process:
         from megatron_patch.models.norm_head import NormHeadLinear
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -17,6 +19,9 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+if TYPE_CHECKING:
+    from megatron_patch.models.spec import ModelArgs
 
 
 class Norm(torch.nn.Module):
@@ -67,11 +72,19 @@ def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
     return get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
 
 
-def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> ModuleSpec:
+def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
+               args: ModelArgs | None = None) -> ModuleSpec:
     """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules.
 
     num_experts: a mixture-of-experts MLP with that many experts instead of a dense one.
+    `args` (ModelArgs) plugs in the pieces Megatron-Core lacks: ALiBi attention
+    (models/alibi.py) and parallel attention + MLP (models/parallel_layer.py).
     """
+    core_attention = DotProductAttention
+    if args is not None and args.position_embedding_type == "alibi":
+        from megatron_patch.models.alibi import AlibiDotProductAttention
+
+        core_attention = AlibiDotProductAttention
     keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if num_experts is None:
         keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
@@ -84,7 +97,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> Mo
         # Transformer Engine's MoE layer keeps its own pre_mlp_layernorm (no fused norm+linear
         # in front of the router): same key here.
         mlp = _moe_mlp_spec(num_experts)
-    return ModuleSpec(
+    spec = ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
@@ -93,7 +106,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> Mo
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=core_attention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=Norm if qk_layernorm else IdentityOp,
                     k_layernorm=Norm if qk_layernorm else IdentityOp,
@@ -108,6 +121,17 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> Mo
             sharded_state_dict_keys_map=keys_map,
         ),
     )
+    if args is not None and args.parallel_attention:
+        from megatron_patch.models.parallel_layer import parallel_layer_spec
+
+        spec = parallel_layer_spec(spec, args.parallel_attention_norms)
+    return spec
+
+
+def needs_local_layers(args: ModelArgs | None) -> bool:
+    """Whether `args` uses pieces that exist only as local (non-TE) modules."""
+    return args is not None and (args.position_embedding_type == "alibi"
+                                 or args.parallel_attention)
 
 
 def transformer_engine_available() -> bool:
@@ -123,15 +147,20 @@ def transformer_engine_available() -> bool:
 
 
 def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
-               vp_stage: int | None = None, transformer_impl: str = "auto"
+               vp_stage: int | None = None, transformer_impl: str = "auto",
+               args: ModelArgs | None = None
                ) -> TransformerBlockSubmodules:
     """The decoder of this pipeline stage: its layers and the final norm.
 
     transformer_impl: "local" (Megatron-Core's own modules), "transformer_engine", or "auto"
     (Transformer Engine when it is importable on a GPU). Both write the same checkpoint keys.
     """
+    if transformer_impl == "transformer_engine" and needs_local_layers(args):
+        raise ValueError("ALiBi and parallel attention layers exist only as local modules; "
+                         "use transformer_impl='local' (or 'auto')")
     use_te = transformer_impl == "transformer_engine" or (
-        transformer_impl == "auto" and transformer_engine_available())
+        transformer_impl == "auto" and transformer_engine_available()
+        and not needs_local_layers(args))
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     if use_te:
         # Not exercised by the CPU test suite: parity under TE needs a GPU run.
@@ -146,6 +175,6 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
             qk_layernorm=qk_layernorm)
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(qk_layernorm, config.num_moe_experts)] * num_layers,
+        layer_specs=[layer_spec(qk_layernorm, config.num_moe_experts, args)] * num_layers,
         layer_norm=Norm,
     )

@@ -112,10 +112,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"],
-                   default="learned_absolute")
+    g.add_argument("--position-embedding-type",
+                   choices=["rope", "learned_absolute", "alibi", "none"], default=None,
+                   help="from scratch: the position encoding; with --load it must agree with "
+                        "the checkpoint's architecture (which decides)")
     g.add_argument("--use-rotary-position-embeddings", action="store_true")
-    g.add_argument("--no-position-embedding", action="store_true")
+    g.add_argument("--use-alibi-mask", action="store_true",
+                   help="same as --position-embedding-type alibi")
+    g.add_argument("--no-position-embedding", action="store_true",
+                   help="same as --position-embedding-type none")
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--extra-vocab-size", type=int, default=0)
@@ -131,8 +136,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.recompute_activations:
         args.recompute_granularity = "selective"
-    if args.use_rotary_position_embeddings:
-        args.position_embedding_type = "rope"
+    implied = {kind for flag, kind in ((args.use_rotary_position_embeddings, "rope"),
+                                       (args.use_alibi_mask, "alibi"),
+                                       (args.no_position_embedding, "none")) if flag}
+    if args.position_embedding_type is not None:
+        implied.add(args.position_embedding_type)
+    if len(implied) > 1:
+        raise ValueError(f"conflicting position encodings requested: {sorted(implied)} "
+                         "(--position-embedding-type, --use-rotary-position-embeddings, "
+                         "--use-alibi-mask, --no-position-embedding)")
+    if implied:
+        args.position_embedding_type = implied.pop()
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive")
     if args.seq_length is None:

@@ -60,15 +60,21 @@ def lm_forward_step(vocab_size: int) -> Callable:
 def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
     """An HF Llama config.json for a model defined by Megatron-LM architecture flags, written
     through the Llama family's two-way config table."""
+    from megatron_patch.models import scratch
     from megatron_patch.models.families.llama import LLAMA
     from megatron_patch.models.spec import ModelArgs
 
+    other = scratch.hf_config(args, vocab_size)  # ALiBi (BLOOM) or learned positions
+    if other is not None:
+        return other
     llama_like = (args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
                   and args.position_embedding_type == "rope")
     if not llama_like:
         raise ValueError("models built from scratch must be Llama-style for now: pass --swiglu "
                          "--normalization RMSNorm --disable-bias-linear "
-                         "--use-rotary-position-embeddings")
+                         "--use-rotary-position-embeddings (or, with --normalization LayerNorm "
+                         "and biases: --use-alibi-mask for BLOOM-style, "
+                         "--position-embedding-type learned_absolute for GPT-BigCode-style)")
     missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size",
                                                     "num_attention_heads")
                if getattr(args, n) is None]
@@ -167,8 +173,15 @@ class Trainer:
             self.hf_source = args.tokenizer_model
             padded = pad_vocab_size(vocab + args.extra_vocab_size,
                                     args.make_vocab_size_divisible_by * self.tp)
-            self.meta = checkpoint.CheckpointMeta("LlamaForCausalLM", vocab, padded, "float32")
+            self.meta = checkpoint.CheckpointMeta(self.hf_config["architectures"][0], vocab,
+                                                  padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
+        wanted = args.position_embedding_type
+        if args.load and wanted is not None and wanted != self.model_args.position_embedding_type:
+            raise ValueError(f"--position-embedding-type {wanted} (or --use-alibi-mask / "
+                             f"--use-rotary-position-embeddings) disagrees with the checkpoint "
+                             f"{args.load}, whose architecture uses "
+                             f"{self.model_args.position_embedding_type}")
         self.vocab_size = self.meta.vocab_size
         if args.load and self.vocab_size + args.extra_vocab_size > self.meta.padded_vocab_size:
             # The checkpoint fixes the embedding rows: EXTRA_VOCAB_SIZE rows are made when

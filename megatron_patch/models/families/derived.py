@@ -1,0 +1,59 @@
+"""Config fields and weight rules shared by the GPT-2-lineage families (BLOOM, Falcon,
+GPT-BigCode, OPT): model arguments computed from a config, and linears/norms with biases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_patch.convert.mapping import Rule
+from megatron_patch.models.spec import ConfigField
+
+# HF activation names -> ModelArgs.activation. gelu_new / gelu_fast / gelu_pytorch_tanh all
+# compute GELU's tanh approximation (they differ only in float rounding).
+ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+@dataclass(frozen=True)
+class Derived(ConfigField):
+    """A model argument computed from the whole config (`default`), never read from one key.
+    `hf` names what it is derived from, for messages."""
+
+    def read(self, hf_config: dict[str, Any]) -> Any:
+        return self.default(hf_config)
+
+
+def either(*keys: str) -> Any:
+    """A reader of the first of `keys` present in a config (released configs spell some keys
+    in their transformers attribute_map's other name, e.g. BLOOM-176B's num_attention_heads)."""
+
+    def read(cfg: dict[str, Any]) -> Any:
+        for key in keys:
+            if cfg.get(key) is not None:
+                return cfg[key]
+        raise KeyError(f"config.json has none of {list(keys)}")
+
+    return read
+
+
+def activation(key: str, default: str) -> Derived:
+    def read(cfg: dict[str, Any]) -> str:
+        name = cfg.get(key) or default
+        if name not in ACTIVATIONS:
+            raise ValueError(f"config.json {key}={name!r} is not supported; supported: "
+                             f"{sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[name]
+
+    return Derived(key, "activation", read)
+
+
+def with_bias(megatron: str, hf: str, bias: bool = True) -> tuple[Rule, ...]:
+    """A linear layer or LayerNorm: its weight and (if `bias`) its bias, copied."""
+    rules = (Rule(f"{megatron}.weight", f"{hf}.weight"),)
+    return rules + ((Rule(f"{megatron}.bias", f"{hf}.bias"),) if bias else ())
+
+
+def tied(default: bool = True):
+    """`when` for an output layer that exists only when untied."""
+    return lambda cfg: not cfg.get("tie_word_embeddings", default)

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Galactica / OPT (OPTForCausalLM: learned positions with offset 2, pre-LN only) checkpoints; the family comes from config.json.
+# MEGATRON_PATH SOURCE_DIR TARGET_DIR TP PP MODEL_NAME EXTRA_VOCAB_SIZE MG2HF
+exec bash "$(dirname "$0")/../common/model_convertor.sh" "$@"
