@@ -3,13 +3,11 @@ against their native transformers classes.
 
 These families have biases, which transformers initialises to zero: the builders here give every
 bias random values, so a bias that is dropped or misplaced changes the logits. Multi-query
-models (one KV head) cannot be split by Megatron-Core's tensor parallelism (query groups must
-divide TP), so their cases run at TP=1 only; grouped/multi-head variants cover TP=2 with SP.
+models (one KV head) are built with their KV head copied gcd(heads, 8) times (here 4), so that
+TP=2 splits them too.
 """
 
 from zoo import Case, Layout, native
-
-NO_TP = (Layout(1, 1), Layout(1, 2))
 
 
 def with_random_biases(build):
@@ -47,8 +45,7 @@ CASES = [
     Case("bloom", _native("BloomForCausalLM", **BLOOM)),
     # Falcon-7B style: one shared input LayerNorm, multi-query.
     Case("falcon7b_style", _native("FalconForCausalLM", **FALCON, multi_query=True,
-                                   new_decoder_architecture=False, parallel_attn=True),
-         layouts=NO_TP),
+                                   new_decoder_architecture=False, parallel_attn=True)),
     # Falcon-40B style: ln_attn + ln_mlp, 2 KV groups.
     Case("falcon40b_style", _native("FalconForCausalLM", **FALCON, num_kv_heads=2,
                                     new_decoder_architecture=True)),
@@ -62,8 +59,7 @@ CASES = [
     Case("falcon_sequential_mha", _native("FalconForCausalLM", **{**FALCON, "bias": True},
                                           multi_query=False, new_decoder_architecture=False,
                                           parallel_attn=False)),
-    Case("starcoder", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=True),
-         layouts=NO_TP),
+    Case("starcoder", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=True)),
     Case("gpt_bigcode_mha", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=False)),
     Case("galactica", _native("OPTForCausalLM", **OPT, activation_function="gelu")),
     Case("opt_relu", _native("OPTForCausalLM", **OPT, activation_function="relu"),
