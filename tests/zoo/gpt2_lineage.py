@@ -33,7 +33,9 @@ BLOOM = dict(vocab_size=1000, hidden_size=96, n_layer=4, n_head=6, layer_norm_ep
 FALCON = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
               max_position_embeddings=256, rope_theta=10000.0, bias=False, alibi=False)
 BIGCODE = dict(vocab_size=1000, n_embd=64, n_layer=4, n_head=4, n_positions=256,
-               activation_function="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0)
+               activation_function="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0,
+               # No dropout, so that training curves can be compared across layouts.
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 OPT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
            ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64,
            do_layer_norm_before=True, enable_bias=True,
