@@ -248,7 +248,7 @@ def _pieces_at_tp2() -> dict:
     for norms in (1, 2):
         a = ModelArgs(**{**args.__dict__, "parallel_attention": True,
                          "parallel_attention_norms": norms})
-        layer = build_module(layer_spec(False, a), config=config, layer_number=1).eval()
+        layer = build_module(layer_spec(False, args=a), config=config, layer_number=1).eval()
         with torch.no_grad():
             for p in layer.parameters():
                 p.uniform_(-0.3, 0.3)

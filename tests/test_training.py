@@ -118,6 +118,51 @@ def test_resume_is_exact(llama_models, tmp_path):
     other = harness.run(_train, 2, save, data, iters=20, tp=2, sp=True)[0]
     diff = max(abs(a - b) for a, b in zip(other, straight[10:], strict=True))
     assert diff <= 1e-5, (other, straight[10:])
+    # Its (plain) optimizer state does not load into the distributed optimizer.
+    (message,) = harness.run(_load_error, 1, save, data, do=True)
+    assert "saved without --use-distributed-optimizer" in message, message
+
+
+def _load_error(*args, **kwargs) -> str:
+    from megatron_patch.training.loop import Trainer
+
+    try:
+        Trainer(_args(*args, **kwargs))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _stopped_at(save: str, iteration: int) -> None:
+    """Point the tracker at an earlier checkpoint, as if the run had stopped after saving it."""
+    from megatron_patch import checkpoint
+
+    with open(os.path.join(save, checkpoint.TRACKER), "w") as f:
+        f.write(f"{iteration}\n")
+
+
+def test_distributed_optimizer_resume_is_exact(llama_models, tmp_path):
+    """With --use-distributed-optimizer (on torch Adam here: no apex/TE), at (TP,DP) = (1,2) and
+    (2,2): 10 straight iterations (saving at 5) equal 5 + 5 resumed in new processes."""
+    data = str(tmp_path / "tokens")
+    harness.run(_make_dataset, 1, data)
+    ckpt = os.path.join(llama_models["llama2"], "mcore")
+    dp2, tp2dp2 = str(tmp_path / "dp2"), str(tmp_path / "tp2dp2")
+    straight = harness.run(_train, 2, ckpt, data, do=True, save=dp2, save_interval=5)[0]
+    straight_tp2 = harness.run(_train, 4, ckpt, data, tp=2, do=True, save=tp2dp2,
+                               save_interval=5)[0]
+    _stopped_at(dp2, 5)
+    _stopped_at(tp2dp2, 5)
+    # Same layout: bit-exact (Adam moments, main params, step count, RNG and data position).
+    assert harness.run(_train, 2, dp2, data, do=True)[0] == straight[5:]
+    assert harness.run(_train, 4, tp2dp2, data, tp=2, do=True)[0] == straight_tp2[5:]
+    # Resharded to (TP,PP,DP) = (1,2,1) (fully_reshardable state): fp32 reduction-order noise.
+    other = harness.run(_train, 2, tp2dp2, data, pp=2, do=True)[0]
+    diff = max(abs(a - b) for a, b in zip(other, straight_tp2[5:], strict=True))
+    assert diff <= 1e-5, (other, straight_tp2[5:])
+    # The distributed optimizer's state does not load into the plain one.
+    (message,) = harness.run(_load_error, 1, dp2, data)
+    assert "saved with --use-distributed-optimizer" in message, message
 
 
 def _killed_during_second_save(ckpt: str, data: str, save: str) -> None:
@@ -246,3 +291,5 @@ def test_bf16_and_fp16_with_dynamic_loss_scaling(llama_models, tmp_path):
     assert fp16[0]["loss_scale"] <= 4096 and not all(s["skipped"] for s in fp16), fp16
     # The skipped (overflowing) first steps leave fewer updates: a smaller drop.
     assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1, fp16
+
+

@@ -25,7 +25,7 @@ from megatron_patch.models import (
     pad_vocab_size,
     transformer_config,
 )
-from megatron_patch.training import data, kv_replicas
+from megatron_patch.training import data, kv_replicas, optim_state
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -457,6 +457,7 @@ class Trainer:
         model_sd = self.model.module.sharded_state_dict()
         state: dict[str, Any] = {"model": model_sd}
         if optimizer:
+            optim_state.ensure_adam_state(self.optimizer)
             state["optimizer"] = self.optimizer.sharded_state_dict(
                 model_sd, is_loading=loading, metadata=self._OPTIM_METADATA)
         if rng:
@@ -511,13 +512,20 @@ class Trainer:
             raise ValueError(f"{a.load} was saved at --expert-model-parallel-size {saved_ep}; "
                              f"its optimizer state cannot resume at {self.ep}: resume at "
                              f"{saved_ep}, or pass --no-load-optim or --finetune")
+        saved_do = optim_state.saved_distributed(common.get("optimizer"))
+        if saved_do not in (None, a.use_distributed_optimizer) and not a.no_load_optim:
+            # The two keep differently shaped state (Megatron-Core converts neither way).
+            saved = "with" if saved_do else "without"
+            raise ValueError(f"{a.load} was saved {saved} --use-distributed-optimizer: resume "
+                             f"{saved} it, or pass --no-load-optim or --finetune (its optimizer "
+                             "state cannot load into the other optimizer)")
         same_layout = list(common.get("parallel_layout", [])) == [self.tp, self.pp, self.dp]
         load_rng = same_layout and not a.no_load_rng
         state = checkpoint.load(a.load, self._state(True, not a.no_load_optim, load_rng),
                                 iteration)
         self.model.module.load_state_dict(state["model"])
         if not a.no_load_optim:
-            self.optimizer.load_state_dict(state["optimizer"])
+            optim_state.load(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["opt_param_scheduler"])
         if load_rng:
             rng = state["rng_state"]
