@@ -169,6 +169,21 @@ def test_multi_query_kv_head_is_replicated_so_tp_can_split_it():
     assert family_for(falcon40b).model_args(falcon40b).kv_replicas == 1
 
 
+def test_distributed_optimizer_with_data_parallel_is_refused_for_replicated_kv():
+    """It shards the reduced gradients over DP ranks, so no rank could sum a head's copies."""
+    from megatron_patch.models import family_for
+    from megatron_patch.training.kv_replicas import finalize_model_grads_func
+
+    cfg = {"architectures": ["GPTBigCodeForCausalLM"], "n_layer": 2, "n_embd": 64, "n_head": 4,
+           "vocab_size": 1000, "n_positions": 64, "multi_query": True}
+    args = family_for(cfg).model_args(cfg)
+    assert finalize_model_grads_func(print, args, True, 1) is not print
+    with pytest.raises(ValueError, match="--use-distributed-optimizer with data parallel"):
+        finalize_model_grads_func(print, args, True, 2)
+    mha = family_for({**cfg, "multi_query": False}).model_args({**cfg, "multi_query": False})
+    assert finalize_model_grads_func(print, mha, True, 2) is print
+
+
 @pytest.mark.parametrize("kind", ["qkv", "qkv_concat", "qkv_grouped"])
 def test_replicated_kv_layout_is_grouped_query_attention_with_repeated_kv(kind):
     """Replicating one KV head R times is the grouped-query layout whose R KV heads all equal
