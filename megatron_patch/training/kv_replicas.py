@@ -25,7 +25,8 @@ def _qkv_params(model_chunks: list[torch.nn.Module]) -> Iterator[torch.nn.Parame
                 # Only these two: a Transformer Engine linear_qkv also holds the input norm.
                 for attr in ("weight", "bias"):
                     p = getattr(module, attr, None)
-                    if isinstance(p, torch.nn.Parameter):
+                    # (Transformer Engine may hold an empty bias when there is none.)
+                    if isinstance(p, torch.nn.Parameter) and p.numel():
                         yield p
 
 
