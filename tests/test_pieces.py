@@ -6,6 +6,7 @@ that use them (tests/zoo/gpt2_lineage.py, tests/zoo/baichuan_alibi.py).
 from __future__ import annotations
 
 import os
+import shutil
 
 import harness
 import pytest
@@ -143,14 +144,79 @@ def test_released_configs(name):
     assert {k: getattr(args, k) for k in expected} == expected
 
 
-def test_multi_query_at_tp2_is_refused_by_the_layout_check():
+def test_multi_query_kv_head_is_replicated_so_tp_can_split_it():
     from megatron_patch.models import check_layout, family_for
 
     cfg = {"architectures": ["GPTBigCodeForCausalLM"], "n_layer": 2, "n_embd": 64, "n_head": 4,
            "vocab_size": 1000, "n_positions": 64, "multi_query": True}
     args = family_for(cfg).model_args(cfg)
-    with pytest.raises(ValueError, match="query groups"):
-        check_layout(args, 1024, 2, 1)
+    assert (args.num_query_groups, args.kv_replicas, args.megatron_query_groups) == (1, 4, 4)
+    check_layout(args, 1024, 2, 1)
+    check_layout(args, 1024, 4, 1)
+    with pytest.raises(ValueError, match="4 identical copies"):
+        check_layout(args, 1024, 8, 1)
+    # Released configs: StarCoder's 48 heads get 8 groups; Falcon-7B's 71 heads have no
+    # factor from 2 to 8, so its one KV head cannot be split: refused, saying why.
+    starcoder = RELEASED["starcoder"][0]
+    assert family_for(starcoder).model_args(starcoder).megatron_query_groups == 8
+    falcon7b = RELEASED["falcon-7b"][0]
+    args = family_for(falcon7b).model_args(falcon7b)
+    assert args.kv_replicas == 1
+    with pytest.raises(ValueError, match="multi-query attention.*TP=1 only"):
+        check_layout(args, 65024, 2, 1)
+    # Grouped-query models keep their groups.
+    falcon40b = RELEASED["falcon-40b"][0]
+    assert family_for(falcon40b).model_args(falcon40b).kv_replicas == 1
+
+
+def test_distributed_optimizer_with_data_parallel_is_refused_for_replicated_kv():
+    """It shards the reduced gradients over DP ranks, so no rank could sum a head's copies."""
+    from megatron_patch.models import family_for
+    from megatron_patch.training.kv_replicas import finalize_model_grads_func
+
+    cfg = {"architectures": ["GPTBigCodeForCausalLM"], "n_layer": 2, "n_embd": 64, "n_head": 4,
+           "vocab_size": 1000, "n_positions": 64, "multi_query": True}
+    args = family_for(cfg).model_args(cfg)
+    assert finalize_model_grads_func(print, args, True, 1) is not print
+    with pytest.raises(ValueError, match="--use-distributed-optimizer with data parallel"):
+        finalize_model_grads_func(print, args, True, 2)
+    mha = family_for({**cfg, "multi_query": False}).model_args({**cfg, "multi_query": False})
+    assert finalize_model_grads_func(print, mha, True, 2) is print
+
+
+@pytest.mark.parametrize("kind", ["qkv", "qkv_concat", "qkv_grouped"])
+def test_replicated_kv_layout_is_grouped_query_attention_with_repeated_kv(kind):
+    """Replicating one KV head R times is the grouped-query layout whose R KV heads all equal
+    it (each query head reads KV head i // (heads / R), as transformers' repeat_kv); export
+    takes one copy back only while all copies are bit-identical."""
+    import torch
+
+    from megatron_patch.convert import engine
+    from megatron_patch.convert.mapping import TRANSFORMS, Binding, Dims
+
+    heads, d, hidden, r = 8, 3, 5, 4
+    mqa = Dims(num_layers=1, num_attention_heads=heads, num_query_groups=1, kv_channels=d,
+               vocab_size=10, padded_vocab_size=10, kv_replicas=r)
+    gqa = Dims(num_layers=1, num_attention_heads=heads, num_query_groups=r, kv_channels=d,
+               vocab_size=10, padded_vocab_size=10)
+    q, k, v = torch.randn(heads * d, hidden), torch.randn(d, hidden), torch.randn(d, hidden)
+    hf = {"qkv": [q, k, v], "qkv_concat": [torch.cat([q, k, v])],
+          # One group: Megatron's per-group layout is all query heads, then k, then v.
+          "qkv_grouped": [torch.cat([q, k, v])]}[kind]
+    fused = TRANSFORMS[kind].to_megatron(hf, mqa)
+    want = TRANSFORMS["qkv"].to_megatron([q, k.repeat(r, 1), v.repeat(r, 1)], gqa)
+    assert torch.equal(fused, want)
+    back = TRANSFORMS[kind].to_hf(fused, mqa)
+    assert len(back) == len(hf) and all(torch.equal(a, b) for a, b in zip(back, hf, strict=True))
+
+    # One copy of v that drifted by one ulp: refused, naming the tensor.
+    tampered = fused.clone()
+    last_v = fused.shape[0] - 1
+    tampered[last_v, 0] = torch.nextafter(tampered[last_v, 0], torch.tensor(1e9))
+    binding = Binding("decoder.layers.0.self_attention.linear_qkv.weight", ("x",) * len(hf),
+                      TRANSFORMS[kind])
+    with pytest.raises(engine.ConversionError, match="linear_qkv.weight.*copies .* differ"):
+        list(engine.megatron_to_hf([binding], mqa, lambda name: tampered))
 
 
 def _pieces_at_tp2() -> dict:
@@ -253,7 +319,7 @@ def test_pieces_equal_hand_computations_at_tp2():
 # Families exercising the pieces: ALiBi + embedding norm (bloom), ALiBi + q;k;v concat
 # (baichuan), parallel layers with two and one norms (falcon), learned positions with offset.
 TRAINED = ["bloom", "baichuan13b_alibi", "falcon40b_style", "falcon_new_one_norm", "galactica"]
-GENERATED = ["bloom", "falcon40b_style", "galactica", "gpt_bigcode_mha"]
+GENERATED = ["bloom", "falcon40b_style", "galactica", "gpt_bigcode_mha", "starcoder"]
 
 
 @pytest.fixture(scope="module")
@@ -299,12 +365,13 @@ def _curves(ckpts: dict[str, str], data: str, **layout) -> dict[str, list[float]
 
 def test_loss_curves_agree_across_layouts(piece_models, tmp_path):
     """The new parameters (embedding norm, per-branch norms, offset position table, tied
-    embeddings across pipeline stages) get the same gradients at every layout: a norm weight
-    whose sequence-parallel gradient were not summed over TP would drift at once."""
+    embeddings across pipeline stages, a multi-query KV head replicated 4 times, whose copies
+    sit on both TP ranks at TP=2) get the same gradients at every layout: a norm weight whose
+    sequence-parallel gradient were not summed over TP would drift at once."""
     data = str(tmp_path / "tokens")
     harness.run(_make_dataset, 1, data)
     ckpts = {n: os.path.join(piece_models[n], "mcore")
-             for n in ("bloom", "falcon40b_style", "galactica")}
+             for n in ("bloom", "falcon40b_style", "galactica", "starcoder")}
     reference = harness.run(_curves, 1, ckpts, data)[0]
     layouts = {"tp2_sp": harness.run(_curves, 2, ckpts, data, tp=2, sp=True)[0],
                "pp2": harness.run(_curves, 2, ckpts, data, pp=2)[-1]}
@@ -313,6 +380,79 @@ def test_loss_curves_agree_across_layouts(piece_models, tmp_path):
             # fp32, 10 Adam steps: summation order alone stays below 1e-5 (as for Llama).
             diff = max(abs(a - b) for a, b in zip(curve, reference[name], strict=True))
             assert len(curve) == 10 and diff <= 1e-5, (layout, name, diff)
+
+
+def _train_replicated(ckpt: str, data: str, root: str) -> None:
+    """TP=2 + SP training of a replicated multi-query model; and the same without the sum over
+    KV copies (the control: its copies drift apart)."""
+    from unittest import mock
+
+    from megatron_patch.training import kv_replicas
+    from megatron_patch.training.loop import Trainer
+
+    for name, sum_grads in (("summed", kv_replicas.sum_copy_grads),
+                            ("unsummed", lambda model, args: None)):
+        with mock.patch.object(kv_replicas, "sum_copy_grads", sum_grads):
+            # The distributed optimizer (DP=1 here) reads the summed gradient buffers too.
+            Trainer(_args(ckpt, data, iters=5, tp=2, sp=True, do=True, lr=5e-3,
+                          save=os.path.join(root, name))).train()
+
+
+def _export_each(root: str) -> dict[str, str]:
+    from megatron_patch.convert.hf_megatron import megatron_to_hf
+
+    out = {}
+    for name in ("summed", "unsummed"):
+        try:
+            megatron_to_hf(os.path.join(root, name), os.path.join(root, name + "_hf"))
+            out[name] = "exported"
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_replicated_kv_copies_stay_identical_in_training(piece_models, tmp_path):
+    data = str(tmp_path / "tokens")
+    harness.run(_make_dataset, 1, data)
+    ckpt = os.path.join(piece_models["starcoder"], "mcore")
+    harness.run(_train_replicated, 2, ckpt, data, str(tmp_path))
+    (r,) = harness.run(_export_each, 1, str(tmp_path))
+    # Export checks every copy bit for bit (convert/mapping.py merge_kv).
+    assert r["summed"] == "exported", r
+    assert "copies of each KV head differ" in r["unsummed"], r
+
+
+def _curve_with_replicas(root: str, data: str, replicate: bool) -> list[float]:
+    from unittest import mock
+
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+    from megatron_patch.models import spec
+    from megatron_patch.training.loop import Trainer
+
+    rule = spec.kv_replicas if replicate else (lambda heads, groups: 1)
+    ckpt = os.path.join(root, "mcore" if replicate else "mcore_unreplicated")
+    with mock.patch.object(spec, "kv_replicas", rule):
+        if not replicate:
+            hf_to_megatron(os.path.join(root, "hf"), ckpt)
+        # Without clipping: the gradient norm counts each KV copy (see README).
+        trainer = Trainer(_args(ckpt, data, extra=("--clip-grad", "0")))
+        return [s["loss"] for s in trainer.train()]
+
+
+def test_replicated_kv_trains_as_the_original_model(piece_models, tmp_path):
+    """Each copy's update is the original KV head's (the sum of the copies' gradients): the
+    replicated model (4 copies) follows the unreplicated one's loss curve. Without the sum the
+    curves part by ~5e-3 within 10 steps. (Adam would hide a mean instead of the sum: the
+    scale of a gradient hardly changes its update.)"""
+    data = str(tmp_path / "tokens")
+    harness.run(_make_dataset, 1, data)
+    root = str(tmp_path / "starcoder")
+    shutil.copytree(piece_models["starcoder"], root)
+    (replicated,) = harness.run(_curve_with_replicas, 1, root, data, True)
+    (original,) = harness.run(_curve_with_replicas, 1, root, data, False)
+    diff = max(abs(a - b) for a, b in zip(replicated, original, strict=True))
+    # fp32, 10 Adam steps: summation order only (measured 5e-7).
+    assert len(original) == 10 and diff <= 1e-5, (diff, replicated, original)
 
 
 PROMPTS = [[5, 17, 99], [1, 300, 42, 7, 8, 250, 13], [9] * 12]

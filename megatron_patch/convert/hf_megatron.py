@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 def _dims(args: ModelArgs, padded_vocab_size: int) -> Dims:
     return Dims(num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
                 num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
-                vocab_size=args.vocab_size, padded_vocab_size=padded_vocab_size)
+                vocab_size=args.vocab_size, padded_vocab_size=padded_vocab_size,
+                kv_replicas=args.kv_replicas)
 
 
 def hf_expected_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:

@@ -28,6 +28,52 @@ class Dims:
     kv_channels: int
     vocab_size: int
     padded_vocab_size: int
+    # Copies of each HF KV head in Megatron's fused linear_qkv (ModelArgs.kv_replicas);
+    # num_query_groups above is the HF count.
+    kv_replicas: int = 1
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype.is_floating_point:
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+    return torch.equal(a, b)
+
+
+def replicate_kv(fused: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """Megatron's per-group fused qkv with the HF group count -> the same with every KV head
+    copied `kv_replicas` times, each copy serving a contiguous share of its group's query heads
+    (so the model computes the same function)."""
+    r = dims.kv_replicas
+    if r == 1:
+        return fused
+    groups, d = dims.num_query_groups, dims.kv_channels
+    per_group = dims.num_attention_heads // groups
+    rest = fused.shape[1:]
+    x = fused.reshape(groups, per_group + 2, d, *rest)
+    q = x[:, :per_group].reshape(groups, r, per_group // r, d, *rest)
+    kv = x[:, per_group:].unsqueeze(1).expand(groups, r, 2, d, *rest)
+    return torch.cat([q, kv], dim=2).reshape(-1, *rest)
+
+
+def merge_kv(fused: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """The inverse of `replicate_kv`, refusing (ValueError) unless all copies of each KV head
+    are bit-identical: a copy that differs would otherwise be dropped silently."""
+    r = dims.kv_replicas
+    if r == 1:
+        return fused
+    groups, d = dims.num_query_groups, dims.kv_channels
+    per_copy = dims.num_attention_heads // (groups * r)
+    rest = fused.shape[1:]
+    x = fused.reshape(groups, r, per_copy + 2, d, *rest)
+    kv = x[:, :, per_copy:]
+    for copy in range(1, r):
+        if not _same_bits(kv[:, copy], kv[:, 0]):
+            diff = (kv[:, copy].double() - kv[:, 0].double()).abs().max().item()
+            raise ValueError(f"the {r} copies of each KV head differ (copy {copy} vs 0: max "
+                             f"|diff| {diff:.3g}); exporting one would drop the others")
+    q = x[:, :, :per_copy].reshape(groups, r * per_copy, d, *rest)
+    return torch.cat([q, kv[:, 0]], dim=1).reshape(-1, *rest)
 
 
 class Transform:
@@ -83,9 +129,10 @@ class FuseQKV(Transform):
         q = q.reshape(groups, heads_per_group * d, *rest)
         k = k.reshape(groups, d, *rest)
         v = v.reshape(groups, d, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+        return replicate_kv(torch.cat([q, k, v], dim=1).reshape(-1, *rest), dims)
 
     def to_hf(self, megatron, dims):
+        megatron = merge_kv(megatron, dims)
         groups, d = dims.num_query_groups, dims.kv_channels
         heads_per_group = dims.num_attention_heads // groups
         rest = megatron.shape[1:]
@@ -116,6 +163,18 @@ class ConcatQKV(Transform):
         return [torch.cat(FuseQKV().to_hf(megatron, dims), dim=0)]
 
 
+class GroupedQKV(Transform):
+    """An HF fused qkv already in Megatron's per-group layout for the HF group count
+    (GPT-BigCode c_attn, Falcon query_key_value): copied, with KV heads replicated as needed."""
+
+    def to_megatron(self, hf, dims):
+        (tensor,) = hf
+        return replicate_kv(tensor, dims)
+
+    def to_hf(self, megatron, dims):
+        return [merge_kv(megatron, dims)]
+
+
 class Concat(Transform):
     """Several HF tensors stacked along dim 0 (e.g. SwiGLU [gate; up] into linear_fc1)."""
 
@@ -139,6 +198,7 @@ TRANSFORMS: dict[str, Transform] = {
     "vocab": Vocab(),
     "qkv": FuseQKV(),
     "qkv_concat": ConcatQKV(),
+    "qkv_grouped": GroupedQKV(),
     "gate_up": GateUp(),
 }
 

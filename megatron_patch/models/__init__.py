@@ -50,7 +50,7 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
     """Refuse a parallel layout that cannot split this model, before any work is done."""
     problems = []
     sizes = [("num_attention_heads", args.num_attention_heads),
-             ("num_key_value_heads (query groups)", args.num_query_groups),
+             ("query groups", args.megatron_query_groups),
              ("padded vocab size", padded_vocab_size)]
     if args.num_moe_experts is None:
         sizes.append(("intermediate_size", args.ffn_hidden_size))
@@ -69,6 +69,17 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
     for what, n in sizes:
         if n % tp:
             problems.append(f"{what}={n} is not divisible by tensor parallel size {tp}")
+    if args.megatron_query_groups % tp:
+        if args.kv_replicas > 1:
+            problems.append(f"(its {args.num_query_groups} KV head is built as "
+                            f"{args.kv_replicas} identical copies, gcd(num_attention_heads="
+                            f"{args.num_attention_heads}, 8); use TP <= {args.kv_replicas})")
+        elif args.num_query_groups == 1:
+            problems.append(f"(multi-query attention: the one KV head can be copied only into "
+                            f"a number of groups dividing num_attention_heads="
+                            f"{args.num_attention_heads}, and none from 2 to 8 does: TP=1 only)")
+        else:
+            problems.append(f"(num_key_value_heads={args.num_query_groups}: TP must divide it)")
     stages = pp * (vpp or 1)
     if args.num_layers % stages:
         problems.append(
@@ -98,7 +109,7 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
+        num_query_groups=args.megatron_query_groups,
         kv_channels=args.kv_channels,
         layernorm_epsilon=args.layernorm_epsilon,
         normalization=args.normalization,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megatron_patch.convert.mapping import Rule
@@ -82,6 +82,14 @@ class ModelArgs:
     moe_router_pre_softmax: bool = False
     # Load-balancing loss weight for training; it adds gradients only, never changes logits.
     moe_aux_loss_coeff: float = 0.0
+    # Each of the num_query_groups KV heads (HF's count) is built this many times in Megatron,
+    # so that tensor parallelism can split the groups (see kv_replicas below).
+    kv_replicas: int = 1
+
+    @property
+    def megatron_query_groups(self) -> int:
+        """The query groups of the Megatron model: the HF KV heads times their copies."""
+        return self.num_query_groups * self.kv_replicas
 
 
 @dataclass(frozen=True)
@@ -115,12 +123,34 @@ class FamilySpec:
                     f"{self.name}: config.json {key}={hf_config[key]!r} is not supported"
                 )
         values = {f.megatron: f.read(hf_config) for f in self.config_fields}
-        return ModelArgs(**self.constants, **values)
+        args = ModelArgs(**self.constants, **values)
+        return replace(args, kv_replicas=kv_replicas(args.num_attention_heads,
+                                                     args.num_query_groups))
 
     def hf_config_updates(self, args: ModelArgs) -> dict[str, Any]:
         """The reverse direction: HF config.json entries for a model built from Megatron args."""
         return {f.hf: getattr(args, f.megatron) if f.to_hf is None else f.to_hf(
             getattr(args, f.megatron)) for f in self.config_fields}
+
+
+# Megatron-Core splits whole query groups over tensor parallel ranks; one KV head is copied into
+# up to this many groups so that TP up to 8 can split a multi-query model.
+KV_REPLICATION_TARGET = 8
+
+
+def kv_replicas(num_attention_heads: int, num_query_groups: int) -> int:
+    """How many copies of each KV head the Megatron model holds.
+
+    Multi-query attention (one KV head) gets gcd(heads, 8) copies, each serving a contiguous
+    share of the query heads: the model computes exactly the same function, and TP can split
+    the groups (48 heads: 8 groups; 6 heads: 2; Falcon-7B's 71 heads: 1, so no TP > 1).
+    Training keeps the copies identical (training/kv_replicas.py) and export checks they are.
+    Grouped-query models keep their groups: copies would cost KV cache and compute at every
+    layout, while they already split up to TP = groups.
+    """
+    if num_query_groups != 1:
+        return 1
+    return math.gcd(num_attention_heads, KV_REPLICATION_TARGET)
 
 
 def head_dim(hf_config: dict[str, Any]) -> int:

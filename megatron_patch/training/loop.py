@@ -25,7 +25,7 @@ from megatron_patch.models import (
     pad_vocab_size,
     transformer_config,
 )
-from megatron_patch.training import data, optim_state
+from megatron_patch.training import data, kv_replicas, optim_state
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -213,9 +213,13 @@ class Trainer:
             overlap_grad_reduce=args.overlap_grad_reduce,
             use_distributed_optimizer=args.use_distributed_optimizer,
         )
+        # A multi-query model's replicated KV heads start identical (a loaded checkpoint's
+        # are already; this matters from scratch) and stay so (training/kv_replicas.py).
+        kv_replicas.tie_copies([module], self.model_args)
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config,
                                              module=module)
-        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.finalize_model_grads_func = kv_replicas.finalize_model_grads_func(
+            finalize_model_grads, self.model_args, args.use_distributed_optimizer, self.dp)
         self.config.no_sync_func = self.model.no_sync
 
     def _setup_optimizer(self, warmup_iters: int) -> None:

@@ -3,13 +3,11 @@ against their native transformers classes.
 
 These families have biases, which transformers initialises to zero: the builders here give every
 bias random values, so a bias that is dropped or misplaced changes the logits. Multi-query
-models (one KV head) cannot be split by Megatron-Core's tensor parallelism (query groups must
-divide TP), so their cases run at TP=1 only; grouped/multi-head variants cover TP=2 with SP.
+models (one KV head) are built with their KV head copied gcd(heads, 8) times (here 4), so that
+TP=2 splits them too.
 """
 
 from zoo import Case, Layout, native
-
-NO_TP = (Layout(1, 1), Layout(1, 2))
 
 
 def with_random_biases(build):
@@ -35,7 +33,9 @@ BLOOM = dict(vocab_size=1000, hidden_size=96, n_layer=4, n_head=6, layer_norm_ep
 FALCON = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
               max_position_embeddings=256, rope_theta=10000.0, bias=False, alibi=False)
 BIGCODE = dict(vocab_size=1000, n_embd=64, n_layer=4, n_head=4, n_positions=256,
-               activation_function="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0)
+               activation_function="gelu_pytorch_tanh", bos_token_id=0, eos_token_id=0,
+               # No dropout, so that training curves can be compared across layouts.
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 OPT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
            ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64,
            do_layer_norm_before=True, enable_bias=True,
@@ -47,8 +47,7 @@ CASES = [
     Case("bloom", _native("BloomForCausalLM", **BLOOM)),
     # Falcon-7B style: one shared input LayerNorm, multi-query.
     Case("falcon7b_style", _native("FalconForCausalLM", **FALCON, multi_query=True,
-                                   new_decoder_architecture=False, parallel_attn=True),
-         layouts=NO_TP),
+                                   new_decoder_architecture=False, parallel_attn=True)),
     # Falcon-40B style: ln_attn + ln_mlp, 2 KV groups.
     Case("falcon40b_style", _native("FalconForCausalLM", **FALCON, num_kv_heads=2,
                                     new_decoder_architecture=True)),
@@ -62,8 +61,7 @@ CASES = [
     Case("falcon_sequential_mha", _native("FalconForCausalLM", **{**FALCON, "bias": True},
                                           multi_query=False, new_decoder_architecture=False,
                                           parallel_attn=False)),
-    Case("starcoder", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=True),
-         layouts=NO_TP),
+    Case("starcoder", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=True)),
     Case("gpt_bigcode_mha", _native("GPTBigCodeForCausalLM", **BIGCODE, multi_query=False)),
     Case("galactica", _native("OPTForCausalLM", **OPT, activation_function="gelu")),
     Case("opt_relu", _native("OPTForCausalLM", **OPT, activation_function="relu"),

@@ -48,10 +48,11 @@ def activation(key: str, default: str) -> Derived:
     return Derived(key, "activation", read)
 
 
-def with_bias(megatron: str, hf: str, bias: bool = True) -> tuple[Rule, ...]:
-    """A linear layer or LayerNorm: its weight and (if `bias`) its bias, copied."""
-    rules = (Rule(f"{megatron}.weight", f"{hf}.weight"),)
-    return rules + ((Rule(f"{megatron}.bias", f"{hf}.bias"),) if bias else ())
+def with_bias(megatron: str, hf: str, bias: bool = True,
+              kind: str = "copy") -> tuple[Rule, ...]:
+    """A linear layer or LayerNorm: its weight and (if `bias`) its bias, by transform `kind`."""
+    rules = (Rule(f"{megatron}.weight", f"{hf}.weight", kind),)
+    return rules + ((Rule(f"{megatron}.bias", f"{hf}.bias", kind),) if bias else ())
 
 
 def tied(default: bool = True):

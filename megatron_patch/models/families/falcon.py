@@ -10,7 +10,9 @@ attention + MLP in parallel from the layer input:
 The fused `query_key_value` is, in every style, Megatron's per-group layout (for each KV group:
 its query heads, then its key head and value head), so it is copied as it is: the new
 architecture stores exactly that; multi-query stores all query heads then one k and one v (one
-group); the old non-multi-query layout stores [q, k, v] per head (groups = heads).
+group); the old non-multi-query layout stores [q, k, v] per head (groups = heads). A single KV
+head is replicated in Megatron (`qkv_grouped`, spec.kv_replicas) so that TP can split it where
+the head count allows (not Falcon-7B's 71 heads).
 ALiBi Falcon (falcon-rw, `alibi: true`) scales the bias with the scores, unlike BLOOM: refused.
 """
 
@@ -71,9 +73,9 @@ def _bias(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("bias", False))
 
 
-def _linear(megatron: str, hf: str) -> tuple[Rule, ...]:
-    return (Rule(f"{megatron}.weight", f"{hf}.weight"),
-            Rule(f"{megatron}.bias", f"{hf}.bias", when=_bias))
+def _linear(megatron: str, hf: str, kind: str = "copy") -> tuple[Rule, ...]:
+    return (Rule(f"{megatron}.weight", f"{hf}.weight", kind),
+            Rule(f"{megatron}.bias", f"{hf}.bias", kind, when=_bias))
 
 
 def _norm(megatron: str, hf: str, when) -> tuple[Rule, ...]:
@@ -120,7 +122,8 @@ FALCON = register(
             *_norm(f"{_M}.input_layernorm", f"{_H}.ln_attn", _two_norms),
             *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.ln_mlp", _two_norms),
             *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.post_attention_layernorm", _sequential),
-            *_linear(f"{_M}.self_attention.linear_qkv", f"{_H}.self_attention.query_key_value"),
+            *_linear(f"{_M}.self_attention.linear_qkv", f"{_H}.self_attention.query_key_value",
+                     "qkv_grouped"),
             *_linear(f"{_M}.self_attention.linear_proj", f"{_H}.self_attention.dense"),
             *_linear(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h"),
             *_linear(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h"),

@@ -2,9 +2,10 @@
 pre-LN LayerNorm layers, GELU (tanh approximation), biases everywhere, tied output layer,
 multi-query attention (or multi-head with `multi_query: false`).
 
-The fused `c_attn` is Megatron's per-group layout in both cases, so it is copied as it is:
-multi-query stores all query heads, then one k and one v (one group); multi-head stores
-[q, k, v] per head (groups = heads).
+The fused `c_attn` is Megatron's per-group layout in both cases, so it is copied as it is
+(`qkv_grouped`): multi-query stores all query heads, then one k and one v (one group); multi-head
+stores [q, k, v] per head (groups = heads). Multi-query's one KV head is replicated in Megatron
+(spec.kv_replicas) so that tensor parallelism can split it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ GPT_BIGCODE = register(
             Rule("embedding.word_embeddings.weight", "transformer.wte.weight", "vocab"),
             Rule("embedding.position_embeddings.weight", "transformer.wpe.weight"),
             *with_bias(f"{_M}.input_layernorm", f"{_H}.ln_1"),
-            *with_bias(f"{_M}.self_attention.linear_qkv", f"{_H}.attn.c_attn"),
+            *with_bias(f"{_M}.self_attention.linear_qkv", f"{_H}.attn.c_attn",
+                       kind="qkv_grouped"),
             *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.attn.c_proj"),
             *with_bias(f"{_M}.pre_mlp_layernorm", f"{_H}.ln_2"),
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.c_fc"),
