@@ -6,7 +6,6 @@ import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -17,6 +16,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_patch.models.sdpa_attention import SDPADotProductAttention
 
 
 class Norm(torch.nn.Module):
@@ -93,7 +94,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> Mo
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=SDPADotProductAttention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=Norm if qk_layernorm else IdentityOp,
                     k_layernorm=Norm if qk_layernorm else IdentityOp,
