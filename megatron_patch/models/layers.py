@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -17,6 +16,13 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+# Megatron's tensor-parallel linears, with a direct path for gradient-free TP=1 calls.
+from megatron_patch.models.inference_linear import (
+    InferenceColumnParallelLinear as ColumnParallelLinear,
+)
+from megatron_patch.models.inference_linear import (
+    InferenceRowParallelLinear as RowParallelLinear,
+)
 from megatron_patch.models.sdpa_attention import SDPADotProductAttention
 
 
