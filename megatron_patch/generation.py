@@ -85,46 +85,51 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
         raise ValueError("every prompt needs at least one token")
     model.eval()
     batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
     device = next(model.parameters()).device
-    tokens = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
-    real = torch.zeros((batch, longest), dtype=torch.bool, device=device)
+    # Every buffer is allocated once for the whole run; each step reads views of it, so the
+    # decode loop builds no masks, positions or concatenations.
+    tokens = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
+    real = torch.ones((batch, total), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
-        real[i, longest - len(p):] = True
+        tokens[i, longest - len(p):longest] = torch.tensor(p, device=device)
+        real[i, :longest - len(p)] = False
+    # True = masked: padded keys. [b, 1, 1, total], sliced to the keys of each step.
+    padded_keys = ~real[:, None, None, :]
+    # Each prompt's first real token is position 0, as in transformers (left padding would
+    # otherwise shift learned absolute positions and ALiBi distances).
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
 
-    context = StaticInferenceContext(batch, longest + max_new_tokens)
+    context = StaticInferenceContext(batch, total)
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(eos_token_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    seen, new = tokens, []
-    step_tokens = tokens
+    steps = 0
     # inference_mode rather than no_grad: less per-op bookkeeping in the decode loop.
     with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            length = real.shape[1]
-            query = step_tokens.shape[1]
-            # True = masked: padded keys, and (while prefilling) keys after the query.
-            mask = ~real[:, None, None, :].expand(batch, 1, query, length)
-            if query > 1:
-                mask = mask | torch.ones(query, length, dtype=torch.bool,
-                                         device=device).triu(1)
-            # Each row counts positions from its first real token (left padding shifts them):
-            # learned position tables need this; RoPE and ALiBi are shift-invariant anyway.
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, length - query:]
-            logits = model(step_tokens, positions, mask, inference_context=context,
-                           runtime_gather_output=True)
+        for step in range(max_new_tokens):
+            length = longest + step
+            if step == 0:
+                query = longest
+                # Prefill: padded keys and keys after the query.
+                mask = padded_keys[..., :length] | torch.ones(
+                    length, length, dtype=torch.bool, device=device).triu(1)
+            else:
+                query = 1
+                context.enable_decode_mode()
+                mask = padded_keys[..., :length]
+            logits = model(tokens[:, length - query:length], positions[:, length - query:length],
+                           mask, inference_context=context, runtime_gather_output=True)
             context.sequence_len_offset += query
             full = logits[:, -1, :vocab_size]
-            chosen = next_tokens(full, seen, params, generator)
+            chosen = next_tokens(full, tokens[:, :length], params, generator)
             chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
-            new.append(chosen)
+            tokens[:, length] = chosen
+            steps += 1
             done = done | torch.isin(chosen, eos)
             if bool(done.all()):
                 break
-            step_tokens = chosen[:, None]
-            seen = torch.cat([seen, step_tokens], dim=1)
-            real = torch.cat([real, torch.ones((batch, 1), dtype=torch.bool, device=device)], 1)
-    out = torch.stack(new, dim=1).tolist()
+    out = tokens[:, longest:longest + steps].tolist()
     results = []
     for row in out:
         kept = []

@@ -6,9 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -22,6 +20,14 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 if TYPE_CHECKING:
     from megatron_patch.models.spec import ModelArgs
+# Megatron's tensor-parallel linears, with a direct path for gradient-free TP=1 calls.
+from megatron_patch.models.inference_linear import (
+    InferenceColumnParallelLinear as ColumnParallelLinear,
+)
+from megatron_patch.models.inference_linear import (
+    InferenceRowParallelLinear as RowParallelLinear,
+)
+from megatron_patch.models.sdpa_attention import SDPADotProductAttention
 
 
 class Norm(torch.nn.Module):
@@ -80,7 +86,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
     `args` (ModelArgs) plugs in the pieces Megatron-Core lacks: ALiBi attention
     (models/alibi.py) and parallel attention + MLP (models/parallel_layer.py).
     """
-    core_attention = DotProductAttention
+    core_attention = SDPADotProductAttention
     if args is not None and args.position_embedding_type == "alibi":
         from megatron_patch.models.alibi import AlibiDotProductAttention
 

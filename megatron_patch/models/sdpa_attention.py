@@ -1,0 +1,70 @@
+"""Megatron-Core's local core attention computed by torch's scaled_dot_product_attention.
+
+`DotProductAttention` (megatron-core's non-Transformer-Engine core attention) materialises the
+GQA-expanded keys and values (repeat_interleave), the scores (baddbmm), a masked softmax and the
+context (bmm) as separate ops, plus an RNG-tracker fork for dropout. On a CPU that is a large
+share of a decode step. `SDPADotProductAttention` is a drop-in subclass (same constructor, same
+forward signature, no parameters of its own, so checkpoints are unchanged) that hands the common
+case to one fused `torch.nn.functional.scaled_dot_product_attention` call and every other case to
+megatron's own forward:
+
+- attention_mask (True = masked, any shape broadcastable to [b, heads, sq, sk]) is used as given;
+  without a mask, `attn_mask_type=causal` means a causal mask when sq > 1 and none when sq == 1
+  (a KV-cached decode step), exactly as megatron's FusedScaleMaskSoftmax decides. The
+  `attn_mask_type` forward argument is ignored, as in DotProductAttention.
+- GQA: query head i reads key/value group i // (heads / groups), repeat_interleave's order.
+- softmax scale: `softmax_scale` times the query-key-layer-scaling coefficient, i.e. the net scale
+  megatron applies.
+- Megatron's path is kept (super().forward) for: attention dropout while training (so dropout
+  draws from megatron's RNG tracker as before), sliding-window layers, off-by-one / learnable
+  softmax offsets, packed sequences and attention biases (which the parent refuses).
+
+One deliberate difference: a query row whose keys are all masked (a left-padding position) gets
+zeros here, where megatron's -10000 fill gives the mean of all values. Such rows are padding
+whose outputs no unmasked position reads, so real tokens' outputs are unchanged. In fp32 the
+remaining differences are rounding (about 1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SDPADotProductAttention(DotProductAttention):
+    """DotProductAttention with a torch SDPA fast path (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        coeff = self.scale_mask_softmax.scale
+        self._sdpa_scale = self.softmax_scale * (coeff if coeff is not None else 1.0)
+        self._gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+        self._sdpa_ok = (
+            self.scale_mask_softmax.window_size is None and self.softmax_offset is None
+        )
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type=None,
+                attention_bias: torch.Tensor | None = None, packed_seq_params=None
+                ) -> torch.Tensor:
+        if (not self._sdpa_ok or attention_bias is not None or packed_seq_params is not None
+                or (self.training and self.attention_dropout.p > 0)):
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias, packed_seq_params)
+        sq, b, heads, _ = query.shape
+        causal = False
+        if attention_mask is None:
+            causal = self.attn_mask_type == AttnMaskType.causal and sq > 1
+            if causal:
+                assert sq == key.shape[0], "causal mask is only for self attention"
+        else:
+            attention_mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
+        # [s, b, n, d] -> [b, n, s, d]; permuted views, SDPA accepts the strides.
+        context = torch.nn.functional.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+            attn_mask=attention_mask, is_causal=causal, scale=self._sdpa_scale,
+            enable_gqa=self._gqa,
+        )
+        # [b, n, sq, d] -> [sq, b, n * d]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)

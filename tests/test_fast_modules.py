@@ -1,0 +1,94 @@
+"""The spec's faster drop-ins compute what the megatron modules they subclass compute.
+
+SDPADotProductAttention vs DotProductAttention: fp32, |delta| <= 1e-6 (same math, different
+summation order inside the fused kernel; outputs are O(1)). The Inference*ParallelLinear direct
+path runs megatron's own matmul and bias add, so it must be bit-identical.
+"""
+
+import harness
+
+
+def _compare() -> dict:
+    import torch
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patch import parallel
+    from megatron_patch.models.inference_linear import (
+        InferenceColumnParallelLinear,
+        InferenceRowParallelLinear,
+    )
+    from megatron_patch.models.sdpa_attention import SDPADotProductAttention
+
+    parallel.initialize(1, 1)
+    torch.manual_seed(0)
+    out = {}
+    for groups in (4, 2, 1):  # MHA, GQA, MQA
+        config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
+                                   num_query_groups=groups, kv_channels=16,
+                                   attention_dropout=0.0)
+        ref = DotProductAttention(config, 1, AttnMaskType.causal, "self").eval()
+        new = SDPADotProductAttention(config, 1, AttnMaskType.causal, "self").eval()
+        b, sq = 3, 7
+        q = torch.randn(sq, b, 4, 16)
+        k, v = torch.randn(sq, b, groups, 16), torch.randn(sq, b, groups, 16)
+        # Left padding of 0, 2 and 6 positions; every query row keeps at least one key.
+        pad = torch.arange(sq)[None, :] < torch.tensor([0, 2, 6])[:, None]
+        padded = pad[:, None, None, :] | torch.ones(sq, sq, dtype=torch.bool).triu(1)
+        rows = ~pad  # compare real query positions only (see sdpa_attention's docstring)
+        cases = {
+            "causal_no_mask": (q, k, v, None, None),
+            "padding_and_causal_mask": (q, k, v, padded, rows),
+            "decode_one_query_no_mask": (q[-1:], k, v, None, None),
+            "decode_one_query_padding": (q[-1:], k, v, pad[:, None, None, :], None),
+        }
+        for name, (qq, kk, vv, mask, keep) in cases.items():
+            a, c = ref(qq, kk, vv, mask), new(qq, kk, vv, mask)
+            if keep is not None:  # [s, b, h] rows of real positions
+                a, c = a.transpose(0, 1)[keep], c.transpose(0, 1)[keep]
+            out[f"attn_g{groups}_{name}"] = float((a - c).abs().max())
+    # Training with attention dropout keeps megatron's path (and its RNG stream).
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
+                               kv_channels=16, attention_dropout=0.5)
+    new = SDPADotProductAttention(config, 1, AttnMaskType.causal, "self").train()
+    called = []
+    original = DotProductAttention.forward
+    DotProductAttention.forward = lambda self, *a, **kw: called.append(1) or original(
+        self, *a, **kw)
+    try:
+        new(q, torch.randn(7, 3, 4, 16), torch.randn(7, 3, 4, 16), None)
+    finally:
+        DotProductAttention.forward = original
+    out["dropout_training_uses_megatron_path"] = called == [1]
+
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
+                               add_bias_linear=True)
+    init = torch.nn.init.normal_
+    x = torch.randn(5, 2, 64)
+    for skip_bias in (False, True):
+        kwargs = dict(config=config, init_method=init, bias=True, skip_bias_add=skip_bias)
+        pairs = [
+            (ColumnParallelLinear(64, 96, gather_output=False, **kwargs),
+             InferenceColumnParallelLinear(64, 96, gather_output=False, **kwargs)),
+            (RowParallelLinear(64, 96, input_is_parallel=True, **kwargs),
+             InferenceRowParallelLinear(64, 96, input_is_parallel=True, **kwargs)),
+        ]
+        for ref, new in pairs:
+            new.load_state_dict(ref.state_dict())
+            with torch.no_grad():
+                (a, ab), (c, cb) = ref(x), new(x)
+            same = torch.equal(a, c) and (ab is None) == (cb is None)
+            out[f"{type(new).__name__}_skip_bias_{skip_bias}_bit_identical"] = bool(
+                same and (ab is None or torch.equal(ab, cb)))
+    return out
+
+
+def test_fast_modules_match_megatron():
+    (r,) = harness.run(_compare, 1)
+    for name, value in r.items():
+        if name.startswith("attn_"):
+            assert value <= 1e-6, (name, value)
+        else:
+            assert value is True, (name, r)
