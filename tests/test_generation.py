@@ -9,18 +9,21 @@ PROMPTS = [[5, 17, 99], [1, 300, 42, 7, 8, 250, 13], [9] * 12]
 MAX_NEW = 24
 
 
-def _megatron_greedy(model_root: str, tp: int) -> list[list[int]]:
+def _megatron_greedy(model_root: str, tp: int, max_new: int = MAX_NEW,
+                     eos: int | None = 2) -> list[list[int]]:
+    """Greedy completions of PROMPTS from model_root/mcore at TP=tp; eos None: never stop."""
     from megatron_patch import parallel
     from megatron_patch.generation import generate
     from megatron_patch.models import from_checkpoint
 
     parallel.initialize(tp, 1)
     model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
-    return generate(model, PROMPTS, max_new_tokens=MAX_NEW, vocab_size=meta.vocab_size,
-                    eos_token_ids=[2], pad_token_id=0)
+    return generate(model, PROMPTS, max_new_tokens=max_new, vocab_size=meta.vocab_size,
+                    eos_token_ids=[-1 if eos is None else eos], pad_token_id=0)
 
 
-def _hf_greedy(model_root: str) -> list[list[int]]:
+def _hf_greedy(model_root: str, max_new: int = MAX_NEW, eos: int | None = 2) -> list[list[int]]:
+    """transformers' greedy completions of PROMPTS (batched, left-padded), cut after EOS."""
     import torch
     import transformers
 
@@ -29,14 +32,15 @@ def _hf_greedy(model_root: str) -> list[list[int]]:
     longest = max(map(len, PROMPTS))
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
+    stop = {"eos_token_id": eos} if eos is not None else {"min_new_tokens": max_new}
     out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                      max_new_tokens=MAX_NEW, eos_token_id=2, pad_token_id=0)
+                      max_new_tokens=max_new, pad_token_id=0, **stop)
     results = []
     for row in out[:, longest:].tolist():
         kept = []
         for t in row:
             kept.append(t)
-            if t == 2:
+            if t == eos:
                 break
         results.append(kept)
     return results

@@ -10,6 +10,7 @@ import shutil
 
 import harness
 import pytest
+from test_generation import _hf_greedy, _megatron_greedy
 from test_training import _args, _make_dataset
 from test_zoo import _prepare
 
@@ -455,42 +456,18 @@ def test_replicated_kv_trains_as_the_original_model(piece_models, tmp_path):
     assert len(original) == 10 and diff <= 1e-5, (diff, replicated, original)
 
 
-PROMPTS = [[5, 17, 99], [1, 300, 42, 7, 8, 250, 13], [9] * 12]
+# A random tiny model's EOS may come at any step: decode a fixed number of tokens instead.
 MAX_NEW = 12
-
-
-def _hf_greedy(root: str) -> list[list[int]]:
-    import torch
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(root, "hf"),
-                                                           dtype=torch.float32).eval()
-    longest = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
-    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                      max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, pad_token_id=0)
-    return out[:, longest:].tolist()
-
-
-def _megatron_greedy(root: str, tp: int) -> list[list[int]]:
-    from megatron_patch import parallel
-    from megatron_patch.generation import generate
-    from megatron_patch.models import from_checkpoint
-
-    parallel.initialize(tp, 1)
-    model, meta = from_checkpoint(os.path.join(root, "mcore"))
-    return generate(model, PROMPTS, max_new_tokens=MAX_NEW, vocab_size=meta.vocab_size,
-                    eos_token_ids=[-1], pad_token_id=0)
 
 
 @pytest.mark.parametrize("name", GENERATED)
 def test_greedy_generation_with_kv_cache_matches_transformers(piece_models, name):
     """Left-padded prompts with a KV cache: ALiBi (keys at cached positions), parallel layers,
     learned positions counted from each row's first real token."""
-    (expected,) = harness.run(_hf_greedy, 1, piece_models[name])
-    (tp1,) = harness.run(_megatron_greedy, 1, piece_models[name], 1)
-    tp2 = harness.run(_megatron_greedy, 2, piece_models[name], 2)
+    root = piece_models[name]
+    (expected,) = harness.run(_hf_greedy, 1, root, MAX_NEW, None)
+    (tp1,) = harness.run(_megatron_greedy, 1, root, 1, MAX_NEW, None)
+    tp2 = harness.run(_megatron_greedy, 2, root, 2, MAX_NEW, None)
     assert tp1 == expected, (tp1, expected)
     assert tp2[0] == tp2[1] == expected, (tp2, expected)
 
