@@ -23,6 +23,18 @@ def _direct(layer: torch.nn.Module) -> bool:
             and layer.config._cpu_offloading_context is None)
 
 
+def _linear(layer: torch.nn.Module, input_: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What megatron's linear Functions compute for one rank: the same matmul, then the bias
+    added (or handed back, with skip_bias_add)."""
+    output = torch.matmul(input_, layer.weight.t())
+    if layer.skip_bias_add:
+        return output, layer.bias
+    if layer.bias is not None:
+        output = output + layer.bias
+    return output, None
+
+
 class InferenceColumnParallelLinear(ColumnParallelLinear):
     """ColumnParallelLinear; gradient-free TP=1 calls skip the autograd wrappers."""
 
@@ -35,12 +47,7 @@ class InferenceColumnParallelLinear(ColumnParallelLinear):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if weight is not None or self.weight is None or not _direct(self):
             return super().forward(input_, weight, runtime_gather_output)
-        output = torch.matmul(input_, self.weight.t())
-        if self.skip_bias_add:
-            return output, self.bias
-        if self.bias is not None:
-            output = output + self.bias
-        return output, None
+        return _linear(self, input_)
 
 
 class InferenceRowParallelLinear(RowParallelLinear):
@@ -53,9 +60,4 @@ class InferenceRowParallelLinear(RowParallelLinear):
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.explicit_expert_comm or not _direct(self):
             return super().forward(input_)
-        output = torch.matmul(input_, self.weight.t())
-        if self.skip_bias_add:
-            return output, self.bias
-        if self.bias is not None:
-            output = output + self.bias
-        return output, None
+        return _linear(self, input_)
