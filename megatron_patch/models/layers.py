@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -18,8 +18,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-if TYPE_CHECKING:
-    from megatron_patch.models.spec import ModelArgs
+from megatron_patch.models.cached_rotary import CachedRotarySelfAttention
+
 # Megatron's tensor-parallel linears, with a direct path for gradient-free TP=1 calls.
 from megatron_patch.models.inference_linear import (
     InferenceColumnParallelLinear as ColumnParallelLinear,
@@ -28,6 +28,9 @@ from megatron_patch.models.inference_linear import (
     InferenceRowParallelLinear as RowParallelLinear,
 )
 from megatron_patch.models.sdpa_attention import SDPADotProductAttention
+
+if TYPE_CHECKING:
+    from megatron_patch.models.spec import ModelArgs
 
 
 class Norm(torch.nn.Module):
@@ -108,7 +111,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=CachedRotarySelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
