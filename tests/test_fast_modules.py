@@ -2,7 +2,8 @@
 
 SDPADotProductAttention vs DotProductAttention: fp32, |delta| <= 1e-6 (same math, different
 summation order inside the fused kernel; outputs are O(1)). The Inference*ParallelLinear direct
-path runs megatron's own matmul and bias add, so it must be bit-identical.
+path runs megatron's own matmul and bias add, so it must be bit-identical; so must
+CachedRotarySelfAttention (rotary is per position, whether applied before or after caching).
 """
 
 import harness
@@ -92,3 +93,59 @@ def test_fast_modules_match_megatron():
             assert value <= 1e-6, (name, value)
         else:
             assert value is True, (name, r)
+
+
+def _generate_with_and_without_cached_rotary() -> dict:
+    """Greedy generation from one GLM-style model (rotary on half of each head, interleaved
+    pairs, 2 KV groups): with keys rotated before caching, and with megatron's SelfAttention
+    (which re-rotates the whole cache); also the prefill+decode logits of both."""
+    import torch
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_patch import parallel
+    from megatron_patch.generation import generate
+    from megatron_patch.models import build_model, transformer_config
+    from megatron_patch.models.cached_rotary import CachedRotarySelfAttention
+    from megatron_patch.models.spec import ModelArgs
+
+    parallel.initialize(1, 1)
+    args = ModelArgs(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                     num_query_groups=2, kv_channels=16, vocab_size=300,
+                     max_sequence_length=128, layernorm_epsilon=1e-5, rotary_percent=0.5,
+                     rotary_interleaved=True)
+    hf_config = {"architectures": ["LlamaForCausalLM"], "rope_theta": 10000.0}
+    torch.manual_seed(0)
+    model = build_model(args, transformer_config(args), hf_config).eval()
+    attention = [layer.self_attention for layer in model.decoder.layers]
+    assert all(type(a) is CachedRotarySelfAttention for a in attention)
+    prompts = [[5, 17, 99], [1, 200, 42, 7, 8, 250, 13]]
+    out = {}
+    for name, cls in (("cached", CachedRotarySelfAttention), ("megatron", SelfAttention)):
+        for a in attention:
+            a.__class__ = cls
+        out[name] = generate(model, prompts, max_new_tokens=10, vocab_size=300,
+                             eos_token_ids=[-1], pad_token_id=0)
+        context = StaticInferenceContext(1, 16)
+        logits = []
+        with torch.inference_mode():
+            tokens = torch.tensor([prompts[1]])
+            for step in range(3):
+                query = tokens if step == 0 else tokens[:, -1:]
+                length = tokens.shape[1]
+                positions = torch.arange(length - query.shape[1], length)[None]
+                step_logits = model(query, positions, None, inference_context=context,
+                                    runtime_gather_output=True)
+                context.sequence_len_offset += query.shape[1]
+                logits.append(step_logits[:, -1])
+                tokens = torch.cat([tokens, step_logits[:, -1].argmax(-1, keepdim=True)], 1)
+        out[name + "_logits"] = torch.cat(logits)
+    return {"same_tokens": out["cached"] == out["megatron"],
+            "same_logits": torch.equal(out["cached_logits"], out["megatron_logits"])}
+
+
+def test_keys_rotated_before_caching_change_nothing():
+    """Rotation is per position: rotating each new key once before it enters the KV cache must
+    give bit-identical logits to megatron's re-rotation of the whole cache at every step."""
+    (result,) = harness.run(_generate_with_and_without_cached_rotary, 1)
+    assert result == {"same_tokens": True, "same_logits": True}, result
