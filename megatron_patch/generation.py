@@ -111,9 +111,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
             length = longest + step
             if step == 0:
                 query = longest
-                # Prefill: padded keys and keys after the query.
-                mask = padded_keys[..., :length] | torch.ones(
-                    length, length, dtype=torch.bool, device=device).triu(1)
+                # Prefill: padded keys and keys after the query. A padding position still sees
+                # itself: a row with every key masked is NaN in some attention kernels, and a
+                # NaN value poisons real rows even where their weight on it is zero.
+                mask = (padded_keys[..., :length] | torch.ones(
+                    length, length, dtype=torch.bool, device=device).triu(1)) & ~torch.eye(
+                        length, dtype=torch.bool, device=device)
             else:
                 query = 1
                 context.enable_decode_mode()

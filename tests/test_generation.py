@@ -129,3 +129,26 @@ def _refuse_pp(model_root: str) -> str:
 def test_pipeline_parallel_generation_is_refused(llama_models):
     messages = harness.run(_refuse_pp, 2, llama_models["llama2"])
     assert all("pipeline parallelism" in m for m in messages), messages
+
+
+def _masks_seen(model_root: str) -> list[list[bool]]:
+    """For each forward of a left-padded batch: whether some query row has every key masked."""
+    from megatron_patch import parallel
+    from megatron_patch.generation import generate
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(1, 1)
+    model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(bool(args[2].all(dim=-1).any())))
+    generate(model, PROMPTS, max_new_tokens=3, vocab_size=meta.vocab_size, eos_token_ids=[-1],
+             pad_token_id=0)
+    return seen
+
+
+def test_no_query_row_has_every_key_masked(llama_models):
+    """Left padding must not leave a padding position with no key at all: some attention
+    kernels (not torch's CPU ones) return NaN for such a row, and NaN values poison real rows."""
+    (seen,) = harness.run(_masks_seen, 1, llama_models["llama2"])
+    assert seen == [False] * 3, seen
