@@ -60,7 +60,7 @@ class Norm(torch.nn.Module):
         dtype = x.dtype
         h = x.float()
         if self.rms:
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            h = torch.nn.functional.rms_norm(h, h.shape[-1:], eps=self.eps)
             return self.weight * h.to(dtype)
         h = torch.nn.functional.layer_norm(
             h, h.shape[-1:], self.weight.float(), self.bias.float(), self.eps
