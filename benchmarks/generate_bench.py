@@ -17,7 +17,9 @@ same tokens in every run:
     + keys rotated once before caching (models/cached_rotary.py), idle machine:
                                                                      0.98x, 0.96x (best of 9)
         (transformers 121 tokens/s, megatron-patch 117-118)
-    + torch's fused rms_norm in our Norm (bit-identical on CPU):     0.99x, 0.99x (best of 7)
+    + torch's fused rms_norm in our Norm (bit-identical on CPU):     0.99x, 0.99x (best of 7);
+        three later runs (best of 5): 0.93x, 0.96x, 0.94x: the run-to-run spread on this VM is
+        as large as the remaining gap
 
 Under cProfile the two spend the same in matmuls; what remains is Megatron-Core's per-layer
 Python (~176k Python calls per run vs 135k): layer, attention and MLP forwards, the fused-qkv
