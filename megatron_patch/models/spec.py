@@ -153,6 +153,19 @@ def kv_replicas(num_attention_heads: int, num_query_groups: int) -> int:
     return math.gcd(num_attention_heads, KV_REPLICATION_TARGET)
 
 
+def tie_word_embeddings(default: bool) -> ConfigField:
+    """HF tie_word_embeddings <-> share_embeddings_and_output_weights; `default` is the family's
+    transformers default for a config.json without the key."""
+    return ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", default)
+
+
+def untied(default: bool) -> Callable[[dict[str, Any]], bool]:
+    """`Rule.when` for the output layer's own tensor: the config is untied, read exactly as
+    `tie_word_embeddings(default)` reads it (so the mapping and the model never disagree)."""
+    tie = tie_word_embeddings(default)
+    return lambda hf_config: not tie.read(hf_config)
+
+
 def head_dim(hf_config: dict[str, Any]) -> int:
     return hf_config["hidden_size"] // hf_config["num_attention_heads"]
 

@@ -9,8 +9,15 @@ from __future__ import annotations
 from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.baichuan import uses_alibi, uses_norm_head
 from megatron_patch.models.families.derived import Derived
+from megatron_patch.models.families.llama import LLAMA_REQUIRES
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec, head_dim
+from megatron_patch.models.spec import (
+    ConfigField,
+    FamilySpec,
+    head_dim,
+    tie_word_embeddings,
+    untied,
+)
 
 _H, _M = "model.layers.{layer}", "decoder.layers.{layer}"
 
@@ -30,7 +37,7 @@ BAICHUAN_ALIBI = register(
             ConfigField("vocab_size", "vocab_size"),
             ConfigField("model_max_length", "max_sequence_length", 4096),
             ConfigField("rms_norm_eps", "layernorm_epsilon", 1e-6),
-            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", False),
+            tie_word_embeddings(False),
             Derived("norm_head", "norm_head", uses_norm_head),
         ),
         constants={"position_embedding_type": "alibi"},
@@ -45,9 +52,8 @@ BAICHUAN_ALIBI = register(
                  (f"{_H}.mlp.gate_proj.weight", f"{_H}.mlp.up_proj.weight"), "gate_up"),
             Rule(f"{_M}.mlp.linear_fc2.weight", f"{_H}.mlp.down_proj.weight"),
             Rule("decoder.final_layernorm.weight", "model.norm.weight"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab",
-                 when=lambda c: not c.get("tie_word_embeddings", False)),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(False)),
         ),
-        requires={"hidden_act": lambda v: v == "silu"},
+        requires={"hidden_act": LLAMA_REQUIRES["hidden_act"]},
     )
 )

@@ -8,9 +8,9 @@ per-group layout with one query head per group, so it is copied as it is.
 from __future__ import annotations
 
 from megatron_patch.convert.mapping import Rule
-from megatron_patch.models.families.derived import Derived, either, tied, with_bias
+from megatron_patch.models.families.derived import Derived, either, with_bias
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec
+from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
@@ -36,7 +36,7 @@ BLOOM = register(
             # ALiBi has no table: only a default length for training data and generation.
             ConfigField("seq_length", "max_sequence_length", 2048),
             ConfigField("layer_norm_epsilon", "layernorm_epsilon", 1e-5),
-            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", True),
+            tie_word_embeddings(True),
             ConfigField("hidden_dropout", "hidden_dropout", 0.0),
             ConfigField("attention_dropout", "attention_dropout", 0.0),
         ),
@@ -54,7 +54,7 @@ BLOOM = register(
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h"),
             *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h"),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=tied()),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
         requires={
             # Post-LN residuals (the residual taken after the norm) are not built.

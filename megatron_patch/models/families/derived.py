@@ -53,8 +53,3 @@ def with_bias(megatron: str, hf: str, bias: bool = True,
     """A linear layer or LayerNorm: its weight and (if `bias`) its bias, by transform `kind`."""
     rules = (Rule(f"{megatron}.weight", f"{hf}.weight", kind),)
     return rules + ((Rule(f"{megatron}.bias", f"{hf}.bias", kind),) if bias else ())
-
-
-def tied(default: bool = True):
-    """`when` for an output layer that exists only when untied."""
-    return lambda cfg: not cfg.get("tie_word_embeddings", default)

@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_patch.convert.mapping import Rule
-from megatron_patch.models.families.derived import Derived, activation, tied, with_bias
+from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec
+from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
@@ -104,7 +104,7 @@ FALCON = register(
             ConfigField("vocab_size", "vocab_size"),
             ConfigField("max_position_embeddings", "max_sequence_length", 2048),
             ConfigField("layer_norm_epsilon", "layernorm_epsilon", 1e-5),
-            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", True),
+            tie_word_embeddings(True),
             ConfigField("hidden_dropout", "hidden_dropout", 0.0),
             ConfigField("attention_dropout", "attention_dropout", 0.0),
             activation("activation", "gelu"),
@@ -128,7 +128,7 @@ FALCON = register(
             *_linear(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h"),
             *_linear(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h"),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=tied()),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
         requires={"alibi": lambda v: not v},
     )

@@ -11,9 +11,9 @@ stores [q, k, v] per head (groups = heads). Multi-query's one KV head is replica
 from __future__ import annotations
 
 from megatron_patch.convert.mapping import Rule
-from megatron_patch.models.families.derived import Derived, activation, tied, with_bias
+from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec
+from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
@@ -32,7 +32,7 @@ GPT_BIGCODE = register(
             ConfigField("vocab_size", "vocab_size"),
             ConfigField("n_positions", "max_sequence_length"),
             ConfigField("layer_norm_epsilon", "layernorm_epsilon", 1e-5),
-            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", True),
+            tie_word_embeddings(True),
             ConfigField("resid_pdrop", "hidden_dropout", 0.1),
             ConfigField("attn_pdrop", "attention_dropout", 0.1),
             activation("activation_function", "gelu_pytorch_tanh"),
@@ -51,7 +51,7 @@ GPT_BIGCODE = register(
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.c_fc"),
             *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.c_proj"),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=tied()),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
         requires={
             "scale_attn_weights": lambda v: bool(v),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec, head_dim
-
-
-def _untied(cfg: dict) -> bool:
-    return not cfg.get("tie_word_embeddings", False)
-
+from megatron_patch.models.spec import (
+    ConfigField,
+    FamilySpec,
+    head_dim,
+    tie_word_embeddings,
+    untied,
+)
 
 LLAMA_CONFIG = (
     ConfigField("num_hidden_layers", "num_layers"),
@@ -24,7 +25,7 @@ LLAMA_CONFIG = (
     ConfigField("max_position_embeddings", "max_sequence_length", 4096),
     ConfigField("rms_norm_eps", "layernorm_epsilon", 1e-6),
     # transformers defaults tie_word_embeddings to False for Llama when the key is absent.
-    ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", False),
+    tie_word_embeddings(False),
     ConfigField("attention_dropout", "attention_dropout", 0.0),
 )
 
@@ -46,7 +47,7 @@ LLAMA_WEIGHTS = (
     Rule("decoder.layers.{layer}.mlp.linear_fc2.weight",
          "model.layers.{layer}.mlp.down_proj.weight"),
     Rule("decoder.final_layernorm.weight", "model.norm.weight"),
-    Rule("output_layer.weight", "lm_head.weight", "vocab", when=_untied),
+    Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(False)),
 )
 
 LLAMA_REQUIRES = {

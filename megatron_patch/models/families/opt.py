@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_patch.convert.mapping import Rule
-from megatron_patch.models.families.derived import Derived, activation, tied, with_bias
+from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec
+from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
 
 _D = "model.decoder"
 _H, _M = f"{_D}.layers.{{layer}}", "decoder.layers.{layer}"
@@ -55,7 +55,7 @@ OPT = register(
                     lambda c: c["hidden_size"] // c["num_attention_heads"]),
             ConfigField("vocab_size", "vocab_size"),
             ConfigField("max_position_embeddings", "max_sequence_length"),
-            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", True),
+            tie_word_embeddings(True),
             ConfigField("dropout", "hidden_dropout", 0.1),
             ConfigField("attention_dropout", "attention_dropout", 0.0),
             activation("activation_function", "relu"),
@@ -77,7 +77,7 @@ OPT = register(
             *_linear(f"{_M}.mlp.linear_fc1", f"{_H}.fc1"),
             *_linear(f"{_M}.mlp.linear_fc2", f"{_H}.fc2"),
             *with_bias("decoder.final_layernorm", f"{_D}.final_layer_norm"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=tied()),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
         requires={
             "do_layer_norm_before": lambda v: bool(v),

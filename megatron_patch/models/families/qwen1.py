@@ -18,13 +18,16 @@ from typing import Any
 
 from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec, head_dim
+from megatron_patch.models.spec import (
+    ConfigField,
+    FamilySpec,
+    head_dim,
+    tie_word_embeddings,
+    untied,
+)
 
 _H = "transformer.h.{layer}"
 
-
-def _untied(cfg: dict) -> bool:
-    return not cfg.get("tie_word_embeddings", False)
 
 
 def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +51,7 @@ QWEN1 = register(
             ConfigField("seq_length", "max_sequence_length", 2048),
             ConfigField("layer_norm_epsilon", "layernorm_epsilon", 1e-6),
             ConfigField("rotary_pct", "rotary_percent", 1.0),
-            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", False),
+            tie_word_embeddings(False),
             ConfigField("attn_dropout_prob", "attention_dropout", 0.0),
         ),
         constants={"add_qkv_bias": True},
@@ -67,7 +70,7 @@ QWEN1 = register(
                  (f"{_H}.mlp.w2.weight", f"{_H}.mlp.w1.weight"), "gate_up"),
             Rule("decoder.layers.{layer}.mlp.linear_fc2.weight", f"{_H}.mlp.c_proj.weight"),
             Rule("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=_untied),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(False)),
         ),
         requires={
             # no_bias=False puts biases on w1, w2 and both c_proj as well.

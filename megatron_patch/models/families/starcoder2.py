@@ -8,7 +8,13 @@ from typing import Any
 
 from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec, head_dim
+from megatron_patch.models.spec import (
+    ConfigField,
+    FamilySpec,
+    head_dim,
+    tie_word_embeddings,
+    untied,
+)
 
 _L = "model.layers.{layer}"
 _M = "decoder.layers.{layer}"
@@ -17,9 +23,6 @@ _M = "decoder.layers.{layer}"
 def _bias(cfg: dict[str, Any]) -> bool:
     return cfg.get("use_bias", True)
 
-
-def _untied(cfg: dict[str, Any]) -> bool:
-    return not cfg.get("tie_word_embeddings", True)
 
 
 def _validate(cfg: dict[str, Any]) -> None:
@@ -56,7 +59,7 @@ STARCODER2 = register(
             ConfigField("vocab_size", "vocab_size"),
             ConfigField("max_position_embeddings", "max_sequence_length", 4096),
             ConfigField("norm_epsilon", "layernorm_epsilon", 1e-5),
-            ConfigField("tie_word_embeddings", "share_embeddings_and_output_weights", True),
+            tie_word_embeddings(True),
             ConfigField("sliding_window", "sliding_window", None),
             ConfigField("use_bias", "add_bias_linear", True),
             ConfigField("attention_dropout", "attention_dropout", 0.0),
@@ -78,7 +81,7 @@ STARCODER2 = register(
             *_linear(f"{_M}.mlp.linear_fc1", f"{_L}.mlp.c_fc"),
             *_linear(f"{_M}.mlp.linear_fc2", f"{_L}.mlp.c_proj"),
             *_norm("decoder.final_layernorm", "model.norm"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=_untied),
+            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
         requires={"hidden_act": lambda v: v == "gelu_pytorch_tanh"},
         validate=_validate,
