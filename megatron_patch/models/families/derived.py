@@ -1,8 +1,10 @@
-"""Config fields and weight rules shared by the GPT-2-lineage families (BLOOM, Falcon,
-GPT-BigCode, OPT): model arguments computed from a config, and linears/norms with biases."""
+"""Config fields and weight rules shared by the families with LayerNorms and biases (BLOOM,
+Falcon, GPT-BigCode, OPT, StarCoder2): model arguments computed from a config, and linears/norms
+with biases."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +50,13 @@ def activation(key: str, default: str) -> Derived:
     return Derived(key, "activation", read)
 
 
-def with_bias(megatron: str, hf: str, bias: bool = True,
+def with_bias(megatron: str, hf: str,
+              bias: bool | Callable[[dict[str, Any]], bool] = True,
               kind: str = "copy") -> tuple[Rule, ...]:
-    """A linear layer or LayerNorm: its weight and (if `bias`) its bias, by transform `kind`."""
+    """A linear layer or LayerNorm: its weight and its bias, by transform `kind`. `bias`: False
+    (no bias), True, or a predicate of the HF config (a bias only where it holds)."""
     rules = (Rule(f"{megatron}.weight", f"{hf}.weight", kind),)
-    return rules + ((Rule(f"{megatron}.bias", f"{hf}.bias", kind),) if bias else ())
+    if bias is False:
+        return rules
+    when = None if bias is True else bias
+    return rules + (Rule(f"{megatron}.bias", f"{hf}.bias", kind, when=when),)

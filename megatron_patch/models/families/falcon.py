@@ -23,7 +23,13 @@ from typing import Any
 from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
+from megatron_patch.models.spec import (
+    ConfigField,
+    FamilySpec,
+    head_dim,
+    tie_word_embeddings,
+    untied,
+)
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
@@ -73,20 +79,14 @@ def _bias(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("bias", False))
 
 
-def _linear(megatron: str, hf: str, kind: str = "copy") -> tuple[Rule, ...]:
-    return (Rule(f"{megatron}.weight", f"{hf}.weight", kind),
-            Rule(f"{megatron}.bias", f"{hf}.bias", kind, when=_bias))
-
-
 def _norm(megatron: str, hf: str, when) -> tuple[Rule, ...]:
     return tuple(Rule(r.megatron, r.hf, when=when) for r in with_bias(megatron, hf))
 
 
-def _check(cfg: dict[str, Any]) -> bool:
+def _validate(cfg: dict[str, Any]) -> None:
     if _new(cfg) and not cfg.get("parallel_attn", True):
         raise ValueError("Falcon config.json new_decoder_architecture=true with "
                          "parallel_attn=false is not a working transformers model: refused")
-    return True
 
 
 FALCON = register(
@@ -99,8 +99,7 @@ FALCON = register(
             ConfigField("ffn_hidden_size", "ffn_hidden_size", lambda c: 4 * c["hidden_size"]),
             ConfigField("num_attention_heads", "num_attention_heads"),
             Derived("num_kv_heads", "num_query_groups", _groups),
-            Derived("hidden_size", "kv_channels",
-                    lambda c: c["hidden_size"] // c["num_attention_heads"]),
+            Derived("hidden_size", "kv_channels", head_dim),
             ConfigField("vocab_size", "vocab_size"),
             ConfigField("max_position_embeddings", "max_sequence_length", 2048),
             ConfigField("layer_norm_epsilon", "layernorm_epsilon", 1e-5),
@@ -110,8 +109,7 @@ FALCON = register(
             activation("activation", "gelu"),
             Derived("bias", "add_bias_linear", _bias),
             Derived("bias", "add_qkv_bias", _bias),
-            Derived("parallel_attn", "parallel_attention",
-                    lambda c: _check(c) and _parallel(c)),
+            Derived("parallel_attn", "parallel_attention", _parallel),
             Derived("num_ln_in_parallel_attn", "parallel_attention_norms", _num_norms),
         ),
         constants={"normalization": "LayerNorm", "gated_linear_unit": False},
@@ -122,14 +120,15 @@ FALCON = register(
             *_norm(f"{_M}.input_layernorm", f"{_H}.ln_attn", _two_norms),
             *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.ln_mlp", _two_norms),
             *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.post_attention_layernorm", _sequential),
-            *_linear(f"{_M}.self_attention.linear_qkv", f"{_H}.self_attention.query_key_value",
-                     "qkv_grouped"),
-            *_linear(f"{_M}.self_attention.linear_proj", f"{_H}.self_attention.dense"),
-            *_linear(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h"),
-            *_linear(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h"),
+            *with_bias(f"{_M}.self_attention.linear_qkv",
+                       f"{_H}.self_attention.query_key_value", _bias, "qkv_grouped"),
+            *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.self_attention.dense", _bias),
+            *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h", _bias),
+            *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h", _bias),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
             Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
+        validate=_validate,
         requires={"alibi": lambda v: not v},
     )
 )

@@ -14,7 +14,13 @@ from typing import Any
 from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
+from megatron_patch.models.spec import (
+    ConfigField,
+    FamilySpec,
+    head_dim,
+    tie_word_embeddings,
+    untied,
+)
 
 _D = "model.decoder"
 _H, _M = f"{_D}.layers.{{layer}}", "decoder.layers.{layer}"
@@ -27,17 +33,15 @@ def _bias(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("enable_bias", True))
 
 
-def _linear(megatron: str, hf: str) -> tuple[Rule, ...]:
-    return (Rule(f"{megatron}.weight", f"{hf}.weight"),
-            Rule(f"{megatron}.bias", f"{hf}.bias", when=_bias))
-
-
 def _qkv(part: str) -> tuple[str, str, str]:
     return tuple(f"{_H}.self_attn.{p}_proj.{part}" for p in "qkv")
 
 
-def _same_width(cfg: dict[str, Any]) -> bool:
-    return cfg.get("word_embed_proj_dim") in (None, cfg["hidden_size"])
+def _validate(cfg: dict[str, Any]) -> None:
+    if cfg.get("word_embed_proj_dim") not in (None, cfg["hidden_size"]):
+        raise ValueError(f"OPT config.json word_embed_proj_dim={cfg['word_embed_proj_dim']} "
+                         f"differs from hidden_size={cfg['hidden_size']}: the embedding "
+                         "projections (project_in/project_out) are not supported")
 
 
 OPT = register(
@@ -46,13 +50,11 @@ OPT = register(
         architectures=("OPTForCausalLM",),
         config_fields=(
             ConfigField("num_hidden_layers", "num_layers"),
-            Derived("hidden_size", "hidden_size",
-                    lambda c: _check_projection(c) and c["hidden_size"]),
+            ConfigField("hidden_size", "hidden_size"),
             ConfigField("ffn_dim", "ffn_hidden_size"),
             ConfigField("num_attention_heads", "num_attention_heads"),
             ConfigField("num_attention_heads", "num_query_groups"),
-            Derived("hidden_size", "kv_channels",
-                    lambda c: c["hidden_size"] // c["num_attention_heads"]),
+            Derived("hidden_size", "kv_channels", head_dim),
             ConfigField("vocab_size", "vocab_size"),
             ConfigField("max_position_embeddings", "max_sequence_length"),
             tie_word_embeddings(True),
@@ -72,13 +74,14 @@ OPT = register(
             *with_bias(f"{_M}.input_layernorm", f"{_H}.self_attn_layer_norm"),
             Rule(f"{_M}.self_attention.linear_qkv.weight", _qkv("weight"), "qkv"),
             Rule(f"{_M}.self_attention.linear_qkv.bias", _qkv("bias"), "qkv", when=_bias),
-            *_linear(f"{_M}.self_attention.linear_proj", f"{_H}.self_attn.out_proj"),
+            *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.self_attn.out_proj", _bias),
             *with_bias(f"{_M}.pre_mlp_layernorm", f"{_H}.final_layer_norm"),
-            *_linear(f"{_M}.mlp.linear_fc1", f"{_H}.fc1"),
-            *_linear(f"{_M}.mlp.linear_fc2", f"{_H}.fc2"),
+            *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.fc1", _bias),
+            *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.fc2", _bias),
             *with_bias("decoder.final_layernorm", f"{_D}.final_layer_norm"),
             Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
+        validate=_validate,
         requires={
             "do_layer_norm_before": lambda v: bool(v),
             "_remove_final_layer_norm": lambda v: not v,
@@ -86,11 +89,3 @@ OPT = register(
         },
     )
 )
-
-
-def _check_projection(cfg: dict[str, Any]) -> bool:
-    if not _same_width(cfg):
-        raise ValueError(f"OPT config.json word_embed_proj_dim={cfg['word_embed_proj_dim']} "
-                         f"differs from hidden_size={cfg['hidden_size']}: the embedding "
-                         "projections (project_in/project_out) are not supported")
-    return True

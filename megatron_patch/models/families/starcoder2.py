@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_patch.convert.mapping import Rule
+from megatron_patch.models.families.derived import with_bias
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import (
     ConfigField,
@@ -31,15 +32,6 @@ def _validate(cfg: dict[str, Any]) -> None:
     if emb != res:
         raise ValueError(f"starcoder2: config.json embedding_dropout={emb!r} differs from "
                          f"residual_dropout={res!r}; Megatron applies one hidden_dropout to both")
-
-
-def _norm(megatron: str, hf: str) -> tuple[Rule, ...]:
-    return (Rule(f"{megatron}.weight", f"{hf}.weight"), Rule(f"{megatron}.bias", f"{hf}.bias"))
-
-
-def _linear(megatron: str, hf: str) -> tuple[Rule, ...]:
-    return (Rule(f"{megatron}.weight", f"{hf}.weight"),
-            Rule(f"{megatron}.bias", f"{hf}.bias", when=_bias))
 
 
 _ATTN = f"{_L}.self_attn"
@@ -69,18 +61,18 @@ STARCODER2 = register(
                    "gated_linear_unit": False},
         weights=(
             Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab"),
-            *_norm(f"{_M}.input_layernorm", f"{_L}.input_layernorm"),
+            *with_bias(f"{_M}.input_layernorm", f"{_L}.input_layernorm"),
             Rule(f"{_M}.self_attention.linear_qkv.weight",
                  (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight"),
                  "qkv"),
             Rule(f"{_M}.self_attention.linear_qkv.bias",
                  (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
                  "qkv", when=_bias),
-            *_linear(f"{_M}.self_attention.linear_proj", f"{_ATTN}.o_proj"),
-            *_norm(f"{_M}.pre_mlp_layernorm", f"{_L}.post_attention_layernorm"),
-            *_linear(f"{_M}.mlp.linear_fc1", f"{_L}.mlp.c_fc"),
-            *_linear(f"{_M}.mlp.linear_fc2", f"{_L}.mlp.c_proj"),
-            *_norm("decoder.final_layernorm", "model.norm"),
+            *with_bias(f"{_M}.self_attention.linear_proj", f"{_ATTN}.o_proj", _bias),
+            *with_bias(f"{_M}.pre_mlp_layernorm", f"{_L}.post_attention_layernorm"),
+            *with_bias(f"{_M}.mlp.linear_fc1", f"{_L}.mlp.c_fc", _bias),
+            *with_bias(f"{_M}.mlp.linear_fc2", f"{_L}.mlp.c_proj", _bias),
+            *with_bias("decoder.final_layernorm", "model.norm"),
             Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
         ),
         requires={"hidden_act": lambda v: v == "gelu_pytorch_tanh"},
