@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -616,8 +615,7 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
     from megatron_patch.convert import hf_io
     from megatron_patch.models import load_hf_config, pad_vocab_size
 
-    if os.path.exists(dst) and os.listdir(dst):
-        raise FileExistsError(f"{dst} exists and is not empty")
+    staging = hf_io.staging_dir(dst)
     hf_config = load_hf_config(src)
     tensor_names = _vocab_tensor_names(hf_config)
     size_key = _vocab_size_key(hf_config)
@@ -634,8 +632,6 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
                  else pad_vocab_size(new_size, make_vocab_size_divisible_by))
     sources = {files.table.vocab[p]: files.old_ids(p) for p in plan.pieces}
 
-    staging = dst.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
     hf_io.copy_non_weight_files(src, staging)
     files.save(staging, plan.pieces)
     hf_config[size_key] = new_vocab
@@ -661,9 +657,7 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
     log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
     hf_io.write_safetensors_shards(staging, tensors(), max_shard_size)
     reader.close()
-    if os.path.exists(dst):
-        os.rmdir(dst)
-    os.replace(staging, dst)
+    hf_io.publish(staging, dst)
 
     requested = [p for p in plan.pieces if p in plan.requested]
     if missed := files.not_single(requested):

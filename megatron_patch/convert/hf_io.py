@@ -170,6 +170,24 @@ def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Te
     return files
 
 
+def staging_dir(out_dir: str) -> str:
+    """Where to build an output directory before `publish` moves it into place: OUT.partial,
+    emptied. Refuses an out_dir that exists with something in it (nothing is overwritten)."""
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    staging = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def publish(staging: str, out_dir: str) -> None:
+    """Move a complete staging directory to out_dir in one rename: an interrupted write leaves
+    only OUT.partial, never a complete-looking out_dir."""
+    if os.path.exists(out_dir):
+        os.rmdir(out_dir)
+    os.replace(staging, out_dir)
+
+
 def copy_non_weight_files(src: str, dst: str) -> list[str]:
     """config.json, generation_config.json, tokenizer files, remote-code .py files ..."""
     os.makedirs(dst, exist_ok=True)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Any
 
 import torch
@@ -221,8 +220,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     ("5GB" is 5 * 10**9 bytes). The default "5GB" is transformers 4.x's save_pretrained
     default; 5.x's is "50GB", which keeps models up to ~25B fp16 parameters in one file.
     """
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
+    staging = hf_io.staging_dir(out_dir)
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     family = family_for(hf_config)
@@ -237,8 +235,6 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     engine.check_names(bindings, source=state, target=target, direction="megatron->hf")
     bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
 
-    staging = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
     hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
     _ensure_generation_config(staging, hf_config)
     total = sum(t.numel() * meta.torch_dtype.itemsize for t in state.values())
@@ -248,9 +244,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
         files = hf_io.write_safetensors_shards(
             staging, ((n, t.to(meta.torch_dtype)) for n, t in tensors), max_shard_size, bar
         )
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)
-    os.replace(staging, out_dir)
+    hf_io.publish(staging, out_dir)
     return files
 
 
