@@ -15,17 +15,22 @@ def _require(ok: bool, what: str, kind: str, problems: list[str]) -> None:
         problems.append(f"{what} ({kind} models from scratch are BLOOM / GPT-BigCode style)")
 
 
+def require_size_flags(args: argparse.Namespace) -> None:
+    """A model from scratch needs its sizes: refuse flags that leave one out, naming them."""
+    missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size",
+                                                    "num_attention_heads")
+               if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"a model from scratch needs {', '.join(missing)}")
+
+
 def hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any] | None:
     """The config.json for `args`, or None when the flags ask for another position encoding."""
     kind = args.position_embedding_type
     if kind not in ("alibi", "learned_absolute"):
         return None
     problems: list[str] = []
-    missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size",
-                                                    "num_attention_heads")
-               if getattr(args, n) is None]
-    if missing:
-        raise ValueError(f"a model from scratch needs {', '.join(missing)}")
+    require_size_flags(args)
     _require(not args.swiglu, "drop --swiglu", kind, problems)
     _require(args.normalization == "LayerNorm", "use --normalization LayerNorm", kind, problems)
     _require(not args.disable_bias_linear, "drop --disable-bias-linear", kind, problems)

@@ -75,11 +75,7 @@ def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, An
                          "--use-rotary-position-embeddings (or, with --normalization LayerNorm "
                          "and biases: --use-alibi-mask for BLOOM-style, "
                          "--position-embedding-type learned_absolute for GPT-BigCode-style)")
-    missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size",
-                                                    "num_attention_heads")
-               if getattr(args, n) is None]
-    if missing:
-        raise ValueError(f"a model from scratch needs {', '.join(missing)}")
+    scratch.require_size_flags(args)
     heads = args.num_attention_heads
     model_args = ModelArgs(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
