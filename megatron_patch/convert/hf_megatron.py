@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
-from megatron_patch.convert import engine, hf_io
+from megatron_patch.convert import distcp, engine, hf_io
 from megatron_patch.convert.mapping import Binding, Concat, Dims, bind
 from megatron_patch.models import (
     build_model,
@@ -107,22 +108,20 @@ def _parts_by_parameter(params: dict[str, torch.Tensor],
     return parts
 
 
-def _stacks_into_parts(b: Binding, reader: hf_io.HFCheckpointReader,
-                       params: dict[str, torch.Tensor],
-                       parts: dict[str, list[ShardedTensor]]) -> bool:
-    """Whether `b` concatenates its HF tensors along dim 0 into a parameter that is saved in
-    exactly those pieces (row blocks of the same sizes, in the same order), so that each piece
-    can be saved from its HF tensor as it is, without building the concatenation."""
+def _views_are_pieces(b: Binding, piece_shapes: list[tuple[int, ...]], param: torch.Tensor,
+                      views: list[torch.Tensor]) -> bool:
+    """Whether `b` concatenates its HF tensors (of `piece_shapes`) along dim 0 into a parameter
+    that is saved in exactly those pieces (`views` of it: row blocks of the same sizes, in the
+    same order), so that each piece can go between the two sides as it is, never concatenated
+    (and cut apart again by Megatron-Core)."""
     if type(b.transform).to_megatron is not Concat.to_megatron:
         return False
-    param, pieces = params[b.megatron], parts[b.megatron]
-    if len(pieces) != len(b.hf) or not param.is_contiguous():
+    if len(views) != len(b.hf) or len(piece_shapes) != len(b.hf) or not param.is_contiguous():
         return False
     offset = param.storage_offset()
-    for sh, name in zip(pieces, b.hf, strict=True):
-        view = sh.data
+    for view, shape in zip(views, piece_shapes, strict=True):
         if (not view.is_contiguous() or view.storage_offset() != offset
-                or tuple(view.shape) != reader.shape(name) or view.shape[1:] != param.shape[1:]):
+                or tuple(view.shape) != tuple(shape) or view.shape[1:] != param.shape[1:]):
             return False
         offset += view.numel()
     return offset == param.storage_offset() + param.numel()
@@ -185,7 +184,9 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     direct: list[Binding] = []
     rest: list[Binding] = []
     for b in bindings:
-        (direct if _stacks_into_parts(b, reader, params, parts) else rest).append(b)
+        pieces = [reader.shape(n) for n in b.hf]
+        views = [sh.data for sh in parts[b.megatron]]
+        (direct if _views_are_pieces(b, pieces, params[b.megatron], views) else rest).append(b)
     with _progress(total, "hf->megatron") as bar:
         # Inputs that are exactly the parts a parameter is saved in are saved as they are, never
         # concatenated (and then cut apart again by Megatron-Core's writer).
@@ -205,9 +206,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
         padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
     )
     checkpoint.write_meta(out_dir, meta)
-    # (CRC-32 stays on: files with invalid zip checksums would be one torch release away from
-    # unreadable, for ~20% of this step's time.)
-    checkpoint.save(out_dir, "release", state)
+    checkpoint.save(out_dir, "release", state, crc32=False, sharded_strategy=distcp.UnsyncedSave())
     log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
     return meta
 
@@ -225,27 +224,97 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     family = family_for(hf_config)
     args = family.model_args(hf_config)
-    model = _single_process_model(args, hf_config, meta.torch_dtype, meta.padded_vocab_size)
-    checkpoint.load_model(ckpt_dir, model, iteration)
-    state = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
+    dims = _dims(args, meta.padded_vocab_size)
+    dtype = meta.torch_dtype
+    model = _single_process_model(args, hf_config, dtype, meta.padded_vocab_size)
+    params = {n: p for n, p in model.state_dict(keep_vars=True).items()
+              if not n.endswith("_extra_state")}
 
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     expected_hf = hf_expected_shapes(hf_config)
     target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
-    engine.check_names(bindings, source=state, target=target, direction="megatron->hf")
+    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
     bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
+
+    mapped = _mapped_parts(checkpoint.existing_iteration_dir(ckpt_dir, iteration), model,
+                           params, dtype)
+    if mapped is not None:
+        tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, dtype)
+    else:  # stored in other pieces (another TP/PP): Megatron-Core reassembles them
+        checkpoint.load_model(ckpt_dir, model, iteration)
+        tensors = engine.megatron_to_hf(bindings, dims, lambda n: params[n].detach(), expected_hf)
 
     hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
     _ensure_generation_config(staging, hf_config)
-    total = sum(t.numel() * meta.torch_dtype.itemsize for t in state.values())
-    tensors = engine.megatron_to_hf(bindings, _dims(args, meta.padded_vocab_size),
-                                    state.__getitem__, expected_hf)
+    total = sum(p.numel() * dtype.itemsize for p in params.values())
     with _progress(total, "megatron->hf") as bar:
-        files = hf_io.write_safetensors_shards(
-            staging, ((n, t.to(meta.torch_dtype)) for n, t in tensors), max_shard_size, bar
-        )
+        files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar)
     hf_io.publish(staging, out_dir)
     return files
+
+
+def _mapped_parts(path: str, model, params: dict[str, torch.Tensor],
+                  dtype: torch.dtype) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """For each parameter, (view of the parameter, its bytes in the mapped checkpoint) for every
+    piece it is saved in, where every piece is stored whole (distcp.MappedCheckpoint); else
+    None."""
+    stored = distcp.MappedCheckpoint(path)
+    state = checkpoint.model_state(model)
+    apply_factories(state)
+    mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, pieces in _parts_by_parameter(params, state).items():
+        mapped[name] = []
+        for sh in pieces:
+            if sh.flattened_range is not None:
+                return None
+            sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+            data = stored.chunk_bytes(sh.key, tuple(sh.global_offset), sizes, dtype)
+            if data is None:
+                return None
+            mapped[name].append((sh.data, data.view(*sh.data.shape, dtype.itemsize)))
+    return mapped
+
+
+def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.Tensor],
+                   mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+                   expected_hf: dict[str, tuple[int, ...]] | None,
+                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every binding, computed on the mapped checkpoint's bytes (see
+    distcp: the transforms only rearrange whole elements); a tensor that is a stored piece as
+    it is, or a block of rows of one, is never copied."""
+    size = dtype.itemsize
+    byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
+    for b in bindings:
+        param, pieces = params[b.megatron], mapped[b.megatron]
+        views = [view for view, _ in pieces]
+        hf_shapes = [tuple(t.shape) for t in b.transform.to_hf(param.to("meta"), dims)] if (
+            type(b.transform).to_megatron is Concat.to_megatron) else []
+        if _views_are_pieces(b, hf_shapes, param, views):
+            engine.check_shapes(dict(zip(b.hf, hf_shapes, strict=True)), expected_hf or {},
+                                b.megatron)
+            outputs = zip(b.hf, (data for _, data in pieces), strict=True)
+        else:
+            whole = _whole_bytes(param, pieces)
+            outputs = engine.megatron_to_hf([b], dims, lambda _, whole=whole: whole, byte_shapes)
+        for name, data in outputs:
+            # Viewed as its dtype for the writer only, which copies raw bytes (no alignment).
+            yield name, data.contiguous().view(dtype).squeeze(-1)
+
+
+def _whole_bytes(param: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> (
+        torch.Tensor):
+    """The bytes of a whole parameter (shape + (element size,)) from the pieces it is saved
+    in: the piece itself where there is one, else the pieces put in their places."""
+    size = param.element_size()
+    if len(pieces) == 1 and pieces[0][0].shape == param.shape:
+        return pieces[0][1]
+    if not param.is_contiguous():
+        raise engine.ConversionError("a parameter saved in pieces must be contiguous")
+    whole = torch.empty(*param.shape, size, dtype=torch.uint8)
+    for view, data in pieces:
+        whole.as_strided((*view.shape, size), (*(s * size for s in view.stride()), 1),
+                         (view.storage_offset() - param.storage_offset()) * size).copy_(data)
+    return whole
 
 
 def _natural_key(name: str) -> tuple:
