@@ -21,9 +21,20 @@ same tokens in every run:
         three later runs (best of 5): 0.93x, 0.96x, 0.94x: the run-to-run spread on this VM is
         as large as the remaining gap
 
-Under cProfile the two spend the same in matmuls; what remains is Megatron-Core's per-layer
-Python (~176k Python calls per run vs 135k): layer, attention and MLP forwards, the fused-qkv
-split, cache writes, bias-dropout-add closures.
+The remaining gap was not Python: under torch.profiler both sides spend ~85% of a decode step in
+matmuls. MKL's sgemm on a few rows (4 tokens) against a weight of many thousand rows runs far
+below memory bandwidth on this box (AMD EPYC, MKL 2024.2): the LM head (32000 x 512) took 13.5 to
+14.1 ms a step on both sides, and our fused gate+up fc1 (2688 x 512) 1.03 ms a layer where
+transformers' two separate 1344-row matmuls took 0.85 ms together. Per-layer Python was
+~0.2 ms a step apart (tiny-model runs: 3.9 vs 3.75 ms a step). So:
+
+    + wide fp32 CPU matmuls in blocks of 1024 output features, bit-identical (each output
+      feature is the same dot product; models/inference_linear.py), and GPTModel's output
+      layer on the direct TP=1 path too; shared machine (load average 1 to 5), same tokens:
+                                             1.09x, 1.17x, 1.14x, 1.12x, 1.12x (best of 5)
+        (transformers 114-122 tokens/s, megatron-patch 125-139)
+        same process, blocks switched off in between (best of 7): 0.94x without, 1.11x with
+        --hidden-size 1024: 1.14x (transformers 49.1 tokens/s, megatron-patch 55.8)
 
     python benchmarks/generate_bench.py [--hidden-size 512 --num-layers 8 --new-tokens 64]
 """

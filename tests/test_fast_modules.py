@@ -83,6 +83,23 @@ def _compare() -> dict:
             same = torch.equal(a, c) and (ab is None) == (cb is None)
             out[f"{type(new).__name__}_skip_bias_{skip_bias}_bit_identical"] = bool(
                 same and (ab is None or torch.equal(ab, cb)))
+    # Wide weights run in blocks of output features on the CPU (3 blocks here, the last one
+    # short), and an adopted layer (GPTModel's output layer) takes the direct path, also with
+    # a supplied weight (tied embeddings): bit-identical to the whole matmul, at any number of
+    # tokens.
+    from megatron_patch.models import inference_linear
+
+    assert inference_linear._CPU_BLOCK < 2500 < 3 * inference_linear._CPU_BLOCK
+    head = ColumnParallelLinear(64, 2500, config=config, init_method=init, bias=False)
+    tied = torch.randn(2500, 64)
+    for tokens in ((1, 1), (1, 4), (7, 3)):
+        x = torch.randn(*tokens, 64)
+        with torch.no_grad():
+            ref = [head(x)[0], head(x, weight=tied)[0]]
+            adopted = InferenceColumnParallelLinear.adopt(head)
+            new = [adopted(x)[0], adopted(x, weight=tied)[0]]
+        head.__class__ = ColumnParallelLinear
+        out[f"blockwise_{tokens}_bit_identical"] = all(map(torch.equal, ref, new))
     return out
 
 

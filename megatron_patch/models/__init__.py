@@ -219,6 +219,11 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
         from megatron_patch.models.norm_head import NormHeadLinear
 
         NormHeadLinear.adopt(model.output_layer)
+    elif post_process:
+        from megatron_patch.models.inference_linear import InferenceColumnParallelLinear
+
+        # The layers' linears come from the spec; GPTModel builds the output layer itself.
+        InferenceColumnParallelLinear.adopt(model.output_layer)
     if not cpu_mode.is_enabled():
         # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved
         # with it, as Megatron-LM's get_model does.
