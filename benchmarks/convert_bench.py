@@ -6,7 +6,7 @@ then runs each step in its own fresh Python process, so that every step's peak R
     generate        write the synthetic HF checkpoint (not measured against a target)
     baseline        read every tensor of every shard and write the same bytes back as safetensors
     baseline_fsync  the same, then fsync each file (information only: Megatron-Core's checkpoint
-                    writer fsyncs, so on a slow disk this, not `baseline`, bounds hf_to_megatron)
+                    writer, which training saves use, fsyncs; conversion does not)
     hf_to_megatron  megatron_patch.convert.hf_megatron.hf_to_megatron(hf_dir, ckpt_dir)
     megatron_to_hf  megatron_patch.convert.hf_megatron.megatron_to_hf(ckpt_dir, out_dir)
 
@@ -19,6 +19,19 @@ holds every number as JSON.
     python benchmarks/convert_bench.py                 # ~1B parameters
     python benchmarks/convert_bench.py --params 1e8    # quick
     python benchmarks/convert_bench.py --check         # exit 1 when a target is missed
+
+Measured on the 2-core development VM (1B fp16, one 1.84 GiB shard, best of 3-5 rounds). On
+this VM the kernel's cost of writing fresh pages swings by 3-5x from run to run and step to
+step (the same save_file of the same tensors: 1.1 s to 4.9 s, all of it system time; also on
+tmpfs), so single rounds mean little:
+
+    session 2  hf_to_megatron 0.43-0.59x, megatron_to_hf 0.11-0.23x (Megatron-Core's writer
+               with fsync and CRC-32; its loader copying every chunk twice)
+    session 3  hf_to_megatron 0.62-0.92x (best rounds 1.0-1.2 s against 0.9 s), megatron_to_hf
+               0.44-0.64x (1.4-2.1 s), in other full runs both 0.2-0.4x; run alone, the export
+               takes 1.4-1.9 s and the import 1.0-2.1 s. Peak RSS 0.62 GiB over the shard.
+               With the page cache dropped and the input read once before each step (equal
+               conditions, as root): copy 1.1-1.4 s, export 1.5-1.7 s, import 2.0-2.1 s.
 
 The parent process never imports torch: a child started from a large parent would inherit its
 peak RSS (Linux carries ru_maxrss across fork and exec), so the parent stays small.
