@@ -98,15 +98,10 @@ def _barrier() -> None:
 
 
 def save(root: str, iteration: int | str, sharded_state_dict: dict[str, Any], *,
-         crc32: bool = True, sharded_strategy: Any = None) -> str:
+         sharded_strategy: Any = None) -> str:
     """Save with dist_checkpointing (all ranks call this), then publish it as the latest.
 
     sharded_strategy: dist_checkpointing's (None: Megatron-Core's default, `torch_dist`).
-
-    crc32=False: torch.save writes no CRC-32 checksum in its records (the files' tensors are
-    stored in zip records); checksumming is most of the time a conversion spends writing
-    (about 0.5 GB/s on one core). torch.load reads such records (torch.serialization.
-    set_crc32_options); only unzip tools would complain.
     """
     from megatron.core import dist_checkpointing
 
@@ -120,13 +115,7 @@ def save(root: str, iteration: int | str, sharded_state_dict: dict[str, Any], *,
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     _barrier()
-    # The writer processes Megatron-Core forks inherit the setting.
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(crc32)
-    try:
-        dist_checkpointing.save(sharded_state_dict, staging, sharded_strategy)
-    finally:
-        torch.serialization.set_crc32_options(previous)
+    dist_checkpointing.save(sharded_state_dict, staging, sharded_strategy)
     _barrier()
     if _rank() == 0:
         if os.path.exists(final):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -90,6 +91,21 @@ def _progress(total_bytes: int, desc: str) -> tqdm:
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=1.0)
 
 
+def _parameters(model) -> dict[str, torch.Tensor]:
+    """The model's weights by state-dict name (extra states are not weights)."""
+    return {n: p for n, p in model.state_dict(keep_vars=True).items()
+            if not n.endswith("_extra_state")}
+
+
+def _saved_state(model, params: dict[str, torch.Tensor]) -> tuple[
+        dict[str, Any], dict[str, list[ShardedTensor]]]:
+    """The model's checkpoint state with its factories applied, and the pieces each parameter
+    is saved in (_parts_by_parameter)."""
+    state = checkpoint.model_state(model)
+    apply_factories(state)
+    return state, _parts_by_parameter(params, state)
+
+
 def _parts_by_parameter(params: dict[str, torch.Tensor],
                         state: dict[str, Any]) -> dict[str, list[ShardedTensor]]:
     """For each parameter, the ShardedTensors that save it, in storage order: one holding the
@@ -110,13 +126,18 @@ def _parts_by_parameter(params: dict[str, torch.Tensor],
     return parts
 
 
+def _concatenates(b: Binding) -> bool:
+    """Whether `b` stacks its HF tensors along dim 0 into the Megatron tensor (Concat)."""
+    return type(b.transform).to_megatron is Concat.to_megatron
+
+
 def _views_are_pieces(b: Binding, piece_shapes: list[tuple[int, ...]], param: torch.Tensor,
                       views: list[torch.Tensor]) -> bool:
     """Whether `b` concatenates its HF tensors (of `piece_shapes`) along dim 0 into a parameter
     that is saved in exactly those pieces (`views` of it: row blocks of the same sizes, in the
     same order), so that each piece can go between the two sides as it is, never concatenated
     (and cut apart again by Megatron-Core)."""
-    if type(b.transform).to_megatron is not Concat.to_megatron:
+    if not _concatenates(b):
         return False
     if len(views) != len(b.hf) or len(piece_shapes) != len(b.hf) or not param.is_contiguous():
         return False
@@ -127,6 +148,16 @@ def _views_are_pieces(b: Binding, piece_shapes: list[tuple[int, ...]], param: to
             return False
         offset += view.numel()
     return offset == param.storage_offset() + param.numel()
+
+
+def _region(whole: torch.Tensor, param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """The part of `whole` (laid out like the contiguous `param`, possibly with trailing axes
+    of its own, such as export's byte axis) that `view`, a view of `param`, covers."""
+    tail, tail_strides = whole.shape[param.dim():], whole.stride()[param.dim():]
+    per_element = math.prod(tail)
+    return whole.as_strided(
+        (*view.shape, *tail), (*(s * per_element for s in view.stride()), *tail_strides),
+        whole.storage_offset() + (view.storage_offset() - param.storage_offset()) * per_element)
 
 
 def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.Tensor) -> None:
@@ -143,10 +174,7 @@ def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.
         dense = tensor.contiguous() if dense is None else dense
         # A copy of its own: Megatron-Core's writer clones every view before writing, all of them
         # at once, while the whole tensors are still held.
-        sh.data = dense.as_strided(
-            view.shape, view.stride(),
-            dense.storage_offset() + view.storage_offset() - param.storage_offset(),
-        ).clone()
+        sh.data = _region(dense, param, view).clone()
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
@@ -171,16 +199,13 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
 
     model = _single_process_model(args, hf_config, dtype, padded)
-    params = {n: p for n, p in model.state_dict(keep_vars=True).items()
-              if not n.endswith("_extra_state")}
+    params = _parameters(model)
     engine.check_names(bindings, source=hf_names, target=params, direction="hf->megatron",
                        ignore=family.hf_ignore)
-    state = checkpoint.model_state(model)
     # The checkpoint is written from `state`'s ShardedTensors, not from the model: each is given
     # its converted tensor below, while the model's own parameters stay as allocated, never
     # touched (so they take no memory). Memory-mapped input tensors go to the writer uncopied.
-    apply_factories(state)
-    parts = _parts_by_parameter(params, state)
+    state, parts = _saved_state(model, params)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     total = sum(p.numel() * dtype.itemsize for p in params.values())
     direct: list[Binding] = []
@@ -208,7 +233,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
         padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
     )
     checkpoint.write_meta(out_dir, meta)
-    checkpoint.save(out_dir, "release", state, crc32=False, sharded_strategy=distcp.UnsyncedSave())
+    checkpoint.save(out_dir, "release", state, sharded_strategy=distcp.UnsyncedSave())
     log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
     return meta
 
@@ -229,8 +254,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     dims = _dims(args, meta.padded_vocab_size)
     dtype = meta.torch_dtype
     model = _single_process_model(args, hf_config, dtype, meta.padded_vocab_size)
-    params = {n: p for n, p in model.state_dict(keep_vars=True).items()
-              if not n.endswith("_extra_state")}
+    params = _parameters(model)
 
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     expected_hf = hf_expected_shapes(hf_config)
@@ -261,10 +285,8 @@ def _mapped_parts(path: str, model, params: dict[str, torch.Tensor],
     piece it is saved in, where every piece is stored whole (distcp.MappedCheckpoint); else
     None."""
     stored = distcp.MappedCheckpoint(path)
-    state = checkpoint.model_state(model)
-    apply_factories(state)
     mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for name, pieces in _parts_by_parameter(params, state).items():
+    for name, pieces in _saved_state(model, params)[1].items():
         mapped[name] = []
         for sh in pieces:
             if sh.flattened_range is not None:
@@ -290,7 +312,7 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
         param, pieces = params[b.megatron], mapped[b.megatron]
         views = [view for view, _ in pieces]
         hf_shapes = [tuple(t.shape) for t in b.transform.to_hf(param.to("meta"), dims)] if (
-            type(b.transform).to_megatron is Concat.to_megatron) else []
+            _concatenates(b)) else []
         if _views_are_pieces(b, hf_shapes, param, views):
             engine.check_shapes(dict(zip(b.hf, hf_shapes, strict=True)), expected_hf or {},
                                 b.megatron)
@@ -314,8 +336,7 @@ def _whole_bytes(param: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Ten
         raise engine.ConversionError("a parameter saved in pieces must be contiguous")
     whole = torch.empty(*param.shape, size, dtype=torch.uint8)
     for view, data in pieces:
-        whole.as_strided((*view.shape, size), (*(s * size for s in view.stride()), 1),
-                         (view.storage_offset() - param.storage_offset()) * size).copy_(data)
+        _region(whole, param, view).copy_(data)
     return whole
 
 
