@@ -655,7 +655,8 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
             yield name, tensor
 
     log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
-    hf_io.write_safetensors_shards(staging, tensors(), max_shard_size)
+    # Tensors passed on unchanged are copied from the input files (file_regions).
+    hf_io.write_safetensors_shards(staging, tensors(), max_shard_size, regions=reader.regions)
     reader.close()
     hf_io.publish(staging, dst)
 

@@ -289,3 +289,112 @@ def test_export_reads_stored_chunks_in_place(llama_models, tmp_path):
     assert r["other_pieces"] is None and r["other_dtype"] is None, r
     assert r["diff"] == [], r
     assert r["dict"] == "ValueError" and r["parameter"] == "UnpicklingError", r
+
+
+def test_file_regions_and_safetensors_writer(tmp_path):
+    """Bytes recorded as a view of a file are read from the file (the buffer loop runs in
+    several chunks here); others are written from memory; the safetensors writer's files read
+    back through safetensors itself, bit for bit, whichever way each tensor went."""
+    import torch
+    from safetensors import safe_open
+
+    from megatron_patch.convert import file_regions
+    from megatron_patch.convert.hf_io import write_safetensors
+
+    src = tmp_path / "src.bin"
+    payload = torch.randn(100_000).to(torch.float16)  # 200 kB
+    src.write_bytes(b"x" * 13 + payload.numpy().tobytes())
+    # A stand-in for a mapped view: memory holding the file's bytes from offset 13.
+    mapped = torch.frombuffer(bytearray(src.read_bytes()[13:]), dtype=torch.float16)
+    with file_regions.FileRegions() as regions:
+        regions.add_tensor(mapped, str(src), 13)
+        assert regions.find(mapped.data_ptr() + 10, 100) == (regions._fds[str(src)], 23)
+        assert regions.find(mapped.data_ptr() + 10, mapped.nbytes) is None  # runs past it
+        assert regions.find(mapped.data_ptr() - 1, 2) is None
+        tensors = {
+            "mapped": mapped.view(500, 200),
+            "row_block": mapped.view(500, 200)[50:450],  # a view inside the region
+            "computed_bf16": torch.randn(300, 7).to(torch.bfloat16),
+            "scalar": torch.tensor(3.5),
+            "empty": torch.zeros(0, 4),
+        }
+        out = str(tmp_path / "out.safetensors")
+        file_regions._COPY_BUFFER_BYTES, saved = 4099, file_regions._COPY_BUFFER_BYTES
+        try:
+            write_safetensors(out, tensors, {"format": "pt"}, regions)
+        finally:
+            file_regions._COPY_BUFFER_BYTES = saved
+        copied = regions.copied_bytes
+    assert copied == tensors["mapped"].nbytes + tensors["row_block"].nbytes
+    with safe_open(out, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            read = f.get_tensor(name)
+            assert read.dtype == tensor.dtype and read.shape == tensor.shape, name
+            assert torch.equal(read.reshape(-1).view(torch.uint8),
+                               tensor.reshape(-1).view(torch.uint8)), name
+    with open(out, "rb") as f:
+        assert int.from_bytes(f.read(8), "little") % 8 == 0  # data starts 8-byte aligned
+
+    # A recorded file that no longer holds the bytes fails loudly, naming the offset.
+    src.write_bytes(b"x" * 20)
+    with file_regions.FileRegions() as regions:
+        regions.add_tensor(mapped, str(src), 13)
+        with pytest.raises(OSError, match="end of a mapped input file at byte 20"):
+            write_safetensors(str(tmp_path / "bad.safetensors"), {"t": mapped}, None, regions)
+
+
+def _through_files(root: str, original: str, converted: str) -> dict:
+    """Conversion both ways with every tensor eligible for the file path (file_regions'
+    size floor at one byte): how many bytes took it, and what came out."""
+    from unittest import mock
+
+    from megatron_patch.convert import file_regions
+    from megatron_patch.convert.hf_megatron import hf_to_megatron, megatron_to_hf
+
+    read = {"bytes": 0}
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset):
+        n = real_preadv(fd, buffers, offset)
+        read["bytes"] += n
+        return n
+
+    out = {}
+    with mock.patch.object(file_regions, "_MIN_COPY_BYTES", 1), \
+            mock.patch.object(file_regions.os, "preadv", counting_preadv):
+        ckpt = os.path.join(root, "mcore")
+        hf_to_megatron(original, ckpt)
+        out["import_bytes"] = read["bytes"]
+        megatron_to_hf(ckpt, os.path.join(root, "hf_out"))
+        out["export_bytes"] = read["bytes"] - out["import_bytes"]
+    from megatron_patch.convert.hf_io import safetensors_offsets
+
+    sizes = {name: end - start for name, (start, end) in
+             safetensors_offsets(os.path.join(original, "model.safetensors")).items()}
+    qkv = sum(n for name, n in sizes.items() if name.endswith(("q_proj.weight", "k_proj.weight",
+                                                               "v_proj.weight")))
+    vocab = sum(n for name, n in sizes.items() if "embed_tokens" in name or "lm_head" in name)
+    # Import computes the fused q/k/v and the vocab-padded embeddings; export slices the
+    # vocabulary rows off in place and computes only q, k and v.
+    out["expected_import"] = sum(sizes.values()) - qkv - vocab
+    out["expected_export"] = sum(sizes.values()) - qkv
+    out["diff"] = _compare_safetensors_dirs(original, os.path.join(root, "hf_out"))
+    # The checkpoint's data file is the same, byte for byte, as one written from memory.
+    release = os.path.join("release", "__0_0.distcp")
+    with open(os.path.join(ckpt, release), "rb") as a, \
+            open(os.path.join(converted, release), "rb") as b:
+        out["same_checkpoint_file"] = a.read() == b.read()
+    return out
+
+
+def test_unchanged_tensors_go_through_the_files(llama_models, tmp_path):
+    root = llama_models["llama2"]
+    (r,) = harness.run(_through_files, 1, str(tmp_path), os.path.join(root, "hf"),
+                       os.path.join(root, "mcore"))
+    # Every tensor that goes out unchanged goes file to file, and nothing else.
+    assert r["import_bytes"] == r["expected_import"] > 0, r
+    assert r["export_bytes"] == r["expected_export"] > r["expected_import"], r
+    assert r["same_checkpoint_file"], r
+    assert r["diff"] == [], r

@@ -6,30 +6,50 @@ import json
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from megatron_patch.convert.file_regions import FileRegions, RegionStream, tensor_bytes
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.index\.json$")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+def safetensors_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """name -> [start, end) byte offsets of each tensor's data in a safetensors file: an
+    8-byte little-endian header length, the JSON header, then the data its offsets index."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return {name: (8 + length + info["data_offsets"][0], 8 + length + info["data_offsets"][1])
+            for name, info in header.items()}
+
+
 class HFCheckpointReader:
-    """Lazy access to the tensors of an HF model directory (safetensors or pytorch_model*.bin)."""
+    """Lazy access to the tensors of an HF model directory (safetensors or pytorch_model*.bin).
+
+    `regions` records which file bytes each tensor read from safetensors holds, so that a
+    writer can copy them file to file (file_regions); tensors read stay alive until close()."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._where: dict[str, str] = {}
         self._open: dict[str, Any] = {}
+        self._offsets: dict[str, dict[str, tuple[int, int]]] = {}
+        self.regions = FileRegions()
         if os.path.isfile(os.path.join(path, SAFE_INDEX)):
             self._from_index(SAFE_INDEX)
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
@@ -99,13 +119,22 @@ class HFCheckpointReader:
         return SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
 
     def read(self, name: str) -> torch.Tensor:
-        handle = self._handle(self._where[name])
+        file = self._where[name]
+        handle = self._handle(file)
         if isinstance(handle, dict):
             return handle[name]
-        return handle.get_tensor(name)
+        tensor = handle.get_tensor(name)
+        full = os.path.join(self.path, file)
+        if file not in self._offsets:
+            self._offsets[file] = safetensors_offsets(full)
+        start, end = self._offsets[file][name]
+        if tensor.is_contiguous() and tensor.numel() * tensor.element_size() == end - start:
+            self.regions.add_tensor(tensor, full, start)
+        return tensor
 
     def close(self) -> None:
         self._open.clear()
+        self.regions.close()
 
 
 def parse_size(size: int | str) -> int:
@@ -121,12 +150,36 @@ def parse_size(size: int | str) -> int:
     return int(value * powers[unit])
 
 
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None,
+                      regions: FileRegions | None = None) -> None:
+    """One safetensors file, data in the order of `tensors` (the format allows any order
+    without gaps). Tensors that `regions` knows to be views of a file are copied from it."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_NAMES:
+            raise ValueError(f"{path}: tensor {name} has dtype {tensor.dtype}, which "
+                             "safetensors cannot store")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with RegionStream(path, regions or FileRegions()) as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for tensor in tensors.values():
+            out.write(tensor_bytes(tensor.contiguous()))
+
+
 def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Tensor]],
-                             max_shard_size: int | str = "5GB", progress=None) -> list[str]:
+                             max_shard_size: int | str = "5GB", progress=None,
+                             regions: FileRegions | None = None) -> list[str]:
     """Write tensors as save_pretrained does: model.safetensors, or numbered shards plus
     model.safetensors.index.json. Each shard is written as soon as it is full, so tensors should
     come in the order save_pretrained writes them (the model's state-dict order, layer by layer)
-    for each shard to hold whole layers."""
+    for each shard to hold whole layers. `regions`: see write_safetensors."""
     limit = parse_size(max_shard_size)
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -136,7 +189,7 @@ def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Te
     def flush() -> None:
         nonlocal shard, shard_bytes
         name = f"shard-{len(written):05d}.tmp"
-        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        write_safetensors(os.path.join(out_dir, name), shard, {"format": "pt"}, regions)
         written.append((name, list(shard)))
         shard, shard_bytes = {}, 0
 

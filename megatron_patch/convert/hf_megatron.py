@@ -224,7 +224,6 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
         for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes):
             _fill_parts(parts[name], params[name], tensor.to(dtype))
             bar.update(tensor.numel() * dtype.itemsize)
-    reader.close()
 
     os.makedirs(out_dir, exist_ok=True)
     hf_io.copy_non_weight_files(hf_dir, os.path.join(out_dir, checkpoint.HF_DIR))
@@ -233,7 +232,12 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
         padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
     )
     checkpoint.write_meta(out_dir, meta)
-    checkpoint.save(out_dir, "release", state, sharded_strategy=distcp.UnsyncedSave())
+    # Input tensors that go out unchanged are copied from the input files (file_regions).
+    try:
+        checkpoint.save(out_dir, "release", state,
+                        sharded_strategy=distcp.UnsyncedSave(regions=reader.regions))
+    finally:
+        reader.close()
     log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
     return meta
 
@@ -262,8 +266,8 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
     bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
 
-    mapped = _mapped_parts(checkpoint.existing_iteration_dir(ckpt_dir, iteration), model,
-                           params, dtype)
+    stored = distcp.MappedCheckpoint(checkpoint.existing_iteration_dir(ckpt_dir, iteration))
+    mapped = _mapped_parts(stored, model, params, dtype)
     if mapped is not None:
         tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, dtype)
     else:  # stored in other pieces (another TP/PP): Megatron-Core reassembles them
@@ -274,17 +278,17 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     _ensure_generation_config(staging, hf_config)
     total = sum(p.numel() * dtype.itemsize for p in params.values())
     with _progress(total, "megatron->hf") as bar:
-        files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar)
+        with stored.regions:  # stored chunks go out unchanged: copied from the files
+            files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
+                                                   regions=stored.regions)
     hf_io.publish(staging, out_dir)
     return files
 
 
-def _mapped_parts(path: str, model, params: dict[str, torch.Tensor],
+def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torch.Tensor],
                   dtype: torch.dtype) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
     """For each parameter, (view of the parameter, its bytes in the mapped checkpoint) for every
-    piece it is saved in, where every piece is stored whole (distcp.MappedCheckpoint); else
-    None."""
-    stored = distcp.MappedCheckpoint(path)
+    piece it is saved in, where every piece is stored whole; else None."""
     mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, pieces in _saved_state(model, params)[1].items():
         mapped[name] = []
