@@ -12,26 +12,33 @@ then runs each step in its own fresh Python process, so that every step's peak R
 
 Targets: each conversion moves the model's bytes at >= 0.8x the `baseline` copy's rate, and
 peaks at <= the largest input shard + 1 GiB of RSS. Each step runs --repeat times (whole rounds);
-the table shows its best time and worst peak RSS, and, for information only, the worst peak RSS
-of the helper processes it forked (`helpers`: Megatron-Core's checkpoint writers). A final line
-holds every number as JSON.
+the table shows its best time and worst peak RSS. A final line holds every number as JSON.
 
     python benchmarks/convert_bench.py                 # ~1B parameters
     python benchmarks/convert_bench.py --params 1e8    # quick
     python benchmarks/convert_bench.py --check         # exit 1 when a target is missed
 
-Measured on the 2-core development VM (1B fp16, one 1.84 GiB shard, best of 3-5 rounds). On
-this VM the kernel's cost of writing fresh pages swings by 3-5x from run to run and step to
-step (the same save_file of the same tensors: 1.1 s to 4.9 s, all of it system time; also on
-tmpfs), so single rounds mean little:
+Memory: this VM hands memory that the guest has freed back to the hypervisor a few seconds
+later (virtio-balloon free page reporting; the kernel also runs DAMON), and a page used again
+after that costs a fault in the host. Writing 1.8 GB took 0.42-0.66 s right after another
+1.8 GB file was deleted, 1.4-2.9 s three seconds later and 3.7-4.2 s ten seconds later. A
+step's imports take 2 s (the copy) to 10 s (the conversions), so which step found warm memory
+depended on the order of the steps and on what the one before had deleted, by up to 4x. So
+every step, after its imports and just before the clock starts, deletes its own previous output
+and has a short-lived process write and free twice the model's bytes (its RSS is not this
+step's): every step then starts from the same warm state. On a machine without free page
+reporting this changes nothing.
+
+Measured on the 2-core development VM (1B fp16, one 1.84 GiB shard, best of 3 rounds):
 
     session 2  hf_to_megatron 0.43-0.59x, megatron_to_hf 0.11-0.23x (Megatron-Core's writer
                with fsync and CRC-32; its loader copying every chunk twice)
-    session 3  hf_to_megatron 0.62-0.92x (best rounds 1.0-1.2 s against 0.9 s), megatron_to_hf
-               0.44-0.64x (1.4-2.1 s), in other full runs both 0.2-0.4x; run alone, the export
-               takes 1.4-1.9 s and the import 1.0-2.1 s. Peak RSS 0.62 GiB over the shard.
-               With the page cache dropped and the input read once before each step (equal
-               conditions, as root): copy 1.1-1.4 s, export 1.5-1.7 s, import 2.0-2.1 s.
+    session 3  hf_to_megatron 0.62-0.92x, megatron_to_hf 0.44-0.64x, in other full runs both
+               0.2-0.4x (memory not yet warmed, see above). Peak RSS 0.62 GiB over the shard.
+    session 4  (unchanged tensors and gathered rows copied from the input files, file_regions;
+               memory warmed) hf_to_megatron 0.90x and 1.01x, megatron_to_hf 1.18x and 1.15x in
+               two full runs, the copy taking 0.86-0.88 s; steps vary by about 1.5x between
+               rounds. Peak RSS 0.43 GiB in all, 1.41 GiB under the shard.
 
 The parent process never imports torch: a child started from a large parent would inherit its
 peak RSS (Linux carries ru_maxrss across fork and exec), so the parent stays small.
@@ -259,6 +266,19 @@ def plain_copy(src: str, dst: str, fsync: bool = False) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
+def warm_free_memory(nbytes: int) -> None:
+    """Touch `nbytes` of fresh memory and free it again, so that the step's own allocations
+    (page cache for what it writes) find recently used pages, whatever ran before it. Done
+    in a short-lived process of its own, which leaves this one's peak RSS alone. Capped at
+    half the available memory."""
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable:"))
+    nbytes = min(nbytes, available // 2)
+    if nbytes > 0:  # repeating a byte writes every page (bytes(n) would leave them unmapped)
+        subprocess.run([sys.executable, "-c", f"b'x' * {nbytes}"], check=True)
+
+
 def rss_now_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -286,11 +306,12 @@ def child(step: str, spec: dict[str, Any]) -> None:
         "megatron_to_hf": lambda: hf_megatron.megatron_to_hf(spec["ckpt_dir"], spec["out_dir"],
                                                              max_shard_size=spec["max_shard_bytes"]),
     }
-    # The previous round's output goes only now, after the imports, just before the clock
-    # starts: see "Memory" in the module docstring.
+    # Only now, after the imports, just before the clock starts: the previous round's output
+    # goes, and memory is warmed (see "Memory" in the module docstring).
     for path in spec.get("remove", []):
         shutil.rmtree(path, ignore_errors=True)
     os.sync()
+    warm_free_memory(spec.get("warm_bytes", 0))
     rss_before = rss_now_bytes()
     profiler = None
     if spec.get("profile_dir"):
@@ -304,15 +325,9 @@ def child(step: str, spec: dict[str, Any]) -> None:
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(os.path.join(spec["profile_dir"], f"{step}.prof"))
-    # The target is on this process only. Megatron-Core's checkpoint writer forks helper
-    # processes: they start with this process's pages (shared, not added) and map the pages they
-    # write from, which may be file pages (page cache) this process never touched. The largest
-    # helper's peak is shown for information.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    helper_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     with open(spec["result"], "w") as f:
-        json.dump({"seconds": seconds, "peak_rss": peak, "rss_before": rss_before,
-                   "helper_peak_rss": helper_peak}, f)
+        json.dump({"seconds": seconds, "peak_rss": peak, "rss_before": rss_before}, f)
 
 
 # ---------------------------------------------------------------- parent (no torch)
@@ -388,7 +403,7 @@ def report(shape: dict[str, int], model_bytes: int, largest_shard: int, n_shards
     print(f"load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f} on "
           f"{os.cpu_count()} CPUs")
     print(f"\n{'step':<16}{'seconds':>9}{'MB/s':>9}{'x copy':>8}{'x fsync':>8}{'RSS start':>11}"
-          f"{'peak RSS':>10}{'- shard':>9}{'helpers':>9}  (RSS in GiB)")
+          f"{'peak RSS':>10}{'- shard':>9}  (RSS in GiB)")
     ok = True
     verdicts = []
     for step in STEPS:
@@ -399,8 +414,7 @@ def report(shape: dict[str, int], model_bytes: int, largest_shard: int, n_shards
                  rss_over_largest_shard=r["peak_rss"] - largest_shard)
         print(f"{step:<16}{r['seconds']:>9.2f}{rate / 1e6:>9.0f}{r['throughput_ratio']:>8.2f}"
               f"{r['throughput_ratio_to_fsync_copy']:>8.2f}{r['rss_before'] / GIB:>11.2f}"
-              f"{r['peak_rss'] / GIB:>10.2f}{r['rss_over_largest_shard'] / GIB:>9.2f}"
-              f"{r['helper_peak_rss'] / GIB:>9.2f}")
+              f"{r['peak_rss'] / GIB:>10.2f}{r['rss_over_largest_shard'] / GIB:>9.2f}")
         if step not in CONVERSIONS:
             continue
         fast = r["throughput_ratio"] >= THROUGHPUT_TARGET
@@ -484,14 +498,14 @@ def main(argv: list[str]) -> int:
                     "baseline": ("copy_dir",), "baseline_fsync": ("copy_dir",),
                     "hf_to_megatron": ("ckpt_dir",), "megatron_to_hf": ("out_dir",),
                 }[step]]
-                runs[step].append(run_step(step, dict(spec, remove=remove), workdir,
-                                           args.threads))
+                runs[step].append(run_step(step, dict(spec, remove=remove,
+                                                      warm_bytes=2 * model_bytes),
+                                           workdir, args.threads))
         shutil.rmtree(spec["copy_dir"], ignore_errors=True)
         # Best time (the least disturbed run), worst memory.
         results = {step: {"seconds": min(r["seconds"] for r in rs),
                           "peak_rss": max(r["peak_rss"] for r in rs),
                           "rss_before": max(r["rss_before"] for r in rs),
-                          "helper_peak_rss": max(r["helper_peak_rss"] for r in rs),
                           "all_seconds": [r["seconds"] for r in rs]}
                    for step, rs in runs.items()}
         load.append(os.getloadavg()[0])

@@ -308,7 +308,7 @@ def test_file_regions_and_safetensors_writer(tmp_path):
     mapped = torch.frombuffer(bytearray(src.read_bytes()[13:]), dtype=torch.float16)
     with file_regions.FileRegions() as regions:
         regions.add_tensor(mapped, str(src), 13)
-        assert regions.find(mapped.data_ptr() + 10, 100) == (regions._fds[str(src)], 23)
+        assert regions.find(mapped.data_ptr() + 10, 100) == [(regions._fds[str(src)], 23, 100)]
         assert regions.find(mapped.data_ptr() + 10, mapped.nbytes) is None  # runs past it
         assert regions.find(mapped.data_ptr() - 1, 2) is None
         tensors = {
@@ -337,6 +337,24 @@ def test_file_regions_and_safetensors_writer(tmp_path):
     with open(out, "rb") as f:
         assert int.from_bytes(f.read(8), "little") % 8 == 0  # data starts 8-byte aligned
 
+    # Rows gathered from a recorded view, with zero rows, stand for memory never written:
+    # only the writer puts their bytes anywhere.
+    with file_regions.FileRegions() as regions:
+        regions.add_tensor(mapped, str(src), 13)
+        rows = mapped.view(500, 200)
+        expected = torch.cat([rows[400:450], torch.zeros(3, 200, dtype=rows.dtype), rows[:10],
+                              rows[10:20]])
+        gathered = torch.empty_like(expected)
+        assert regions.add_rows(gathered, [(rows, 400, 50), (None, 0, 3), (rows, 0, 10),
+                                           (rows, 10, 10)])
+        assert len(regions.find(gathered.data_ptr(), gathered.nbytes)) == 3  # 0-20 is one run
+        assert not regions.add_rows(torch.empty(5, 200, dtype=rows.dtype),
+                                    [(torch.ones(5, 200, dtype=rows.dtype), 0, 5)])
+        write_safetensors(str(tmp_path / "gathered.safetensors"), {"g": gathered}, None,
+                          regions)
+    with safe_open(str(tmp_path / "gathered.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("g").view(torch.int16), expected.view(torch.int16))
+
     # A recorded file that no longer holds the bytes fails loudly, naming the offset.
     src.write_bytes(b"x" * 20)
     with file_regions.FileRegions() as regions:
@@ -345,12 +363,13 @@ def test_file_regions_and_safetensors_writer(tmp_path):
             write_safetensors(str(tmp_path / "bad.safetensors"), {"t": mapped}, None, regions)
 
 
-def _through_files(root: str, original: str, converted: str) -> dict:
-    """Conversion both ways with every tensor eligible for the file path (file_regions'
-    size floor at one byte): how many bytes took it, and what came out."""
+def _through_files(root: str, original: str) -> dict:
+    """Conversion both ways, counting the bytes read from files by file_regions, against the
+    same conversion with that path off (every tensor computed and written from memory)."""
     from unittest import mock
 
     from megatron_patch.convert import file_regions
+    from megatron_patch.convert.hf_io import safetensors_offsets
     from megatron_patch.convert.hf_megatron import hf_to_megatron, megatron_to_hf
 
     read = {"bytes": 0}
@@ -362,39 +381,32 @@ def _through_files(root: str, original: str, converted: str) -> dict:
         return n
 
     out = {}
-    with mock.patch.object(file_regions, "_MIN_COPY_BYTES", 1), \
-            mock.patch.object(file_regions.os, "preadv", counting_preadv):
-        ckpt = os.path.join(root, "mcore")
-        hf_to_megatron(original, ckpt)
+    with mock.patch.object(file_regions.os, "preadv", counting_preadv):
+        hf_to_megatron(original, os.path.join(root, "mcore"))
         out["import_bytes"] = read["bytes"]
-        megatron_to_hf(ckpt, os.path.join(root, "hf_out"))
+        megatron_to_hf(os.path.join(root, "mcore"), os.path.join(root, "hf_out"))
         out["export_bytes"] = read["bytes"] - out["import_bytes"]
-    from megatron_patch.convert.hf_io import safetensors_offsets
-
-    sizes = {name: end - start for name, (start, end) in
-             safetensors_offsets(os.path.join(original, "model.safetensors")).items()}
-    qkv = sum(n for name, n in sizes.items() if name.endswith(("q_proj.weight", "k_proj.weight",
-                                                               "v_proj.weight")))
-    vocab = sum(n for name, n in sizes.items() if "embed_tokens" in name or "lm_head" in name)
-    # Import computes the fused q/k/v and the vocab-padded embeddings; export slices the
-    # vocabulary rows off in place and computes only q, k and v.
-    out["expected_import"] = sum(sizes.values()) - qkv - vocab
-    out["expected_export"] = sum(sizes.values()) - qkv
+    with mock.patch.object(file_regions.FileRegions, "find", return_value=None):
+        hf_to_megatron(original, os.path.join(root, "mcore_memory"))
+        megatron_to_hf(os.path.join(root, "mcore_memory"), os.path.join(root, "hf_memory"))
+    out["weight_bytes"] = sum(end - start for start, end in safetensors_offsets(
+        os.path.join(original, "model.safetensors")).values())
     out["diff"] = _compare_safetensors_dirs(original, os.path.join(root, "hf_out"))
-    # The checkpoint's data file is the same, byte for byte, as one written from memory.
+    out["diff_memory"] = _compare_safetensors_dirs(original, os.path.join(root, "hf_memory"))
     release = os.path.join("release", "__0_0.distcp")
-    with open(os.path.join(ckpt, release), "rb") as a, \
-            open(os.path.join(converted, release), "rb") as b:
+    with open(os.path.join(root, "mcore", release), "rb") as a, \
+            open(os.path.join(root, "mcore_memory", release), "rb") as b:
         out["same_checkpoint_file"] = a.read() == b.read()
     return out
 
 
 def test_unchanged_tensors_go_through_the_files(llama_models, tmp_path):
     root = llama_models["llama2"]
-    (r,) = harness.run(_through_files, 1, str(tmp_path), os.path.join(root, "hf"),
-                       os.path.join(root, "mcore"))
-    # Every tensor that goes out unchanged goes file to file, and nothing else.
-    assert r["import_bytes"] == r["expected_import"] > 0, r
-    assert r["export_bytes"] == r["expected_export"] > r["expected_import"], r
+    (r,) = harness.run(_through_files, 1, str(tmp_path), os.path.join(root, "hf"))
+    # Every weight byte is read from a file exactly once each way: fused q/k/v and padded
+    # embeddings are gathered rows (the padding rows are zeros, read from nowhere).
+    assert r["import_bytes"] == r["weight_bytes"] > 0, r
+    assert r["export_bytes"] == r["weight_bytes"], r
+    # The same checkpoint, byte for byte, as one computed and written from memory.
     assert r["same_checkpoint_file"], r
-    assert r["diff"] == [], r
+    assert r["diff"] == [] and r["diff_memory"] == [], r

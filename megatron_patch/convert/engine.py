@@ -72,13 +72,25 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...] | No
         )
 
 
+# gather(binding, fn, inputs): the list fn(inputs) would give, not computed, or None.
+Gather = Callable[[Binding, Callable[[list[torch.Tensor]], list[torch.Tensor]],
+                   list[torch.Tensor]], list[torch.Tensor] | None]
+
+
+def _apply(b: Binding, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+           inputs: list[torch.Tensor], gather: Gather | None) -> list[torch.Tensor]:
+    result = gather(b, fn, inputs) if gather is not None else None
+    return fn(inputs) if result is None else result
+
+
 def hf_to_megatron(bindings: list[Binding], dims: Dims, read: Callable[[str], torch.Tensor],
-                   expected_shapes: Mapping[str, tuple[int, ...]]) -> Iterator[
-                       tuple[str, torch.Tensor]]:
+                   expected_shapes: Mapping[str, tuple[int, ...]],
+                   gather: Gather | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (megatron name, tensor), reading HF tensors on demand through `read`."""
     for b in bindings:
         try:
-            tensor = b.transform.to_megatron([read(n) for n in b.hf], dims)
+            (tensor,) = _apply(b, lambda ts, b=b: [b.transform.to_megatron(ts, dims)],
+                               [read(n) for n in b.hf], gather)
         except (RuntimeError, ValueError) as e:
             raise ConversionError(f"tensor {b.megatron} from {list(b.hf)}: {e}") from e
         _check_shape(b.megatron, tensor, expected_shapes.get(b.megatron))
@@ -86,13 +98,14 @@ def hf_to_megatron(bindings: list[Binding], dims: Dims, read: Callable[[str], to
 
 
 def megatron_to_hf(bindings: list[Binding], dims: Dims, read: Callable[[str], torch.Tensor],
-                   expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Iterator[
-                       tuple[str, torch.Tensor]]:
+                   expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                   gather: Gather | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor), reading Megatron tensors on demand through `read`."""
     expected_shapes = expected_shapes or {}
     for b in bindings:
         try:
-            parts = b.transform.to_hf(read(b.megatron), dims)
+            parts = _apply(b, lambda ts, b=b: b.transform.to_hf(ts[0], dims), [read(b.megatron)],
+                           gather)
         except (RuntimeError, ValueError) as e:
             raise ConversionError(f"tensor {b.megatron} to {list(b.hf)}: {e}") from e
         if len(parts) != len(b.hf):

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
 from megatron_patch.convert import distcp, engine, hf_io
-from megatron_patch.convert.mapping import Binding, Concat, Dims, bind
+from megatron_patch.convert.file_regions import FileRegions
+from megatron_patch.convert.mapping import Binding, Concat, Dims, bind, row_origins
 from megatron_patch.models import (
     build_model,
     family_for,
@@ -160,6 +161,36 @@ def _region(whole: torch.Tensor, param: torch.Tensor, view: torch.Tensor) -> tor
         whole.storage_offset() + (view.storage_offset() - param.storage_offset()) * per_element)
 
 
+def _gather_from_files(regions: FileRegions, dtype: torch.dtype,
+                       only: set[str] | None = None) -> engine.Gather:
+    """An engine `gather`: where a binding's transform only moves rows (mapping.row_origins)
+    of inputs that `regions` knows as runs of files, its outputs are left uninitialised and
+    recorded in `regions` as those runs, so that writing them copies file to file and nothing
+    is computed. For inputs and outputs of `dtype` only (nothing converts the values), and,
+    with `only`, for those Megatron tensors (the ones saved as they are, never cut into
+    parts from memory)."""
+
+    def gather(b: Binding, fn, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if (only is not None and b.megatron not in only) or any(
+                t.dtype != dtype or not t.is_contiguous() for t in inputs) or len(
+                {tuple(t.shape[1:]) for t in inputs}) != 1:
+            return None
+        origins = row_origins(fn, [tuple(t.shape) for t in inputs])
+        if origins is None:
+            return None
+        outputs = []
+        for blocks in origins:
+            rows = sum(count for *_, count in blocks)
+            target = torch.empty((rows, *inputs[0].shape[1:]), dtype=dtype)
+            if not regions.add_rows(target, [(None if j is None else inputs[j], first, count)
+                                             for j, first, count in blocks]):
+                return None
+            outputs.append(target)
+        return outputs
+
+    return gather
+
+
 def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.Tensor) -> None:
     """Give each ShardedTensor that saves `param` its part of the converted `tensor`."""
     dense = None
@@ -221,7 +252,13 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
             for sh, name in zip(parts[b.megatron], b.hf, strict=True):
                 sh.data = reader.read(name).to(dtype)
                 bar.update(sh.data.numel() * dtype.itemsize)
-        for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes):
+        # Parameters saved whole take their rows from the input files as they are written.
+        whole = {n for n, pieces in parts.items() if len(pieces) == 1
+                 and pieces[0].data.shape == params[n].shape
+                 and pieces[0].data.storage_offset() == params[n].storage_offset()}
+        gather = _gather_from_files(reader.regions, dtype, whole)
+        for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes,
+                                                  gather):
             _fill_parts(parts[name], params[name], tensor.to(dtype))
             bar.update(tensor.numel() * dtype.itemsize)
 
@@ -269,7 +306,8 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     stored = distcp.MappedCheckpoint(checkpoint.existing_iteration_dir(ckpt_dir, iteration))
     mapped = _mapped_parts(stored, model, params, dtype)
     if mapped is not None:
-        tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, dtype)
+        tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, dtype,
+                                 stored.regions)
     else:  # stored in other pieces (another TP/PP): Megatron-Core reassembles them
         checkpoint.load_model(ckpt_dir, model, iteration)
         tensors = engine.megatron_to_hf(bindings, dims, lambda n: params[n].detach(), expected_hf)
@@ -306,11 +344,14 @@ def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torc
 def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.Tensor],
                    mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
                    expected_hf: dict[str, tuple[int, ...]] | None,
-                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+                   dtype: torch.dtype, regions: FileRegions) -> Iterator[
+                       tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every binding, computed on the mapped checkpoint's bytes (see
     distcp: the transforms only rearrange whole elements); a tensor that is a stored piece as
-    it is, or a block of rows of one, is never copied."""
+    it is, or a block of rows of one, is never copied, and one whose rows move (q, k and v
+    out of the fused qkv) is gathered from the file as it is written (`regions`)."""
     size = dtype.itemsize
+    gather = _gather_from_files(regions, torch.uint8)
     byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
     for b in bindings:
         param, pieces = params[b.megatron], mapped[b.megatron]
@@ -323,7 +364,8 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
             outputs = zip(b.hf, (data for _, data in pieces), strict=True)
         else:
             whole = _whole_bytes(param, pieces)
-            outputs = engine.megatron_to_hf([b], dims, lambda _, whole=whole: whole, byte_shapes)
+            outputs = engine.megatron_to_hf([b], dims, lambda _, whole=whole: whole, byte_shapes,
+                                            gather)
         for name, data in outputs:
             # Viewed as its dtype for the writer only, which copies raw bytes (no alignment).
             yield name, data.contiguous().view(dtype).squeeze(-1)

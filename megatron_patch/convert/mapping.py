@@ -78,8 +78,61 @@ def merge_kv(fused: torch.Tensor, dims: Dims) -> torch.Tensor:
     return torch.cat([q, kv[:, 0]], dim=1).reshape(-1, *rest)
 
 
+def row_origins(fn: Callable[[list[torch.Tensor]], Any],
+                shapes: list[tuple[int, ...]]) -> list[list[tuple[int | None, int, int]]] | None:
+    """Where each row (along dim 0) of each of fn's outputs comes from, where fn only moves
+    whole rows of its inputs (of `shapes`) and adds zero rows, as every transform here does
+    (they keep the trailing dimensions as they find them): for each output, blocks of
+    (input index, or None for zero rows; first row; number of rows). Found by running fn on
+    row numbers, twice, numbered from two different starts; None where it fails, gives back
+    anything but row numbers, or the two runs disagree (fn computed with the numbers)."""
+    if not shapes or any(len(shape) == 0 for shape in shapes):
+        return None
+    total = sum(shape[0] for shape in shapes)
+    probes = [_row_probe(fn, shapes, first) for first in (1, total + 1)]
+    return probes[0] if probes[0] is not None and probes[0] == probes[1] else None
+
+
+def _row_probe(fn: Callable[[list[torch.Tensor]], Any], shapes: list[tuple[int, ...]],
+               first_id: int) -> list[list[tuple[int | None, int, int]]] | None:
+    starts, ids, base = [], [], first_id  # id 0 marks a zero row
+    for shape in shapes:
+        starts.append(base)
+        ids.append(torch.arange(base, base + shape[0]).reshape(shape[0], *[1] * (len(shape) - 1)))
+        base += shape[0]
+    try:
+        outputs = fn(ids)
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    bounds = torch.tensor(starts)
+    origins = []
+    for out in outputs:
+        if (not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.dim() == 0
+                or any(n != 1 for n in out.shape[1:])):
+            return None
+        rows = out.reshape(-1)
+        if bool(((rows != 0) & ((rows < first_id) | (rows >= base))).any()):
+            return None
+        source = torch.bucketize(rows, bounds, right=True) - 1  # -1 for zero rows
+        prev_rows, prev_source = torch.roll(rows, 1), torch.roll(source, 1)
+        continues = torch.where(rows == 0, prev_rows == 0,
+                                (rows == prev_rows + 1) & (source == prev_source))
+        if len(rows):
+            continues[0] = False
+        breaks = continues.logical_not().nonzero().flatten().tolist() + [len(rows)]
+        blocks: list[tuple[int | None, int, int]] = []
+        for begin, end in zip(breaks[:-1], breaks[1:], strict=True):
+            j = int(source[begin])
+            blocks.append((None, 0, end - begin) if j < 0
+                          else (j, int(rows[begin]) - starts[j], end - begin))
+        origins.append(blocks)
+    return origins
+
+
 class Transform:
-    """Turns the HF tensors of one rule into the Megatron tensor, and back."""
+    """Turns the HF tensors of one rule into the Megatron tensor, and back. Transforms only
+    move whole rows (dim 0) and add zero rows; `row_origins` relies on it."""
 
     def to_megatron(self, hf: list[torch.Tensor], dims: Dims) -> torch.Tensor:
         raise NotImplementedError
