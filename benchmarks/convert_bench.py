@@ -38,7 +38,11 @@ Measured on the 2-core development VM (1B fp16, one 1.84 GiB shard, best of 3 ro
     session 4  (unchanged tensors and gathered rows copied from the input files, file_regions;
                memory warmed) hf_to_megatron 0.90x and 1.01x, megatron_to_hf 1.18x and 1.15x in
                two full runs, the copy taking 0.86-0.88 s; steps vary by about 1.5x between
-               rounds. Peak RSS 0.43 GiB in all, 1.41 GiB under the shard.
+               rounds. Peak RSS 0.43 GiB in all, 1.41 GiB under the shard. (A third run
+               with --check: 0.94x and 1.27x.) Smaller models fare worse against the copy:
+               each conversion has ~0.1-0.2 s of fixed work (the schema model, DCP's plan),
+               so at --params 3e8 (0.6 GB in 200 MB shards) the copy took 0.21-1.1 s, the
+               import 0.39-1.3 s and the export 0.29-0.78 s.
 
 The parent process never imports torch: a child started from a large parent would inherit its
 peak RSS (Linux carries ru_maxrss across fork and exec), so the parent stays small.
