@@ -76,8 +76,8 @@ class UnsyncedSave(SaveShardedStrategy):
     writing, at about 0.5 GB/s on one core; torch.load reads records without it
     (torch.serialization.set_crc32_options), only unzip tools would complain.
 
-    `regions`: tensors that are mapped views of input files (file_regions) are copied into
-    the records from those files, in the kernel."""
+    `regions`: tensors that are mapped views of input files, or rows gathered from them
+    (file_regions), are written into the records by reading those files."""
 
     # One writer thread: on the 2-core development VM (page cache dropped, input read once
     # before each run), 1.84 GB took 2.0-2.1 s with one thread, 2.8-3.0 s with two, 2.4-2.5 s

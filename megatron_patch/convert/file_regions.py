@@ -5,7 +5,7 @@ sits in memory as a view of its mapped input file (safetensors maps its files; s
 distcp.MappedCheckpoint). Writing it from that memory makes the kernel fault every page of the
 mapping into the process while it copies. Reading the same bytes from the file into one small
 buffer, reused (so it stays in the CPU cache), and writing them from there maps nothing: on the
-development VM a 1.8 GB copy took 0.48-0.93 s so (five runs), 1.1-2.2 s from a mapping, and
+development VM a 1.8 GB copy took 0.48-0.93 s that way (five runs), 1.1-2.2 s from a mapping, and
 0.70-1.02 s with the kernel's own copy_file_range.
 
 `FileRegions` records which memory holds which bytes of which file; `write` sends a buffer to
@@ -70,8 +70,7 @@ class FileRegions:
         self._zeros: memoryview | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.copy_threads = _COPY_THREADS
-        self.copied_bytes = 0
-        self.written_bytes = 0
+        self.copied_bytes = 0  # through the files, for tests and benchmarks
 
     def _add(self, address: int, nbytes: int, pieces: tuple[Piece, ...], owner: Any) -> None:
         i = bisect.bisect(self._starts, address)
@@ -156,7 +155,6 @@ class FileRegions:
         pieces = self.find(address_of(view), n)
         if pieces is None:
             _write_all(fd, view)
-            self.written_bytes += n
             return n
         position = os.lseek(fd, 0, os.SEEK_CUR)
         chunks, at = [], position

@@ -191,12 +191,17 @@ def _gather_from_files(regions: FileRegions, dtype: torch.dtype,
     return gather
 
 
+def _is_whole(view: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether `view`, a view of `param` that saves it, covers the whole parameter."""
+    return view.shape == param.shape and view.storage_offset() == param.storage_offset()
+
+
 def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.Tensor) -> None:
     """Give each ShardedTensor that saves `param` its part of the converted `tensor`."""
     dense = None
     for sh in pieces:
         view = sh.data
-        if view.shape == param.shape and view.storage_offset() == param.storage_offset():
+        if _is_whole(view, param):
             sh.data = tensor
             continue
         # A part: its view's strides and offset are the parameter's, which must be dense too.
@@ -253,9 +258,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
                 sh.data = reader.read(name).to(dtype)
                 bar.update(sh.data.numel() * dtype.itemsize)
         # Parameters saved whole take their rows from the input files as they are written.
-        whole = {n for n, pieces in parts.items() if len(pieces) == 1
-                 and pieces[0].data.shape == params[n].shape
-                 and pieces[0].data.storage_offset() == params[n].storage_offset()}
+        whole = {n for n, pieces in parts.items()
+                 if len(pieces) == 1 and _is_whole(pieces[0].data, params[n])}
         gather = _gather_from_files(reader.regions, dtype, whole)
         for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes,
                                                   gather):
@@ -376,7 +380,7 @@ def _whole_bytes(param: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Ten
     """The bytes of a whole parameter (shape + (element size,)) from the pieces it is saved
     in: the piece itself where there is one, else the pieces put in their places."""
     size = param.element_size()
-    if len(pieces) == 1 and pieces[0][0].shape == param.shape:
+    if len(pieces) == 1 and _is_whole(pieces[0][0], param):
         return pieces[0][1]
     if not param.is_contiguous():
         raise engine.ConversionError("a parameter saved in pieces must be contiguous")
