@@ -387,22 +387,35 @@ def test_launcher_learns_pieces_and_extends_a_megatron_checkpoint(extended, tmp_
     assert r.returncode == 2 and "usage" in r.stderr
 
 
-def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
-    """Llama 3 / Qwen layout: a byte-level BPE (split regex, then ByteLevel without its own
-    regex) whose special tokens follow the model's vocabulary as added tokens."""
+LLAMA3_SPLIT = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+(?!\S)|\s+"
+
+
+def _byte_level_bpe(split: str, vocab_size: int, special: list[str]):
+    """A byte-level BPE trained on the tiny corpus, Llama 3's and Qwen's layout (a split regex,
+    then ByteLevel without its own regex), with `special` added after its vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megatron_patch import tiny, vocab
+    from megatron_patch import tiny
 
-    split = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+(?!\S)|\s+"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(tiny.CORPUS, trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(special)
+    return tok
+
+
+def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
+    """Llama 3 / Qwen layout: a byte-level BPE (split regex, then ByteLevel without its own
+    regex) whose special tokens follow the model's vocabulary as added tokens."""
+    from tokenizers import Tokenizer
+
+    from megatron_patch import vocab
+
+    tok = _byte_level_bpe(LLAMA3_SPLIT, 400, ["<|begin_of_text|>", "<|end_of_text|>"])
     tok.save(str(tmp_path / "tokenizer.json"))
     special = [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")]
 
@@ -466,21 +479,10 @@ ADDED_ATOL = 1e-6
 
 def _byte_level_tokenizer(out: str, split: str, special: list[str], config_only: list[str],
                           slow_files: bool) -> None:
-    """A byte-level BPE (split regex, then ByteLevel) with `special` as added tokens after the
-    BPE vocabulary in tokenizer.json, and `config_only` after those, declared only in
+    """A byte-level BPE (`_byte_level_bpe`) with `special` as added tokens after the BPE
+    vocabulary in tokenizer.json, and `config_only` after those, declared only in
     tokenizer_config.json's added_tokens_decoder (as older savers leave an added pad token)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from megatron_patch import tiny
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(tiny.CORPUS, trainers.BpeTrainer(
-        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(special)
+    tok = _byte_level_bpe(split, 500, special)
     os.makedirs(out)
     tok.save(os.path.join(out, "tokenizer.json"))
     data = json.loads(tok.to_str())
@@ -510,11 +512,10 @@ def _added_token_tokenizers(root: str) -> dict[str, str]:
     import transformers
 
     qwen = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
-    llama3 = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+(?!\S)|\s+"
     dirs = {name: os.path.join(root, name) for name in ("qwen2", "llama3", "sp")}
     _byte_level_tokenizer(dirs["qwen2"], qwen, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                           [], slow_files=True)
-    _byte_level_tokenizer(dirs["llama3"], llama3, ["<|begin_of_text|>", "<|end_of_text|>"] + [
+    _byte_level_tokenizer(dirs["llama3"], LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"] + [
         f"<|reserved_special_token_{k}|>" for k in range(6)], ["<|pad|>"], slow_files=False)
     os.makedirs(os.path.join(root, "sp_base"))
     sp_hf = _sp_llama(os.path.join(root, "sp_base"))
