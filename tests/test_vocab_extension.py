@@ -425,7 +425,11 @@ def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
                              files.spell)
     assert plan.duplicates == 1 and plan.split == 1 and not plan.unreachable
     files.append(plan.pieces)
+    # The check of a saved tokenizer refuses one without the new pieces (the original here).
+    with pytest.raises(ValueError, match="expected id, id"):
+        files.check_saved(str(tmp_path), plan.pieces)
     files.save(str(tmp_path), plan.pieces)
+    files.check_saved(str(tmp_path), plan.pieces)
 
     new = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert [new.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")] == special
