@@ -7,7 +7,7 @@ Tokenizers: a sentencepiece `tokenizer.model` (BPE), an HF `tokenizer.json` with
 pieces). Original ids never change: new pieces take the ids after the tokenizer's last one,
 added tokens included (`len(tokenizer)`: Qwen's and Llama 3's special tokens, a pad token added
 to a Llama 2 tokenizer, tokens that only tokenizer_config.json declares), and the extended
-tokenizer is checked with transformers before anything is written out.
+tokenizer is checked with transformers before the weights are written.
 
 A BPE tokenizer only produces a piece that its merges can build. Each new piece gets a merge
 for each split of it into two pieces of the vocabulary (what transformers' converter derives
@@ -431,7 +431,7 @@ class TokenizerFiles:
             self._original = (self.proto.SerializeToString(),
                               None if self.json is None else json.dumps(self.json))
             if self.json is not None:
-                self._check_json_matches_sp()
+                self._match_sp_to_json()
             self.table = MergeTable.from_sentencepiece(self.proto)
         else:
             self.kind = _json_kind(self.json, json_path)
@@ -471,7 +471,9 @@ class TokenizerFiles:
             by_id[token_id] = token.content
         entries.sort(key=lambda t: t["id"])
 
-    def _check_json_matches_sp(self) -> None:
+    def _match_sp_to_json(self) -> None:
+        """Check that tokenizer.model and tokenizer.json give their pieces the same ids, and
+        give tokenizer.model the added tokens that follow its pieces."""
         assert self.json is not None and self.proto is not None
         if _json_kind(self.json, TOKENIZER_JSON) != "metaspace":
             raise ValueError(f"{self.dir}: {TOKENIZER_JSON} is byte-level but {SP_MODEL} "
