@@ -7,12 +7,14 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from megatron_patch import checkpoint
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, tensor_bytes
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.index\.json$")
@@ -223,13 +225,19 @@ def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Te
     return files
 
 
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output directory that exists with something in it: nothing is overwritten."""
+    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir} exists and is not empty: give a new output directory")
+
+
 def staging_dir(out_dir: str) -> str:
     """Where to build an output directory before `publish` moves it into place: OUT.partial,
-    emptied. Refuses an out_dir that exists with something in it (nothing is overwritten)."""
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
+    made empty with its marker (checkpoint.make_staging: an OUT.partial that is not ours is
+    refused, never deleted). Refuses an out_dir that exists with something in it."""
+    check_output_dir(out_dir)
     staging = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    checkpoint.make_staging(staging)
     return staging
 
 
@@ -238,7 +246,28 @@ def publish(staging: str, out_dir: str) -> None:
     only OUT.partial, never a complete-looking out_dir."""
     if os.path.exists(out_dir):
         os.rmdir(out_dir)
-    os.replace(staging, out_dir)
+    checkpoint.publish_staging(staging, out_dir)
+
+
+@contextmanager
+def staged(out_dir: str) -> Iterator[str]:
+    """Build out_dir in its staging directory and publish it if the block completes; on an
+    error remove the staging directory (ours: it frees the space a full disk needs) and name
+    out_dir in the error of a failed write."""
+    staging = staging_dir(out_dir)
+    try:
+        yield staging
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno is None:
+            raise
+        # OSError(errno, ...) is the subclass of that errno, as the original was.
+        raise OSError(e.errno, f"writing {out_dir} failed, nothing was published: "
+                               f"{e.strerror or e}", e.filename) from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, out_dir)
 
 
 def copy_non_weight_files(src: str, dst: str) -> list[str]:
