@@ -17,7 +17,6 @@ objects (RNG states) with plain pickle, which runs whatever code a crafted file 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import importlib
 import io
@@ -28,7 +27,7 @@ import pickle
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import torch
@@ -234,7 +233,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module in _DCP_MODULES:
             value = getattr(importlib.import_module(module), name, None)
             if isinstance(value, type) and value.__module__ == module and (
-                    dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)):
+                    is_dataclass(value) or issubclass(value, enum.Enum)):
                 return value
         elif (module, name) in _METADATA_GLOBALS:
             return super().find_class(module, name)
@@ -259,7 +258,17 @@ def _numpy_globals() -> list[Any]:
     """What torch.load's weights-only unpickler needs for NumPy's RNG state (an array)."""
     import numpy as np
 
-    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy 1
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+
+
+def refused_pickle(path: str, what: str, error: pickle.UnpicklingError) -> UnsafePickleError:
+    """The error for a file that torch.load(weights_only=True) refused, naming what it names."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return UnsafePickleError(f"{path}: refusing {what}: it names "
+                             f"{named.group(1) if named else 'something'} that torch.load's "
+                             "weights-only unpickler does not allow (a crafted file can run code "
+                             "when read)")
 
 
 def _weights_only_load(data: Any, path: str, what: str) -> None:
@@ -267,11 +276,7 @@ def _weights_only_load(data: Any, path: str, what: str) -> None:
         with torch.serialization.safe_globals(_numpy_globals()):
             torch.load(data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        named = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise UnsafePickleError(f"{path}: refusing {what}: it names "
-                                f"{named.group(1) if named else 'something'} that torch.load's "
-                                "weights-only unpickler does not allow (a crafted file can run "
-                                "code when read)") from None
+        raise refused_pickle(path, what, e) from None
 
 
 def verify_pickles(iteration_path: str) -> None:

@@ -205,6 +205,15 @@ def _crafted_pickle_cases(root: str, ckpt: str, data: str) -> dict:
     generation.add_arguments(parser)
     r["generate"] = _error(generation.run, parser.parse_args(
         ["--load", metadata, "--input-file", "none.jsonl", "--output-file", "none.out"]))
+    # An HF directory whose pytorch_model.bin is the payload.
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+
+    hf_bin = os.path.join(root, "hf_bin")
+    os.makedirs(hf_bin)
+    shutil.copy(os.path.join(ckpt, "hf", "config.json"), hf_bin)
+    torch.save({"model.embed_tokens.weight": _Payload(marker)},
+               os.path.join(hf_bin, "pytorch_model.bin"))
+    r["import_bin"] = _error(hf_to_megatron, hf_bin, os.path.join(root, "out_bin"))
     r["outputs"] = sorted(n for n in os.listdir(root) if n.startswith(("out", "ext")))
 
     # A training checkpoint whose RNG state (a pickled object record in the data file, which
@@ -239,6 +248,9 @@ def test_crafted_checkpoint_pickles_are_refused_and_never_run(llama_models, tmp_
     assert r["resume_rng"].startswith(f"UnsafePickleError: {data_file}: refusing the record of "
                                       "rng_state"), r
     assert "posix.system" in r["resume_rng"], r
+    bin_file = tmp_path / "hf_bin" / "pytorch_model.bin"
+    assert r["import_bin"].startswith(f"UnsafePickleError: {bin_file}: refusing its tensors: it "
+                                      "names posix.system"), r["import_bin"]
     assert r["outputs"] == [], r
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -89,8 +90,11 @@ class HFCheckpointReader:
                 self._open[file] = safe_open(full, framework="pt")
             else:
                 # mmap: tensors are paged in when read, not all at once.
-                self._open[file] = torch.load(full, map_location="cpu", mmap=True,
-                                              weights_only=True)
+                try:
+                    self._open[file] = torch.load(full, map_location="cpu", mmap=True,
+                                                  weights_only=True)
+                except pickle.UnpicklingError as e:
+                    raise checkpoint.refused_pickle(full, "its tensors", e) from None
         return self._open[file]
 
     def _add_file(self, file: str) -> None:
@@ -231,30 +235,16 @@ def check_output_dir(out_dir: str) -> None:
         raise FileExistsError(f"{out_dir} exists and is not empty: give a new output directory")
 
 
-def staging_dir(out_dir: str) -> str:
-    """Where to build an output directory before `publish` moves it into place: OUT.partial,
-    made empty with its marker (checkpoint.make_staging: an OUT.partial that is not ours is
-    refused, never deleted). Refuses an out_dir that exists with something in it."""
+@contextmanager
+def staged(out_dir: str) -> Iterator[str]:
+    """Build out_dir in OUT.partial (made with its marker by checkpoint.make_staging: one that
+    is not ours is refused, never deleted) and move it into place in one rename once the block
+    completes: an interrupted write never leaves a complete-looking out_dir. On an error the
+    staging directory, ours, is removed (a full disk needs the space back) and a failed write
+    names out_dir. Refuses an out_dir that exists with something in it."""
     check_output_dir(out_dir)
     staging = out_dir.rstrip("/") + ".partial"
     checkpoint.make_staging(staging)
-    return staging
-
-
-def publish(staging: str, out_dir: str) -> None:
-    """Move a complete staging directory to out_dir in one rename: an interrupted write leaves
-    only OUT.partial, never a complete-looking out_dir."""
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)
-    checkpoint.publish_staging(staging, out_dir)
-
-
-@contextmanager
-def staged(out_dir: str) -> Iterator[str]:
-    """Build out_dir in its staging directory and publish it if the block completes; on an
-    error remove the staging directory (ours: it frees the space a full disk needs) and name
-    out_dir in the error of a failed write."""
-    staging = staging_dir(out_dir)
     try:
         yield staging
     except OSError as e:
@@ -267,7 +257,9 @@ def staged(out_dir: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    publish(staging, out_dir)
+    if os.path.exists(out_dir):
+        os.rmdir(out_dir)  # empty (checked above): the rename replaces it
+    checkpoint.publish_staging(staging, out_dir)
 
 
 def copy_non_weight_files(src: str, dst: str) -> list[str]:

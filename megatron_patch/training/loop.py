@@ -219,8 +219,9 @@ class Trainer:
                                                   padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         if args.load and (conflicts := architecture_conflicts(args, self.model_args)):
-            raise ValueError(f"architecture flags disagree with the checkpoint {args.load}, "
-                             f"which decides the architecture: {'; '.join(conflicts)}")
+            raise ValueError(f"architecture flags {'; '.join(conflicts)}: what they ask for "
+                             f"disagrees with the checkpoint {args.load}, which decides the "
+                             "architecture (leave them out with --load)")
         self.vocab_size = self.meta.vocab_size
         if args.load and self.vocab_size + args.extra_vocab_size > self.meta.padded_vocab_size:
             # The checkpoint fixes the embedding rows: EXTRA_VOCAB_SIZE rows are made when
@@ -585,8 +586,6 @@ class Trainer:
             raise ValueError(f"--seq-length {a.seq_length}: {a.load} was trained at --seq-length "
                              f"{saved_seq}, which a resumed run keeps (to change it, start a new "
                              "run from its weights with --finetune)")
-        if not a.no_load_optim:
-            self._check_schedule(common["opt_param_scheduler"])
         saved_ep = common.get("expert_parallel", 1)
         if saved_ep != self.ep and not a.no_load_optim:
             # Megatron-Core keeps expert and dense optimizer state apart only when EP > 1, so
@@ -601,6 +600,8 @@ class Trainer:
             raise ValueError(f"{a.load} was saved {saved} --use-distributed-optimizer: resume "
                              f"{saved} it, or pass --no-load-optim or --finetune (its optimizer "
                              "state cannot load into the other optimizer)")
+        if not a.no_load_optim:
+            self._check_schedule(common["opt_param_scheduler"])
         same_layout = list(common.get("parallel_layout", [])) == [self.tp, self.pp, self.dp]
         load_rng = same_layout and not a.no_load_rng
         state = checkpoint.load(a.load, self._state(True, not a.no_load_optim, load_rng),
