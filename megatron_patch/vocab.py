@@ -686,7 +686,7 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
     from megatron_patch.convert import hf_io
     from megatron_patch.models import load_hf_config, pad_vocab_size
 
-    staging = hf_io.staging_dir(dst)
+    hf_io.check_output_dir(dst)
     hf_config = load_hf_config(src)
     tensor_names = _vocab_tensor_names(hf_config)
     size_key = _vocab_size_key(hf_config)
@@ -703,34 +703,34 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
                  else pad_vocab_size(new_size, make_vocab_size_divisible_by))
     sources = {files.table.vocab[p]: files.old_ids(p) for p in plan.pieces}
 
-    hf_io.copy_non_weight_files(src, staging)
-    files.save(staging, plan.pieces)
-    files.check_saved(staging, plan.pieces)
-    hf_config[size_key] = new_vocab
-    with open(os.path.join(staging, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-        f.write("\n")
+    with hf_io.staged(dst) as staging:
+        hf_io.copy_non_weight_files(src, staging)
+        files.save(staging, plan.pieces)
+        files.check_saved(staging, plan.pieces)
+        hf_config[size_key] = new_vocab
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+            f.write("\n")
 
-    reader = hf_io.HFCheckpointReader(src)
-    missing = [n for n in tensor_names if n not in reader.names()]
-    if missing:
-        raise ValueError(f"{src}: no tensor {missing}")
+        reader = hf_io.HFCheckpointReader(src)
+        missing = [n for n in tensor_names if n not in reader.names()]
+        if missing:
+            raise ValueError(f"{src}: no tensor {missing}")
 
-    def tensors():
-        for name in reader.names():
-            tensor = reader.read(name)
-            if name in tensor_names:
-                if tensor.shape[0] != old_vocab:
-                    raise ValueError(f"{src}: {name} has {tensor.shape[0]} rows, config.json "
-                                     f"{size_key}={old_vocab}")
-                tensor = grow_rows(tensor, new_vocab, sources, files.size)
-            yield name, tensor
+        def tensors():
+            for name in reader.names():
+                tensor = reader.read(name)
+                if name in tensor_names:
+                    if tensor.shape[0] != old_vocab:
+                        raise ValueError(f"{src}: {name} has {tensor.shape[0]} rows, config.json "
+                                         f"{size_key}={old_vocab}")
+                    tensor = grow_rows(tensor, new_vocab, sources, files.size)
+                yield name, tensor
 
-    log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
-    # Tensors passed on unchanged are copied from the input files (file_regions).
-    hf_io.write_safetensors_shards(staging, tensors(), max_shard_size, regions=reader.regions)
-    reader.close()
-    hf_io.publish(staging, dst)
+        log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
+        # Tensors passed on unchanged are copied from the input files (file_regions).
+        hf_io.write_safetensors_shards(staging, tensors(), max_shard_size, regions=reader.regions)
+        reader.close()
 
     requested = [p for p in plan.pieces if p in plan.requested]
     if missed := files.not_single(requested):
@@ -763,11 +763,10 @@ def extend_megatron(src: str, dst: str, texts: list[str], *,
     result is a `release` checkpoint of weights only (optimizer states do not fit the new
     shapes)."""
     from megatron_patch import checkpoint
-    from megatron_patch.convert import hf_megatron
+    from megatron_patch.convert import hf_io, hf_megatron
     from megatron_patch.models import pad_vocab_size
 
-    if os.path.exists(dst) and os.listdir(dst):
-        raise FileExistsError(f"{dst} exists and is not empty")
+    hf_io.check_output_dir(dst)
     meta = checkpoint.read_meta(src)
     # The HF copies go next to the output: /tmp may not hold a large model twice.
     parent = os.path.dirname(os.path.abspath(dst))
