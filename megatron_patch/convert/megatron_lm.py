@@ -1,0 +1,726 @@
+"""Checkpoints written by Megatron-LM (and the classic Pai-Megatron-Patch) as inputs.
+
+Two layouts, both under Megatron-LM's checkpoint root, whose
+`latest_checkpointed_iteration.txt` names "release" or the last iteration:
+
+    iter_0000100/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt   legacy (`--ckpt-format torch`):
+        one torch.save per tensor-parallel rank TT, pipeline rank PPP (only with PP > 1) and
+        expert rank EEE (only with EP > 1), holding `args`, `iteration`, `checkpoint_version`,
+        the model chunk's state dict under `model` (`model0`, `model1`, ... with virtual
+        pipeline stages), the optimizer, scheduler and RNG states.
+    iter_0000100/{common.pt, metadata.json, .metadata, __*.distcp}   `torch_dist`: Megatron-Core's
+        dist_checkpointing, `args` in common.pt.
+
+Neither carries Hugging Face files: the architecture comes from `args` (`architecture`), mapped
+to a family of the zoo; `--hf-config` and `--tokenizer` supply what `args` cannot say.
+
+Legacy state dicts use Megatron-Core's module names (`--use-mcore-models`, Megatron-LM's default
+since 2024): the local spec's (`decoder.layers.0.input_layernorm.weight`) or Transformer Engine's
+(`decoder.layers.0.self_attention.linear_qkv.layer_norm_weight`). The rank files are merged into
+the unsharded tensors the family mappings describe (`read_legacy`). The older
+`language_model.encoder.*` names (`--use-legacy-models`) are refused, naming the key.
+
+torch_dist checkpoints are read by Megatron-Core's own loader, which reshards them; its keys are
+the ones megatron-patch's models save.
+
+Legacy files and common.pt are pickles: `load_pickle` reads them with torch.load(weights_only=True)
+and an allow-list, scoped to the call, of the types Megatron-LM stores there. Anything else is
+refused, naming the file and the class, before anything is unpickled; `trust_pickle` lifts that
+for a file the user trusts. (The DCP `.metadata` of a torch_dist checkpoint is unpickled by
+PyTorch DCP inside Megatron-Core's loader, not here.)
+
+Only the model's weights are carried over: optimizer, scheduler and RNG states are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import importlib
+import io
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from megatron_patch import checkpoint
+from megatron_patch.convert import engine, hf_io
+from megatron_patch.convert.mapping import Dims, replicate_kv
+
+log = logging.getLogger(__name__)
+
+LEGACY_FILE = "model_optim_rng.pt"
+COMMON_FILE = "common.pt"
+_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?")
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+class PickleRefused(ValueError):
+    """A pickle that names a type outside the allow-list."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles
+
+
+def _allowed() -> dict[str, Any]:
+    """The globals Megatron-LM's files need beyond what weights_only allows by itself: `args`
+    (argparse.Namespace), numpy's RNG state (an ndarray), Transformer Engine's extra states
+    (io.BytesIO in older versions)."""
+    import numpy as np
+
+    allowed: dict[str, Any] = {"argparse.Namespace": argparse.Namespace,
+                               "_io.BytesIO": io.BytesIO, "io.BytesIO": io.BytesIO,
+                               "builtins.bytes": bytes, "builtins.bytearray": bytearray,
+                               "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        with contextlib.suppress(ImportError, AttributeError):
+            allowed[f"{module}._reconstruct"] = importlib.import_module(module)._reconstruct
+            allowed[f"{module}.scalar"] = importlib.import_module(module).scalar
+    for dtype in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                  np.uint32, np.uint64, np.float16, np.float32, np.float64):
+        cls = type(np.dtype(dtype))
+        allowed[f"{cls.__module__}.{cls.__name__}"] = cls
+    return allowed
+
+
+def _megatron_enum(name: str) -> Any:
+    """An enum class of megatron.core named `module.Class` (args hold some: AttnBackend,
+    ModelType ...), or None. Building an enum member only looks its value up."""
+    module, _, attr = name.rpartition(".")
+    if not module.startswith("megatron.core."):
+        return None
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, enum.Enum) else None
+
+
+def _resolve(name: str) -> Any:
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def pickle_globals(path: str, trust_pickle: bool = False) -> list[Any]:
+    """The objects the pickle in `path` names beyond weights_only's own set, each allowed;
+    PickleRefused naming the file and every other class. Nothing is unpickled to find them."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    if trust_pickle:
+        return [_resolve(n) for n in names]
+    allowed = _allowed()
+    found, refused = [], []
+    for name in names:
+        obj = allowed.get(name) or _megatron_enum(name)
+        (found if obj is not None else refused).append(obj if obj is not None else name)
+    if refused:
+        raise PickleRefused(
+            f"{path}: refusing to unpickle {', '.join(sorted(set(refused)))}: not a type "
+            "Megatron-LM stores in its checkpoints, and unpickling can run code. If you trust "
+            "this file, pass --trust-pickle")
+    return found
+
+
+def load_pickle(path: str, trust_pickle: bool = False, mmap: bool = False) -> Any:
+    """torch.load of a Megatron-LM file: weights_only with the allow-list (`pickle_globals`),
+    or a plain load with `trust_pickle`. `mmap`: tensors stay in the file until read."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    with torch.serialization.safe_globals(pickle_globals(path)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # weights_only refuses with UnpicklingError (and others)
+            raise PickleRefused(f"{path}: not loadable as plain weights ({str(e)[:300]}); if "
+                                "you trust this file, pass --trust-pickle") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating
+
+
+def _iteration_name(iteration: int | str) -> str:
+    return os.path.basename(checkpoint.iteration_dir("", iteration))
+
+
+def _layout(path: str) -> str | None:
+    if os.path.isfile(os.path.join(path, COMMON_FILE)) and os.path.isfile(
+            os.path.join(path, "metadata.json")):
+        return "torch_dist"
+    if os.path.isdir(path) and any(_RANK_DIR.fullmatch(n) for n in os.listdir(path)):
+        return "legacy"
+    return None
+
+
+def locate(path: str, iteration: int | str | None = None) -> tuple[str, str]:
+    """(iteration directory, "legacy" or "torch_dist") of a Megatron-LM checkpoint root (its
+    tracker file names the iteration unless `iteration` is given) or iteration directory."""
+    if os.path.isfile(os.path.join(path, checkpoint.META)):
+        raise ValueError(f"{path} is a megatron-patch checkpoint, not a Megatron-LM one")
+    if iteration is None and (layout := _layout(path)) is not None:
+        return path, layout
+    if iteration is None:
+        iteration = checkpoint.latest_iteration(path)
+    elif iteration != "release":
+        iteration = int(iteration)
+    iter_dir = os.path.join(path, _iteration_name(iteration))
+    if not os.path.isdir(iter_dir):
+        raise FileNotFoundError(f"{iter_dir} not found")
+    layout = _layout(iter_dir)
+    if layout is None:
+        raise FileNotFoundError(f"{iter_dir}: neither mp_rank_* directories (legacy) nor "
+                                f"{COMMON_FILE} and metadata.json (torch_dist)")
+    return iter_dir, layout
+
+
+def is_megatron_lm_checkpoint(path: str) -> bool:
+    """Whether `path` is a Megatron-LM checkpoint root or iteration directory."""
+    try:
+        locate(path)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def _rank_dirs(iter_dir: str) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(int(g) for g in m.groups() if g is not None)
+            for n in os.listdir(iter_dir) if (m := _RANK_DIR.fullmatch(n))}
+
+
+def read_args(iter_dir: str, layout: str, trust_pickle: bool = False) -> tuple[
+        argparse.Namespace, str]:
+    """The `args` Namespace Megatron-LM saved, and the file it came from."""
+    if layout == "torch_dist":
+        path = os.path.join(iter_dir, COMMON_FILE)
+    else:
+        # Rank 0's file: mp_rank_00, mp_rank_00_000 or mp_rank_00_000_000, whichever exists.
+        first = sorted(n for n, ranks in _rank_dirs(iter_dir).items() if not any(ranks))
+        if not first:
+            raise FileNotFoundError(f"{iter_dir}: no rank 0 directory (mp_rank_00...)")
+        path = os.path.join(iter_dir, first[0], LEGACY_FILE)
+    state = load_pickle(path, trust_pickle, mmap=layout == "legacy")
+    args = state.get("args") if isinstance(state, dict) else None
+    if not isinstance(args, argparse.Namespace):
+        raise ValueError(f"{path}: no Megatron-LM `args` in it (saved with --no-save-args?)")
+    return args, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture from args
+
+
+def _get(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
+    """The first of `names` (current, then older spellings) that args has and is not None."""
+    for name in names:
+        if getattr(args, name, None) is not None:
+            return getattr(args, name)
+    return default
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What `args` says about the architecture, normalised over Megatron-LM versions."""
+    heads = args.num_attention_heads
+    bias = _get(args, "add_bias_linear", default=not getattr(args, "disable_bias_linear", False))
+    position = _get(args, "position_embedding_type",
+                    default="rope" if getattr(args, "use_rotary_position_embeddings", False)
+                    else "learned_absolute")
+    swiglu = bool(getattr(args, "swiglu", False))
+    if swiglu:
+        activation = "silu"
+    elif getattr(args, "openai_gelu", False):
+        activation = "gelu_tanh"
+    else:
+        # Megatron-Core's fused bias+GELU (the default with biases) computes GELU's tanh
+        # approximation, unfused it is the exact one: export what the model computed.
+        fused = bias and _get(args, "bias_gelu_fusion", default=True)
+        activation = "gelu_tanh" if fused else "gelu"
+    return {
+        "num_layers": args.num_layers, "hidden_size": args.hidden_size,
+        "num_attention_heads": heads,
+        "ffn_hidden_size": _get(args, "ffn_hidden_size", default=4 * args.hidden_size),
+        "num_query_groups": (args.num_query_groups if getattr(args, "group_query_attention",
+                                                               False) else heads),
+        "kv_channels": _get(args, "kv_channels", default=args.hidden_size // heads),
+        "normalization": _get(args, "normalization", default="LayerNorm"),
+        "layernorm_epsilon": _get(args, "norm_epsilon", "layernorm_epsilon", default=1e-5),
+        "gated_linear_unit": swiglu, "activation": activation, "add_bias_linear": bool(bias),
+        # Megatron-Core gives linear_qkv a bias with either flag.
+        "add_qkv_bias": bool(bias or getattr(args, "add_qkv_bias", False)),
+        "position_embedding_type": position,
+        "share_embeddings_and_output_weights": not getattr(
+            args, "untie_embeddings_and_output_weights", False),
+        "max_sequence_length": _get(args, "max_position_embeddings", "seq_length"),
+        "rotary_base": _get(args, "rotary_base", default=10000),
+    }
+
+
+# args that change the function the model computes in ways no family of the zoo has: the value
+# each must have (a predicate), and what it means.
+_UNSUPPORTED = {
+    "num_experts": (lambda v: not v, "mixture-of-experts import is not supported yet"),
+    "apply_residual_connection_post_layernorm": (lambda v: not v, "post-LN residuals"),
+    "apply_layernorm_1p": (lambda v: not v, "zero-centred LayerNorm weights"),
+    "layernorm_zero_centered_gamma": (lambda v: not v, "zero-centred LayerNorm weights"),
+    "qk_layernorm": (lambda v: not v, "query/key LayerNorm"),
+    "squared_relu": (lambda v: not v, "squared ReLU"),
+    "rotary_interleaved": (lambda v: not v, "interleaved rotary pairs"),
+    "rotary_percent": (lambda v: v in (None, 1.0), "partial rotary embeddings"),
+    "rotary_seq_len_interpolation_factor": (lambda v: v in (None, 1, 1.0),
+                                            "rotary position interpolation"),
+    "use_rope_scaling": (lambda v: not v, "Llama 3.1 rope scaling (pass --hf-config with its "
+                         "rope_scaling is not supported either)"),
+    "multi_latent_attention": (lambda v: not v, "multi-latent attention"),
+    "mtp_num_layers": (lambda v: not v, "multi-token prediction layers"),
+    "hybrid_override_pattern": (lambda v: not v, "hybrid (Mamba) layers"),
+    "hybrid_layer_pattern": (lambda v: not v, "hybrid (Mamba) layers"),
+    "window_size": (lambda v: v is None, "sliding-window attention"),
+    "heterogeneous_layers_config_path": (lambda v: v is None, "heterogeneous layers"),
+    "use_legacy_models": (lambda v: not v, "Megatron-LM's legacy (language_model.*) models "
+                          "(only Megatron-Core models, --use-mcore-models, are read)"),
+}
+
+
+def _refuse_unsupported(args: argparse.Namespace, source: str) -> None:
+    problems = [f"{name}={getattr(args, name)!r} ({what})"
+                for name, (ok, what) in _UNSUPPORTED.items()
+                if hasattr(args, name) and not ok(getattr(args, name))]
+    if problems:
+        raise ValueError(f"{source}: args name an architecture no family supports: "
+                         + "; ".join(problems))
+
+
+def derived_hf_config(args: argparse.Namespace, vocab_size: int, source: str) -> dict[str, Any]:
+    """A config.json for the checkpoint's architecture: Llama (Qwen2 with q/k/v biases only)
+    for RoPE + RMSNorm + SwiGLU, GPT-BigCode for learned positions + LayerNorm + biases."""
+    from megatron_patch.training.loop import scratch_hf_config
+
+    s = _settings(args)
+    # The flags Megatron-LM's own command line would carry, for the from-scratch config tables.
+    flags = argparse.Namespace(
+        num_layers=s["num_layers"], hidden_size=s["hidden_size"],
+        num_attention_heads=s["num_attention_heads"], ffn_hidden_size=s["ffn_hidden_size"],
+        group_query_attention=s["num_query_groups"] != s["num_attention_heads"],
+        num_query_groups=s["num_query_groups"], swiglu=s["gated_linear_unit"],
+        normalization=s["normalization"], disable_bias_linear=not s["add_bias_linear"],
+        position_embedding_type=s["position_embedding_type"],
+        max_position_embeddings=s["max_sequence_length"], seq_length=s["max_sequence_length"],
+        norm_epsilon=s["layernorm_epsilon"], rotary_base=s["rotary_base"],
+        untie_embeddings_and_output_weights=not s["share_embeddings_and_output_weights"])
+    try:
+        config = scratch_hf_config(flags, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{source}: args (swiglu={s['gated_linear_unit']}, normalization="
+                         f"{s['normalization']!r}, add_bias_linear={s['add_bias_linear']}, "
+                         f"position_embedding_type={s['position_embedding_type']!r}) map to no "
+                         f"supported family: {e}") from None
+    if config["model_type"] == "llama":
+        if s["add_qkv_bias"]:
+            config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        config["head_dim"] = s["kv_channels"]
+    elif config["model_type"] == "gpt_bigcode":
+        config["activation_function"] = {"gelu": "gelu",
+                                         "gelu_tanh": "gelu_pytorch_tanh"}[s["activation"]]
+    return config
+
+
+def check_args_match(args: argparse.Namespace, hf_config: dict[str, Any], source: str,
+                     config_source: str) -> None:
+    """Refuse an HF config whose model differs from the one `args` describe, naming the arg."""
+    from megatron_patch.models import family_for
+
+    model_args = family_for(hf_config).model_args(hf_config)
+    s = _settings(args)
+    checked = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "num_query_groups", "kv_channels", "normalization", "gated_linear_unit",
+               "add_bias_linear", "add_qkv_bias", "share_embeddings_and_output_weights",
+               "activation", "position_embedding_type"]
+    if s["position_embedding_type"] == "learned_absolute":
+        checked.append("max_sequence_length")
+    wrong = [f"{name}: args {s[name]!r}, config {getattr(model_args, name)!r}"
+             for name in checked if s[name] != getattr(model_args, name)]
+    if abs(s["layernorm_epsilon"] - model_args.layernorm_epsilon) > 1e-12:
+        wrong.append(f"norm_epsilon: args {s['layernorm_epsilon']!r}, config "
+                     f"{model_args.layernorm_epsilon!r}")
+    if wrong:
+        raise ValueError(f"{config_source} does not describe the model of {source}: "
+                         + "; ".join(wrong))
+
+
+def _tokenizer_info(tokenizer_dir: str) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    info = {"vocab_size": len(tok)}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tok, key, None) is not None:
+            info[key] = getattr(tok, key)
+    return info
+
+
+def architecture(args: argparse.Namespace, source: str, hf_config_path: str | None = None,
+                 tokenizer_dir: str | None = None) -> dict[str, Any]:
+    """The HF config.json of the checkpoint's model: `hf_config_path` (a config.json or a
+    directory holding one) checked against `args`, else derived from `args`, with the
+    vocabulary size of `tokenizer_dir` (else the padded size: nothing is dropped)."""
+    from megatron_patch.models import load_hf_config
+
+    _refuse_unsupported(args, source)
+    padded = getattr(args, "padded_vocab_size", None)
+    if not padded:
+        raise ValueError(f"{source}: args have no padded_vocab_size")
+    if hf_config_path is not None:
+        if os.path.isdir(hf_config_path):
+            hf_config = load_hf_config(hf_config_path)
+        else:
+            with open(hf_config_path) as f:
+                hf_config = json.load(f)
+        check_args_match(args, hf_config, source, hf_config_path)
+    else:
+        info = _tokenizer_info(tokenizer_dir) if tokenizer_dir else {"vocab_size": padded}
+        hf_config = derived_hf_config(args, info["vocab_size"], source)
+        hf_config.update(info)
+        check_args_match(args, hf_config, source, "the derived config")
+    if hf_config["vocab_size"] > padded:
+        raise ValueError(f"{source}: the vocabulary ({hf_config['vocab_size']}) is larger than "
+                         f"the checkpoint's padded_vocab_size {padded}")
+    return hf_config
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype:
+    if isinstance(getattr(args, "params_dtype", None), torch.dtype):
+        return args.params_dtype
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    return torch.float16 if getattr(args, "fp16", False) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy rank files
+
+
+def rank_files(iter_dir: str, args: argparse.Namespace) -> dict[tuple[int, int], str]:
+    """(tp rank, pp rank) -> the rank's model_optim_rng.pt, as Megatron-LM names them for the
+    args' TP/PP sizes; FileNotFoundError naming the first one missing."""
+    tp = _get(args, "tensor_model_parallel_size", default=1)
+    pp = _get(args, "pipeline_model_parallel_size", default=1)
+    if _get(args, "expert_model_parallel_size", default=1) > 1:
+        raise ValueError(f"{iter_dir}: args expert_model_parallel_size="
+                         f"{args.expert_model_parallel_size}: expert-parallel rank files are "
+                         "not supported")
+    files = {}
+    for t in range(tp):
+        for p in range(pp):
+            name = f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}"
+            path = os.path.join(iter_dir, name, LEGACY_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing (args: tensor_model_parallel_size="
+                                        f"{tp}, pipeline_model_parallel_size={pp})")
+            files[(t, p)] = path
+    return files
+
+
+# Megatron-Core's names for Transformer Engine's fused norm + linear -> the local spec's norms.
+_TE_NAMES = (
+    (".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
+    (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."),
+)
+_SPLIT_ROWS = re.compile(r"(embedding\.word_embeddings|output_layer)\.weight"
+                         r"|.*\.(linear_qkv|linear_fc1)\.(weight|bias)")
+_SPLIT_COLUMNS = re.compile(r".*\.(linear_proj|linear_fc2)\.weight")
+
+
+def _local_name(name: str) -> str:
+    for te, local in _TE_NAMES:
+        name = name.replace(te, local)
+    return name
+
+
+def _chunks(state: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """The model chunks of one rank file: `model`, or `model0`, `model1`, ... (virtual
+    pipeline stages), in order."""
+    if "model" in state:
+        return [state["model"]]
+    keys = sorted((k for k in state if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
+    if not keys:
+        raise ValueError(f"{path}: no `model` state (keys: {sorted(state)})")
+    return [state[k] for k in keys]
+
+
+def _rank_weights(path: str, trust_pickle: bool) -> list[dict[str, torch.Tensor]]:
+    """Each model chunk of a rank file as {local-spec name: tensor} (extra states dropped)."""
+    chunks = []
+    for chunk in _chunks(load_pickle(path, trust_pickle, mmap=True), path):
+        weights = {}
+        for name, value in chunk.items():
+            if name.endswith("_extra_state"):
+                continue
+            if name.startswith("language_model."):
+                raise ValueError(f"{path}: {name} is a legacy Megatron-LM model's tensor "
+                                 "(--use-legacy-models); only Megatron-Core models are read")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{path}: model entry {name} is a {type(value).__name__}, "
+                                 "not a tensor")
+            weights[_local_name(name)] = value
+        chunks.append(weights)
+    return chunks
+
+
+def _merge(name: str, parts: list[tuple[str, torch.Tensor]], gated: bool) -> torch.Tensor:
+    """One tensor from its TP ranks' parts (file, tensor), along its parallel dimension."""
+    shapes = {tuple(t.shape) for _, t in parts}
+    if len(shapes) != 1:
+        listed = ", ".join(f"{path}: {tuple(t.shape)}" for path, t in parts)
+        raise ValueError(f"tensor {name} has different shapes across tensor-parallel ranks "
+                         f"({listed})")
+    tensors = [t for _, t in parts]
+    if len(tensors) == 1:
+        return tensors[0]
+    if _SPLIT_COLUMNS.fullmatch(name):
+        return torch.cat(tensors, dim=1)
+    if not _SPLIT_ROWS.fullmatch(name):
+        return tensors[0]  # replicated (norms, row-parallel biases, positions)
+    if gated and ".linear_fc1." in name:
+        # SwiGLU: each rank holds [its gate rows; its up rows].
+        halves = [t.chunk(2, dim=0) for t in tensors]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    # Fused q/k/v: each rank holds whole query groups, in order, so rank order is group order.
+    return torch.cat(tensors, dim=0)
+
+
+def read_legacy(iter_dir: str, args: argparse.Namespace, trust_pickle: bool = False) -> dict[
+        str, torch.Tensor]:
+    """The unsharded weights of a legacy checkpoint, by Megatron-Core local-spec name, layers
+    numbered globally. Tensors of TP=1 files stay mapped from the files until read."""
+    files = rank_files(iter_dir, args)
+    tp = max(t for t, _ in files) + 1
+    pp = max(p for _, p in files) + 1
+    # by_stage[(chunk, pp rank)][tp rank] = (file, weights)
+    by_stage: dict[tuple[int, int], list[tuple[str, dict[str, torch.Tensor]]]] = defaultdict(list)
+    for (_, p), path in sorted(files.items()):
+        for v, weights in enumerate(_rank_weights(path, trust_pickle)):
+            by_stage[(v, p)].append((path, weights))
+    vpp = max(v for v, _ in by_stage) + 1
+    merged: dict[str, torch.Tensor] = {}
+    offset = 0
+    # Megatron-LM gives global model chunk v * PP + p the layers after those of the chunks
+    # before it (also with uneven first/last stages).
+    for v in range(vpp):
+        for p in range(pp):
+            ranks = by_stage.get((v, p), [])
+            if len(ranks) != tp:
+                raise ValueError(f"{iter_dir}: model chunk {v} of pipeline rank {p} is in "
+                                 f"{len(ranks)} of the {tp} tensor-parallel rank files")
+            names = set(ranks[0][1])
+            for path, weights in ranks[1:]:
+                if diff := names ^ set(weights):
+                    raise ValueError(f"{path} and {ranks[0][0]} hold different tensors: "
+                                     f"{sorted(diff)[:10]}")
+            layers = sorted({int(m.group(1)) for n in names if (m := _LAYER.fullmatch(n))})
+            if layers != list(range(len(layers))):
+                raise ValueError(f"{ranks[0][0]}: decoder layers {layers} are not numbered "
+                                 "0, 1, ... within the stage")
+            for name in sorted(names):
+                m = _LAYER.fullmatch(name)
+                full = f"decoder.layers.{offset + int(m.group(1))}.{m.group(2)}" if m else name
+                if full in merged:
+                    raise ValueError(f"{ranks[0][0]}: {name} is also in another pipeline stage")
+                merged[full] = _merge(full, [(path, w[name]) for path, w in ranks],
+                                      bool(getattr(args, "swiglu", False)))
+            offset += len(layers)
+    if offset != args.num_layers:
+        raise ValueError(f"{iter_dir}: the rank files hold {offset} decoder layers, args "
+                         f"num_layers={args.num_layers}")
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a model
+
+
+def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | None = None,
+         tokenizer_dir: str | None = None, trust_pickle: bool = False) -> tuple[
+             Any, dict[str, Any], int, torch.dtype]:
+    """A single-process Megatron-Core model holding the checkpoint's weights:
+    (model, HF config, padded vocabulary size, dtype)."""
+    from megatron_patch.convert.hf_megatron import _parameters, _single_process_model
+    from megatron_patch.models import family_for
+
+    iter_dir, layout = locate(src, iteration)
+    args, args_file = read_args(iter_dir, layout, trust_pickle)
+    hf_config = architecture(args, args_file, hf_config_path, tokenizer_dir)
+    model_args = family_for(hf_config).model_args(hf_config)
+    padded = args.padded_vocab_size
+    log.info("%s: %s checkpoint, %s", iter_dir, layout, hf_config["architectures"][0])
+
+    if layout == "torch_dist":
+        if model_args.kv_replicas > 1:
+            raise ValueError(f"{args_file}: multi-query attention (num_query_groups=1) from a "
+                             "torch_dist checkpoint is not supported")
+        dtype = _dtype(args)
+        model = _single_process_model(model_args, hf_config, dtype, padded)
+        common = os.path.join(iter_dir, COMMON_FILE)
+        # Megatron-Core's loader reads common.pt with torch.load's weights_only default; the
+        # allow-list checked above applies to that call only.
+        with torch.serialization.safe_globals(pickle_globals(common, trust_pickle)):
+            checkpoint.load_model(os.path.dirname(os.path.abspath(iter_dir)), model,
+                                  _iteration_of(iter_dir))
+        return model, hf_config, padded, dtype
+
+    weights = read_legacy(iter_dir, args, trust_pickle)
+    if model_args.share_embeddings_and_output_weights and "output_layer.weight" in weights:
+        # The last pipeline stage's copy of the tied embedding (kept equal by Megatron-LM).
+        head = weights.pop("output_layer.weight")
+        if not torch.equal(head, weights["embedding.word_embeddings.weight"]):
+            log.warning("%s: the last stage's copy of the tied embedding differs from the "
+                        "first stage's; the first stage's is kept", iter_dir)
+    dtypes = {t.dtype for t in weights.values() if t.dtype.is_floating_point}
+    if len(dtypes) != 1:
+        raise ValueError(f"{iter_dir}: weights have several dtypes {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    if model_args.kv_replicas > 1:
+        # Megatron-LM's one KV group -> this model's identical copies (mapping.replicate_kv).
+        dims = Dims(model_args.num_layers, model_args.num_attention_heads,
+                    model_args.num_query_groups, model_args.kv_channels, model_args.vocab_size,
+                    padded, model_args.kv_replicas)
+        for name in [n for n in weights if ".linear_qkv." in n]:
+            weights[name] = replicate_kv(weights[name], dims)
+    model = _single_process_model(model_args, hf_config, dtype, padded)
+    params = _parameters(model)
+    missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unknown:
+        raise ValueError(f"{iter_dir}: the rank files do not hold this model's tensors: missing "
+                         f"{missing[:10]}, unexpected {unknown[:10]}")
+    engine.check_shapes({n: tuple(t.shape) for n, t in weights.items()},
+                        {n: tuple(p.shape) for n, p in params.items()}, iter_dir)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    return model, hf_config, padded, dtype
+
+
+def _iteration_of(iter_dir: str) -> int | str:
+    name = os.path.basename(os.path.normpath(iter_dir))
+    if name == "release":
+        return name
+    if not re.fullmatch(r"iter_\d{7,}", name):
+        raise ValueError(f"{iter_dir}: a Megatron-LM iteration directory is named release or "
+                         "iter_NNNNNNN")
+    return int(name[5:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _write_hf_files(out_dir: str, hf_config: dict[str, Any], dtype: torch.dtype,
+                    tokenizer_dir: str | None) -> None:
+    """config.json (with the dtype), the tokenizer's files and generation_config.json."""
+    from megatron_patch.convert.hf_megatron import _ensure_generation_config
+
+    os.makedirs(out_dir, exist_ok=True)
+    if tokenizer_dir:
+        hf_io.copy_non_weight_files(tokenizer_dir, out_dir)
+    config = dict(hf_config, torch_dtype=str(dtype).removeprefix("torch."))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    _ensure_generation_config(out_dir, config)
+
+
+def _hf_tensors(model, hf_config: dict[str, Any], padded: int) -> Iterator[
+        tuple[str, torch.Tensor]]:
+    from megatron_patch.convert.hf_megatron import (
+        _dims,
+        _in_save_order,
+        _parameters,
+        hf_expected_shapes,
+    )
+    from megatron_patch.convert.mapping import bind
+    from megatron_patch.models import family_for
+
+    family = family_for(hf_config)
+    args = family.model_args(hf_config)
+    params = _parameters(model)
+    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
+    expected = hf_expected_shapes(hf_config)
+    target = expected if expected is not None else [n for b in bindings for n in b.hf]
+    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
+    bindings = _in_save_order(bindings, None if expected is None else list(expected))
+    return engine.megatron_to_hf(bindings, _dims(args, padded), lambda n: params[n].detach(),
+                                 expected)
+
+
+def export_to_hf(src: str, out_dir: str, *, iteration: int | str | None = None,
+                 hf_config_path: str | None = None, tokenizer_dir: str | None = None,
+                 trust_pickle: bool = False, max_shard_size: int | str = "5GB") -> list[str]:
+    """A Megatron-LM checkpoint -> an HF model directory."""
+    from megatron_patch.convert.hf_megatron import _progress
+
+    staging = hf_io.staging_dir(out_dir)
+    model, hf_config, padded, dtype = load(src, iteration=iteration,
+                                           hf_config_path=hf_config_path,
+                                           tokenizer_dir=tokenizer_dir, trust_pickle=trust_pickle)
+    _write_hf_files(staging, hf_config, dtype, tokenizer_dir)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    with _progress(total, "megatron-lm->hf") as bar:
+        files = hf_io.write_safetensors_shards(staging, _hf_tensors(model, hf_config, padded),
+                                               max_shard_size, bar)
+    hf_io.publish(staging, out_dir)
+    return files
+
+
+def import_megatron(src: str, out_dir: str, *, iteration: int | str | None = None,
+                    hf_config_path: str | None = None, tokenizer_dir: str | None = None,
+                    trust_pickle: bool = False) -> checkpoint.CheckpointMeta:
+    """A Megatron-LM checkpoint -> a megatron-patch checkpoint (`release`: training from it
+    starts fresh from its weights). Optimizer, scheduler and RNG states are not carried over."""
+    from megatron_patch.convert import distcp
+
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    model, hf_config, padded, dtype = load(src, iteration=iteration,
+                                           hf_config_path=hf_config_path,
+                                           tokenizer_dir=tokenizer_dir, trust_pickle=trust_pickle)
+    _write_hf_files(os.path.join(out_dir, checkpoint.HF_DIR), hf_config, dtype, tokenizer_dir)
+    meta = checkpoint.CheckpointMeta(architecture=hf_config["architectures"][0],
+                                     vocab_size=hf_config["vocab_size"], padded_vocab_size=padded,
+                                     dtype=str(dtype).removeprefix("torch."))
+    checkpoint.write_meta(out_dir, meta)
+    checkpoint.save(out_dir, "release", checkpoint.model_state(model),
+                    sharded_strategy=distcp.UnsyncedSave())
+    return meta
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`convert` options for Megatron-LM inputs."""
+    parser.add_argument("--hf-config", help="Megatron-LM input: an HF config.json (or a "
+                        "directory holding one) for the model, e.g. the original model's; it "
+                        "must agree with the checkpoint's args (default: derived from them)")
+    parser.add_argument("--tokenizer", help="Megatron-LM input: an HF tokenizer directory, "
+                        "copied into the output; its length is the vocabulary size unless "
+                        "--hf-config gives one")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="Megatron-LM input: load its pickles (model_optim_rng.pt, "
+                        "common.pt) even if they hold types outside the allow-list (this can "
+                        "run code from the file)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`convert megatron-to-hf` of a Megatron-LM checkpoint, or `convert import-megatron`."""
+    options = dict(iteration=args.iteration, hf_config_path=args.hf_config,
+                   tokenizer_dir=args.tokenizer, trust_pickle=args.trust_pickle)
+    if args.direction == "import-megatron":
+        meta = import_megatron(args.src, args.dst, **options)
+        print(f"{args.dst}: {meta.architecture}, vocab {meta.vocab_size} (padded "
+              f"{meta.padded_vocab_size}), {meta.dtype}; optimizer state not carried over")
+    else:
+        files = export_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, **options)
+        print(f"{args.dst}: {len(files)} safetensors file(s)")
+    return 0
