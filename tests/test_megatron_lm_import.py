@@ -22,6 +22,7 @@ import shutil
 
 import harness
 import pytest
+from test_llama_parity import LOGITS_ATOL, LOSS_ATOL, _parity
 
 TP_PP = [(1, 1), (2, 2)]
 BATCH, SEQ, VOCAB, PADDED = 2, 16, 1000, 1024
@@ -160,6 +161,38 @@ def _shard(state: dict, tp: int, pp: int, gated: bool, tied: bool) -> dict:
     return ranks
 
 
+def _legacy_model_names(rank: dict) -> dict:
+    """A Megatron-Core rank state dict as Megatron-LM's legacy GPTModel saves the same tensors
+    (megatron/legacy/model: nested language_model / embedding / encoder dicts,
+    word_embeddings_for_head for the last stage's copy of a tied embedding)."""
+    import re
+
+    layer_names = (("input_layernorm.", "input_norm."),
+                   ("self_attention.linear_qkv.", "self_attention.query_key_value."),
+                   ("self_attention.linear_proj.", "self_attention.dense."),
+                   ("pre_mlp_layernorm.", "post_attention_norm."),
+                   ("mlp.linear_fc1.", "mlp.dense_h_to_4h."),
+                   ("mlp.linear_fc2.", "mlp.dense_4h_to_h."))
+    language_model: dict = {}
+    out = {"language_model": language_model}
+    for name, value in rank.items():
+        if name.startswith("embedding."):
+            what, param = name.split(".")[1:]
+            language_model.setdefault("embedding", {}).setdefault(what, {})[param] = value
+        elif m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.*)", name):
+            rest = m.group(2)
+            for new, old in layer_names:
+                rest = rest.replace(new, old)
+            language_model.setdefault("encoder", {})[f"layers.{m.group(1)}.{rest}"] = value
+        elif name.startswith("decoder.final_layernorm."):
+            language_model.setdefault("encoder", {})[
+                name.replace("decoder.final_layernorm.", "final_norm.")] = value
+        else:
+            assert name == "output_layer.weight", name
+            out["word_embeddings_for_head"] = {"weight": value}
+    return out
+
+
 def _args(kind: str, tp: int, pp: int, ckpt_format: str = "torch") -> argparse.Namespace:
     """The model arguments Megatron-LM's parser and validate_args leave in `args`."""
     import torch
@@ -263,8 +296,9 @@ def _make_fixtures(root: str) -> None:
         # Ids the tokenizer has (486 of them), so that exports cut to its length run too.
         tokens = torch.randint(0, 480, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            logits = model(input_ids=tokens).logits
-        torch.save({"tokens": tokens, "logits": logits}, os.path.join(root, kind, "ref.pt"))
+            ref = model(input_ids=tokens, labels=tokens)
+        torch.save({"tokens": tokens, "logits": ref.logits, "loss": ref.loss.item()},
+                   os.path.join(root, kind, "ref.pt"))
         hf = {n: t.detach().clone() for n, t in model.state_dict().items()}
         for tp, pp in TP_PP:
             te_names = kind == "llama" and tp > 1  # both spellings of the fused norms
@@ -272,6 +306,11 @@ def _make_fixtures(root: str) -> None:
             ranks = _shard(state, tp, pp, gated=kind == "llama", tied=kind == "gpt")
             _write_legacy(os.path.join(root, kind, f"legacy_tp{tp}pp{pp}"), _args(kind, tp, pp),
                           ranks)
+            if kind == "gpt" and tp > 1:
+                args = _args(kind, tp, pp)
+                args.use_legacy_models = True
+                _write_legacy(os.path.join(root, kind, "legacy_model_tp2pp2"), args,
+                              {r: _legacy_model_names(state) for r, state in ranks.items()})
         if kind == "llama":
             _write_torch_dist(os.path.join(root, kind, "torch_dist"),
                               _args(kind, 1, 1, "torch_dist"),
@@ -312,13 +351,18 @@ def _export_cases(root: str, out: str) -> dict:
          VOCAB),
         ("gpt", "legacy_tp1pp1", {}, PADDED),
         ("gpt", "legacy_tp2pp2", {"tokenizer_dir": "hf"}, tokenizer),
+        ("gpt", "legacy_model_tp2pp2", {"hf_config_path": "hf"}, VOCAB),
     ]
     report = {}
     for kind, name, options, vocab in cases:
         base = os.path.join(root, kind)
         options = {k: os.path.join(base, v) for k, v in options.items()}
-        direct, imported, again = (os.path.join(out, f"{kind}_{name}_{s}")
-                                   for s in ("hf", "mcore", "hf2"))
+        direct, again = (os.path.join(out, f"{kind}_{name}_{s}") for s in ("hf", "hf2"))
+        # Laid out as test_llama_parity's model directories: mcore/ and reference.pt.
+        imported = os.path.join(out, "parity", f"{kind}_{name}", "mcore")
+        os.makedirs(os.path.dirname(imported))
+        shutil.copy(os.path.join(base, "ref.pt"),
+                    os.path.join(os.path.dirname(imported), "reference.pt"))
         megatron_lm.export_to_hf(os.path.join(base, name), direct, **options)
         megatron_lm.import_megatron(os.path.join(base, name), imported, **options)
         hf_megatron.megatron_to_hf(imported, again)
@@ -337,11 +381,12 @@ def _export_cases(root: str, out: str) -> dict:
 
 def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     """Llama-style and GPT-style models in legacy files at TP=1 PP=1 and TP=2 PP=2 (TE and
-    local norm names, tied head on the last stage) and in a torch_dist checkpoint export to HF
+    local norm names, tied head on the last stage; the GPT also with Megatron-LM's legacy
+    model names) and in a torch_dist checkpoint export to HF
     models whose logits are transformers' on the original weights (fp32, within 1e-4); import
     then export gives the direct export's tensors bit for bit."""
     (report,) = harness.run(_export_cases, 1, fixtures, str(tmp_path))
-    assert len(report) == 5, report
+    assert len(report) == 6, report
     for case, r in report.items():
         assert r["logits_error"] < 1e-4, (case, r)
         assert r["differ"] == [], (case, r)
@@ -352,6 +397,16 @@ def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     assert report["llama/torch_dist"]["architecture"] == "LlamaForCausalLM"
     assert report["gpt/legacy_tp2pp2"]["architecture"] == "GPTBigCodeForCausalLM"
     assert report["gpt/legacy_tp2pp2"]["tokenizer"]
+
+    # The imported checkpoints load as any other, here at TP=2 PP=2 with sequence parallelism
+    # (test_llama_parity's check: logits within 1e-4, loss within 1e-5 of transformers').
+    parity = {case: os.path.join(tmp_path, "parity", case.replace("/", "_"))
+              for case, r in report.items() if r["vocab_size"] == VOCAB}
+    assert len(parity) == 3, parity
+    merged = {k: v for r in harness.run(_parity, 4, parity, 2, 2, True, None) for k, v in r.items()}
+    assert set(merged) == set(parity), merged
+    for case, r in merged.items():
+        assert r["max_abs"] <= LOGITS_ATOL and r["loss_diff"] <= LOSS_ATOL, (case, r)
 
 
 def test_megatron_lm_export_matches_the_original_tensors(fixtures, tmp_path):
@@ -451,10 +506,32 @@ def _bad_inputs(fixtures: str, tmp: str) -> dict:
     out["hf_config"] = _error(export, os.path.join(fixtures, "llama", "legacy_tp1pp1"),
                               str(tmp_path / "o5"),
                               hf_config_path=os.path.join(fixtures, "gpt", "hf"))
+
+    # A harmless type outside the allow-list: refused, then loaded with --trust-pickle.
+    from fractions import Fraction
+
+    from megatron_patch import cli
+
+    ckpt = _copy(fixtures, "gpt", "legacy_tp1pp1", tmp_path / "trust")
+    path = os.path.join(ckpt, "iter_0000100", "mp_rank_00", "model_optim_rng.pt")
+    state = torch.load(path, weights_only=False)
+    state["args"].lr_ratio = Fraction(1, 3)
+    torch.save(state, path)
+    command = ["convert", "megatron-to-hf", ckpt, str(tmp_path / "o6")]
+    out["untrusted_rc"] = cli.main(command)
+    out["trusted_rc"] = cli.main([*command, "--trust-pickle"])
+    out["trusted_files"] = sorted(os.listdir(tmp_path / "o6"))
+    out["import_rc"] = cli.main(["convert", "import-megatron", os.path.join(
+        fixtures, "llama", "legacy_tp2pp2"), str(tmp_path / "o7"), "--tokenizer",
+        os.path.join(fixtures, "llama", "hf")])
+    out["imported_files"] = sorted(os.listdir(tmp_path / "o7"))
     return out
 
 
 def test_megatron_lm_bad_inputs_are_clear_errors(fixtures, tmp_path):
+    """Pickles with unexpected objects (refused unexecuted; --trust-pickle lifts it), a missing
+    rank file, ranks that disagree on a shape, args or --hf-config naming an unsupported or
+    different architecture: errors naming the file, tensor or arg. Also the CLI's commands."""
     (out,) = harness.run(_bad_inputs, 1, fixtures, str(tmp_path))
     assert "mp_rank_00/model_optim_rng.pt: refusing to unpickle builtins.exec" in out["pickle"]
     assert "--trust-pickle" in out["pickle"]
@@ -468,3 +545,8 @@ def test_megatron_lm_bad_inputs_are_clear_errors(fixtures, tmp_path):
     assert "num_experts=8" in out["num_experts"]
     assert "position_embedding_type='none'" in out["position_embedding_type"]
     assert "num_layers" not in out["hf_config"] and "normalization" in out["hf_config"]
+    assert out["untrusted_rc"] == 2 and out["trusted_rc"] == 0, out
+    assert "model.safetensors" in out["trusted_files"], out
+    assert out["import_rc"] == 0, out
+    assert {"hf", "latest_checkpointed_iteration.txt", "megatron_patch.json",
+            "release"} <= set(out["imported_files"]), out

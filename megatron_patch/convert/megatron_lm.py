@@ -17,8 +17,10 @@ to a family of the zoo; `--hf-config` and `--tokenizer` supply what `args` canno
 Legacy state dicts use Megatron-Core's module names (`--use-mcore-models`, Megatron-LM's default
 since 2024): the local spec's (`decoder.layers.0.input_layernorm.weight`) or Transformer Engine's
 (`decoder.layers.0.self_attention.linear_qkv.layer_norm_weight`). The rank files are merged into
-the unsharded tensors the family mappings describe (`read_legacy`). The older
-`language_model.encoder.*` names (`--use-legacy-models`) are refused, naming the key.
+the unsharded tensors the family mappings describe (`read_legacy`). Megatron-LM's older models
+(`--use-legacy-models`, Pai-Megatron-Patch's classic checkpoints: nested
+`language_model.encoder.layers.0.self_attention.query_key_value.weight`,
+`word_embeddings_for_head`) hold the same tensors in the same layouts and are renamed.
 
 torch_dist checkpoints are read by Megatron-Core's own loader, which reshards them; its keys are
 the ones megatron-patch's models save.
@@ -282,8 +284,6 @@ _UNSUPPORTED = {
     "hybrid_layer_pattern": (lambda v: not v, "hybrid (Mamba) layers"),
     "window_size": (lambda v: v is None, "sliding-window attention"),
     "heterogeneous_layers_config_path": (lambda v: v is None, "heterogeneous layers"),
-    "use_legacy_models": (lambda v: not v, "Megatron-LM's legacy (language_model.*) models "
-                          "(only Megatron-Core models, --use-mcore-models, are read)"),
 }
 
 
@@ -431,15 +431,55 @@ _TE_NAMES = (
     (".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
     (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."),
 )
+# Megatron-LM's legacy models (`--use-legacy-models`; Pai-Megatron-Patch's classic checkpoints):
+# the same tensors in the same layouts (checkpoint_version 3: q/k/v per group, SwiGLU's
+# [gate; up] per rank) under other names, nested in dicts.
+_LEGACY_NAMES = (
+    (r"language_model\.embedding\.(word|position)_embeddings\.", r"embedding.\1_embeddings."),
+    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.", r"decoder.layers.\1."),
+    (r"language_model\.(?:encoder|transformer)\.final_(?:norm|layernorm)\.",
+     "decoder.final_layernorm."),
+    (r"language_model\.output_layer\.", "output_layer."),
+    # The last pipeline stage's copy of the tied embedding.
+    (r"word_embeddings_for_head\.", "output_layer."),
+)
+_LEGACY_LAYER_NAMES = (
+    (r"input_(?:norm|layernorm)\.", "input_layernorm."),
+    (r"self_attention\.query_key_value\.", "self_attention.linear_qkv."),
+    (r"self_attention\.dense\.", "self_attention.linear_proj."),
+    (r"post_attention_(?:norm|layernorm)\.", "pre_mlp_layernorm."),
+    (r"mlp\.dense_h_to_4h\.", "mlp.linear_fc1."),
+    (r"mlp\.dense_4h_to_h\.", "mlp.linear_fc2."),
+)
 _SPLIT_ROWS = re.compile(r"(embedding\.word_embeddings|output_layer)\.weight"
                          r"|.*\.(linear_qkv|linear_fc1)\.(weight|bias)")
 _SPLIT_COLUMNS = re.compile(r".*\.(linear_proj|linear_fc2)\.weight")
 
 
 def _local_name(name: str) -> str:
+    """A Megatron-Core (TE or local spec) or legacy-model name -> the local spec's."""
     for te, local in _TE_NAMES:
         name = name.replace(te, local)
+    for pattern, replacement in _LEGACY_NAMES:
+        renamed = re.sub("^" + pattern, replacement, name)
+        if renamed != name and renamed.startswith("decoder.layers."):
+            layer, rest = renamed[len("decoder.layers."):].split(".", 1)
+            for old, new in _LEGACY_LAYER_NAMES:
+                rest = re.sub("^" + old, new, rest)
+            return f"decoder.layers.{layer}.{rest}"
+        if renamed != name:
+            return renamed
     return name
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """A legacy model's nested state dict ({'language_model': {'embedding': ...}}) as dotted
+    names; a Megatron-Core one is flat already."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _chunks(state: dict[str, Any], path: str) -> list[dict[str, Any]]:
@@ -454,16 +494,14 @@ def _chunks(state: dict[str, Any], path: str) -> list[dict[str, Any]]:
 
 
 def _rank_weights(path: str, trust_pickle: bool) -> list[dict[str, torch.Tensor]]:
-    """Each model chunk of a rank file as {local-spec name: tensor} (extra states dropped)."""
+    """Each model chunk of a rank file as {local-spec name: tensor} (extra states dropped).
+    Names the local spec does not have are left as they are, for the model check to name."""
     chunks = []
     for chunk in _chunks(load_pickle(path, trust_pickle, mmap=True), path):
         weights = {}
-        for name, value in chunk.items():
+        for name, value in _flat(chunk):
             if name.endswith("_extra_state"):
                 continue
-            if name.startswith("language_model."):
-                raise ValueError(f"{path}: {name} is a legacy Megatron-LM model's tensor "
-                                 "(--use-legacy-models); only Megatron-Core models are read")
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{path}: model entry {name} is a {type(value).__name__}, "
                                  "not a tensor")
