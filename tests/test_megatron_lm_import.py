@@ -34,16 +34,16 @@ def _llama(hf_dir: str):
     tiny.make_hf_model(hf_dir, "llama2")  # GQA (4 heads, 2 groups), untied, vocab 1000
 
 
-def _gpt(hf_dir: str):
+def _gpt(hf_dir: str, multi_query: bool = False):
     """GPT-style: LayerNorm, biases everywhere (random), learned positions, tied, GELU (tanh,
-    as Megatron-Core's fused bias-GELU computes it)."""
+    as Megatron-Core's fused bias-GELU computes it); multi-head, or multi-query."""
     import torch
     import transformers
 
     from megatron_patch import tiny
 
     config = transformers.GPTBigCodeConfig(
-        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=256, multi_query=False,
+        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=256, multi_query=multi_query,
         activation_function="gelu_pytorch_tanh", resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
@@ -105,7 +105,8 @@ def _megatron_state(kind: str, hf: dict, te_names: bool) -> dict:
         for megatron, name in ((norm_in, "ln_1."), (norm_mlp, "ln_2.")):
             out[m + megatron + "weight"] = hf[h + name + "weight"]
             out[m + megatron + "bias"] = hf[h + name + "bias"]
-        # Multi-head c_attn is [q, k, v] per head: Megatron's per-group order already.
+        # c_attn is [q, k, v] per head (multi-head), or all q heads then k and v (multi-query):
+        # Megatron's per-group order already.
         for megatron, name in (("self_attention.linear_qkv.", "attn.c_attn."),
                                ("self_attention.linear_proj.", "attn.c_proj."),
                                ("mlp.linear_fc1.", "mlp.c_fc."),
@@ -289,7 +290,9 @@ def _make_fixtures(root: str) -> None:
     import torch
     import transformers
 
-    for kind, make in (("llama", _llama), ("gpt", _gpt)):
+    kinds = (("llama", _llama), ("gpt", _gpt),
+             ("gpt_mqa", lambda hf_dir: _gpt(hf_dir, multi_query=True)))
+    for kind, make in kinds:
         hf_dir = os.path.join(root, kind, "hf")
         make(hf_dir)
         model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -300,6 +303,12 @@ def _make_fixtures(root: str) -> None:
         torch.save({"tokens": tokens, "logits": ref.logits, "loss": ref.loss.item()},
                    os.path.join(root, kind, "ref.pt"))
         hf = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        if kind == "gpt_mqa":  # one KV group: Megatron-LM cannot split it over TP ranks
+            ranks = _shard(_megatron_state("gpt", hf, False), 1, 1, gated=False, tied=True)
+            args = _args("gpt", 1, 1)
+            args.group_query_attention = True
+            _write_legacy(os.path.join(root, kind, "legacy_tp1pp1"), args, ranks)
+            continue
         for tp, pp in TP_PP:
             te_names = kind == "llama" and tp > 1  # both spellings of the fused norms
             state = _megatron_state(kind, hf, te_names)
@@ -352,6 +361,7 @@ def _export_cases(root: str, out: str) -> dict:
         ("gpt", "legacy_tp1pp1", {}, PADDED),
         ("gpt", "legacy_tp2pp2", {"tokenizer_dir": "hf"}, tokenizer),
         ("gpt", "legacy_model_tp2pp2", {"hf_config_path": "hf"}, VOCAB),
+        ("gpt_mqa", "legacy_tp1pp1", {"hf_config_path": "hf"}, VOCAB),
     ]
     report = {}
     for kind, name, options, vocab in cases:
@@ -382,11 +392,11 @@ def _export_cases(root: str, out: str) -> dict:
 def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     """Llama-style and GPT-style models in legacy files at TP=1 PP=1 and TP=2 PP=2 (TE and
     local norm names, tied head on the last stage; the GPT also with Megatron-LM's legacy
-    model names) and in a torch_dist checkpoint export to HF
+    model names, and multi-query) and in a torch_dist checkpoint export to HF
     models whose logits are transformers' on the original weights (fp32, within 1e-4); import
     then export gives the direct export's tensors bit for bit."""
     (report,) = harness.run(_export_cases, 1, fixtures, str(tmp_path))
-    assert len(report) == 6, report
+    assert len(report) == 7, report
     for case, r in report.items():
         assert r["logits_error"] < 1e-4, (case, r)
         assert r["differ"] == [], (case, r)
@@ -402,7 +412,7 @@ def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     # (test_llama_parity's check: logits within 1e-4, loss within 1e-5 of transformers').
     parity = {case: os.path.join(tmp_path, "parity", case.replace("/", "_"))
               for case, r in report.items() if r["vocab_size"] == VOCAB}
-    assert len(parity) == 3, parity
+    assert len(parity) == 4, parity
     merged = {k: v for r in harness.run(_parity, 4, parity, 2, 2, True, None) for k, v in r.items()}
     assert set(merged) == set(parity), merged
     for case, r in merged.items():
