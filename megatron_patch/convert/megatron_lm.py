@@ -674,23 +674,13 @@ def _write_hf_files(out_dir: str, hf_config: dict[str, Any], dtype: torch.dtype,
 
 def _hf_tensors(model, hf_config: dict[str, Any], padded: int) -> Iterator[
         tuple[str, torch.Tensor]]:
-    from megatron_patch.convert.hf_megatron import (
-        _dims,
-        _in_save_order,
-        _parameters,
-        hf_expected_shapes,
-    )
-    from megatron_patch.convert.mapping import bind
+    from megatron_patch.convert.hf_megatron import _dims, _parameters, export_bindings
     from megatron_patch.models import family_for
 
     family = family_for(hf_config)
     args = family.model_args(hf_config)
     params = _parameters(model)
-    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
-    expected = hf_expected_shapes(hf_config)
-    target = expected if expected is not None else [n for b in bindings for n in b.hf]
-    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
-    bindings = _in_save_order(bindings, None if expected is None else list(expected))
+    bindings, expected = export_bindings(family, args, hf_config, params)
     return engine.megatron_to_hf(bindings, _dims(args, padded), lambda n: params[n].detach(),
                                  expected)
 
