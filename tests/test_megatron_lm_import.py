@@ -253,7 +253,7 @@ def _write_legacy(root: str, args: argparse.Namespace, ranks: dict) -> None:
         f.write(str(iteration))
 
 
-def _write_torch_dist(root: str, args: argparse.Namespace, state: dict) -> None:
+def _write_torch_dist(root: str, kind: str, args: argparse.Namespace, state: dict) -> None:
     """Megatron-Core's own GPTModel (its local spec) holding `state`, saved as Megatron-LM saves
     a torch_dist checkpoint."""
     import torch
@@ -265,17 +265,23 @@ def _write_torch_dist(root: str, args: argparse.Namespace, state: dict) -> None:
     from megatron_patch import parallel
 
     parallel.initialize(1, 1)
+    llama = kind == "llama"
+    norm = "RMSNorm" if llama else "LayerNorm"
     config = TransformerConfig(
-        num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-        num_query_groups=2, kv_channels=16, normalization="RMSNorm", layernorm_epsilon=1e-5,
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        params_dtype=torch.float32, use_cpu_initialization=True)
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), PADDED, 256,
-                     share_embeddings_and_output_weights=False, position_embedding_type="rope")
+        num_layers=4, hidden_size=64, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=4, num_query_groups=args.num_query_groups, kv_channels=16,
+        normalization=norm, layernorm_epsilon=1e-5, gated_linear_unit=llama,
+        activation_func=torch.nn.functional.silu if llama else torch.nn.functional.gelu,
+        add_bias_linear=not llama, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, params_dtype=torch.float32,
+        use_cpu_initialization=True)
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization=norm), PADDED, 256,
+                     share_embeddings_and_output_weights=not llama,
+                     position_embedding_type="rope" if llama else "learned_absolute")
     model.load_state_dict(state, strict=False)
-    loaded = model.state_dict()
+    loaded = {n: t for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
+    assert set(loaded) == set(state), set(loaded) ^ set(state)
     assert all(torch.equal(loaded[n], v) for n, v in state.items()), "fixture did not load"
     iter_dir = os.path.join(root, "iter_0000007")
     os.makedirs(iter_dir)
@@ -308,6 +314,10 @@ def _make_fixtures(root: str) -> None:
             args = _args("gpt", 1, 1)
             args.group_query_attention = True
             _write_legacy(os.path.join(root, kind, "legacy_tp1pp1"), args, ranks)
+            args = _args("gpt", 1, 1, "torch_dist")
+            args.group_query_attention = True
+            _write_torch_dist(os.path.join(root, kind, "torch_dist"), "gpt", args,
+                              _megatron_state("gpt", hf, False))
             continue
         for tp, pp in TP_PP:
             te_names = kind == "llama" and tp > 1  # both spellings of the fused norms
@@ -321,7 +331,7 @@ def _make_fixtures(root: str) -> None:
                 _write_legacy(os.path.join(root, kind, "legacy_model_tp2pp2"), args,
                               {r: _legacy_model_names(state) for r, state in ranks.items()})
         if kind == "llama":
-            _write_torch_dist(os.path.join(root, kind, "torch_dist"),
+            _write_torch_dist(os.path.join(root, kind, "torch_dist"), kind,
                               _args(kind, 1, 1, "torch_dist"),
                               _megatron_state(kind, hf, te_names=False))
 
@@ -362,6 +372,7 @@ def _export_cases(root: str, out: str) -> dict:
         ("gpt", "legacy_tp2pp2", {"tokenizer_dir": "hf"}, tokenizer),
         ("gpt", "legacy_model_tp2pp2", {"hf_config_path": "hf"}, VOCAB),
         ("gpt_mqa", "legacy_tp1pp1", {"hf_config_path": "hf"}, VOCAB),
+        ("gpt_mqa", "torch_dist", {}, PADDED),
     ]
     report = {}
     for kind, name, options, vocab in cases:
@@ -392,11 +403,11 @@ def _export_cases(root: str, out: str) -> dict:
 def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     """Llama-style and GPT-style models in legacy files at TP=1 PP=1 and TP=2 PP=2 (TE and
     local norm names, tied head on the last stage; the GPT also with Megatron-LM's legacy
-    model names, and multi-query) and in a torch_dist checkpoint export to HF
-    models whose logits are transformers' on the original weights (fp32, within 1e-4); import
-    then export gives the direct export's tensors bit for bit."""
+    model names, and multi-query) and in torch_dist checkpoints (Llama, multi-query GPT)
+    export to HF models whose logits are transformers' on the original weights (fp32, within
+    1e-4); import then export gives the direct export's tensors bit for bit."""
     (report,) = harness.run(_export_cases, 1, fixtures, str(tmp_path))
-    assert len(report) == 7, report
+    assert len(report) == 8, report
     for case, r in report.items():
         assert r["logits_error"] < 1e-4, (case, r)
         assert r["differ"] == [], (case, r)

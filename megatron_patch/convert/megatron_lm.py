@@ -47,13 +47,14 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from megatron_patch import checkpoint
 from megatron_patch.convert import engine, hf_io
-from megatron_patch.convert.mapping import Dims, replicate_kv
+from megatron_patch.convert.mapping import replicate_kv
 
 log = logging.getLogger(__name__)
 
@@ -587,7 +588,7 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
              Any, dict[str, Any], int, torch.dtype]:
     """A single-process Megatron-Core model holding the checkpoint's weights:
     (model, HF config, padded vocabulary size, dtype)."""
-    from megatron_patch.convert.hf_megatron import _parameters, _single_process_model
+    from megatron_patch.convert.hf_megatron import _dims, _parameters, _single_process_model
     from megatron_patch.models import family_for
 
     iter_dir, layout = locate(src, iteration)
@@ -598,37 +599,36 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
     log.info("%s: %s checkpoint, %s", iter_dir, layout, hf_config["architectures"][0])
 
     if layout == "torch_dist":
-        if model_args.kv_replicas > 1:
-            raise ValueError(f"{args_file}: multi-query attention (num_query_groups=1) from a "
-                             "torch_dist checkpoint is not supported")
         dtype = _dtype(args)
-        model = _single_process_model(model_args, hf_config, dtype, padded)
+        # Megatron-LM's model has one KV group where this one holds copies of it (multi-query).
+        model = _single_process_model(replace(model_args, kv_replicas=1), hf_config, dtype,
+                                      padded)
         common = os.path.join(iter_dir, COMMON_FILE)
         # Megatron-Core's loader reads common.pt with torch.load's weights_only default; the
         # allow-list checked above applies to that call only.
         with torch.serialization.safe_globals(pickle_globals(common, trust_pickle)):
             checkpoint.load_model(os.path.dirname(os.path.abspath(iter_dir)), model,
                                   _iteration_of(iter_dir))
-        return model, hf_config, padded, dtype
-
-    weights = read_legacy(iter_dir, args, trust_pickle)
-    if model_args.share_embeddings_and_output_weights and "output_layer.weight" in weights:
-        # The last pipeline stage's copy of the tied embedding (kept equal by Megatron-LM).
-        head = weights.pop("output_layer.weight")
-        if not torch.equal(head, weights["embedding.word_embeddings.weight"]):
-            log.warning("%s: the last stage's copy of the tied embedding differs from the "
-                        "first stage's; the first stage's is kept", iter_dir)
-    dtypes = {t.dtype for t in weights.values() if t.dtype.is_floating_point}
-    if len(dtypes) != 1:
-        raise ValueError(f"{iter_dir}: weights have several dtypes {sorted(map(str, dtypes))}")
-    dtype = dtypes.pop()
+        if model_args.kv_replicas == 1:
+            return model, hf_config, padded, dtype
+        weights = {n: p.detach() for n, p in _parameters(model).items()}
+    else:
+        weights = read_legacy(iter_dir, args, trust_pickle)
+        if model_args.share_embeddings_and_output_weights and "output_layer.weight" in weights:
+            # The last pipeline stage's copy of the tied embedding (kept equal by Megatron-LM).
+            head = weights.pop("output_layer.weight")
+            if not torch.equal(head, weights["embedding.word_embeddings.weight"]):
+                log.warning("%s: the last stage's copy of the tied embedding differs from the "
+                            "first stage's; the first stage's is kept", iter_dir)
+        dtypes = {t.dtype for t in weights.values() if t.dtype.is_floating_point}
+        if len(dtypes) != 1:
+            raise ValueError(f"{iter_dir}: weights have several dtypes "
+                             f"{sorted(map(str, dtypes))}")
+        dtype = dtypes.pop()
     if model_args.kv_replicas > 1:
         # Megatron-LM's one KV group -> this model's identical copies (mapping.replicate_kv).
-        dims = Dims(model_args.num_layers, model_args.num_attention_heads,
-                    model_args.num_query_groups, model_args.kv_channels, model_args.vocab_size,
-                    padded, model_args.kv_replicas)
         for name in [n for n in weights if ".linear_qkv." in n]:
-            weights[name] = replicate_kv(weights[name], dims)
+            weights[name] = replicate_kv(weights[name], _dims(model_args, padded))
     model = _single_process_model(model_args, hf_config, dtype, padded)
     params = _parameters(model)
     missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
