@@ -34,6 +34,27 @@ def _llama(hf_dir: str):
     tiny.make_hf_model(hf_dir, "llama2")  # GQA (4 heads, 2 groups), untied, vocab 1000
 
 
+def _mixtral(hf_dir: str):
+    """Llama-style attention, every MLP 4 SwiGLU experts behind a top-2 router."""
+    import torch
+    import transformers
+
+    from megatron_patch import tiny
+
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(hf_dir)
+    tiny.train_tokenizer(hf_dir)
+
+
 def _gpt(hf_dir: str, multi_query: bool = False):
     """GPT-style: LayerNorm, biases everywhere (random), learned positions, tied, GELU (tanh,
     as Megatron-Core's fused bias-GELU computes it); multi-head, or multi-query."""
@@ -73,9 +94,11 @@ def _megatron_state(kind: str, hf: dict, te_names: bool) -> dict:
         return torch.cat([t, torch.randn(PADDED - t.shape[0], t.shape[1], generator=gen)])
 
     norm_in = "self_attention.linear_qkv.layer_norm_" if te_names else "input_layernorm."
-    norm_mlp = "mlp.linear_fc1.layer_norm_" if te_names else "pre_mlp_layernorm."
+    # (Transformer Engine's MoE layer keeps a separate pre_mlp_layernorm.)
+    norm_mlp = ("mlp.linear_fc1.layer_norm_" if te_names and kind != "mixtral"
+                else "pre_mlp_layernorm.")
     out = {}
-    if kind == "llama":
+    if kind in ("llama", "mixtral"):
         heads, groups, d = 4, 2, 16
         out["embedding.word_embeddings.weight"] = pad(hf["model.embed_tokens.weight"])
         for i in range(4):
@@ -87,6 +110,15 @@ def _megatron_state(kind: str, hf: dict, te_names: bool) -> dict:
             out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, 64)
             out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
             out[m + norm_mlp + "weight"] = hf[h + "post_attention_layernorm.weight"]
+            if kind == "mixtral":  # the router, then each expert's [w1; w3] and w2
+                moe = h + "block_sparse_moe."
+                out[m + "mlp.router.weight"] = hf[moe + "gate.weight"]
+                for g in range(4):
+                    expert = f"{m}mlp.experts.local_experts.{g}."
+                    out[expert + "linear_fc1.weight"] = torch.cat(
+                        [hf[f"{moe}experts.{g}.w1.weight"], hf[f"{moe}experts.{g}.w3.weight"]])
+                    out[expert + "linear_fc2.weight"] = hf[f"{moe}experts.{g}.w2.weight"]
+                continue
             out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"],
                                                           hf[h + "mlp.up_proj.weight"]])
             out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
@@ -118,47 +150,56 @@ def _megatron_state(kind: str, hf: dict, te_names: bool) -> dict:
     return out
 
 
-def _shard(state: dict, tp: int, pp: int, gated: bool, tied: bool) -> dict:
-    """(tp rank, pp rank) -> that rank's state dict, as Megatron-Core splits the model: rows of
-    the embedding, output layer, linear_qkv (whole groups) and linear_fc1 (gate and up halves
-    each), columns of linear_proj and linear_fc2; layers split evenly over stages and
-    numbered from 0 in each; the tied output layer copied onto the last stage."""
+def _shard(state: dict, tp: int, pp: int, gated: bool, tied: bool, ep: int = 1,
+           experts: int = 0) -> dict:
+    """(tp rank, pp rank, expert rank) -> that rank's state dict, as Megatron-Core splits the
+    model: rows of the embedding, output layer, linear_qkv (whole groups) and linear_fc1 (gate
+    and up halves each), columns of linear_proj and linear_fc2; layers split evenly over
+    stages and numbered from 0 in each; the tied output layer copied onto the last stage;
+    `experts` split evenly over expert ranks, numbered from 0 in each, in Transformer Engine's
+    grouped spelling (linear_fc1.weight0) on odd expert ranks."""
     import re
 
     import torch
 
     layers = 4 // pp
     ranks = {}
-    for p in range(pp):
-        for t in range(tp):
-            rank = {}
-            for name, value in state.items():
-                m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.*)", name)
-                if m:
-                    i = int(m.group(1))
-                    if i // layers != p:
-                        continue
-                    name = f"decoder.layers.{i % layers}.{m.group(2)}"
-                elif name.startswith("embedding.") and p != 0:
+    for p, t, e in ((p, t, e) for p in range(pp) for t in range(tp) for e in range(ep)):
+        rank = {}
+        for name, value in state.items():
+            expert = re.fullmatch(r"(.*experts\.)local_experts\.(\d+)\.(.*)", name)
+            if expert:
+                g, local = divmod(int(expert.group(2)), experts // ep)
+                if g != e:
                     continue
-                elif name.startswith(("decoder.final", "output_layer")) and p != pp - 1:
+                name = (f"{expert.group(1)}{expert.group(3)}{local}" if e % 2 else
+                        f"{expert.group(1)}local_experts.{local}.{expert.group(3)}")
+            m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.*)", name)
+            if m:
+                i = int(m.group(1))
+                if i // layers != p:
                     continue
-                if not isinstance(value, torch.Tensor) or name.endswith("_extra_state"):
-                    rank[name] = value
-                elif name.endswith("mlp.linear_fc1.weight") and gated:
-                    gate, up = value.chunk(2)
-                    rank[name] = torch.cat([gate.chunk(tp)[t], up.chunk(tp)[t]]).clone()
-                elif re.search(r"(word_embeddings|output_layer|linear_qkv|linear_fc1)"
-                               r"\.(weight|bias)$", name):
-                    rank[name] = value.chunk(tp)[t].clone()
-                elif re.search(r"(linear_proj|linear_fc2)\.weight$", name):
-                    rank[name] = value.chunk(tp, dim=1)[t].clone()
-                else:
-                    rank[name] = value.clone()
-            if tied and pp > 1 and p == pp - 1:
-                rank["output_layer.weight"] = state["embedding.word_embeddings.weight"].chunk(
-                    tp)[t].clone()
-            ranks[(t, p)] = rank
+                name = f"decoder.layers.{i % layers}.{m.group(2)}"
+            elif name.startswith("embedding.") and p != 0:
+                continue
+            elif name.startswith(("decoder.final", "output_layer")) and p != pp - 1:
+                continue
+            if not isinstance(value, torch.Tensor) or name.endswith("_extra_state"):
+                rank[name] = value
+            elif re.search(r"linear_fc1\.weight\d*$", name) and gated:
+                gate, up = value.chunk(2)
+                rank[name] = torch.cat([gate.chunk(tp)[t], up.chunk(tp)[t]]).clone()
+            elif re.search(r"(word_embeddings|output_layer|linear_qkv|linear_fc1)"
+                           r"\.(weight|bias)$", name):
+                rank[name] = value.chunk(tp)[t].clone()
+            elif re.search(r"(linear_proj|linear_fc2)\.weight\d*$", name):
+                rank[name] = value.chunk(tp, dim=1)[t].clone()
+            else:
+                rank[name] = value.clone()
+        if tied and pp > 1 and p == pp - 1:
+            rank["output_layer.weight"] = state["embedding.word_embeddings.weight"].chunk(
+                tp)[t].clone()
+        ranks[(t, p, e)] = rank
     return ranks
 
 
@@ -210,7 +251,13 @@ def _args(kind: str, tp: int, pp: int, ckpt_format: str = "torch") -> argparse.N
                   add_qkv_bias=False, ckpt_format=ckpt_format,
                   attention_backend=AttnBackend.auto, tokenizer_type="HuggingFaceTokenizer",
                   iteration=100)
-    if kind == "llama":
+    if kind == "mixtral":
+        moe = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=96,
+                   moe_router_pre_softmax=False, moe_grouped_gemm=True, moe_aux_loss_coeff=0.0,
+                   moe_layer_freq=1, expert_model_parallel_size=2,
+                   expert_tensor_parallel_size=tp)
+        common = {**common, **moe}
+    if kind in ("llama", "mixtral"):
         return argparse.Namespace(**common, ffn_hidden_size=96, group_query_attention=True,
                                   num_query_groups=2, position_embedding_type="rope",
                                   rotary_base=10000, normalization="RMSNorm", swiglu=True,
@@ -228,9 +275,10 @@ def _write_legacy(root: str, args: argparse.Namespace, ranks: dict) -> None:
     import torch
 
     iteration = 100
-    for (t, p), model in ranks.items():
-        name = f"mp_rank_{t:02d}" if args.pipeline_model_parallel_size == 1 else \
-            f"mp_rank_{t:02d}_{p:03d}"
+    for (t, p, e), model in ranks.items():
+        name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if args.pipeline_model_parallel_size > 1
+                                     else "") + (
+            f"_{e:03d}" if args.expert_model_parallel_size > 1 else "")
         path = os.path.join(root, f"iter_{iteration:07d}", name, "model_optim_rng.pt")
         os.makedirs(os.path.dirname(path))
         tensors = [v for v in model.values() if isinstance(v, torch.Tensor)]
@@ -295,9 +343,10 @@ def _make_fixtures(root: str) -> None:
     """In a worker: the HF models, their reference logits, and their Megatron-LM checkpoints."""
     import torch
     import transformers
+    from safetensors.torch import load_file
 
     kinds = (("llama", _llama), ("gpt", _gpt),
-             ("gpt_mqa", lambda hf_dir: _gpt(hf_dir, multi_query=True)))
+             ("gpt_mqa", lambda hf_dir: _gpt(hf_dir, multi_query=True)), ("mixtral", _mixtral))
     for kind, make in kinds:
         hf_dir = os.path.join(root, kind, "hf")
         make(hf_dir)
@@ -308,7 +357,13 @@ def _make_fixtures(root: str) -> None:
             ref = model(input_ids=tokens, labels=tokens)
         torch.save({"tokens": tokens, "logits": ref.logits, "loss": ref.loss.item()},
                    os.path.join(root, kind, "ref.pt"))
-        hf = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        # The saved tensors (transformers 5 fuses a Mixtral's experts in memory, not on disk).
+        hf = load_file(os.path.join(hf_dir, "model.safetensors"))
+        if kind == "mixtral":  # TP=2 x EP=2, experts half in each spelling
+            ranks = _shard(_megatron_state(kind, hf, True), 2, 1, gated=True, tied=False, ep=2,
+                           experts=4)
+            _write_legacy(os.path.join(root, kind, "legacy_tp2pp1ep2"), _args(kind, 2, 1), ranks)
+            continue
         if kind == "gpt_mqa":  # one KV group: Megatron-LM cannot split it over TP ranks
             ranks = _shard(_megatron_state("gpt", hf, False), 1, 1, gated=False, tied=True)
             args = _args("gpt", 1, 1)
@@ -373,6 +428,7 @@ def _export_cases(root: str, out: str) -> dict:
         ("gpt", "legacy_model_tp2pp2", {"hf_config_path": "hf"}, VOCAB),
         ("gpt_mqa", "legacy_tp1pp1", {"hf_config_path": "hf"}, VOCAB),
         ("gpt_mqa", "torch_dist", {}, PADDED),
+        ("mixtral", "legacy_tp2pp1ep2", {"hf_config_path": "hf"}, VOCAB),
     ]
     report = {}
     for kind, name, options, vocab in cases:
@@ -403,11 +459,12 @@ def _export_cases(root: str, out: str) -> dict:
 def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     """Llama-style and GPT-style models in legacy files at TP=1 PP=1 and TP=2 PP=2 (TE and
     local norm names, tied head on the last stage; the GPT also with Megatron-LM's legacy
-    model names, and multi-query) and in torch_dist checkpoints (Llama, multi-query GPT)
+    model names, and multi-query), a Mixtral at TP=2 EP=2, and in torch_dist checkpoints
+    (Llama, multi-query GPT)
     export to HF models whose logits are transformers' on the original weights (fp32, within
     1e-4); import then export gives the direct export's tensors bit for bit."""
     (report,) = harness.run(_export_cases, 1, fixtures, str(tmp_path))
-    assert len(report) == 8, report
+    assert len(report) == 9, report
     for case, r in report.items():
         assert r["logits_error"] < 1e-4, (case, r)
         assert r["differ"] == [], (case, r)
@@ -423,7 +480,7 @@ def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     # (test_llama_parity's check: logits within 1e-4, loss within 1e-5 of transformers').
     parity = {case: os.path.join(tmp_path, "parity", case.replace("/", "_"))
               for case, r in report.items() if r["vocab_size"] == VOCAB}
-    assert len(parity) == 4, parity
+    assert len(parity) == 5, parity
     merged = {k: v for r in harness.run(_parity, 4, parity, 2, 2, True, None) for k, v in r.items()}
     assert set(merged) == set(parity), merged
     for case, r in merged.items():

@@ -261,13 +261,25 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             args, "untie_embeddings_and_output_weights", False),
         "max_sequence_length": _get(args, "max_position_embeddings", "seq_length"),
         "rotary_base": _get(args, "rotary_base", default=10000),
+        "num_moe_experts": getattr(args, "num_experts", None) or None,
+        "moe_router_topk": _get(args, "moe_router_topk", default=2),
+        "moe_ffn_hidden_size": _get(args, "moe_ffn_hidden_size", "ffn_hidden_size"),
     }
 
 
 # args that change the function the model computes in ways no family of the zoo has: the value
 # each must have (a predicate), and what it means.
 _UNSUPPORTED = {
-    "num_experts": (lambda v: not v, "mixture-of-experts import is not supported yet"),
+    # Mixture of experts: Mixtral's routing (softmax over the top-k logits) in every layer.
+    "moe_shared_expert_intermediate_size": (lambda v: not v, "shared experts"),
+    "moe_router_pre_softmax": (lambda v: not v, "softmax before the top-k"),
+    "moe_router_score_function": (lambda v: v in (None, "softmax"), "router score function"),
+    "moe_router_topk_scaling_factor": (lambda v: v in (None, 1, 1.0), "scaled router weights"),
+    "moe_router_num_groups": (lambda v: not v, "group-limited routing"),
+    "moe_router_enable_expert_bias": (lambda v: not v, "expert bias in the router"),
+    "moe_layer_freq": (lambda v: v in (None, 1) or (isinstance(v, list) and set(v) == {1}),
+                       "dense layers between MoE layers"),
+    "moe_use_legacy_grouped_gemm": (lambda v: not v, "legacy GroupedMLP weights"),
     "apply_residual_connection_post_layernorm": (lambda v: not v, "post-LN residuals"),
     "apply_layernorm_1p": (lambda v: not v, "zero-centred LayerNorm weights"),
     "layernorm_zero_centered_gamma": (lambda v: not v, "zero-centred LayerNorm weights"),
@@ -321,7 +333,21 @@ def derived_hf_config(args: argparse.Namespace, vocab_size: int, source: str) ->
                          f"{s['normalization']!r}, add_bias_linear={s['add_bias_linear']}, "
                          f"position_embedding_type={s['position_embedding_type']!r}) map to no "
                          f"supported family: {e}") from None
-    if config["model_type"] == "llama":
+    if config["model_type"] == "llama" and s["num_moe_experts"]:
+        if s["add_qkv_bias"]:
+            raise ValueError(f"{source}: args add_qkv_bias=True with num_experts: no family "
+                             "supports it")
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                      num_local_experts=s["num_moe_experts"],
+                      num_experts_per_tok=s["moe_router_topk"],
+                      intermediate_size=s["moe_ffn_hidden_size"],
+                      router_aux_loss_coef=_get(args, "moe_aux_loss_coeff", default=0.0))
+        config["head_dim"] = s["kv_channels"]
+    elif s["num_moe_experts"]:
+        raise ValueError(f"{source}: args num_experts={s['num_moe_experts']} with a model other "
+                         "than Llama-style (RoPE, RMSNorm, SwiGLU, no biases): no family "
+                         "supports it")
+    elif config["model_type"] == "llama":
         if s["add_qkv_bias"]:
             config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
         config["head_dim"] = s["kv_channels"]
@@ -338,10 +364,13 @@ def check_args_match(args: argparse.Namespace, hf_config: dict[str, Any], source
 
     model_args = family_for(hf_config).model_args(hf_config)
     s = _settings(args)
-    checked = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-               "num_query_groups", "kv_channels", "normalization", "gated_linear_unit",
-               "add_bias_linear", "add_qkv_bias", "share_embeddings_and_output_weights",
-               "activation", "position_embedding_type"]
+    checked = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+               "kv_channels", "normalization", "gated_linear_unit", "add_bias_linear",
+               "add_qkv_bias", "share_embeddings_and_output_weights", "activation",
+               "position_embedding_type", "num_moe_experts"]
+    # A mixture of experts has no dense MLP: its experts' size is what counts.
+    checked += (["moe_router_topk", "moe_ffn_hidden_size"] if s["num_moe_experts"]
+                else ["ffn_hidden_size"])
     if s["position_embedding_type"] == "learned_absolute":
         checked.append("max_sequence_length")
     wrong = [f"{name}: args {s[name]!r}, config {getattr(model_args, name)!r}"
@@ -406,24 +435,24 @@ def _dtype(args: argparse.Namespace) -> torch.dtype:
 # Legacy rank files
 
 
-def rank_files(iter_dir: str, args: argparse.Namespace) -> dict[tuple[int, int], str]:
-    """(tp rank, pp rank) -> the rank's model_optim_rng.pt, as Megatron-LM names them for the
-    args' TP/PP sizes; FileNotFoundError naming the first one missing."""
+def rank_files(iter_dir: str, args: argparse.Namespace) -> dict[tuple[int, int, int], str]:
+    """(tp rank, pp rank, expert rank) -> the rank's model_optim_rng.pt, as Megatron-LM names
+    them for the args' TP/PP/EP sizes; FileNotFoundError naming the first one missing."""
     tp = _get(args, "tensor_model_parallel_size", default=1)
     pp = _get(args, "pipeline_model_parallel_size", default=1)
-    if _get(args, "expert_model_parallel_size", default=1) > 1:
-        raise ValueError(f"{iter_dir}: args expert_model_parallel_size="
-                         f"{args.expert_model_parallel_size}: expert-parallel rank files are "
-                         "not supported")
+    ep = _get(args, "expert_model_parallel_size", default=1)
     files = {}
     for t in range(tp):
         for p in range(pp):
-            name = f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}"
-            path = os.path.join(iter_dir, name, LEGACY_FILE)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing (args: tensor_model_parallel_size="
-                                        f"{tp}, pipeline_model_parallel_size={pp})")
-            files[(t, p)] = path
+            for e in range(ep):
+                name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (
+                    f"_{e:03d}" if ep > 1 else "")
+                path = os.path.join(iter_dir, name, LEGACY_FILE)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"{path} is missing (args: tensor_model_parallel_size={tp}, "
+                        f"pipeline_model_parallel_size={pp}, expert_model_parallel_size={ep})")
+                files[(t, p, e)] = path
     return files
 
 
@@ -452,6 +481,10 @@ _LEGACY_LAYER_NAMES = (
     (r"mlp\.dense_h_to_4h\.", "mlp.linear_fc1."),
     (r"mlp\.dense_4h_to_h\.", "mlp.linear_fc2."),
 )
+# An expert's tensors: SequentialMLP's local_experts.J.linear_fc1.weight, or Transformer
+# Engine's grouped linear_fc1.weightJ; J counts the experts of this expert-parallel rank.
+_EXPERT = re.compile(r"(.*\.mlp\.experts\.)(?:local_experts\.(\d+)\.(\w+)\.(\w+)"
+                     r"|(\w+)\.(weight|bias)(\d+))")
 _SPLIT_ROWS = re.compile(r"(embedding\.word_embeddings|output_layer)\.weight"
                          r"|.*\.(linear_qkv|linear_fc1)\.(weight|bias)")
 _SPLIT_COLUMNS = re.compile(r".*\.(linear_proj|linear_fc2)\.weight")
@@ -494,9 +527,22 @@ def _chunks(state: dict[str, Any], path: str) -> list[dict[str, Any]]:
     return [state[k] for k in keys]
 
 
-def _rank_weights(path: str, trust_pickle: bool) -> list[dict[str, torch.Tensor]]:
-    """Each model chunk of a rank file as {local-spec name: tensor} (extra states dropped).
-    Names the local spec does not have are left as they are, for the model check to name."""
+def _global_expert(name: str, first_expert: int) -> str:
+    """An expert tensor's name with the global expert number, SequentialMLP's spelling."""
+    m = _EXPERT.fullmatch(name)
+    if m is None:
+        return name
+    prefix, local, linear, param, te_linear, te_param, te_local = m.groups()
+    if local is None:
+        local, linear, param = te_local, te_linear, te_param
+    return f"{prefix}local_experts.{first_expert + int(local)}.{linear}.{param}"
+
+
+def _rank_weights(path: str, trust_pickle: bool, first_expert: int = 0) -> list[
+        dict[str, torch.Tensor]]:
+    """Each model chunk of a rank file as {local-spec name: tensor} (extra states dropped),
+    its experts numbered from `first_expert`. Names the local spec does not have are left as
+    they are, for the model check to name."""
     chunks = []
     for chunk in _chunks(load_pickle(path, trust_pickle, mmap=True), path):
         weights = {}
@@ -506,7 +552,7 @@ def _rank_weights(path: str, trust_pickle: bool) -> list[dict[str, torch.Tensor]
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{path}: model entry {name} is a {type(value).__name__}, "
                                  "not a tensor")
-            weights[_local_name(name)] = value
+            weights[_global_expert(_local_name(name), first_expert)] = value
         chunks.append(weights)
     return chunks
 
@@ -536,42 +582,56 @@ def _merge(name: str, parts: list[tuple[str, torch.Tensor]], gated: bool) -> tor
 def read_legacy(iter_dir: str, args: argparse.Namespace, trust_pickle: bool = False) -> dict[
         str, torch.Tensor]:
     """The unsharded weights of a legacy checkpoint, by Megatron-Core local-spec name, layers
-    numbered globally. Tensors of TP=1 files stay mapped from the files until read."""
+    and experts numbered globally. Tensors of TP=1 files stay mapped from the files until
+    read."""
     files = rank_files(iter_dir, args)
-    tp = max(t for t, _ in files) + 1
-    pp = max(p for _, p in files) + 1
-    # by_stage[(chunk, pp rank)][tp rank] = (file, weights)
-    by_stage: dict[tuple[int, int], list[tuple[str, dict[str, torch.Tensor]]]] = defaultdict(list)
-    for (_, p), path in sorted(files.items()):
-        for v, weights in enumerate(_rank_weights(path, trust_pickle)):
-            by_stage[(v, p)].append((path, weights))
+    tp, pp, ep = (max(key[i] for key in files) + 1 for i in range(3))
+    if ep > 1 or getattr(args, "num_experts", None):
+        etp = _get(args, "expert_tensor_parallel_size", default=tp)
+        if etp != tp:
+            raise ValueError(f"{iter_dir}: args expert_tensor_parallel_size={etp} differs from "
+                             f"tensor_model_parallel_size={tp}: not supported")
+    local_experts = (getattr(args, "num_experts", None) or ep) // ep
+    # by_stage[(chunk, pp rank)][expert rank] = [(file, weights) for each tp rank, in order]
+    by_stage: dict[tuple[int, int], dict[int, list[tuple[str, dict[str, torch.Tensor]]]]] = (
+        defaultdict(lambda: defaultdict(list)))
+    for (_, p, e), path in sorted(files.items()):
+        for v, weights in enumerate(_rank_weights(path, trust_pickle, e * local_experts)):
+            by_stage[(v, p)][e].append((path, weights))
     vpp = max(v for v, _ in by_stage) + 1
     merged: dict[str, torch.Tensor] = {}
     offset = 0
+    gated = bool(getattr(args, "swiglu", False))
     # Megatron-LM gives global model chunk v * PP + p the layers after those of the chunks
     # before it (also with uneven first/last stages).
     for v in range(vpp):
         for p in range(pp):
-            ranks = by_stage.get((v, p), [])
-            if len(ranks) != tp:
-                raise ValueError(f"{iter_dir}: model chunk {v} of pipeline rank {p} is in "
-                                 f"{len(ranks)} of the {tp} tensor-parallel rank files")
-            names = set(ranks[0][1])
-            for path, weights in ranks[1:]:
-                if diff := names ^ set(weights):
-                    raise ValueError(f"{path} and {ranks[0][0]} hold different tensors: "
-                                     f"{sorted(diff)[:10]}")
-            layers = sorted({int(m.group(1)) for n in names if (m := _LAYER.fullmatch(n))})
-            if layers != list(range(len(layers))):
-                raise ValueError(f"{ranks[0][0]}: decoder layers {layers} are not numbered "
-                                 "0, 1, ... within the stage")
-            for name in sorted(names):
-                m = _LAYER.fullmatch(name)
-                full = f"decoder.layers.{offset + int(m.group(1))}.{m.group(2)}" if m else name
-                if full in merged:
-                    raise ValueError(f"{ranks[0][0]}: {name} is also in another pipeline stage")
-                merged[full] = _merge(full, [(path, w[name]) for path, w in ranks],
-                                      bool(getattr(args, "swiglu", False)))
+            layers: list[int] = []
+            for e in range(ep):
+                ranks = by_stage.get((v, p), {}).get(e, [])
+                if len(ranks) != tp:
+                    raise ValueError(f"{iter_dir}: model chunk {v} of pipeline rank {p} is in "
+                                     f"{len(ranks)} of the {tp} tensor-parallel rank files")
+                names = set(ranks[0][1])
+                for path, weights in ranks[1:]:
+                    if diff := names ^ set(weights):
+                        raise ValueError(f"{path} and {ranks[0][0]} hold different tensors: "
+                                         f"{sorted(diff)[:10]}")
+                if e == 0:
+                    layers = sorted({int(m.group(1)) for n in names
+                                     if (m := _LAYER.fullmatch(n))})
+                    if layers != list(range(len(layers))):
+                        raise ValueError(f"{ranks[0][0]}: decoder layers {layers} are not "
+                                         "numbered 0, 1, ... within the stage")
+                for name in sorted(names):
+                    if e > 0 and not _EXPERT.fullmatch(name):
+                        continue  # the same on every expert-parallel rank: taken from rank 0
+                    m = _LAYER.fullmatch(name)
+                    full = f"decoder.layers.{offset + int(m.group(1))}.{m.group(2)}" if m else name
+                    if full in merged:
+                        raise ValueError(f"{ranks[0][0]}: {name} is also in another pipeline "
+                                         "or expert-parallel rank's file")
+                    merged[full] = _merge(full, [(path, w[name]) for path, w in ranks], gated)
             offset += len(layers)
     if offset != args.num_layers:
         raise ValueError(f"{iter_dir}: the rank files hold {offset} decoder layers, args "
