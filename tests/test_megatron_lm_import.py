@@ -258,9 +258,11 @@ def _args(kind: str, tp: int, pp: int, ckpt_format: str = "torch") -> argparse.N
                    expert_tensor_parallel_size=tp)
         common = {**common, **moe}
     if kind in ("llama", "mixtral"):
+        # (Mixtral's rope_theta is 1e6: --rotary-base 1000000.)
         return argparse.Namespace(**common, ffn_hidden_size=96, group_query_attention=True,
                                   num_query_groups=2, position_embedding_type="rope",
-                                  rotary_base=10000, normalization="RMSNorm", swiglu=True,
+                                  rotary_base=10000 if kind == "llama" else 1000000,
+                                  normalization="RMSNorm", swiglu=True,
                                   add_bias_linear=False, untie_embeddings_and_output_weights=True)
     return argparse.Namespace(**common, ffn_hidden_size=256, group_query_attention=False,
                               num_query_groups=1, position_embedding_type="learned_absolute",
@@ -628,3 +630,31 @@ def test_megatron_lm_bad_inputs_are_clear_errors(fixtures, tmp_path):
     assert out["import_rc"] == 0, out
     assert {"hf", "latest_checkpointed_iteration.txt", "megatron_patch.json",
             "release"} <= set(out["imported_files"]), out
+
+
+def _rope_scaling(args: argparse.Namespace) -> float:
+    """Largest difference between the rotary frequencies of the config derived from `args`
+    and Megatron-Core's RotaryEmbedding built from the same args."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_patch.convert import megatron_lm
+    from megatron_patch.models import rope
+
+    config = megatron_lm.derived_hf_config(args, VOCAB, "test")
+    ours = rope.inv_freq(rope.rope_parameters(config), args.kv_channels)
+    theirs = RotaryEmbedding(args.kv_channels, 1.0, rotary_base=args.rotary_base,
+                             rope_scaling=args.use_rope_scaling,
+                             rope_scaling_factor=args.rope_scaling_factor).inv_freq
+    return (ours - theirs.cpu()).abs().max().item()
+
+
+def test_megatron_lm_rope_scaling_is_megatron_cores():
+    """args use_rope_scaling (Llama 3.1) and rotary_base give the frequencies Megatron-Core's
+    RotaryEmbedding computes (float32 arithmetic on both sides: within 1e-7)."""
+    args = _args("llama", 1, 1)
+    args.kv_channels, args.rotary_base = 128, 500000
+    args.use_rope_scaling, args.rope_scaling_factor = True, 8.0
+    scaled = harness.run(_rope_scaling, 1, args)[0]
+    args.use_rope_scaling = False
+    plain = harness.run(_rope_scaling, 1, args)[0]
+    assert scaled < 1e-7 and plain < 1e-7, (scaled, plain)

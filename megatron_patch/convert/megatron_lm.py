@@ -227,6 +227,19 @@ def _get(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
     return default
 
 
+def _rope(args: argparse.Namespace) -> dict[str, Any]:
+    """The HF rope parameters of args' rotary embedding: `rotary_base`, and with
+    `use_rope_scaling` Llama 3.1's scaling with Megatron-Core's fixed constants."""
+    params: dict[str, Any] = {"rope_theta": float(_get(args, "rotary_base", default=10000)),
+                              "rope_type": "default"}
+    if getattr(args, "use_rope_scaling", False):
+        params.update(rope_type="llama3", factor=float(_get(args, "rope_scaling_factor",
+                                                            default=8.0)),
+                      low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192)
+    return params
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """What `args` says about the architecture, normalised over Megatron-LM versions."""
     heads = args.num_attention_heads
@@ -260,7 +273,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "share_embeddings_and_output_weights": not getattr(
             args, "untie_embeddings_and_output_weights", False),
         "max_sequence_length": _get(args, "max_position_embeddings", "seq_length"),
-        "rotary_base": _get(args, "rotary_base", default=10000),
+        "rope": _rope(args),
         "num_moe_experts": getattr(args, "num_experts", None) or None,
         "moe_router_topk": _get(args, "moe_router_topk", default=2),
         "moe_ffn_hidden_size": _get(args, "moe_ffn_hidden_size", "ffn_hidden_size"),
@@ -289,8 +302,6 @@ _UNSUPPORTED = {
     "rotary_percent": (lambda v: v in (None, 1.0), "partial rotary embeddings"),
     "rotary_seq_len_interpolation_factor": (lambda v: v in (None, 1, 1.0),
                                             "rotary position interpolation"),
-    "use_rope_scaling": (lambda v: not v, "Llama 3.1 rope scaling (pass --hf-config with its "
-                         "rope_scaling is not supported either)"),
     "multi_latent_attention": (lambda v: not v, "multi-latent attention"),
     "mtp_num_layers": (lambda v: not v, "multi-token prediction layers"),
     "hybrid_override_pattern": (lambda v: not v, "hybrid (Mamba) layers"),
@@ -324,7 +335,7 @@ def derived_hf_config(args: argparse.Namespace, vocab_size: int, source: str) ->
         normalization=s["normalization"], disable_bias_linear=not s["add_bias_linear"],
         position_embedding_type=s["position_embedding_type"],
         max_position_embeddings=s["max_sequence_length"], seq_length=s["max_sequence_length"],
-        norm_epsilon=s["layernorm_epsilon"], rotary_base=s["rotary_base"],
+        norm_epsilon=s["layernorm_epsilon"], rotary_base=s["rope"]["rope_theta"],
         untie_embeddings_and_output_weights=not s["share_embeddings_and_output_weights"])
     try:
         config = scratch_hf_config(flags, vocab_size)
@@ -351,6 +362,8 @@ def derived_hf_config(args: argparse.Namespace, vocab_size: int, source: str) ->
         if s["add_qkv_bias"]:
             config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
         config["head_dim"] = s["kv_channels"]
+    if config["model_type"] != "gpt_bigcode" and s["rope"]["rope_type"] != "default":
+        config["rope_scaling"] = {k: v for k, v in s["rope"].items() if k != "rope_theta"}
     elif config["model_type"] == "gpt_bigcode":
         config["activation_function"] = {"gelu": "gelu",
                                          "gelu_tanh": "gelu_pytorch_tanh"}[s["activation"]]
@@ -361,6 +374,7 @@ def check_args_match(args: argparse.Namespace, hf_config: dict[str, Any], source
                      config_source: str) -> None:
     """Refuse an HF config whose model differs from the one `args` describe, naming the arg."""
     from megatron_patch.models import family_for
+    from megatron_patch.models.rope import rope_parameters
 
     model_args = family_for(hf_config).model_args(hf_config)
     s = _settings(args)
@@ -375,6 +389,13 @@ def check_args_match(args: argparse.Namespace, hf_config: dict[str, Any], source
         checked.append("max_sequence_length")
     wrong = [f"{name}: args {s[name]!r}, config {getattr(model_args, name)!r}"
              for name in checked if s[name] != getattr(model_args, name)]
+    if s["position_embedding_type"] == "rope":
+        family = family_for(hf_config)
+        rope = (family.rope_parameters or rope_parameters)(hf_config)
+        ours = {k: float(v) if isinstance(v, int | float) else v for k, v in rope.items()
+                if k in s["rope"]}
+        if ours != s["rope"] or set(rope) - set(s["rope"]) - {"type"}:
+            wrong.append(f"rotary_base / use_rope_scaling: args {s['rope']}, config {rope}")
     if abs(s["layernorm_epsilon"] - model_args.layernorm_epsilon) > 1e-12:
         wrong.append(f"norm_epsilon: args {s['layernorm_epsilon']!r}, config "
                      f"{model_args.layernorm_epsilon!r}")
