@@ -794,6 +794,9 @@ def import_megatron(src: str, out_dir: str, *, iteration: int | str | None = Non
 
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not empty")
+    if tokenizer_dir is None:
+        log.warning("no --tokenizer: %s will hold no tokenizer files, which training and "
+                    "generation need (pass --tokenizer-model to them)", out_dir)
     model, hf_config, padded, dtype = load(src, iteration=iteration,
                                            hf_config_path=hf_config_path,
                                            tokenizer_dir=tokenizer_dir, trust_pickle=trust_pickle)
