@@ -306,11 +306,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     model = _single_process_model(args, hf_config, dtype, meta.padded_vocab_size)
     params = _parameters(model)
 
-    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
-    expected_hf = hf_expected_shapes(hf_config)
-    target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
-    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
-    bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
+    bindings, expected_hf = export_bindings(family, args, hf_config, params)
 
     stored = distcp.MappedCheckpoint(stored_dir)
     mapped = _mapped_parts(stored, model, params, dtype)
@@ -330,6 +326,19 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
                 files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
                                                        regions=stored.regions)
     return files
+
+
+def export_bindings(family, args: ModelArgs, hf_config: dict[str, Any],
+                    params: dict[str, torch.Tensor]) -> tuple[
+                        list[Binding], dict[str, tuple[int, ...]] | None]:
+    """The export's bindings, checked by name against the model's parameters and the HF
+    tensors transformers expects, in save_pretrained's order; and those expected shapes."""
+    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
+    expected_hf = hf_expected_shapes(hf_config)
+    target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
+    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
+    return _in_save_order(bindings, None if expected_hf is None else list(expected_hf)), (
+        expected_hf)
 
 
 def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torch.Tensor],
