@@ -772,16 +772,16 @@ def export_to_hf(src: str, out_dir: str, *, iteration: int | str | None = None,
     """A Megatron-LM checkpoint -> an HF model directory."""
     from megatron_patch.convert.hf_megatron import _progress
 
-    staging = hf_io.staging_dir(out_dir)
+    hf_io.check_output_dir(out_dir)
     model, hf_config, padded, dtype = load(src, iteration=iteration,
                                            hf_config_path=hf_config_path,
                                            tokenizer_dir=tokenizer_dir, trust_pickle=trust_pickle)
-    _write_hf_files(staging, hf_config, dtype, tokenizer_dir)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    with _progress(total, "megatron-lm->hf") as bar:
-        files = hf_io.write_safetensors_shards(staging, _hf_tensors(model, hf_config, padded),
-                                               max_shard_size, bar)
-    hf_io.publish(staging, out_dir)
+    with hf_io.staged(out_dir) as staging:
+        _write_hf_files(staging, hf_config, dtype, tokenizer_dir)
+        with _progress(total, "megatron-lm->hf") as bar:
+            files = hf_io.write_safetensors_shards(
+                staging, _hf_tensors(model, hf_config, padded), max_shard_size, bar)
     return files
 
 
@@ -792,21 +792,23 @@ def import_megatron(src: str, out_dir: str, *, iteration: int | str | None = Non
     starts fresh from its weights). Optimizer, scheduler and RNG states are not carried over."""
     from megatron_patch.convert import distcp
 
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
+    hf_io.check_output_dir(out_dir)
     if tokenizer_dir is None:
         log.warning("no --tokenizer: %s will hold no tokenizer files, which training and "
                     "generation need (pass --tokenizer-model to them)", out_dir)
     model, hf_config, padded, dtype = load(src, iteration=iteration,
                                            hf_config_path=hf_config_path,
                                            tokenizer_dir=tokenizer_dir, trust_pickle=trust_pickle)
-    _write_hf_files(os.path.join(out_dir, checkpoint.HF_DIR), hf_config, dtype, tokenizer_dir)
     meta = checkpoint.CheckpointMeta(architecture=hf_config["architectures"][0],
                                      vocab_size=hf_config["vocab_size"], padded_vocab_size=padded,
                                      dtype=str(dtype).removeprefix("torch."))
-    checkpoint.write_meta(out_dir, meta)
-    checkpoint.save(out_dir, "release", checkpoint.model_state(model),
-                    sharded_strategy=distcp.UnsyncedSave())
+    # As hf-to-megatron: weights first, everything in the staging directory, one rename.
+    with hf_io.staged(out_dir) as staging:
+        checkpoint.save(staging, "release", checkpoint.model_state(model),
+                        sharded_strategy=distcp.UnsyncedSave())
+        _write_hf_files(os.path.join(staging, checkpoint.HF_DIR), hf_config, dtype,
+                        tokenizer_dir)
+        checkpoint.write_meta(staging, meta)
     return meta
 
 
