@@ -9,6 +9,7 @@ conversion, and the forward pass is then the same computation.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -16,14 +17,20 @@ from types import SimpleNamespace
 
 import harness
 import pytest
+import zoo
 from test_zoo import CASES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (TP, PP, EP, SP, VPP), all run in one world of 2 ranks: (1, 1) is then DP=2.
-DENSE_LAYOUTS = ((1, 1, 1, False, None), (2, 1, 1, True, None), (1, 2, 1, False, None),
-                 (1, 2, 1, False, 2))
-MOE_LAYOUTS = ((1, 1, 2, False, None),)
+# (TP, PP, EP, SP, VPP), all run in one world of 2 ranks ((1, 1) is then DP=2), for each zoo
+# case that test_zoo runs at that (TP, PP, EP, SP); virtual stages where it runs PP=2.
+LAYOUTS = ((1, 1, 1, False, None), (2, 1, 1, True, None), (1, 2, 1, False, None),
+           (1, 2, 1, False, 2), (1, 1, 2, False, None))
+
+
+def _runs_at(case, layout) -> bool:
+    tp, pp, ep, sp, _ = layout
+    return zoo.Layout(tp, pp, ep, sp) in case.layouts
 
 
 def _same_bits(a, b) -> bool:
@@ -61,7 +68,7 @@ def _logits_by_microbatch(chunks, tokens, vocab_size):
     return torch.cat([o["logits"] for o in outs])
 
 
-def _api_parity(dirs: dict[str, str], moe: list[str]) -> dict[str, list[str]]:
+def _api_parity(dirs: dict[str, str]) -> dict[str, list[str]]:
     """At each layout, for each case: logits of the API model loaded in memory vs the model
     loaded from the converted checkpoint, and the in-memory export vs the HF files."""
     import re
@@ -74,11 +81,11 @@ def _api_parity(dirs: dict[str, str], moe: list[str]) -> dict[str, list[str]]:
     from megatron_patch.models import family_for
 
     problems: dict[str, list[str]] = {}
-    for tp, pp, ep, sp, vpp in DENSE_LAYOUTS + MOE_LAYOUTS:
+    for tp, pp, ep, sp, vpp in LAYOUTS:
         layout = f"tp{tp}pp{pp}ep{ep}{'sp' if sp else ''}{f'vpp{vpp}' if vpp else ''}"
         api.initialize_parallel(tp, pp, vpp, expert_model_parallel_size=ep)
         for name, root in dirs.items():
-            if ep > 1 and name not in moe:
+            if not _runs_at(CASES[name], (tp, pp, ep, sp, vpp)):
                 continue
             key = f"{name}/{layout}"
             problems[key] = []
@@ -124,8 +131,88 @@ def test_in_memory_load_and_export_at_every_layout(zoo_models):
     """Every zoo family at (TP, PP) = (1,1), (2,1)+SP, (1,2), (1,2)x2 virtual stages, and MoE
     families at EP=2: in-memory HF load gives the converted checkpoint's logits bit for bit, and
     the in-memory export gives the HF files' tensors bit for bit."""
-    moe = [n for n, c in CASES.items() if any(lay.ep > 1 for lay in c.layouts)]
-    reports = harness.run(_api_parity, 2, zoo_models, moe)
-    assert len(reports[0]) == len(CASES) * len(DENSE_LAYOUTS) + len(moe) * len(MOE_LAYOUTS)
+    reports = harness.run(_api_parity, 2, zoo_models)
+    assert len(reports[0]) == sum(_runs_at(c, lay) for c in CASES.values() for lay in LAYOUTS)
     bad = {k: v for r in reports for k, v in r.items() if v}
     assert not bad, bad
+
+
+# Peak memory test: a model whose tied embedding (LARGE_VOCAB x HIDDEN fp32, ~32 MiB; padded
+# to 32768 rows in Megatron, so that it is not a plain copy) dwarfs
+# everything else, saved in several shards.
+LARGE_VOCAB, HIDDEN = 32700, 256
+MIB = 2**20
+# What may come on top of the one largest tensor: Python and torch bookkeeping, the few small
+# tensors of one mapping rule, transformers' meta-device model for the expected shapes.
+MEMORY_SLACK = 12 * MIB
+
+
+def _peak_rss_of(fn) -> tuple[int, object]:
+    """Bytes the process's peak resident memory rose above its resident memory before fn, and
+    fn's result. (Linux: writing 5 to clear_refs resets the peak, VmHWM, to the current RSS.)"""
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    # Each block over 1 MiB its own mapping, unmapped when freed (glibc would otherwise keep
+    # freed blocks for reuse, and a second tensor could then go unseen in the peak).
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, MIB)  # M_MMAP_THRESHOLD (setting it also stops glibc from raising it)
+    libc.mallopt(-1, MIB)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    result = fn()
+    return status("VmHWM") - before, result
+
+
+def _memory(hf_dir: str) -> dict:
+    import torch
+    import transformers
+
+    from megatron_patch import api
+    from megatron_patch.convert import hf_io
+
+    config = transformers.LlamaConfig(
+        vocab_size=LARGE_VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir, max_shard_size="2MB")
+    api.initialize_parallel(1, 1)
+    reader = hf_io.HFCheckpointReader(hf_dir)
+    files = reader.files
+    # From the headers: reading the tensors would leave freed memory for the load to reuse.
+    largest = max(torch.Size(reader.shape(n)).numel() * reader.dtype(n).itemsize
+                  for n in reader.names())
+    reader.close()
+    (model,) = api.build_model(hf_dir)
+    load_peak, _ = _peak_rss_of(lambda: api.load_hf_weights([model], hf_dir))
+
+    def export() -> int:
+        count = 0
+        for _, tensor in api.export_hf_weights([model]):
+            count += tensor.numel()
+            del tensor
+        return count
+
+    export_peak, exported = _peak_rss_of(export)
+    return {"files": files, "largest": largest, "load_peak": load_peak,
+            "export_peak": export_peak, "exported": exported,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def test_memory_stays_within_one_tensor(tmp_path):
+    """Loading a several-shard model in memory and exporting it hold one tensor at a time: the
+    peak resident memory rises by at most the largest tensor plus MEMORY_SLACK."""
+    (report,) = harness.run(_memory, 1, str(tmp_path / "hf"))
+    assert len(report["files"]) >= 3, report
+    assert report["largest"] == LARGE_VOCAB * HIDDEN * 4
+    # Every parameter once (the embedding is tied), less the rows padding the vocabulary to
+    # a multiple of 128.
+    assert report["exported"] == report["parameters"] - (32768 - LARGE_VOCAB) * HIDDEN
+    bound = report["largest"] + MEMORY_SLACK
+    print(report)
+    assert report["load_peak"] < bound, report
+    assert report["export_peak"] < bound, report

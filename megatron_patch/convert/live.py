@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from megatron_patch.convert.hf_megatron import (
     check_hf_source,
     hf_expected_shapes,
 )
-from megatron_patch.convert.mapping import bind, row_origins
+from megatron_patch.convert.mapping import Binding, bind, row_origins
 from megatron_patch.models import family_for
 
 
@@ -117,12 +117,36 @@ def _read_file_tensor(reader: hf_io.HFCheckpointReader, name: str) -> torch.Tens
     return data.view(reader.dtype(name)).reshape(reader.shape(name))
 
 
+def _fill_rows(b: Binding, shards: list[Shard], origins: list[tuple[int | None, int, int]],
+               read: Callable[[str], torch.Tensor]) -> None:
+    """Fill the parts of `b`'s Megatron tensor, whose rows come from `origins` (row_origins of
+    its transform), straight from its HF tensors, read one at a time: the Megatron tensor itself
+    is never made."""
+    for j, hf_name in enumerate([*b.hf, None]):  # None: the zero rows
+        tensor = read(hf_name) if hf_name is not None else None
+        for shard in shards:
+            r0, r1 = shard.region[0].start, shard.region[0].stop
+            position = 0
+            for source, first, count in origins:
+                low, high = max(position, r0), min(position + count, r1)
+                if low < high and source == (j if hf_name is not None else None):
+                    target = shard.data[low - r0:high - r0]
+                    if tensor is None:
+                        target.zero_()
+                    else:
+                        rows = slice(first + low - position, first + high - position)
+                        target.copy_(tensor[(rows, *shard.region[1:])])
+                position += count
+        del tensor  # before the next one is read
+
+
 def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf_dir: str,
                     padded_vocab_size: int) -> None:
     """Fill this rank's model chunks with the HF weights in `hf_dir`, file by file. Collective:
     every rank calls it (to agree which tensors exist)."""
     family = family_for(hf_config)
     args = family.model_args(hf_config)
+    dims = _dims(args, padded_vocab_size)
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     reader = hf_io.HFCheckpointReader(hf_dir)
     try:
@@ -133,13 +157,25 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf
         files = {f: i for i, f in enumerate(reader.files)}
         mine = sorted((b for b in bindings if b.megatron in shards),
                       key=lambda b: max(files[reader.file_of(n)] for n in b.hf))
-        converted = engine.hf_to_megatron(
-            mine, _dims(args, padded_vocab_size), lambda n: _read_file_tensor(reader, n),
-            {n: shape for n, (shape, _) in schema.items()})
+        expected = {n: shape for n, (shape, _) in schema.items()}
+
+        def read(name: str) -> torch.Tensor:
+            return _read_file_tensor(reader, name)
+
         with torch.no_grad():
-            for name, tensor in converted:
-                for shard in shards[name]:
-                    shard.data.copy_(tensor[shard.region])
+            for b in mine:
+                shapes = [reader.shape(n) for n in b.hf]
+                origins = row_origins(lambda ts, b=b: [b.transform.to_megatron(ts, dims)],
+                                      shapes) if len({s[1:] for s in shapes}) == 1 else None
+                rows = None if origins is None else sum(count for *_, count in origins[0])
+                if origins is not None and (rows, *shapes[0][1:]) == expected[b.megatron]:
+                    _fill_rows(b, shards[b.megatron], origins[0], read)
+                    continue
+                # Anything else (or a wrong shape, which the engine reports): made whole.
+                for name, tensor in engine.hf_to_megatron([b], dims, read, expected):
+                    for shard in shards[name]:
+                        shard.data.copy_(tensor[shard.region])
+                    del tensor  # before the next one is read
     finally:
         reader.close()
 
@@ -194,9 +230,11 @@ def export_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any],
             whole = _gather_rows(parts, [(0, 0, shape[0])], shape, dtype)
             yield from engine.megatron_to_hf([b], dims, lambda _, whole=whole: whole,
                                              expected_hf)
+            del whole
             continue
         for hf_name, blocks in zip(b.hf, origins, strict=True):
             tensor = _gather_rows(parts, blocks, shape, dtype)
             engine.check_shapes({hf_name: tuple(tensor.shape)}, expected_hf or {}, b.megatron)
             yield hf_name, tensor
+            del tensor  # the consumer may have let it go: hold nothing while making the next
 
