@@ -10,10 +10,9 @@ conversion, and the forward pass is then the same computation.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
+import re
 import sys
-from types import SimpleNamespace
 
 import harness
 import pytest
@@ -71,8 +70,6 @@ def _logits_by_microbatch(chunks, tokens, vocab_size):
 def _api_parity(dirs: dict[str, str]) -> dict[str, list[str]]:
     """At each layout, for each case: logits of the API model loaded in memory vs the model
     loaded from the converted checkpoint, and the in-memory export vs the HF files."""
-    import re
-
     import torch
 
     from megatron_patch import api
@@ -216,3 +213,114 @@ def test_memory_stays_within_one_tensor(tmp_path):
     print(report)
     assert report["load_peak"] < bound, report
     assert report["export_peak"] < bound, report
+
+
+def test_api_names_are_the_package_attributes():
+    """`megatron_patch.X` for every name of the API, without importing torch for other names."""
+    import megatron_patch
+    from megatron_patch import api
+
+    assert megatron_patch._API == set(api.__all__)
+    assert all(getattr(megatron_patch, name) is getattr(api, name) for name in api.__all__)
+    with pytest.raises(AttributeError):
+        megatron_patch.no_such_name  # noqa: B018
+
+
+def _megatron_lm_provider(root: str) -> dict:
+    """Megatron-LM's side of model_provider: its global args (get_args) and how get_model calls
+    the provider, with parallel state already set up (TP=2, sequence parallel)."""
+    import types
+
+    import torch
+
+    from megatron_patch import api
+    from megatron_patch.forward import forward_logits
+
+    hf_dir, ckpt = os.path.join(root, "hf"), os.path.join(root, "mcore")
+    tokens = torch.load(os.path.join(root, "reference.pt"))["tokens"]
+    args = types.SimpleNamespace(
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, sequence_parallel=True,
+        params_dtype=torch.float32, bf16=False, fp16=False, transformer_impl="local",
+        make_vocab_size_divisible_by=128, padded_vocab_size=1024, num_layers=4, hidden_size=64,
+        num_attention_heads=4, ffn_hidden_size=None, hf_config=hf_dir)
+    training = types.ModuleType("megatron.training")
+    training.get_args = lambda: args
+    sys.modules["megatron.training"] = training
+    api.initialize_parallel(2, 1)
+    model = api.model_provider(pre_process=True, post_process=True)
+    result = {"type": type(model).__name__, "tp": model.config.tensor_model_parallel_size,
+              "sp": model.config.sequence_parallel,
+              "embedding_rows": model.embedding.word_embeddings.weight.shape[0]}
+    api.load_hf_weights(model, hf_dir)
+    loaded, meta = api.from_checkpoint(ckpt, sequence_parallel=True)
+    for m in (model, loaded):
+        m.eval()
+    ours = forward_logits([model], tokens, meta.vocab_size)
+    theirs = forward_logits([loaded], tokens, meta.vocab_size)
+    result["same_logits"] = _same_bits(ours["logits"], theirs["logits"])
+    args.num_layers = 3
+    try:
+        api.model_provider(pre_process=True, post_process=True)
+    except ValueError as e:
+        result["wrong_layers"] = str(e)
+    return result
+
+
+def test_model_provider_as_megatron_lm_calls_it(zoo_models):
+    result, _ = harness.run(_megatron_lm_provider, 2, zoo_models["qwen2"])
+    assert result["type"] == "GPTModel" and result["tp"] == 2 and result["sp"], result
+    assert result["embedding_rows"] == 1024 // 2, result  # Megatron-LM's padded vocab, split
+    assert result["same_logits"], result
+    assert "--num-layers 3 (the HF config says 4)" in result["wrong_layers"], result
+
+
+def _check_example_outputs(hf_dir: str, exported: str, ckpt: str, text_file: str) -> dict:
+    """The exported model (read by transformers) against the one it started from, on the text it
+    was trained on; and the checkpoint it saved against the export."""
+    import torch
+    import transformers
+
+    from megatron_patch import api
+    from megatron_patch.convert import hf_io
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    with open(text_file) as f:
+        ids = torch.tensor([tokenizer(f.read())["input_ids"][:128]])
+    losses = {}
+    for name, path in (("before", hf_dir), ("after", exported)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            losses[name] = model(input_ids=ids, labels=ids).loss.item()
+    api.initialize_parallel(1, 1)
+    model, _ = api.from_checkpoint(ckpt)
+    reader = hf_io.HFCheckpointReader(exported)
+    differ = [n for n, t in api.export_hf_weights(model) if not _same_bits(t, reader.read(n))]
+    reader.close()
+    return {**losses, "checkpoint_differs_from_export": differ}
+
+
+def test_custom_training_example(zoo_models, tmp_path):
+    """examples/custom_training/train.py under torchrun at TP=2: its loss falls, the model it
+    exports is the trained one (lower loss under transformers), and its checkpoint holds the
+    same weights."""
+    from megatron_patch import tiny
+
+    hf_dir = os.path.join(zoo_models["qwen2"], "hf")
+    text_file = str(tmp_path / "corpus.txt")
+    with open(text_file, "w") as f:
+        f.write("\n".join(tiny.CORPUS))
+    ckpt, exported = str(tmp_path / "ckpt"), str(tmp_path / "exported")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = harness.run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         os.path.join(REPO, "examples", "custom_training", "train.py"), "--hf-dir", hf_dir,
+         "--text-file", text_file, "--tp", "2", "--steps", "6", "--save", ckpt,
+         "--export", exported], env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", proc.stdout, re.M)]
+    assert len(losses) == 6, proc.stdout
+    assert losses[-1] < losses[0] - 0.1, losses
+    (check,) = harness.run(_check_example_outputs, 1, hf_dir, exported, ckpt, text_file)
+    assert check["after"] < check["before"] - 0.1, check
+    assert not check["checkpoint_differs_from_export"], check
