@@ -285,7 +285,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
     --sequence-parallel, --transformer-impl and the padded vocabulary size (from the tokenizer
     and --make-vocab-size-divisible-by). The TransformerConfig Megatron-LM passes as `config`
     is replaced by the family's (it cannot know, say, ALiBi or a family's norms); model sizes
-    given on Megatron-LM's command line must agree with the HF config.
+    given on Megatron-LM's command line must agree with the HF config. The model is built on
+    Megatron-Core's global parallel state (what Megatron-LM's default `pg_collection` holds);
+    `config` and `pg_collection` are accepted for the signature and not used.
     """
     args = _megatron_lm_args()
     hf = getattr(args, "hf_config", None) or os.environ.get(HF_CONFIG_ENV)
@@ -293,10 +295,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True,
         raise ValueError(f"model_provider needs the HF model: pass --hf-config (extra_args_"
                          f"provider=megatron_patch.api.add_megatron_lm_args) or set "
                          f"{HF_CONFIG_ENV}")
-    if pg_collection is not None:
-        raise NotImplementedError("model_provider builds on Megatron-Core's global parallel "
-                                  "state; custom process groups (pg_collection) are not "
-                                  "supported")
     hf_config = load_hf_config(hf)
     model_args = _models.family_for(hf_config).model_args(hf_config)
     wrong = [f"--{flag.replace('_', '-')} {getattr(args, flag)} (the HF config says "
