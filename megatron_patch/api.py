@@ -168,8 +168,9 @@ def export_hf_weights(model, *, dtype: torch.dtype | None = None) -> Iterator[
         tuple[str, torch.Tensor]]:
     """(HF tensor name, tensor) for every tensor of the HF checkpoint of this model, one at a
     time in save_pretrained's order, each gathered across TP/PP/EP only when it is yielded (so
-    memory holds one tensor). A generator: every rank must iterate it to the end, and every rank
-    receives every tensor (push it to an inference engine, write it, or drop it)."""
+    memory holds one tensor), on the model's device. A generator: every rank must iterate it
+    to the end, and every rank receives every tensor (push it to an inference engine, write
+    it, or drop it)."""
     from megatron_patch.convert import live
 
     info = model_info(model)
@@ -203,7 +204,8 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
             json.dump(info.hf_config, f, indent=2)
             f.write("\n")
     _ensure_generation_config(staging, info.hf_config)
-    files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size)
+    files = hf_io.write_safetensors_shards(staging, ((n, t.cpu()) for n, t in tensors),
+                                           max_shard_size)
     hf_io.publish(staging, out_dir)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

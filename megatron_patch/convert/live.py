@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from megatron_patch import checkpoint, cpu_mode
 from megatron_patch.convert import engine, hf_io
 from megatron_patch.convert.hf_megatron import (
     _dims,
@@ -154,6 +155,10 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf
         shards, schema = model_shards(chunks)
         engine.check_names(bindings, source=reader.names(), target=schema,
                            direction="hf->megatron", ignore=family.hf_ignore)
+        # Nothing of the model may be left as initialised: its parts must cover every weight.
+        targets = [shard.data for parts in shards.values() for shard in parts]
+        for chunk in chunks:
+            checkpoint.check_targets_cover(chunk, targets, hf_dir)
         files = {f: i for i, f in enumerate(reader.files)}
         mine = sorted((b for b in bindings if b.megatron in shards),
                       key=lambda b: max(files[reader.file_of(n)] for n in b.hf))
@@ -187,7 +192,9 @@ def _gather_rows(shards: list[Shard], blocks: list[tuple[int | None, int, int]],
     replicas hold in place and zeros elsewhere, and the bytes are summed over all ranks (adding
     zero bytes to an integer is exact, where adding 0.0 would turn -0.0 into 0.0)."""
     rows = sum(count for _, _, count in blocks)
-    out = torch.zeros((rows, *shape[1:]), dtype=dtype)
+    # On the model's device: where the collective runs (NCCL needs GPU tensors).
+    device = "cpu" if cpu_mode.is_enabled() else torch.cuda.current_device()
+    out = torch.zeros((rows, *shape[1:]), dtype=dtype, device=device)
     for shard in shards:
         if not shard.main:
             continue
@@ -207,8 +214,8 @@ def _gather_rows(shards: list[Shard], blocks: list[tuple[int | None, int, int]],
 def export_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any],
                       padded_vocab_size: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every HF tensor, in save_pretrained's order, each gathered over all
-    ranks when it is yielded. Collective: every rank iterates it to the end, and every rank
-    receives every tensor."""
+    ranks when it is yielded (on the model's device). Collective: every rank iterates it to the
+    end, and every rank receives every tensor."""
     family = family_for(hf_config)
     args = family.model_args(hf_config)
     dims = _dims(args, padded_vocab_size)
