@@ -188,21 +188,26 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
     from megatron_patch.convert.hf_megatron import _ensure_generation_config
 
     info = model_info(model)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    distributed = torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    # Refused (out_dir is not empty) on every rank before any collective starts.
+    refusal: list[str | None] = [None]
+    if rank == 0:
+        try:
+            staging = hf_io.staging_dir(out_dir)
+        except FileExistsError as e:
+            refusal = [str(e)]
+    if distributed:
+        torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise FileExistsError(refusal[0])
     tensors = export_hf_weights(model, dtype=dtype)
     if rank != 0:
         for _ in tensors:
             pass
         torch.distributed.barrier()
         return []
-    staging = hf_io.staging_dir(out_dir)
-    os.makedirs(staging)
-    if info.hf_dir is not None:
-        hf_io.copy_non_weight_files(info.hf_dir, staging)
-    if info.hf_dir is None or not os.path.isfile(os.path.join(staging, "config.json")):
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(info.hf_config, f, indent=2)
-            f.write("\n")
+    _write_hf_files(info, staging)
     _ensure_generation_config(staging, info.hf_config)
     files = hf_io.write_safetensors_shards(staging, ((n, t.cpu()) for n, t in tensors),
                                            max_shard_size)
@@ -210,6 +215,20 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return files
+
+
+def _write_hf_files(info: ModelInfo, out_dir: str) -> None:
+    """The HF directory's files other than weights (config, tokenizer, remote code), or, for
+    a model built from a config dict, its config.json."""
+    from megatron_patch.convert import hf_io
+
+    os.makedirs(out_dir, exist_ok=True)
+    if info.hf_dir is not None:
+        hf_io.copy_non_weight_files(info.hf_dir, out_dir)
+    if not os.path.isfile(os.path.join(out_dir, "config.json")):
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(info.hf_config, f, indent=2)
+            f.write("\n")
 
 
 def from_checkpoint(ckpt_dir: str, *, sequence_parallel: bool = False,
@@ -232,15 +251,7 @@ def save_checkpoint(model, ckpt_dir: str, iteration: int | str = "release") -> s
     info = model_info(model)
     chunks = _chunks(model)
     if (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0:
-        hf_dir = os.path.join(ckpt_dir, checkpoint.HF_DIR)
-        if info.hf_dir is not None:
-            from megatron_patch.convert.hf_io import copy_non_weight_files
-
-            copy_non_weight_files(info.hf_dir, hf_dir)
-        os.makedirs(hf_dir, exist_ok=True)
-        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-            with open(os.path.join(hf_dir, "config.json"), "w") as f:
-                json.dump(info.hf_config, f, indent=2)
+        _write_hf_files(info, os.path.join(ckpt_dir, checkpoint.HF_DIR))
         dtype = str(next(chunks[0].parameters()).dtype).removeprefix("torch.")
         checkpoint.write_meta(ckpt_dir, checkpoint.CheckpointMeta(
             info.hf_config["architectures"][0], info.vocab_size, info.padded_vocab_size, dtype))
