@@ -229,7 +229,7 @@ def test_api_names_are_the_package_attributes():
         megatron_patch.no_such_name  # noqa: B018
 
 
-def _megatron_lm_provider(root: str) -> dict:
+def _megatron_lm_provider(root: str, other_hf_dir: str) -> dict:
     """Megatron-LM's side of model_provider: its global args (get_args) and how get_model calls
     the provider, with parallel state already set up (TP=2, sequence parallel)."""
     import types
@@ -262,6 +262,10 @@ def _megatron_lm_provider(root: str) -> dict:
     ours = forward_logits([model], tokens, meta.vocab_size)
     theirs = forward_logits([loaded], tokens, meta.vocab_size)
     result["same_logits"] = _same_bits(ours["logits"], theirs["logits"])
+    try:  # another family's files
+        api.load_hf_weights(model, other_hf_dir)
+    except ValueError as e:
+        result["wrong_files"] = str(e)
     args.num_layers = 3
     try:
         api.model_provider(pre_process=True, post_process=True)
@@ -271,11 +275,17 @@ def _megatron_lm_provider(root: str) -> dict:
 
 
 def test_model_provider_as_megatron_lm_calls_it(zoo_models):
-    result, _ = harness.run(_megatron_lm_provider, 2, zoo_models["qwen2"])
+    """At TP=2 with sequence parallelism, as Megatron-LM's get_model calls it: the family's
+    GPTModel at Megatron-LM's padded vocabulary, computing the converted model's logits; flags
+    that disagree with the HF config, and another model's files, are refused."""
+    result, _ = harness.run(_megatron_lm_provider, 2, zoo_models["qwen2"],
+                            os.path.join(zoo_models["qwen3"], "hf"))
     assert result["type"] == "GPTModel" and result["tp"] == 2 and result["sp"], result
     assert result["embedding_rows"] == 1024 // 2, result  # Megatron-LM's padded vocab, split
     assert result["same_logits"], result
     assert "--num-layers 3 (the HF config says 4)" in result["wrong_layers"], result
+    # Loading another model's files is refused, naming the tensors.
+    assert "model.layers.0.self_attn.q_norm.weight" in result["wrong_files"], result
 
 
 def _check_example_outputs(hf_dir: str, exported: str, ckpt: str, text_file: str) -> dict:
