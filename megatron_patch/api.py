@@ -121,7 +121,10 @@ def build_model(hf: str | dict[str, Any], *, params_dtype: torch.dtype = torch.f
     _models.check_layout(args, padded, tp, pp, vpp, ep)
     config = transformer_config(hf_config, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel, **config_overrides)
-    info = ModelInfo(hf_config, padded, hf if isinstance(hf, str) else None)
+    hf_dir = hf if isinstance(hf, str) else None
+    if hf_dir is not None and not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        hf_dir = os.path.join(hf_dir, checkpoint.HF_DIR)  # a converted checkpoint's HF files
+    info = ModelInfo(hf_config, padded, hf_dir)
     if vp_stages is None:
         vp_stages = list(range(vpp)) if vpp and vpp > 1 else [None]
     chunks = []

@@ -5,10 +5,11 @@ this process holds at whatever TP/PP/VPP/EP layout it was built for. Which part 
 rank holds is read from Megatron-Core's own `sharded_state_dict` (as checkpoints are), so the
 in-memory path splits tensors exactly as a checkpoint load would.
 
-Memory: loading reads one HF tensor at a time from its file (plain reads, no memory map) and
-converts it to the one Megatron tensor it goes into, of which each rank keeps only its part:
-at most the HF tensors of one mapping rule plus the tensor made from them. Export gathers each HF
-tensor straight from the ranks' parts (`row_origins`), so one output tensor is all it holds.
+Memory: the mappings' transforms only move rows (mapping.row_origins), so loading reads one HF
+tensor at a time from its file (plain reads, no memory map) and each rank copies the rows its
+parts take straight from it into its parameters; export gathers each HF tensor straight from the
+ranks' parts. Either way one tensor is all that is held beyond the model. (A transform that is
+not a row move would be run by the engine on whole tensors.)
 """
 
 from __future__ import annotations
@@ -102,14 +103,18 @@ def model_shards(chunks: list[torch.nn.Module]) -> tuple[
     return shards, schema
 
 
-def _read_file_tensor(reader: hf_io.HFCheckpointReader, name: str) -> torch.Tensor:
+def _read_file_tensor(reader: hf_io.HFCheckpointReader, name: str,
+                      offsets: dict[str, dict[str, tuple[int, int]]]) -> torch.Tensor:
     """One tensor, read from its safetensors file into memory of its own: nothing stays mapped,
-    so memory is this tensor's size whatever the file's. (.bin files: through `reader`.)"""
+    so memory is this tensor's size whatever the file's. (.bin files: through `reader`.)
+    `offsets`: each file's safetensors_offsets, filled as files are first read."""
     file = reader.file_of(name)
     if not file.endswith(".safetensors"):
         return reader.read(name)
     path = os.path.join(reader.path, file)
-    start, end = hf_io.safetensors_offsets(path)[name]
+    if file not in offsets:
+        offsets[file] = hf_io.safetensors_offsets(path)
+    start, end = offsets[file][name]
     data = torch.empty(end - start, dtype=torch.uint8)
     with open(path, "rb") as f:
         f.seek(start)
@@ -164,8 +169,10 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf
                       key=lambda b: max(files[reader.file_of(n)] for n in b.hf))
         expected = {n: shape for n, (shape, _) in schema.items()}
 
+        offsets: dict[str, dict[str, tuple[int, int]]] = {}
+
         def read(name: str) -> torch.Tensor:
-            return _read_file_tensor(reader, name)
+            return _read_file_tensor(reader, name, offsets)
 
         with torch.no_grad():
             for b in mine:
