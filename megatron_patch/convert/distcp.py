@@ -47,10 +47,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     mcore_to_pyt_state_dict,
 )
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
+from megatron_patch import checkpoint
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, address_of
 
 # torch.save pickles a tensor's storage by its legacy typed-storage class name.
@@ -190,7 +191,7 @@ class MappedCheckpoint:
         self.path = path
         with open(os.path.join(path, "metadata.json")) as f:
             self.backend = json.load(f).get("sharded_backend")
-        self.metadata = FileSystemReader(path).read_metadata()
+        self.metadata = checkpoint.read_dcp_metadata(path)  # not DCP's: it unpickles anything
         self._maps: dict[str, mmap.mmap] = {}
         # Chunks handed out are views of these mappings: a writer can copy them from the files.
         self.regions = FileRegions()

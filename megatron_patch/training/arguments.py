@@ -17,6 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take the learning-rate schedule (--lr, --min-lr, "
+                        "--lr-decay-style, warmup and decay lengths, weight decay) from the "
+                        "command line instead of the checkpoint")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's learning-rate schedule whatever the "
+                        "command line says (default: a difference is refused)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let --save replace checkpoints of iterations after the one this run "
+                        "starts from (default: refused)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -99,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
 
-    g = p.add_argument_group("model from scratch (ignored when --load gives the architecture)")
+    g = p.add_argument_group("model from scratch (with --load, any given must agree with the "
+                             "checkpoint's architecture)")
     g.add_argument("--num-layers", type=int)
     g.add_argument("--hidden-size", type=int)
     g.add_argument("--ffn-hidden-size", type=int)
@@ -108,7 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="LayerNorm")
+    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default=None,
+                   help="from scratch: default LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
@@ -147,6 +159,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                          "--use-alibi-mask, --no-position-embedding)")
     if implied:
         args.position_embedding_type = implied.pop()
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
+                         "are exclusive")
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive")
     if args.seq_length is None:
