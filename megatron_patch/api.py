@@ -197,7 +197,7 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
     refusal: list[str | None] = [None]
     if rank == 0:
         try:
-            staging = hf_io.staging_dir(out_dir)
+            hf_io.check_output_dir(out_dir)
         except FileExistsError as e:
             refusal = [str(e)]
     if distributed:
@@ -205,17 +205,18 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
     if refusal[0] is not None:
         raise FileExistsError(refusal[0])
     tensors = export_hf_weights(model, dtype=dtype)
+    files: list[str] = []
     if rank != 0:
         for _ in tensors:
             pass
-        torch.distributed.barrier()
-        return []
-    _write_hf_files(info, staging)
-    _ensure_generation_config(staging, info.hf_config)
-    files = hf_io.write_safetensors_shards(staging, ((n, t.cpu()) for n, t in tensors),
-                                           max_shard_size)
-    hf_io.publish(staging, out_dir)
-    if torch.distributed.is_initialized():
+    else:
+        # Built in OUT.partial and moved into place in one rename (hf_io.staged).
+        with hf_io.staged(out_dir) as staging:
+            _write_hf_files(info, staging)
+            _ensure_generation_config(staging, info.hf_config)
+            files = hf_io.write_safetensors_shards(
+                staging, ((n, t.cpu()) for n, t in tensors), max_shard_size)
+    if distributed:
         torch.distributed.barrier()
     return files
 
