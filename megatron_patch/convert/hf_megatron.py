@@ -68,6 +68,17 @@ def hf_expected_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]] 
     return shapes
 
 
+def check_hf_source(reader: hf_io.HFCheckpointReader, hf_config: dict[str, Any],
+                    bindings: list[Binding], ignore: tuple[str, ...]) -> None:
+    """Name accounting on the HF side (it needs no model), and the shapes transformers expects."""
+    hf_names = reader.names()
+    engine.check_names(bindings, source=hf_names, target=[b.megatron for b in bindings],
+                       direction="hf->megatron", ignore=ignore)
+    expected_hf = hf_expected_shapes(hf_config)
+    if expected_hf is not None:
+        engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, reader.path)
+
+
 def _single_process_model(args: ModelArgs, hf_config: dict[str, Any], dtype: torch.dtype,
                           padded_vocab_size: int):
     """An unsharded model whose parameters act as the schema (names, shapes) of the checkpoint."""
@@ -227,13 +238,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     reader = hf_io.HFCheckpointReader(hf_dir)
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
-    # Name accounting on the HF side first: it needs no model.
-    engine.check_names(bindings, source=hf_names,
-                       target=[b.megatron for b in bindings], direction="hf->megatron",
-                       ignore=family.hf_ignore)
-    expected_hf = hf_expected_shapes(hf_config)
-    if expected_hf is not None:
-        engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, hf_dir)
+    check_hf_source(reader, hf_config, bindings, family.hf_ignore)
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
 
     model = _single_process_model(args, hf_config, dtype, padded)
