@@ -127,7 +127,12 @@ def pickle_globals(path: str, trust_pickle: bool = False) -> list[Any]:
             f"{path}: refusing to unpickle {', '.join(sorted(set(refused)))}: not a type "
             "Megatron-LM stores in its checkpoints, and unpickling can run code. If you trust "
             "this file, pass --trust-pickle")
-    return found
+    # An array's dtype is rebuilt as an instance of its class (numpy.dtypes.UInt32DType), which
+    # weights_only checks although the pickle never names it.
+    import numpy as np
+
+    dtype_classes = [v for v in allowed.values() if isinstance(v, type) and issubclass(v, np.dtype)]
+    return found + dtype_classes
 
 
 def load_pickle(path: str, trust_pickle: bool = False, mmap: bool = False) -> Any:
