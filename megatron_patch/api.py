@@ -118,22 +118,20 @@ def build_model(hf: str | dict[str, Any], *, params_dtype: torch.dtype = torch.f
     tp, pp, vpp, ep = _layout()
     padded = padded_vocab_size or _models.pad_vocab_size(args.vocab_size,
                                                          make_vocab_size_divisible_by * tp)
-    _models.check_layout(args, padded, tp, pp, vpp, ep)
-    config = transformer_config(hf_config, params_dtype=params_dtype,
-                                sequence_parallel=sequence_parallel, **config_overrides)
+    if vpp and vpp > 1:
+        config_overrides.setdefault("virtual_pipeline_model_parallel_size", vpp)
+    if vp_stages is None:
+        vp_stages = list(range(vpp)) if vpp and vpp > 1 else [None]
+    chunks = _models.build_stages(
+        hf_config, padded, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+        transformer_impl=transformer_impl, vp_stages=vp_stages, pre_process=pre_process,
+        post_process=post_process, **config_overrides).chunks
     hf_dir = hf if isinstance(hf, str) else None
     if hf_dir is not None and not os.path.isfile(os.path.join(hf_dir, "config.json")):
         hf_dir = os.path.join(hf_dir, checkpoint.HF_DIR)  # a converted checkpoint's HF files
     info = ModelInfo(hf_config, padded, hf_dir)
-    if vp_stages is None:
-        vp_stages = list(range(vpp)) if vpp and vpp > 1 else [None]
-    chunks = []
-    for vp_stage in vp_stages:
-        chunk = _models.build_model(args, config, hf_config, padded_vocab_size=padded,
-                                    pre_process=pre_process, post_process=post_process,
-                                    vp_stage=vp_stage, transformer_impl=transformer_impl)
+    for chunk in chunks:
         chunk.megatron_patch_info = info
-        chunks.append(chunk)
     return chunks
 
 

@@ -19,13 +19,7 @@ from megatron_patch import checkpoint, parallel
 from megatron_patch.convert import distcp, engine, hf_io
 from megatron_patch.convert.file_regions import FileRegions
 from megatron_patch.convert.mapping import Binding, Concat, Dims, bind, row_origins
-from megatron_patch.models import (
-    build_model,
-    family_for,
-    load_hf_config,
-    pad_vocab_size,
-    transformer_config,
-)
+from megatron_patch.models import build_stages, family_for, load_hf_config, pad_vocab_size
 from megatron_patch.models.spec import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -79,16 +73,16 @@ def check_hf_source(reader: hf_io.HFCheckpointReader, hf_config: dict[str, Any],
         engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, reader.path)
 
 
-def _single_process_model(args: ModelArgs, hf_config: dict[str, Any], dtype: torch.dtype,
+def _single_process_model(hf_config: dict[str, Any], dtype: torch.dtype,
                           padded_vocab_size: int):
     """An unsharded model whose parameters act as the schema (names, shapes) of the checkpoint."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         raise RuntimeError("conversion runs in a single process; do not start it with torchrun")
     parallel.initialize(1, 1)
-    config = transformer_config(args, params_dtype=dtype, perform_initialization=False)
     # The local implementation's parameter names are what the weight mappings describe.
-    return build_model(args, config, hf_config, padded_vocab_size=padded_vocab_size,
-                       transformer_impl="local")
+    (model,) = build_stages(hf_config, padded_vocab_size, params_dtype=dtype,
+                            transformer_impl="local", perform_initialization=False).chunks
+    return model
 
 
 def _source_dtype(reader: hf_io.HFCheckpointReader, names: list[str]) -> torch.dtype:
@@ -241,7 +235,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     check_hf_source(reader, hf_config, bindings, family.hf_ignore)
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
 
-    model = _single_process_model(args, hf_config, dtype, padded)
+    model = _single_process_model(hf_config, dtype, padded)
     params = _parameters(model)
     engine.check_names(bindings, source=hf_names, target=params, direction="hf->megatron",
                        ignore=family.hf_ignore)
@@ -308,7 +302,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     args = family.model_args(hf_config)
     dims = _dims(args, meta.padded_vocab_size)
     dtype = meta.torch_dtype
-    model = _single_process_model(args, hf_config, dtype, meta.padded_vocab_size)
+    model = _single_process_model(hf_config, dtype, meta.padded_vocab_size)
     params = _parameters(model)
 
     bindings, expected_hf = export_bindings(family, args, hf_config, params)

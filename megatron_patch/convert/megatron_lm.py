@@ -328,7 +328,7 @@ def _refuse_unsupported(args: argparse.Namespace, source: str) -> None:
 def derived_hf_config(args: argparse.Namespace, vocab_size: int, source: str) -> dict[str, Any]:
     """A config.json for the checkpoint's architecture: Llama (Qwen2 with q/k/v biases only)
     for RoPE + RMSNorm + SwiGLU, GPT-BigCode for learned positions + LayerNorm + biases."""
-    from megatron_patch.training.loop import scratch_hf_config
+    from megatron_patch.models.scratch import scratch_hf_config
 
     s = _settings(args)
     # The flags Megatron-LM's own command line would carry, for the from-scratch config tables.

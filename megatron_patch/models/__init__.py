@@ -1,4 +1,5 @@
-"""Megatron-Core models of Hugging Face architectures.
+"""Megatron-Core models of Hugging Face architectures (the package face: building lives in
+`models/build.py`, families in `models/families/`, the family language in `models/spec.py`).
 
     from megatron_patch.models import load_hf_config, family_for, transformer_config, build_model
 
@@ -8,255 +9,24 @@
     model = build_model(args, config, hf_config)  # a megatron.core GPTModel for this stage
 """
 
-from __future__ import annotations
-
-import json
-import os
-from typing import Any
-
-import torch
-
 from megatron_patch import cpu_mode
+from megatron_patch.models.build import (
+    ACTIVATIONS,
+    BuiltModel,
+    build_model,
+    build_stages,
+    check_layout,
+    from_checkpoint,
+    load_hf_config,
+    transformer_config,
+)
 from megatron_patch.models.registry import family_for, supported_architectures
 from megatron_patch.models.spec import FamilySpec, ModelArgs, pad_vocab_size
 
 __all__ = [
-    "FamilySpec", "ModelArgs", "build_model", "check_layout", "family_for", "from_checkpoint",
-    "load_hf_config",
-    "pad_vocab_size", "supported_architectures", "transformer_config",
+    "ACTIVATIONS", "BuiltModel", "FamilySpec", "ModelArgs", "build_model", "build_stages",
+    "check_layout", "family_for", "from_checkpoint", "load_hf_config", "pad_vocab_size",
+    "supported_architectures", "transformer_config",
 ]
 
 cpu_mode.maybe_enable()
-
-ACTIVATIONS = {
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "relu": torch.nn.functional.relu,
-}
-
-
-def load_hf_config(path: str) -> dict[str, Any]:
-    """config.json of an HF model directory, or of the HF files a converted checkpoint carries."""
-    for candidate in (os.path.join(path, "config.json"), os.path.join(path, "hf", "config.json")):
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
-    raise FileNotFoundError(f"no config.json in {path} (nor in {path}/hf)")
-
-
-def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
-                 vpp: int | None = None, ep: int = 1) -> None:
-    """Refuse a parallel layout that cannot split this model, before any work is done."""
-    problems = []
-    sizes = [("num_attention_heads", args.num_attention_heads),
-             ("query groups", args.megatron_query_groups),
-             ("padded vocab size", padded_vocab_size)]
-    if args.num_moe_experts is None:
-        sizes.append(("intermediate_size", args.ffn_hidden_size))
-    else:
-        # Experts are split over TP too (expert tensor parallel size = TP).
-        sizes.append(("expert intermediate size (moe_intermediate_size; Mixtral: "
-                      "intermediate_size)", args.moe_ffn_hidden_size))
-        if args.moe_shared_expert_intermediate_size:
-            sizes.append(("shared expert intermediate size",
-                          args.moe_shared_expert_intermediate_size))
-        if args.num_moe_experts % ep:
-            problems.append(f"number of experts {args.num_moe_experts} is not divisible by "
-                            f"expert parallel size {ep}")
-    if ep > 1 and args.num_moe_experts is None:
-        problems.append(f"expert parallel size {ep} needs a mixture-of-experts model")
-    for what, n in sizes:
-        if n % tp:
-            problems.append(f"{what}={n} is not divisible by tensor parallel size {tp}")
-    if args.megatron_query_groups % tp:
-        if args.kv_replicas > 1:
-            problems.append(f"(its {args.num_query_groups} KV head is built as "
-                            f"{args.kv_replicas} identical copies, gcd(num_attention_heads="
-                            f"{args.num_attention_heads}, 8); use TP <= {args.kv_replicas})")
-        elif args.num_query_groups == 1:
-            problems.append(f"(multi-query attention: the one KV head can be copied only into "
-                            f"a number of groups dividing num_attention_heads="
-                            f"{args.num_attention_heads}, and none from 2 to 8 does: TP=1 only)")
-        else:
-            problems.append(f"(num_key_value_heads={args.num_query_groups}: TP must divide it)")
-    stages = pp * (vpp or 1)
-    if args.num_layers % stages:
-        problems.append(
-            f"num_hidden_layers={args.num_layers} is not divisible into {stages} pipeline stages"
-        )
-    if problems:
-        raise ValueError(f"parallel layout TP={tp} PP={pp} EP={ep} does not fit the model: "
-                         + "; ".join(problems))
-
-
-def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.float32,
-                       sequence_parallel: bool = False, **overrides: Any):
-    """Megatron-Core TransformerConfig for `args` at the current parallel layout.
-
-    Keep `perform_initialization` on for a model that will train: megatron-core 0.16 tags TP
-    weights `tensor_model_parallel` only while initialising them, and untagged shards are left
-    out of the gradient norm.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    window = None if args.sliding_window is None else (args.sliding_window - 1, 0)
-    kwargs: dict[str, Any] = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.megatron_query_groups,
-        kv_channels=args.kv_channels,
-        layernorm_epsilon=args.layernorm_epsilon,
-        normalization=args.normalization,
-        gated_linear_unit=args.gated_linear_unit,
-        activation_func=ACTIVATIONS[args.activation],
-        add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias,
-        qk_layernorm=args.qk_layernorm,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        window_size=window,
-        rotary_interleaved=args.rotary_interleaved,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        sequence_parallel=sequence_parallel and tp > 1,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        attention_softmax_in_fp32=True,
-        # Fused kernels are CUDA/apex only; the unfused paths compute the same function.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        # Also on CPU: allocation follows torch.cuda.current_device(), which CPU mode points at
-        # the CPU, and each rank initialises only its own shard (as on GPU).
-        use_cpu_initialization=False,
-    )
-    if args.num_moe_experts is not None:
-        kwargs.update(_moe_config(args))
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
-
-
-def _moe_config(args: ModelArgs) -> dict[str, Any]:
-    """Megatron-Core MoE settings: dropless top-k routing, as the Hugging Face models route."""
-    from megatron.core import parallel_state
-
-    return dict(
-        num_moe_experts=args.num_moe_experts,
-        moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        moe_shared_expert_gate=args.moe_shared_expert_gate,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_router_score_function="softmax",
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        # Dropless: no capacity factor, every token reaches all of its top-k experts.
-        moe_expert_capacity_factor=None,
-        # Router logits and softmax in fp32 whatever the model dtype (Hugging Face takes the
-        # softmax in fp32 too), so that low precision cannot reorder the top-k.
-        moe_router_dtype="fp32",
-        # The all-gather dispatcher needs only all-gather / reduce-scatter, which gloo has too.
-        moe_token_dispatcher_type="allgather",
-        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
-    )
-
-
-def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
-                padded_vocab_size: int | None = None, pre_process: bool | None = None,
-                post_process: bool | None = None, vp_stage: int | None = None,
-                transformer_impl: str = "auto"):
-    """The GPTModel of this pipeline stage (and virtual stage).
-
-    transformer_impl: "local", "transformer_engine" or "auto" (TE where importable on a GPU).
-    """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_patch.models import rope
-    from megatron_patch.models.layers import block_spec
-
-    if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
-                                                             vp_stage=vp_stage)
-    if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
-                                                             vp_stage=vp_stage)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage,
-                                          transformer_impl, args),
-        vocab_size=padded_vocab_size or args.vocab_size,
-        max_sequence_length=args.max_sequence_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
-        # ALiBi lives in the attention (models/alibi.py), not in the embedding.
-        position_embedding_type=("none" if args.position_embedding_type == "alibi"
-                                 else args.position_embedding_type),
-        rotary_percent=args.rotary_percent,
-        vp_stage=vp_stage,
-    )
-    if pre_process and (args.position_offset or args.embedding_norm):
-        from megatron_patch.models import embedding
-
-        embedding.install(model, max_sequence_length=args.max_sequence_length,
-                          position_embedding_type=args.position_embedding_type,
-                          position_offset=args.position_offset, norm=args.embedding_norm)
-    if args.norm_head and post_process:
-        from megatron_patch.models.norm_head import NormHeadLinear
-
-        NormHeadLinear.adopt(model.output_layer)
-    elif post_process:
-        from megatron_patch.models.inference_linear import InferenceColumnParallelLinear
-
-        # The layers' linears come from the spec; GPTModel builds the output layer itself.
-        InferenceColumnParallelLinear.adopt(model.output_layer)
-    if not cpu_mode.is_enabled():
-        # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved
-        # with it, as Megatron-LM's get_model does.
-        model.cuda(torch.cuda.current_device())
-    if args.position_embedding_type == "rope":
-        rotary_dim = int(args.kv_channels * args.rotary_percent)
-        family = family_for(hf_config)
-        params = (family.rope_parameters or rope.rope_parameters)(hf_config)
-        model.rotary_pos_emb.inv_freq = rope.inv_freq(params, rotary_dim).to(
-            model.rotary_pos_emb.inv_freq.device
-        )
-    return model
-
-
-def from_checkpoint(ckpt_dir: str, *, sequence_parallel: bool = False,
-                    params_dtype: torch.dtype | None = None, **config_overrides: Any):
-    """Build this rank's model for the current parallel layout and load a converted checkpoint.
-
-    Returns (model, meta) where meta is the checkpoint's CheckpointMeta.
-    """
-    from megatron.core import parallel_state
-
-    from megatron_patch import checkpoint
-
-    meta = checkpoint.read_meta(ckpt_dir)
-    hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
-    args = family_for(hf_config).model_args(hf_config)
-    check_layout(args, meta.padded_vocab_size,
-                 parallel_state.get_tensor_model_parallel_world_size(),
-                 parallel_state.get_pipeline_model_parallel_world_size(),
-                 ep=parallel_state.get_expert_model_parallel_world_size())
-    config = transformer_config(args, params_dtype=params_dtype or meta.torch_dtype,
-                                sequence_parallel=sequence_parallel, **config_overrides)
-    model = build_model(args, config, hf_config, padded_vocab_size=meta.padded_vocab_size)
-    checkpoint.load_model(ckpt_dir, model)
-    return model, meta

@@ -27,6 +27,7 @@ from megatron_patch.models import (
     pad_vocab_size,
     transformer_config,
 )
+from megatron_patch.models.scratch import scratch_hf_config
 from megatron_patch.training import data, kv_replicas, optim_state
 
 log = logging.getLogger("megatron_patch.train")
@@ -62,41 +63,6 @@ def lm_forward_step(vocab_size: int) -> Callable:
         return output, partial(lm_loss, batch["labels"], batch["loss_mask"], vocab_size)
 
     return step
-
-
-def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
-    """An HF Llama config.json for a model defined by Megatron-LM architecture flags, written
-    through the Llama family's two-way config table."""
-    from megatron_patch.models import scratch
-    from megatron_patch.models.families.llama import LLAMA
-    from megatron_patch.models.spec import ModelArgs
-
-    other = scratch.hf_config(args, vocab_size)  # ALiBi (BLOOM) or learned positions
-    if other is not None:
-        return other
-    llama_like = (args.swiglu and args.normalization == "RMSNorm" and args.disable_bias_linear
-                  and args.position_embedding_type == "rope")
-    if not llama_like:
-        raise ValueError("models built from scratch must be Llama-style for now: pass --swiglu "
-                         "--normalization RMSNorm --disable-bias-linear "
-                         "--use-rotary-position-embeddings (or, with --normalization LayerNorm "
-                         "and biases: --use-alibi-mask for BLOOM-style, "
-                         "--position-embedding-type learned_absolute for GPT-BigCode-style)")
-    scratch.require_size_flags(args)
-    heads = args.num_attention_heads
-    model_args = ModelArgs(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
-        num_attention_heads=heads,
-        num_query_groups=args.num_query_groups if args.group_query_attention else heads,
-        kv_channels=args.hidden_size // heads, vocab_size=vocab_size,
-        max_sequence_length=args.max_position_embeddings or args.seq_length,
-        layernorm_epsilon=args.norm_epsilon,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-    )
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "rope_theta": args.rotary_base, "torch_dtype": "float32",
-            **LLAMA.hf_config_updates(model_args)}
 
 
 def architecture_conflicts(args: argparse.Namespace, m: Any) -> list[str]:
