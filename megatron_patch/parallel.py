@@ -9,8 +9,6 @@ import torch
 
 from megatron_patch import cpu_mode
 
-cpu_mode.maybe_enable()
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,13 +21,18 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
                expert_model_parallel_size: int = 1, seed: int = 1234) -> None:
     """Join (or create, for a lone process) the process group and set up Megatron's layout.
 
-    Under torchrun the usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables are used;
+    Without CUDA (or with MEGATRON_PATCH_CPU=1) this first switches CPU mode on. Under torchrun
+    the usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables are used;
     a process started without them becomes a world of one.
     """
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_patch import launch
 
+    # Every entry point (the CLI's commands, the trainer, generation, verify workers, the API)
+    # sets up its process here, before building a model: CPU mode is switched on here, not as a
+    # side effect of an import.
+    cpu_mode.maybe_enable()
     if launch.under_torchrun():
         launch.exit_with_parent()  # a worker must not outlive torchrun
     if not torch.distributed.is_initialized():

@@ -15,7 +15,12 @@ import transformers  # noqa: E402,F401
 # Import the heavy modules once, here, so forked workers start with them loaded.
 import megatron_patch.convert.hf_megatron  # noqa: E402,F401
 import megatron_patch.forward  # noqa: E402,F401
+from megatron_patch import cpu_mode  # noqa: E402
 from megatron_patch import tiny as tiny_models  # noqa: E402
+
+# CPU mode on in the test process, before any worker is forked (entry points switch it on
+# explicitly: importing megatron_patch does not).
+cpu_mode.maybe_enable()
 
 TOKENS_SEED = 1234
 BATCH, SEQ = 2, 32

@@ -95,3 +95,27 @@ def test_rng_context_warning_is_filtered_and_others_are_not(caplog):
         logger.warning("CPU RNG state changed within GPU RNG context")
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_importing_the_library_patches_nothing():
+    """CPU mode is switched on by entry points (parallel.initialize, the tests' conftest), never
+    by an import: a fresh process that imports the library's modules keeps torch as it was."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import torch\n"
+        "originals = (torch.cuda.current_device, torch.Tensor.cuda, torch.Tensor.type, "
+        "torch.zeros, torch.cuda.synchronize)\n"
+        "import megatron_patch.api, megatron_patch.models, megatron_patch.parallel\n"
+        "import megatron_patch.convert.hf_megatron, megatron_patch.generation\n"
+        "from megatron_patch import cpu_mode\n"
+        "assert not cpu_mode.is_enabled(), 'an import switched CPU mode on'\n"
+        "now = (torch.cuda.current_device, torch.Tensor.cuda, torch.Tensor.type, torch.zeros, "
+        "torch.cuda.synchronize)\n"
+        "changed = [o.__name__ for o, n in zip(originals, now) if o is not n]\n"
+        "assert not changed, f'importing megatron_patch patched torch: {changed}'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -9,7 +9,6 @@
     model = build_model(args, config, hf_config)  # a megatron.core GPTModel for this stage
 """
 
-from megatron_patch import cpu_mode
 from megatron_patch.models.build import (
     ACTIVATIONS,
     BuiltModel,
@@ -28,5 +27,3 @@ __all__ = [
     "check_layout", "family_for", "from_checkpoint", "load_hf_config", "pad_vocab_size",
     "supported_architectures", "transformer_config",
 ]
-
-cpu_mode.maybe_enable()
