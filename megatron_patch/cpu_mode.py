@@ -141,6 +141,7 @@ def enable() -> None:
                       f"found {package_info.__version__}: CPU runs may hit unpatched CUDA calls",
                       stacklevel=2)
 
+    # megatron-core internal: private functions replaced (test_megatron_core_contract.py).
     mcore_random._get_cuda_rng_state = (
         lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     )
@@ -167,6 +168,7 @@ def enable_in_process_checkpoint_queue() -> None:
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    # megatron-core internal: a private module global (test_megatron_core_contract.py).
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
 

@@ -19,6 +19,7 @@ from megatron.core.transformer.attention import SelfAttention
 class CachedRotarySelfAttention(SelfAttention):
     """SelfAttention that rotates keys before caching them (static-batching inference)."""
 
+    # megatron-core internal: overrides a private method (tests/test_megatron_core_contract.py).
     def _adjust_key_value_for_inference(self, inference_context, query, key, value,
                                         rotary_pos_emb, *args: Any, **kwargs: Any):
         if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode

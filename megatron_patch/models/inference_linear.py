@@ -37,6 +37,7 @@ _CPU_BLOCK = 1024
 def _direct(layer: torch.nn.Module) -> bool:
     return (not torch.is_grad_enabled() and layer._single_rank
             and not layer.config.defer_embedding_wgrad_compute
+            # megatron-core internal: a private config field (test_megatron_core_contract.py).
             and layer.config._cpu_offloading_context is None)
 
 
@@ -78,6 +79,7 @@ class InferenceColumnParallelLinear(ColumnParallelLinear):
         """Give a built ColumnParallelLinear (GPTModel's output layer) the direct path in place:
         parameters, sharding and checkpoint keys stay as built (its constructor arguments are
         GPTModel's internals, so it is not rebuilt)."""
+        # megatron-core internal: a class swap of a built layer (test_megatron_core_contract.py).
         if type(layer) is not ColumnParallelLinear:
             raise TypeError(f"expected megatron's ColumnParallelLinear, got {type(layer)}")
         layer.__class__ = cls

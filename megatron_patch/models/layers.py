@@ -74,6 +74,7 @@ def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe import moe_utils
 
+    # megatron-core internal: sets a module global (test_megatron_core_contract.py).
     # megatron-core 0.16's router gating tests `te_general_gemm is not None` but defines the name
     # only when Transformer Engine imports (NameError without it); None selects its torch.mm path.
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -146,7 +147,7 @@ def needs_local_layers(args: ModelArgs | None) -> bool:
 def transformer_engine_available() -> bool:
     from megatron_patch import cpu_mode
 
-    if cpu_mode.is_enabled():
+    if cpu_mode.is_enabled() or cpu_mode.wanted():  # also before an entry point switched it on
         return False
     try:
         import transformer_engine  # noqa: F401

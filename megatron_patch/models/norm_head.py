@@ -26,6 +26,7 @@ class NormHeadLinear(ColumnParallelLinear):
         """Turn a built output layer into a NormHead in place: its parameters, sharding and
         checkpoint keys stay as GPTModel made them (its constructor arguments are GPTModel's
         internals, so the layer is not rebuilt)."""
+        # megatron-core internal: a class swap of a built layer (test_megatron_core_contract.py).
         if type(layer) is not ColumnParallelLinear:
             raise TypeError(f"expected megatron's ColumnParallelLinear, got {type(layer)}")
         if layer.weight is None:

@@ -28,6 +28,7 @@ def _distributed_torch_adams(optimizer: Any) -> list[Any]:
     """The DistributedOptimizers in `optimizer` (chained or not) that run on torch Adam."""
     from megatron.core.optimizer import distrib_optimizer
 
+    # megatron-core internal: a module flag (test_megatron_core_contract.py).
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return []
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
