@@ -178,7 +178,7 @@ def test_conversion_errors_name_the_problem(tmp_path):
 def _transforms() -> dict:
     import torch
 
-    from megatron_patch.convert.mapping import TRANSFORMS, Dims
+    from megatron_patch.models.weight_rules import QKV, VOCAB, Dims
 
     dims = Dims(num_layers=1, num_attention_heads=4, num_query_groups=2, kv_channels=2,
                 vocab_size=5, padded_vocab_size=8)
@@ -186,16 +186,16 @@ def _transforms() -> dict:
     q = torch.tensor([[0.0, i] for i in range(8)])
     k = torch.tensor([[1.0, i] for i in range(4)])
     v = torch.tensor([[2.0, i] for i in range(4)])
-    fused = TRANSFORMS["qkv"].to_megatron([q, k, v], dims)
-    back = TRANSFORMS["qkv"].to_hf(fused, dims)
+    fused = QKV.to_megatron([q, k, v], dims)
+    back = QKV.to_hf(fused, dims)
     emb = torch.arange(10.0).reshape(5, 2)
-    padded = TRANSFORMS["vocab"].to_megatron([emb], dims)
+    padded = VOCAB.to_megatron([emb], dims)
     return {
         "fused": fused.tolist(),
         "qkv_inverse": all(torch.equal(a, b) for a, b in zip(back, (q, k, v), strict=True)),
         "padded_shape": list(padded.shape),
         "padding_zero": bool((padded[5:] == 0).all()),
-        "vocab_inverse": torch.equal(TRANSFORMS["vocab"].to_hf(padded, dims)[0], emb),
+        "vocab_inverse": torch.equal(VOCAB.to_hf(padded, dims)[0], emb),
     }
 
 
@@ -211,9 +211,9 @@ def test_transforms():
 
 def test_check_names_reports_unset_targets():
     from megatron_patch.convert.engine import ConversionError, check_names
-    from megatron_patch.convert.mapping import TRANSFORMS, Binding
+    from megatron_patch.models.weight_rules import COPY, Binding
 
-    bindings = [Binding("a.weight", ("x",), TRANSFORMS["copy"])]
+    bindings = [Binding("a.weight", ("x",), COPY)]
     with pytest.raises(ConversionError, match=r"stay unset\): b\.weight"):
         check_names(bindings, source=["x"], target=["a.weight", "b.weight"],
                     direction="hf->megatron")

@@ -4,8 +4,8 @@ are refused with the key named; unit conversions go both ways. No torch computat
 import pytest
 
 from megatron_patch.convert import engine
-from megatron_patch.convert.mapping import bind
 from megatron_patch.models import family_for
+from megatron_patch.models.weight_rules import bind
 
 QWEN1 = {"architectures": ["QWenLMHeadModel"], "num_hidden_layers": 2, "hidden_size": 64,
          "intermediate_size": 192, "num_attention_heads": 4, "kv_channels": 16,

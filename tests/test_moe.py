@@ -155,7 +155,7 @@ def test_converter_accounts_for_every_expert(mixtral):
 
 
 def test_bind_expands_every_expert_and_refuses_one_sided_placeholders():
-    from megatron_patch.convert.mapping import Rule, bind
+    from megatron_patch.models.weight_rules import Rule, bind
 
     rule = Rule("l.{layer}.e.{expert}.w", "h.{layer}.x.{expert}.w")
     bound = bind((rule,), {}, num_layers=2, num_experts=3)
@@ -168,8 +168,8 @@ def test_bind_expands_every_expert_and_refuses_one_sided_placeholders():
 
 
 def test_qwen2_moe_without_qkv_bias():
-    from megatron_patch.convert.mapping import bind
     from megatron_patch.models import family_for
+    from megatron_patch.models.weight_rules import bind
 
     for bias in (True, False):
         config = _qwen2_moe_config(qkv_bias=bias)

@@ -39,19 +39,19 @@ def test_alibi_slopes_follow_the_formula():
 def test_qkv_concat_is_fuse_qkv_of_the_split_parts():
     import torch
 
-    from megatron_patch.convert.mapping import TRANSFORMS, Dims
+    from megatron_patch.models.weight_rules import QKV, QKV_CONCAT, Dims
 
     for heads, groups in ((4, 4), (4, 2)):
         dims = Dims(num_layers=1, num_attention_heads=heads, num_query_groups=groups,
                     kv_channels=3, vocab_size=10, padded_vocab_size=10)
         q, k, v = torch.randn(heads * 3, 5), torch.randn(groups * 3, 5), torch.randn(groups * 3, 5)
         packed = torch.cat([q, k, v])
-        fused = TRANSFORMS["qkv_concat"].to_megatron([packed], dims)
-        assert torch.equal(fused, TRANSFORMS["qkv"].to_megatron([q, k, v], dims))
-        (back,) = TRANSFORMS["qkv_concat"].to_hf(fused, dims)
+        fused = QKV_CONCAT.to_megatron([packed], dims)
+        assert torch.equal(fused, QKV.to_megatron([q, k, v], dims))
+        (back,) = QKV_CONCAT.to_hf(fused, dims)
         assert torch.equal(back, packed)
     with pytest.raises(ValueError, match="rows"):
-        TRANSFORMS["qkv_concat"].to_megatron([torch.zeros(7, 5)], dims)
+        QKV_CONCAT.to_megatron([torch.zeros(7, 5)], dims)
 
 
 @pytest.mark.parametrize("config, message", [
@@ -185,7 +185,7 @@ def test_distributed_optimizer_with_data_parallel_is_refused_for_replicated_kv()
     assert finalize_model_grads_func(print, mha, True, 2) is print
 
 
-@pytest.mark.parametrize("kind", ["qkv", "qkv_concat", "qkv_grouped"])
+@pytest.mark.parametrize("kind", ["QKV", "QKV_CONCAT", "QKV_GROUPED"])
 def test_replicated_kv_layout_is_grouped_query_attention_with_repeated_kv(kind):
     """Replicating one KV head R times is the grouped-query layout whose R KV heads all equal
     it (each query head reads KV head i // (heads / R), as transformers' repeat_kv); export
@@ -193,7 +193,8 @@ def test_replicated_kv_layout_is_grouped_query_attention_with_repeated_kv(kind):
     import torch
 
     from megatron_patch.convert import engine
-    from megatron_patch.convert.mapping import TRANSFORMS, Binding, Dims
+    from megatron_patch.models import weight_rules
+    from megatron_patch.models.weight_rules import QKV, Binding, Dims
 
     heads, d, hidden, r = 8, 3, 5, 4
     mqa = Dims(num_layers=1, num_attention_heads=heads, num_query_groups=1, kv_channels=d,
@@ -201,13 +202,13 @@ def test_replicated_kv_layout_is_grouped_query_attention_with_repeated_kv(kind):
     gqa = Dims(num_layers=1, num_attention_heads=heads, num_query_groups=r, kv_channels=d,
                vocab_size=10, padded_vocab_size=10)
     q, k, v = torch.randn(heads * d, hidden), torch.randn(d, hidden), torch.randn(d, hidden)
-    hf = {"qkv": [q, k, v], "qkv_concat": [torch.cat([q, k, v])],
+    hf = {"QKV": [q, k, v], "QKV_CONCAT": [torch.cat([q, k, v])],
           # One group: Megatron's per-group layout is all query heads, then k, then v.
-          "qkv_grouped": [torch.cat([q, k, v])]}[kind]
-    fused = TRANSFORMS[kind].to_megatron(hf, mqa)
-    want = TRANSFORMS["qkv"].to_megatron([q, k.repeat(r, 1), v.repeat(r, 1)], gqa)
+          "QKV_GROUPED": [torch.cat([q, k, v])]}[kind]
+    fused = getattr(weight_rules, kind).to_megatron(hf, mqa)
+    want = QKV.to_megatron([q, k.repeat(r, 1), v.repeat(r, 1)], gqa)
     assert torch.equal(fused, want)
-    back = TRANSFORMS[kind].to_hf(fused, mqa)
+    back = getattr(weight_rules, kind).to_hf(fused, mqa)
     assert len(back) == len(hf) and all(torch.equal(a, b) for a, b in zip(back, hf, strict=True))
 
     # One copy of v that drifted by one ulp: refused, naming the tensor.
@@ -215,7 +216,7 @@ def test_replicated_kv_layout_is_grouped_query_attention_with_repeated_kv(kind):
     last_v = fused.shape[0] - 1
     tampered[last_v, 0] = torch.nextafter(tampered[last_v, 0], torch.tensor(1e9))
     binding = Binding("decoder.layers.0.self_attention.linear_qkv.weight", ("x",) * len(hf),
-                      TRANSFORMS[kind])
+                      getattr(weight_rules, kind))
     with pytest.raises(engine.ConversionError, match="linear_qkv.weight.*copies .* differ"):
         list(engine.megatron_to_hf([binding], mqa, lambda name: tampered))
 
@@ -418,7 +419,7 @@ def test_replicated_kv_copies_stay_identical_in_training(piece_models, tmp_path)
     ckpt = os.path.join(piece_models["starcoder"], "mcore")
     harness.run(_train_replicated, 2, ckpt, data, str(tmp_path))
     (r,) = harness.run(_export_each, 1, str(tmp_path))
-    # Export checks every copy bit for bit (convert/mapping.py merge_kv).
+    # Export checks every copy bit for bit (models/weight_rules.py merge_kv).
     assert r["summed"] == "exported", r
     assert "copies of each KV head differ" in r["unsummed"], r
 

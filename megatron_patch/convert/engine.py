@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from megatron_patch.convert.mapping import Binding, Dims
+from megatron_patch.models.weight_rules import Binding, Dims
 
 
 class ConversionError(ValueError):

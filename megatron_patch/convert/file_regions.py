@@ -12,7 +12,7 @@ development VM a 1.8 GB copy took 0.48-0.93 s that way (five runs), 1.1-2.2 s fr
 a file descriptor through the file where the buffer lies in a recorded region, and directly
 otherwise. Recorded memory must not be written to: the file, not the memory, is what is read.
 A region may also be memory never written at all, standing for rows gathered from such views
-(a fused q/k/v, a vocabulary padded with zero rows: `add_rows`, mapping.row_origins), so
+(a fused q/k/v, a vocabulary padded with zero rows: `add_rows`, fast_path.row_origins), so
 that nothing is computed in memory for transforms that only move rows. Two threads copy the
 chunks of a large buffer (on the 2-core VM: 0.40-0.45 s for 1.8 GB against 0.48 with one).
 """

@@ -16,11 +16,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
-from megatron_patch.convert import distcp, engine, hf_io
+from megatron_patch.convert import distcp, engine, fast_path, hf_io
 from megatron_patch.convert.file_regions import FileRegions
-from megatron_patch.convert.mapping import Binding, Concat, Dims, bind, row_origins
 from megatron_patch.models import build_stages, family_for, load_hf_config, pad_vocab_size
 from megatron_patch.models.spec import ModelArgs
+from megatron_patch.models.weight_rules import Binding, Concat, Dims, bind
 
 log = logging.getLogger(__name__)
 
@@ -166,36 +166,6 @@ def _region(whole: torch.Tensor, param: torch.Tensor, view: torch.Tensor) -> tor
         whole.storage_offset() + (view.storage_offset() - param.storage_offset()) * per_element)
 
 
-def _gather_from_files(regions: FileRegions, dtype: torch.dtype,
-                       only: set[str] | None = None) -> engine.Gather:
-    """An engine `gather`: where a binding's transform only moves rows (mapping.row_origins)
-    of inputs that `regions` knows as runs of files, its outputs are left uninitialised and
-    recorded in `regions` as those runs, so that writing them copies file to file and nothing
-    is computed. For inputs and outputs of `dtype` only (nothing converts the values), and,
-    with `only`, for those Megatron tensors (the ones saved as they are, never cut into
-    parts from memory)."""
-
-    def gather(b: Binding, fn, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        if (only is not None and b.megatron not in only) or any(
-                t.dtype != dtype or not t.is_contiguous() for t in inputs) or len(
-                {tuple(t.shape[1:]) for t in inputs}) != 1:
-            return None
-        origins = row_origins(fn, [tuple(t.shape) for t in inputs])
-        if origins is None:
-            return None
-        outputs = []
-        for blocks in origins:
-            rows = sum(count for *_, count in blocks)
-            target = torch.empty((rows, *inputs[0].shape[1:]), dtype=dtype)
-            if not regions.add_rows(target, [(None if j is None else inputs[j], first, count)
-                                             for j, first, count in blocks]):
-                return None
-            outputs.append(target)
-        return outputs
-
-    return gather
-
-
 def _is_whole(view: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether `view`, a view of `param` that saves it, covers the whole parameter."""
     return view.shape == param.shape and view.storage_offset() == param.storage_offset()
@@ -261,7 +231,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
         # Parameters saved whole take their rows from the input files as they are written.
         whole = {n for n, pieces in parts.items()
                  if len(pieces) == 1 and _is_whole(pieces[0].data, params[n])}
-        gather = _gather_from_files(reader.regions, dtype, whole)
+        gather = fast_path.gather_from_files(reader.regions, dtype, whole)
         for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes,
                                                   gather):
             _fill_parts(parts[name], params[name], tensor.to(dtype))
@@ -368,7 +338,7 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
     it is, or a block of rows of one, is never copied, and one whose rows move (q, k and v
     out of the fused qkv) is gathered from the file as it is written (`regions`)."""
     size = dtype.itemsize
-    gather = _gather_from_files(regions, torch.uint8)
+    gather = fast_path.gather_from_files(regions, torch.uint8)
     byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
     for b in bindings:
         param, pieces = params[b.megatron], mapped[b.megatron]

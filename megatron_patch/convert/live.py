@@ -5,7 +5,7 @@ this process holds at whatever TP/PP/VPP/EP layout it was built for. Which part 
 rank holds is read from Megatron-Core's own `sharded_state_dict` (as checkpoints are), so the
 in-memory path splits tensors exactly as a checkpoint load would.
 
-Memory: the mappings' transforms only move rows (mapping.row_origins), so loading reads one HF
+Memory: the mappings' transforms only move rows (fast_path.row_origins), so loading reads one HF
 tensor at a time from its file (plain reads, no memory map) and each rank copies the rows its
 parts take straight from it into its parameters; export gathers each HF tensor straight from the
 ranks' parts. Either way one tensor is all that is held beyond the model. (A transform that is
@@ -24,14 +24,15 @@ import torch
 
 from megatron_patch import checkpoint, cpu_mode
 from megatron_patch.convert import engine, hf_io
+from megatron_patch.convert.fast_path import row_origins
 from megatron_patch.convert.hf_megatron import (
     _dims,
     _in_save_order,
     check_hf_source,
     hf_expected_shapes,
 )
-from megatron_patch.convert.mapping import Binding, bind, row_origins
 from megatron_patch.models import family_for
+from megatron_patch.models.weight_rules import Binding, bind
 
 
 @dataclass

@@ -54,7 +54,7 @@ import torch
 
 from megatron_patch import checkpoint
 from megatron_patch.convert import engine, hf_io
-from megatron_patch.convert.mapping import replicate_kv
+from megatron_patch.models.weight_rules import replicate_kv
 
 log = logging.getLogger(__name__)
 
@@ -712,7 +712,7 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
                              f"{sorted(map(str, dtypes))}")
         dtype = dtypes.pop()
     if model_args.kv_replicas > 1:
-        # Megatron-LM's one KV group -> this model's identical copies (mapping.replicate_kv).
+        # Megatron-LM's one KV group -> this model's identical copies (weight_rules.replicate_kv).
         for name in [n for n in weights if ".linear_qkv." in n]:
             weights[name] = replicate_kv(weights[name], _dims(model_args, padded))
     model = _single_process_model(model_args, hf_config, dtype, padded)

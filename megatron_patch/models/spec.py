@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
+from megatron_patch.models.weight_rules import Rule
 
 _MISSING = object()
 

@@ -54,8 +54,8 @@ class ExtensionSummary:
 
 def _vocab_tensor_names(hf_config: dict[str, Any]) -> list[str]:
     """The HF names of the embedding and (untied) output matrices, from the family's mapping."""
-    from megatron_patch.convert.mapping import Vocab, bind
     from megatron_patch.models import family_for
+    from megatron_patch.models.weight_rules import Vocab, bind
 
     family = family_for(hf_config)
     args = family.model_args(hf_config)

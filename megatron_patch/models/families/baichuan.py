@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_REQUIRES, LLAMA_WEIGHTS
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec
+from megatron_patch.models.weight_rules import QKV_CONCAT, Rule
 
 BAICHUAN2_VOCAB_SIZE = 125696
 
@@ -43,7 +43,7 @@ def uses_norm_head(hf_config: dict[str, Any]) -> bool:
 
 # Llama with q, k and v fused as [q; k; v] in one W_pack (multi-head attention, no biases).
 W_PACK = Rule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-              "model.layers.{layer}.self_attn.W_pack.weight", "qkv_concat")
+              "model.layers.{layer}.self_attn.W_pack.weight", QKV_CONCAT)
 BAICHUAN_WEIGHTS = tuple(
     W_PACK if r.megatron == W_PACK.megatron else r for r in LLAMA_WEIGHTS
 )

@@ -6,7 +6,6 @@ Baichuan2 adds NormHead (output rows normalised in every forward: models/norm_he
 
 from __future__ import annotations
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.baichuan import uses_alibi, uses_norm_head
 from megatron_patch.models.families.derived import Derived
 from megatron_patch.models.families.llama import LLAMA_REQUIRES
@@ -18,6 +17,7 @@ from megatron_patch.models.spec import (
     tie_word_embeddings,
     untied,
 )
+from megatron_patch.models.weight_rules import GATE_UP, QKV_CONCAT, VOCAB, Rule
 
 _H, _M = "model.layers.{layer}", "decoder.layers.{layer}"
 
@@ -42,17 +42,17 @@ BAICHUAN_ALIBI = register(
         ),
         constants={"position_embedding_type": "alibi"},
         weights=(
-            Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab"),
+            Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
             Rule(f"{_M}.input_layernorm.weight", f"{_H}.input_layernorm.weight"),
             Rule(f"{_M}.self_attention.linear_qkv.weight", f"{_H}.self_attn.W_pack.weight",
-                 "qkv_concat"),
+                 QKV_CONCAT),
             Rule(f"{_M}.self_attention.linear_proj.weight", f"{_H}.self_attn.o_proj.weight"),
             Rule(f"{_M}.pre_mlp_layernorm.weight", f"{_H}.post_attention_layernorm.weight"),
             Rule(f"{_M}.mlp.linear_fc1.weight",
-                 (f"{_H}.mlp.gate_proj.weight", f"{_H}.mlp.up_proj.weight"), "gate_up"),
+                 (f"{_H}.mlp.gate_proj.weight", f"{_H}.mlp.up_proj.weight"), GATE_UP),
             Rule(f"{_M}.mlp.linear_fc2.weight", f"{_H}.mlp.down_proj.weight"),
             Rule("decoder.final_layernorm.weight", "model.norm.weight"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(False)),
+            Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(False)),
         ),
         requires={"hidden_act": LLAMA_REQUIRES["hidden_act"]},
     )

@@ -7,10 +7,10 @@ per-group layout with one query head per group, so it is copied as it is.
 
 from __future__ import annotations
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.derived import Derived, either, with_bias
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
+from megatron_patch.models.weight_rules import VOCAB, Rule
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
@@ -45,7 +45,7 @@ BLOOM = register(
                    "position_embedding_type": "alibi", "embedding_norm": True},
         weights=(
             Rule("embedding.word_embeddings.weight", "transformer.word_embeddings.weight",
-                 "vocab"),
+                 VOCAB),
             *with_bias("embedding.norm", "transformer.word_embeddings_layernorm"),
             *with_bias(f"{_M}.input_layernorm", f"{_H}.input_layernorm"),
             *with_bias(f"{_M}.self_attention.linear_qkv", f"{_H}.self_attention.query_key_value"),
@@ -54,7 +54,7 @@ BLOOM = register(
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h"),
             *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h"),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
+            Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),
         requires={
             # Post-LN residuals (the residual taken after the norm) are not built.

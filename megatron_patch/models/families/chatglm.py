@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_REQUIRES, LLAMA_WEIGHTS
 from megatron_patch.models.families.qwen import QKV_BIAS
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec, head_dim
+from megatron_patch.models.weight_rules import GATE_UP, QKV_CONCAT, VOCAB, Rule
 
 _L = "transformer.encoder.layers.{layer}"
 
@@ -67,12 +67,12 @@ CHATGLM = register(
                    "share_embeddings_and_output_weights": False},
         weights=(
             Rule("embedding.word_embeddings.weight",
-                 "transformer.embedding.word_embeddings.weight", "vocab"),
+                 "transformer.embedding.word_embeddings.weight", VOCAB),
             Rule("decoder.layers.{layer}.input_layernorm.weight", f"{_L}.input_layernorm.weight"),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-                 f"{_L}.self_attention.query_key_value.weight", "qkv_concat"),
+                 f"{_L}.self_attention.query_key_value.weight", QKV_CONCAT),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.bias",
-                 f"{_L}.self_attention.query_key_value.bias", "qkv_concat", when=_has_qkv_bias),
+                 f"{_L}.self_attention.query_key_value.bias", QKV_CONCAT, when=_has_qkv_bias),
             Rule("decoder.layers.{layer}.self_attention.linear_proj.weight",
                  f"{_L}.self_attention.dense.weight"),
             Rule("decoder.layers.{layer}.pre_mlp_layernorm.weight",
@@ -81,7 +81,7 @@ CHATGLM = register(
             Rule("decoder.layers.{layer}.mlp.linear_fc1.weight", f"{_L}.mlp.dense_h_to_4h.weight"),
             Rule("decoder.layers.{layer}.mlp.linear_fc2.weight", f"{_L}.mlp.dense_4h_to_h.weight"),
             Rule("decoder.final_layernorm.weight", "transformer.encoder.final_layernorm.weight"),
-            Rule("output_layer.weight", "transformer.output_layer.weight", "vocab"),
+            Rule("output_layer.weight", "transformer.output_layer.weight", VOCAB),
         ),
         # Old checkpoints store the rotary frequencies, which the model recomputes anyway.
         hf_ignore=(r"transformer\.rotary_pos_emb\.inv_freq",),
@@ -116,8 +116,8 @@ GLM4 = register(
         constants={"rotary_interleaved": True},
         weights=tuple(
             Rule(r.megatron, "model.layers.{layer}.mlp.gate_up_proj.weight")
-            if r.kind == "gate_up" else r for r in LLAMA_WEIGHTS
-        ) + (Rule(QKV_BIAS.megatron, QKV_BIAS.hf, QKV_BIAS.kind,
+            if r.transform is GATE_UP else r for r in LLAMA_WEIGHTS
+        ) + (Rule(QKV_BIAS.megatron, QKV_BIAS.hf, QKV_BIAS.transform,
                   when=lambda c: c.get("attention_bias", True)),),
         requires={"hidden_act": LLAMA_REQUIRES["hidden_act"]},
     )

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.spec import ConfigField
+from megatron_patch.models.weight_rules import COPY, Rule, Transform
 
 # HF activation names -> ModelArgs.activation. gelu_new / gelu_fast / gelu_pytorch_tanh all
 # compute GELU's tanh approximation (they differ only in float rounding).
@@ -52,11 +52,11 @@ def activation(key: str, default: str) -> Derived:
 
 def with_bias(megatron: str, hf: str,
               bias: bool | Callable[[dict[str, Any]], bool] = True,
-              kind: str = "copy") -> tuple[Rule, ...]:
-    """A linear layer or LayerNorm: its weight and its bias, by transform `kind`. `bias`: False
+              transform: Transform = COPY) -> tuple[Rule, ...]:
+    """A linear layer or LayerNorm: its weight and its bias, by `transform`. `bias`: False
     (no bias), True, or a predicate of the HF config (a bias only where it holds)."""
-    rules = (Rule(f"{megatron}.weight", f"{hf}.weight", kind),)
+    rules = (Rule(f"{megatron}.weight", f"{hf}.weight", transform),)
     if bias is False:
         return rules
     when = None if bias is True else bias
-    return rules + (Rule(f"{megatron}.bias", f"{hf}.bias", kind, when=when),)
+    return rules + (Rule(f"{megatron}.bias", f"{hf}.bias", transform, when=when),)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import (
@@ -30,6 +29,7 @@ from megatron_patch.models.spec import (
     tie_word_embeddings,
     untied,
 )
+from megatron_patch.models.weight_rules import QKV_GROUPED, VOCAB, Rule
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
@@ -115,18 +115,18 @@ FALCON = register(
         constants={"normalization": "LayerNorm", "gated_linear_unit": False},
         weights=(
             Rule("embedding.word_embeddings.weight", "transformer.word_embeddings.weight",
-                 "vocab"),
+                 VOCAB),
             *_norm(f"{_M}.input_layernorm", f"{_H}.input_layernorm", _one_norm),
             *_norm(f"{_M}.input_layernorm", f"{_H}.ln_attn", _two_norms),
             *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.ln_mlp", _two_norms),
             *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.post_attention_layernorm", _sequential),
             *with_bias(f"{_M}.self_attention.linear_qkv",
-                       f"{_H}.self_attention.query_key_value", _bias, "qkv_grouped"),
+                       f"{_H}.self_attention.query_key_value", _bias, QKV_GROUPED),
             *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.self_attention.dense", _bias),
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h", _bias),
             *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h", _bias),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
+            Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),
         validate=_validate,
         requires={"alibi": lambda v: not v},

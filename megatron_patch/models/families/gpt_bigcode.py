@@ -10,10 +10,10 @@ stores [q, k, v] per head (groups = heads). Multi-query's one KV head is replica
 
 from __future__ import annotations
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
+from megatron_patch.models.weight_rules import QKV_GROUPED, VOCAB, Rule
 
 _H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
 
@@ -41,17 +41,17 @@ GPT_BIGCODE = register(
                    "add_bias_linear": True, "add_qkv_bias": True,
                    "position_embedding_type": "learned_absolute"},
         weights=(
-            Rule("embedding.word_embeddings.weight", "transformer.wte.weight", "vocab"),
+            Rule("embedding.word_embeddings.weight", "transformer.wte.weight", VOCAB),
             Rule("embedding.position_embeddings.weight", "transformer.wpe.weight"),
             *with_bias(f"{_M}.input_layernorm", f"{_H}.ln_1"),
             *with_bias(f"{_M}.self_attention.linear_qkv", f"{_H}.attn.c_attn",
-                       kind="qkv_grouped"),
+                       transform=QKV_GROUPED),
             *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.attn.c_proj"),
             *with_bias(f"{_M}.pre_mlp_layernorm", f"{_H}.ln_2"),
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.c_fc"),
             *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.c_proj"),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
+            Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),
         requires={
             "scale_attn_weights": lambda v: bool(v),

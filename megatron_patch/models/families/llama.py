@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import (
     ConfigField,
@@ -11,6 +10,7 @@ from megatron_patch.models.spec import (
     tie_word_embeddings,
     untied,
 )
+from megatron_patch.models.weight_rules import GATE_UP, QKV, VOCAB, Rule
 
 LLAMA_CONFIG = (
     ConfigField("num_hidden_layers", "num_layers"),
@@ -30,24 +30,24 @@ LLAMA_CONFIG = (
 )
 
 LLAMA_WEIGHTS = (
-    Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab"),
+    Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
     Rule("decoder.layers.{layer}.input_layernorm.weight",
          "model.layers.{layer}.input_layernorm.weight"),
     Rule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
          ("model.layers.{layer}.self_attn.q_proj.weight",
           "model.layers.{layer}.self_attn.k_proj.weight",
-          "model.layers.{layer}.self_attn.v_proj.weight"), "qkv"),
+          "model.layers.{layer}.self_attn.v_proj.weight"), QKV),
     Rule("decoder.layers.{layer}.self_attention.linear_proj.weight",
          "model.layers.{layer}.self_attn.o_proj.weight"),
     Rule("decoder.layers.{layer}.pre_mlp_layernorm.weight",
          "model.layers.{layer}.post_attention_layernorm.weight"),
     Rule("decoder.layers.{layer}.mlp.linear_fc1.weight",
          ("model.layers.{layer}.mlp.gate_proj.weight",
-          "model.layers.{layer}.mlp.up_proj.weight"), "gate_up"),
+          "model.layers.{layer}.mlp.up_proj.weight"), GATE_UP),
     Rule("decoder.layers.{layer}.mlp.linear_fc2.weight",
          "model.layers.{layer}.mlp.down_proj.weight"),
     Rule("decoder.final_layernorm.weight", "model.norm.weight"),
-    Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(False)),
+    Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(False)),
 )
 
 LLAMA_REQUIRES = {

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_REQUIRES, LLAMA_WEIGHTS
 from megatron_patch.models.families.qwen import QKV_BIAS
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec
+from megatron_patch.models.weight_rules import GATE_UP, Rule
 
 # Attention, norms, embeddings and output layer as in Llama; the MLP rules are the MoE's own.
 _NON_MLP = tuple(r for r in LLAMA_WEIGHTS if ".mlp." not in r.megatron)
@@ -30,7 +30,7 @@ def _expert_rules(router: str, gate: str, up: str, down: str) -> tuple[Rule, ...
     """Router and routed experts; the HF names have {layer} and {expert} placeholders."""
     return (
         Rule(f"{_MOE}.router.weight", router),
-        Rule(f"{_EXPERT}.linear_fc1.weight", (gate, up), "gate_up"),
+        Rule(f"{_EXPERT}.linear_fc1.weight", (gate, up), GATE_UP),
         Rule(f"{_EXPERT}.linear_fc2.weight", down),
     )
 
@@ -91,7 +91,7 @@ QWEN2_MOE_WEIGHTS = _NON_MLP + (
     f"{_QWEN_MOE}.experts.{{expert}}.down_proj.weight",
 ) + (
     Rule(f"{_MOE}.shared_experts.linear_fc1.weight",
-         (f"{_SHARED}.gate_proj.weight", f"{_SHARED}.up_proj.weight"), "gate_up"),
+         (f"{_SHARED}.gate_proj.weight", f"{_SHARED}.up_proj.weight"), GATE_UP),
     Rule(f"{_MOE}.shared_experts.linear_fc2.weight", f"{_SHARED}.down_proj.weight"),
     # sigmoid(x . w) scales the shared expert's output: Megatron-Core's shared expert gate.
     Rule(f"{_MOE}.shared_experts.gate_weight", f"{_QWEN_MOE}.shared_expert_gate.weight"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.derived import Derived, activation, with_bias
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import (
@@ -21,6 +20,7 @@ from megatron_patch.models.spec import (
     tie_word_embeddings,
     untied,
 )
+from megatron_patch.models.weight_rules import QKV, VOCAB, Rule
 
 _D = "model.decoder"
 _H, _M = f"{_D}.layers.{{layer}}", "decoder.layers.{layer}"
@@ -69,17 +69,17 @@ OPT = register(
                    "layernorm_epsilon": 1e-5, "position_embedding_type": "learned_absolute",
                    "position_offset": OPT_POSITION_OFFSET},
         weights=(
-            Rule("embedding.word_embeddings.weight", f"{_D}.embed_tokens.weight", "vocab"),
+            Rule("embedding.word_embeddings.weight", f"{_D}.embed_tokens.weight", VOCAB),
             Rule("embedding.position_embeddings.weight", f"{_D}.embed_positions.weight"),
             *with_bias(f"{_M}.input_layernorm", f"{_H}.self_attn_layer_norm"),
-            Rule(f"{_M}.self_attention.linear_qkv.weight", _qkv("weight"), "qkv"),
-            Rule(f"{_M}.self_attention.linear_qkv.bias", _qkv("bias"), "qkv", when=_bias),
+            Rule(f"{_M}.self_attention.linear_qkv.weight", _qkv("weight"), QKV),
+            Rule(f"{_M}.self_attention.linear_qkv.bias", _qkv("bias"), QKV, when=_bias),
             *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.self_attn.out_proj", _bias),
             *with_bias(f"{_M}.pre_mlp_layernorm", f"{_H}.final_layer_norm"),
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.fc1", _bias),
             *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.fc2", _bias),
             *with_bias("decoder.final_layernorm", f"{_D}.final_layer_norm"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
+            Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),
         validate=_validate,
         requires={

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_REQUIRES, LLAMA_WEIGHTS
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import FamilySpec
+from megatron_patch.models.weight_rules import QKV, Rule
 
 _ATTN = "model.layers.{layer}.self_attn"
 
 QKV_BIAS = Rule("decoder.layers.{layer}.self_attention.linear_qkv.bias",
-                (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"), "qkv")
+                (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"), QKV)
 
 QK_NORM = (
     Rule("decoder.layers.{layer}.self_attention.q_layernorm.weight", f"{_ATTN}.q_norm.weight"),

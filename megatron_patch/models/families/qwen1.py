@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import (
     ConfigField,
@@ -25,6 +24,7 @@ from megatron_patch.models.spec import (
     tie_word_embeddings,
     untied,
 )
+from megatron_patch.models.weight_rules import GATE_UP, QKV_CONCAT, VOCAB, Rule
 
 _H = "transformer.h.{layer}"
 
@@ -56,21 +56,21 @@ QWEN1 = register(
         ),
         constants={"add_qkv_bias": True},
         weights=(
-            Rule("embedding.word_embeddings.weight", "transformer.wte.weight", "vocab"),
+            Rule("embedding.word_embeddings.weight", "transformer.wte.weight", VOCAB),
             Rule("decoder.layers.{layer}.input_layernorm.weight", f"{_H}.ln_1.weight"),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-                 f"{_H}.attn.c_attn.weight", "qkv_concat"),
+                 f"{_H}.attn.c_attn.weight", QKV_CONCAT),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.bias",
-                 f"{_H}.attn.c_attn.bias", "qkv_concat"),
+                 f"{_H}.attn.c_attn.bias", QKV_CONCAT),
             Rule("decoder.layers.{layer}.self_attention.linear_proj.weight",
                  f"{_H}.attn.c_proj.weight"),
             Rule("decoder.layers.{layer}.pre_mlp_layernorm.weight", f"{_H}.ln_2.weight"),
             # Megatron's linear_fc1 is [gate; up]: w2 (inside the silu), then w1.
             Rule("decoder.layers.{layer}.mlp.linear_fc1.weight",
-                 (f"{_H}.mlp.w2.weight", f"{_H}.mlp.w1.weight"), "gate_up"),
+                 (f"{_H}.mlp.w2.weight", f"{_H}.mlp.w1.weight"), GATE_UP),
             Rule("decoder.layers.{layer}.mlp.linear_fc2.weight", f"{_H}.mlp.c_proj.weight"),
             Rule("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(False)),
+            Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(False)),
         ),
         requires={
             # no_bias=False puts biases on w1, w2 and both c_proj as well.

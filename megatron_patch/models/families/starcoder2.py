@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.convert.mapping import Rule
 from megatron_patch.models.families.derived import with_bias
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import (
@@ -16,6 +15,7 @@ from megatron_patch.models.spec import (
     tie_word_embeddings,
     untied,
 )
+from megatron_patch.models.weight_rules import QKV, VOCAB, Rule
 
 _L = "model.layers.{layer}"
 _M = "decoder.layers.{layer}"
@@ -60,20 +60,20 @@ STARCODER2 = register(
         constants={"normalization": "LayerNorm", "activation": "gelu_tanh",
                    "gated_linear_unit": False},
         weights=(
-            Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab"),
+            Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
             *with_bias(f"{_M}.input_layernorm", f"{_L}.input_layernorm"),
             Rule(f"{_M}.self_attention.linear_qkv.weight",
                  (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight"),
-                 "qkv"),
+                 QKV),
             Rule(f"{_M}.self_attention.linear_qkv.bias",
                  (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
-                 "qkv", when=_bias),
+                 QKV, when=_bias),
             *with_bias(f"{_M}.self_attention.linear_proj", f"{_ATTN}.o_proj", _bias),
             *with_bias(f"{_M}.pre_mlp_layernorm", f"{_L}.post_attention_layernorm"),
             *with_bias(f"{_M}.mlp.linear_fc1", f"{_L}.mlp.c_fc", _bias),
             *with_bias(f"{_M}.mlp.linear_fc2", f"{_L}.mlp.c_proj", _bias),
             *with_bias("decoder.final_layernorm", "model.norm"),
-            Rule("output_layer.weight", "lm_head.weight", "vocab", when=untied(True)),
+            Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),
         requires={"hidden_act": lambda v: v == "gelu_pytorch_tanh"},
         validate=_validate,

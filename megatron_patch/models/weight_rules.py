@@ -1,11 +1,12 @@
 """Declarative weight mappings between Hugging Face and Megatron-Core tensor names.
 
-A family lists `Rule`s: a Megatron-Core name pattern, the HF name pattern(s) it comes from, and
-the kind of transform between them. `{layer}` in a pattern stands for the decoder layer index and
-`{expert}` for the (global) expert index of a mixture-of-experts layer.
-Rules describe the unsharded (TP=1, PP=1) model; sharding for any TP/PP/EP is left to
-Megatron-Core's own `sharded_state_dict`, so a mapping can never disagree with how megatron
-splits a tensor.
+This is how a family describes its weights (the language of `models/families/`); the conversion
+engine (`convert/`) applies it. A family lists `Rule`s: a Megatron-Core name pattern, the HF name
+pattern(s) it comes from, and the named transform between them (`COPY`, `VOCAB`, `QKV`, ...).
+`{layer}` in a pattern stands for the decoder layer index and `{expert}` for the (global) expert
+index of a mixture-of-experts layer. Rules describe the unsharded (TP=1, PP=1) model; sharding
+for any TP/PP/EP is left to Megatron-Core's own `sharded_state_dict`, so a mapping can never
+disagree with how megatron splits a tensor.
 """
 
 from __future__ import annotations
@@ -78,61 +79,10 @@ def merge_kv(fused: torch.Tensor, dims: Dims) -> torch.Tensor:
     return torch.cat([q, kv[:, 0]], dim=1).reshape(-1, *rest)
 
 
-def row_origins(fn: Callable[[list[torch.Tensor]], Any],
-                shapes: list[tuple[int, ...]]) -> list[list[tuple[int | None, int, int]]] | None:
-    """Where each row (along dim 0) of each of fn's outputs comes from, where fn only moves
-    whole rows of its inputs (of `shapes`) and adds zero rows, as every transform here does
-    (they keep the trailing dimensions as they find them): for each output, blocks of
-    (input index, or None for zero rows; first row; number of rows). Found by running fn on
-    row numbers, twice, numbered from two different starts; None where it fails, gives back
-    anything but row numbers, or the two runs disagree (fn computed with the numbers)."""
-    if not shapes or any(len(shape) == 0 for shape in shapes):
-        return None
-    total = sum(shape[0] for shape in shapes)
-    probes = [_row_probe(fn, shapes, first) for first in (1, total + 1)]
-    return probes[0] if probes[0] is not None and probes[0] == probes[1] else None
-
-
-def _row_probe(fn: Callable[[list[torch.Tensor]], Any], shapes: list[tuple[int, ...]],
-               first_id: int) -> list[list[tuple[int | None, int, int]]] | None:
-    starts, ids, base = [], [], first_id  # id 0 marks a zero row
-    for shape in shapes:
-        starts.append(base)
-        ids.append(torch.arange(base, base + shape[0]).reshape(shape[0], *[1] * (len(shape) - 1)))
-        base += shape[0]
-    try:
-        outputs = fn(ids)
-    except (RuntimeError, ValueError, IndexError):
-        return None
-    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
-    bounds = torch.tensor(starts)
-    origins = []
-    for out in outputs:
-        if (not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.dim() == 0
-                or any(n != 1 for n in out.shape[1:])):
-            return None
-        rows = out.reshape(-1)
-        if bool(((rows != 0) & ((rows < first_id) | (rows >= base))).any()):
-            return None
-        source = torch.bucketize(rows, bounds, right=True) - 1  # -1 for zero rows
-        prev_rows, prev_source = torch.roll(rows, 1), torch.roll(source, 1)
-        continues = torch.where(rows == 0, prev_rows == 0,
-                                (rows == prev_rows + 1) & (source == prev_source))
-        if len(rows):
-            continues[0] = False
-        breaks = continues.logical_not().nonzero().flatten().tolist() + [len(rows)]
-        blocks: list[tuple[int | None, int, int]] = []
-        for begin, end in zip(breaks[:-1], breaks[1:], strict=True):
-            j = int(source[begin])
-            blocks.append((None, 0, end - begin) if j < 0
-                          else (j, int(rows[begin]) - starts[j], end - begin))
-        origins.append(blocks)
-    return origins
-
-
 class Transform:
     """Turns the HF tensors of one rule into the Megatron tensor, and back. Transforms only
-    move whole rows (dim 0) and add zero rows; `row_origins` relies on it."""
+    move whole rows (dim 0) and add zero rows; the conversion fast path (convert/fast_path.py,
+    `row_origins`) relies on it."""
 
     def to_megatron(self, hf: list[torch.Tensor], dims: Dims) -> torch.Tensor:
         raise NotImplementedError
@@ -248,21 +198,20 @@ class GateUp(Concat):
         return [gate.contiguous(), up.contiguous()]
 
 
-TRANSFORMS: dict[str, Transform] = {
-    "copy": Copy(),
-    "vocab": Vocab(),
-    "qkv": FuseQKV(),
-    "qkv_concat": ConcatQKV(),
-    "qkv_grouped": GroupedQKV(),
-    "gate_up": GateUp(),
-}
+# The transforms a family's rules name.
+COPY = Copy()
+VOCAB = Vocab()
+QKV = FuseQKV()  # separate q, k, v
+QKV_CONCAT = ConcatQKV()  # one HF tensor [all q; all k; all v]
+QKV_GROUPED = GroupedQKV()  # one HF tensor already grouped per KV group
+GATE_UP = GateUp()  # separate gate and up projections
 
 
 @dataclass(frozen=True)
 class Rule:
     megatron: str
     hf: tuple[str, ...] | str
-    kind: str = "copy"
+    transform: Transform = COPY
     # Whether the rule applies to a given HF config (e.g. an untied lm_head).
     when: Callable[[dict[str, Any]], bool] | None = None
 
@@ -286,8 +235,9 @@ def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
     ranges = {"layer": range(num_layers), "expert": range(num_experts or 0)}
     bindings = []
     for rule in rules:
-        if rule.kind not in TRANSFORMS:
-            raise ValueError(f"rule for {rule.megatron}: unknown transform kind {rule.kind!r}")
+        if not isinstance(rule.transform, Transform):
+            raise ValueError(f"rule for {rule.megatron}: {rule.transform!r} is not a transform "
+                             "(models/weight_rules.py: COPY, VOCAB, QKV, QKV_CONCAT, ...)")
         if rule.when is not None and not rule.when(hf_config):
             continue
         keys = [k for k in ranges if "{" + k + "}" in rule.megatron]
@@ -304,7 +254,7 @@ def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
                 Binding(
                     megatron=rule.megatron.format(**fmt),
                     hf=tuple(name.format(**fmt) for name in rule.hf_names()),
-                    transform=TRANSFORMS[rule.kind],
+                    transform=rule.transform,
                 )
             )
     return bindings
