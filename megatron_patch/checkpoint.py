@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from megatron_patch.errors import read_json
+
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatron_patch.json"
 HF_DIR = "hf"
@@ -47,8 +49,11 @@ def read_meta(root: str) -> CheckpointMeta:
     path = os.path.join(root, META)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {root} is not a megatron-patch checkpoint")
-    with open(path) as f:
-        return CheckpointMeta(**json.load(f))
+    meta = read_json(path)
+    try:
+        return CheckpointMeta(**meta)
+    except TypeError as e:
+        raise ValueError(f"{path}: not a megatron-patch checkpoint description ({e})") from e
 
 
 def copy_metadata(src_root: str, dst_root: str) -> None:
@@ -130,8 +135,20 @@ def load(root: str, sharded_state_dict: dict[str, Any],
          iteration: int | str | None = None) -> dict[str, Any]:
     """Load the given (or latest) iteration into the layout `sharded_state_dict` describes."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    return dist_checkpointing.load(sharded_state_dict, existing_iteration_dir(root, iteration))
+    from megatron_patch.convert.distcp import check_storage_files
+
+    path = existing_iteration_dir(root, iteration)
+    check_storage_files(path)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, path)
+    except CheckpointException as e:
+        # Each rank's failure comes wrapped with its traceback; the exception says what broke.
+        failure = next(iter(e.failures.values()), None)
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        raise ValueError(f"{path}: cannot load the checkpoint, a .distcp file is corrupt "
+                         f"({type(cause).__name__}: {cause})") from e
 
 
 def existing_iteration_dir(root: str, iteration: int | str | None = None) -> str:

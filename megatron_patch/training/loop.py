@@ -540,12 +540,19 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     from megatron_patch.training.arguments import parse_args
 
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with validated flags (`arguments.validate`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(parse_args(argv))
+    trainer = Trainer(args)
     trainer.train()
     parallel.destroy()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from megatron_patch import errors
+
+    raise SystemExit(errors.run_main("megatron-patch train", main, output=None))
