@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_patch.errors import nonnegative_int, positive_int
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -149,14 +151,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input-file", required=True,
                         help="JSON lines with `prompt`, `query`, `instruction` or `messages`")
     parser.add_argument("--output-file", required=True)
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--micro-batch-size", type=int, default=4, help="prompts per batch")
-    parser.add_argument("--max-input-length", type=int, default=None,
+    parser.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--micro-batch-size", type=positive_int, default=4,
+                        help="prompts per batch")
+    parser.add_argument("--max-input-length", type=positive_int, default=None,
                         help="keep only the last this-many prompt tokens")
-    parser.add_argument("--max-new-tokens", "--out-seq-length", type=int, default=128,
-                        dest="max_new_tokens")
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", "--out-seq-length", type=nonnegative_int,
+                        default=128, dest="max_new_tokens")
+    parser.add_argument("--top-k", type=nonnegative_int, default=0)
     parser.add_argument("--top-p", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -169,6 +172,17 @@ def add_arguments(parser) -> None:
                         help="HF tokenizer directory (default: the checkpoint's)")
 
 
+def check_sampling_flags(args) -> None:
+    """Refuse what transformers' logits processors refuse (top_p = 0 stays Megatron-LM's "off")."""
+    if not 0.0 <= args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1] (or 0: off), got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be a positive number, got "
+                         f"{args.repetition_penalty}")
+    if args.temperature <= 0 and sampling_params(args).do_sample:
+        raise ValueError(f"--temperature must be positive when sampling, got {args.temperature}")
+
+
 def sampling_params(args) -> SamplingParams:
     """Megatron-LM's convention: top_k = 0 and top_p = 0 mean greedy; top_p = 0 means off."""
     greedy = args.greedy or (args.top_k == 0 and args.top_p == 0.0)
@@ -179,6 +193,7 @@ def sampling_params(args) -> SamplingParams:
 
 def run(args) -> int:
     """Generate completions for a JSON-lines prompt file (run under torchrun for TP > 1)."""
+    check_sampling_flags(args)
     import json
     import os
 
@@ -222,9 +237,11 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.generation")
+    from megatron_patch.errors import ArgumentParser, run_main
+
+    parser = ArgumentParser(prog="megatron-patch generate")
     add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sys.exit(run_main("megatron-patch generate", lambda: run(parser.parse_args())))
