@@ -39,9 +39,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from megatron_patch.training import arguments, loop
+    from megatron_patch.training import arguments
 
-    return loop.run(arguments.validate(args))
+    args = arguments.validate(args)  # before importing megatron-core, which takes seconds
+    from megatron_patch.training import loop
+
+    return loop.run(args)
 
 
 def _preprocess(args: argparse.Namespace) -> int:
@@ -152,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     # Our own progress at INFO; other libraries' chatter (megatron-core's import notices) hidden.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron_patch").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, as argparse's top level would not
+        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: "
+                       f"{' '.join(unknown)} (--help lists the flags)\n")
     if args.debug:
         os.environ[errors.DEBUG_ENV] = "1"  # also for the processes this command starts
     output = getattr(args, OUTPUTS.get(args.command, ""), None)

@@ -205,12 +205,12 @@ def run(args) -> int:
 
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
+    records, _ = read_records(args.input_file, check=validate_prompt)  # bad input before work
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model, meta = from_checkpoint(args.load, params_dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))
-    records, _ = read_records(args.input_file, check=validate_prompt)
     params = sampling_params(args)
     eos = [tok.eos_token_id]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
