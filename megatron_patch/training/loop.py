@@ -555,4 +555,4 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     from megatron_patch import errors
 
-    raise SystemExit(errors.run_main("megatron-patch train", main, output=None))
+    raise SystemExit(errors.run_main("megatron-patch train", main))
