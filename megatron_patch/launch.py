@@ -10,8 +10,10 @@ error (rank 0) and torchrun's own report of the failure (a wall of tracebacks) i
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -34,6 +36,24 @@ GENERATE_FIELDS = (
 ).split()
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux's PR_SET_PDEATHSIG):
+    torchrun's workers, and torchrun under this launcher, must not outlive the process that
+    started them (orphaned workers went on training and saving checkpoints). Elsewhere a
+    no-op. (A worker whose torchrun died before this cannot join the process group: torchrun
+    holds its rendezvous store.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _bool(name: str, value: str) -> bool:
@@ -253,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     print("+ " + shlex.join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=env, preexec_fn=exit_with_parent)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     mcore_to_pyt_state_dict,
 )
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
+from megatron_patch import checkpoint
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, address_of
 from megatron_patch.errors import read_json
 
@@ -183,44 +184,14 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def read_metadata(path: str) -> Any:
-    """The DCP .metadata of a checkpoint directory; an unreadable one fails naming it."""
-    try:
-        return FileSystemReader(path).read_metadata()
-    except OSError:
-        raise
-    except Exception as e:  # a truncated or corrupt pickle raises any of several kinds
-        raise ValueError(f"{os.path.join(path, '.metadata')}: unreadable or corrupt "
-                         f"({type(e).__name__}: {e})") from e
-
-
-def check_storage_files(path: str, metadata: Any = None) -> None:
-    """Refuse a checkpoint directory whose .distcp files are missing or shorter than its
-    .metadata says (a truncated copy), naming the file."""
-    if metadata is None:
-        metadata = read_metadata(path)
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                         info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            raise FileNotFoundError(f"{full}: missing (named by {path}/.metadata)")
-        held = os.path.getsize(full)
-        if held < size:
-            raise ValueError(f"{full}: truncated: {held} bytes, the checkpoint's .metadata "
-                             f"needs {size}")
-
-
 class MappedCheckpoint:
     """The chunks of one checkpoint directory (`release/` or `iter_N/`), mapped read-only."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.backend = read_json(os.path.join(path, "metadata.json")).get("sharded_backend")
-        self.metadata = read_metadata(path)
-        check_storage_files(path, self.metadata)
+        self.metadata = checkpoint.read_dcp_metadata(path)  # not DCP's: it unpickles anything
+        checkpoint.check_storage_files(path, self.metadata)
         self._maps: dict[str, mmap.mmap] = {}
         # Chunks handed out are views of these mappings: a writer can copy them from the files.
         self.regions = FileRegions()

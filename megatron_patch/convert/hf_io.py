@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from megatron_patch import checkpoint
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, tensor_bytes
 from megatron_patch.errors import read_json
 
@@ -93,6 +96,8 @@ class HFCheckpointReader:
                     # mmap: tensors are paged in when read, not all at once.
                     self._open[file] = torch.load(full, map_location="cpu", mmap=True,
                                                   weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise checkpoint.refused_pickle(full, "its tensors", e) from None
             except OSError:
                 raise
             except Exception as e:  # safetensors and torch.load each raise their own kinds
@@ -235,22 +240,37 @@ def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Te
     return files
 
 
-def staging_dir(out_dir: str) -> str:
-    """Where to build an output directory before `publish` moves it into place: OUT.partial,
-    emptied. Refuses an out_dir that exists with something in it (nothing is overwritten)."""
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output directory that exists with something in it: nothing is overwritten."""
+    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir} exists and is not empty: give a new output directory")
+
+
+@contextmanager
+def staged(out_dir: str) -> Iterator[str]:
+    """Build out_dir in OUT.partial (made with its marker by checkpoint.make_staging: one that
+    is not ours is refused, never deleted) and move it into place in one rename once the block
+    completes: an interrupted write never leaves a complete-looking out_dir. On an error the
+    staging directory, ours, is removed (a full disk needs the space back) and a failed write
+    names out_dir. Refuses an out_dir that exists with something in it."""
+    check_output_dir(out_dir)
     staging = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
-
-
-def publish(staging: str, out_dir: str) -> None:
-    """Move a complete staging directory to out_dir in one rename: an interrupted write leaves
-    only OUT.partial, never a complete-looking out_dir."""
+    checkpoint.make_staging(staging)
+    try:
+        yield staging
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno is None:
+            raise
+        # OSError(errno, ...) is the subclass of that errno, as the original was.
+        raise OSError(e.errno, f"writing {out_dir} failed, nothing was published: "
+                               f"{e.strerror or e}", e.filename) from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if os.path.exists(out_dir):
-        os.rmdir(out_dir)
-    os.replace(staging, out_dir)
+        os.rmdir(out_dir)  # empty (checked above): the rename replaces it
+    checkpoint.publish_staging(staging, out_dir)
 
 
 def copy_non_weight_files(src: str, dst: str) -> list[str]:

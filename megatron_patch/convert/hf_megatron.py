@@ -216,7 +216,9 @@ def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.
 def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
                    tensor_model_parallel_size: int = 1, extra_vocab_size: int = 0,
                    params_dtype: torch.dtype | None = None) -> checkpoint.CheckpointMeta:
-    """Convert an HF model directory into a Megatron-Core checkpoint that loads at any TP/PP."""
+    """Convert an HF model directory into a Megatron-Core checkpoint that loads at any TP/PP.
+    out_dir must not exist or be empty; it appears only once complete."""
+    hf_io.check_output_dir(out_dir)
     hf_config = load_hf_config(hf_dir)
     family = family_for(hf_config)
     args = family.model_args(hf_config)
@@ -266,19 +268,20 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
             _fill_parts(parts[name], params[name], tensor.to(dtype))
             bar.update(tensor.numel() * dtype.itemsize)
 
-    os.makedirs(out_dir, exist_ok=True)
-    hf_io.copy_non_weight_files(hf_dir, os.path.join(out_dir, checkpoint.HF_DIR))
     meta = checkpoint.CheckpointMeta(
         architecture=hf_config["architectures"][0], vocab_size=args.vocab_size,
         padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
     )
-    checkpoint.write_meta(out_dir, meta)
-    # Input tensors that go out unchanged are copied from the input files (file_regions).
-    try:
-        checkpoint.save(out_dir, "release", state,
-                        sharded_strategy=distcp.UnsyncedSave(regions=reader.regions))
-    finally:
-        reader.close()
+    # Everything is built in the staging directory, weights first, and appears in one rename.
+    with hf_io.staged(out_dir) as staging:
+        # Input tensors that go out unchanged are copied from the input files (file_regions).
+        try:
+            checkpoint.save(staging, "release", state,
+                            sharded_strategy=distcp.UnsyncedSave(regions=reader.regions))
+        finally:
+            reader.close()
+        hf_io.copy_non_weight_files(hf_dir, os.path.join(staging, checkpoint.HF_DIR))
+        checkpoint.write_meta(staging, meta)
     log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
     return meta
 
@@ -291,7 +294,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     ("5GB" is 5 * 10**9 bytes). The default "5GB" is transformers 4.x's save_pretrained
     default; 5.x's is "50GB", which keeps models up to ~25B fp16 parameters in one file.
     """
-    staging = hf_io.staging_dir(out_dir)
+    hf_io.check_output_dir(out_dir)
+    # Its pickles are verified before anything reads them.
+    stored_dir = checkpoint.existing_iteration_dir(ckpt_dir, iteration)
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     family = family_for(hf_config)
@@ -307,7 +312,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
     bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
 
-    stored = distcp.MappedCheckpoint(checkpoint.existing_iteration_dir(ckpt_dir, iteration))
+    stored = distcp.MappedCheckpoint(stored_dir)
     mapped = _mapped_parts(stored, model, params, dtype)
     if mapped is not None:
         tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, dtype,
@@ -316,14 +321,14 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
         checkpoint.load_model(ckpt_dir, model, iteration)
         tensors = engine.megatron_to_hf(bindings, dims, lambda n: params[n].detach(), expected_hf)
 
-    hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
-    _ensure_generation_config(staging, hf_config)
-    total = sum(p.numel() * dtype.itemsize for p in params.values())
-    with _progress(total, "megatron->hf") as bar:
-        with stored.regions:  # stored chunks go out unchanged: copied from the files
-            files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
-                                                   regions=stored.regions)
-    hf_io.publish(staging, out_dir)
+    with hf_io.staged(out_dir) as staging:
+        hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
+        _ensure_generation_config(staging, hf_config)
+        total = sum(p.numel() * dtype.itemsize for p in params.values())
+        with _progress(total, "megatron->hf") as bar:
+            with stored.regions:  # stored chunks go out unchanged: copied from the files
+                files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
+                                                       regions=stored.regions)
     return files
 
 

@@ -19,6 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take the learning-rate schedule (--lr, --min-lr, "
+                        "--lr-decay-style, warmup and decay lengths, weight decay) from the "
+                        "command line instead of the checkpoint")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's learning-rate schedule whatever the "
+                        "command line says (default: a difference is refused)")
+    g.add_argument("--overwrite-checkpoints", action="store_true",
+                   help="let --save replace checkpoints of iterations after the one this run "
+                        "starts from (default: refused)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
@@ -101,7 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=positive_int, default=1000)
     g.add_argument("--eval-iters", type=nonnegative_int, default=10)
 
-    g = p.add_argument_group("model from scratch (ignored when --load gives the architecture)")
+    g = p.add_argument_group("model from scratch (with --load, any given must agree with the "
+                             "checkpoint's architecture)")
     g.add_argument("--num-layers", type=positive_int)
     g.add_argument("--hidden-size", type=positive_int)
     g.add_argument("--ffn-hidden-size", type=positive_int)
@@ -110,7 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=positive_int, default=None)
     g.add_argument("--max-position-embeddings", type=positive_int, default=None)
     g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="LayerNorm")
+    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default=None,
+                   help="from scratch: default LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
@@ -159,6 +171,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
         raise ValueError(f"--split {args.split}: give up to three train,valid,test weights, "
                          "none negative, with a positive sum (e.g. 98,2,0)")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
+                         "are exclusive")
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive")
     if args.seq_length is None:
