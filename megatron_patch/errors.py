@@ -101,11 +101,13 @@ def report(prog: str, exc: BaseException, *, output: str | None = None,
     debug = debug_requested(argv)
     if not expected and not debug:
         line += f" ({DEBUG_ENV}=1 or --debug shows the traceback)"
-    _write_error_file(line)
     if rank() == 0 or debug:
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
         print(line, file=sys.stderr, flush=True)
+    # After printing: torchrun may stop this rank any moment once another one failed, and the
+    # launcher prints a line itself unless rank 0's error file says it was printed.
+    _write_error_file(line)
     return 2 if expected else 1
 
 
