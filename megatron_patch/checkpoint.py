@@ -374,7 +374,7 @@ def load_model(root: str, model, iteration: int | str | None = None) -> None:
     apply_factories(sharded)
     # Recorded before loading: the loader replaces the ShardedTensors with what it read.
     targets = [(path, sh.data) for path, sh in _sharded_tensors(sharded)]
-    _check_targets_cover(model, [t for _, t in targets], root)
+    check_targets_cover(model, [t for _, t in targets], root)
     loaded = load(root, {"model": sharded}, iteration)["model"]
     with torch.no_grad():
         for path, target in targets:
@@ -389,9 +389,10 @@ def load_model(root: str, model, iteration: int | str | None = None) -> None:
                 target.copy_(value)
 
 
-def _check_targets_cover(model, targets: list[torch.Tensor], root: str) -> None:
+def check_targets_cover(model, targets: list[torch.Tensor], root: str) -> None:
     """Every tensor of the model's state must be loaded into: the memory of each is covered by
-    the targets (views of the model's parameters, each contiguous) taken together."""
+    the targets (views of the model's parameters, each contiguous) taken together. `root`: the
+    source named in the error."""
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
                    for t in targets if t.is_contiguous())
 

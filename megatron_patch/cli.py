@@ -11,8 +11,11 @@ from megatron_patch import errors
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from megatron_patch.convert import hf_megatron
+    from megatron_patch.convert import hf_megatron, megatron_lm
 
+    if args.direction == "import-megatron" or (
+            args.direction == "megatron-to-hf" and megatron_lm.is_megatron_lm_checkpoint(args.src)):
+        return megatron_lm.run(args)
     if args.direction == "hf-to-megatron":
         import torch
 
@@ -78,6 +81,7 @@ def _extend_vocab(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_patch import generation, tiny, verify, vocab
+    from megatron_patch.convert import megatron_lm
     from megatron_patch.data import preprocess
     from megatron_patch.training import arguments
 
@@ -85,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron-Core")
-    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
-    convert.add_argument("src", help="HF model directory, or Megatron checkpoint directory")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf",
+                                               "import-megatron"],
+                         help="import-megatron: a Megatron-LM checkpoint (legacy or torch_dist) "
+                              "-> a megatron-patch checkpoint")
+    convert.add_argument("src", help="HF model directory, or Megatron checkpoint directory "
+                                     "(megatron-patch's, or Megatron-LM's)")
     convert.add_argument("dst", help="output directory")
     convert.add_argument("--make-vocab-size-divisible-by", type=errors.positive_int, default=128)
     convert.add_argument("--tensor-model-parallel-size", type=errors.positive_int, default=1,
@@ -101,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "transformers 4.x's save_pretrained default; 5.x uses 50GB)")
     convert.add_argument("--iteration", default=None,
                          help="export this iteration instead of the latest")
+    megatron_lm.add_arguments(convert)
     convert.set_defaults(func=_convert)
 
     check = sub.add_parser("verify", help="compare a converted checkpoint with the HF model "

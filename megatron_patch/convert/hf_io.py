@@ -117,6 +117,10 @@ class HFCheckpointReader:
     def files(self) -> list[str]:
         return sorted(set(self._where.values()))
 
+    def file_of(self, name: str) -> str:
+        """The file (relative to the directory) that stores tensor `name`."""
+        return self._where[name]
+
     def names(self) -> list[str]:
         return list(self._where)
 

@@ -68,6 +68,17 @@ def hf_expected_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]] 
     return shapes
 
 
+def check_hf_source(reader: hf_io.HFCheckpointReader, hf_config: dict[str, Any],
+                    bindings: list[Binding], ignore: tuple[str, ...]) -> None:
+    """Name accounting on the HF side (it needs no model), and the shapes transformers expects."""
+    hf_names = reader.names()
+    engine.check_names(bindings, source=hf_names, target=[b.megatron for b in bindings],
+                       direction="hf->megatron", ignore=ignore)
+    expected_hf = hf_expected_shapes(hf_config)
+    if expected_hf is not None:
+        engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, reader.path)
+
+
 def _single_process_model(args: ModelArgs, hf_config: dict[str, Any], dtype: torch.dtype,
                           padded_vocab_size: int):
     """An unsharded model whose parameters act as the schema (names, shapes) of the checkpoint."""
@@ -227,13 +238,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     reader = hf_io.HFCheckpointReader(hf_dir)
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
-    # Name accounting on the HF side first: it needs no model.
-    engine.check_names(bindings, source=hf_names,
-                       target=[b.megatron for b in bindings], direction="hf->megatron",
-                       ignore=family.hf_ignore)
-    expected_hf = hf_expected_shapes(hf_config)
-    if expected_hf is not None:
-        engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, hf_dir)
+    check_hf_source(reader, hf_config, bindings, family.hf_ignore)
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
 
     model = _single_process_model(args, hf_config, dtype, padded)
@@ -306,11 +311,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     model = _single_process_model(args, hf_config, dtype, meta.padded_vocab_size)
     params = _parameters(model)
 
-    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
-    expected_hf = hf_expected_shapes(hf_config)
-    target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
-    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
-    bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
+    bindings, expected_hf = export_bindings(family, args, hf_config, params)
 
     stored = distcp.MappedCheckpoint(stored_dir)
     mapped = _mapped_parts(stored, model, params, dtype)
@@ -330,6 +331,19 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
                 files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
                                                        regions=stored.regions)
     return files
+
+
+def export_bindings(family, args: ModelArgs, hf_config: dict[str, Any],
+                    params: dict[str, torch.Tensor]) -> tuple[
+                        list[Binding], dict[str, tuple[int, ...]] | None]:
+    """The export's bindings, checked by name against the model's parameters and the HF
+    tensors transformers expects, in save_pretrained's order; and those expected shapes."""
+    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
+    expected_hf = hf_expected_shapes(hf_config)
+    target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
+    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
+    return _in_save_order(bindings, None if expected_hf is None else list(expected_hf)), (
+        expected_hf)
 
 
 def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torch.Tensor],
