@@ -401,7 +401,10 @@ def test_readme_command_lines(llama_models, tmp_path):
     recorder = _write(str(tmp_path / "record.sh"),
                       '#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\n')
     os.chmod(recorder, 0o755)
-    entry = shutil.which("megatron-patch") or pytest.fail("megatron-patch is not installed")
+    # The entry point installed beside this interpreter (scripts/test.sh runs .venv/bin/python
+    # without activating the venv, so PATH may not have it).
+    entry = (shutil.which("megatron-patch", path=os.path.dirname(sys.executable))
+             or pytest.fail(f"megatron-patch is not installed beside {sys.executable}"))
     for command in commands:
         argv = shlex.split(command)
         if argv[0] == "bash":
