@@ -10,42 +10,57 @@ import pytest
 from test_training import _make_dataset, _train
 
 
-def _prepare_mixtral(root: str) -> None:
+def _prepare_moe_models(root: str) -> None:
+    """Mixtral (every layer MoE) and Qwen3-MoE (a dense first layer, q/k norms, routing without
+    renormalisation), converted, and one token dataset for both."""
     import torch
     import transformers
 
     from megatron_patch import tiny
     from megatron_patch.convert.hf_megatron import hf_to_megatron
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=96, vocab_size=1000, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=256, router_aux_loss_coef=0.01)
-    hf_dir = os.path.join(root, "hf")
-    transformers.MixtralForCausalLM(config).save_pretrained(hf_dir)
-    tiny.train_tokenizer(hf_dir)
-    hf_to_megatron(hf_dir, os.path.join(root, "mcore"))
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=96, vocab_size=1000,
+                 num_experts_per_tok=2, max_position_embeddings=256, router_aux_loss_coef=0.01)
+    configs = {
+        "mixtral": transformers.MixtralConfig(**shape, num_local_experts=4),
+        "qwen3_moe": transformers.Qwen3MoeConfig(**shape, num_experts=4, head_dim=32,
+                                                 moe_intermediate_size=48, mlp_only_layers=[0],
+                                                 norm_topk_prob=False),
+    }
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        hf_dir = os.path.join(root, name, "hf")
+        model.save_pretrained(hf_dir)
+        tiny.train_tokenizer(hf_dir)
+        hf_to_megatron(hf_dir, os.path.join(root, name, "mcore"))
     _make_dataset(os.path.join(root, "tokens"))
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("mixtral_train"))
-    harness.run(_prepare_mixtral, 1, root)
+def moe_models(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("moe_train"))
+    harness.run(_prepare_moe_models, 1, root)
     return root
+
+
+@pytest.fixture(scope="module")
+def mixtral(moe_models) -> str:
+    return os.path.join(moe_models, "mixtral")
 
 
 def _ep_flags(ep: int) -> tuple:
     return ("--expert-model-parallel-size", str(ep))
 
 
-def test_moe_loss_goes_down_and_ep_does_not_change_it(mixtral):
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_loss_goes_down_and_ep_does_not_change_it(moe_models, family):
     """DP=2 with all experts on each rank vs. DP=2 with the experts split over EP=2: routing is
     dropless, so each token meets the same experts and the curves agree (fp32 reduction order
     only, 1e-5 as in test_training). The load-balancing loss (router_aux_loss_coef 0.01) trains
-    along in both."""
-    ckpt, data = os.path.join(mixtral, "mcore"), os.path.join(mixtral, "tokens")
+    along in both. Qwen3-MoE's dense first layer is data-parallel in both."""
+    ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     dense = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
     split = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
     assert sum(split[-3:]) / 3 < split[0] - 1.0, split
@@ -179,8 +194,10 @@ def test_qwen2_moe_without_qkv_bias():
         assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) is bias
 
 
-def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(mixtral, tmp_path):
-    ckpt, data = os.path.join(mixtral, "mcore"), os.path.join(mixtral, "tokens")
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(moe_models, family,
+                                                                    tmp_path):
+    ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     save = str(tmp_path / "run")
     straight = harness.run(_train, 2, ckpt, data, iters=8, extra=_ep_flags(2))[0]
     first = harness.run(_train, 2, ckpt, data, iters=8, save=save,
@@ -191,3 +208,55 @@ def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(mixtral, tmp_
         harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(1))
     # Weights alone do reshard across EP.
     harness.run(_train, 2, save, data, iters=6, extra=_ep_flags(1) + ("--no-load-optim",))
+
+
+QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 32, "intermediate_size": 96, "vocab_size": 1000, "num_experts": 4,
+             "num_experts_per_tok": 2, "moe_intermediate_size": 48, "hidden_act": "silu",
+             "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+             "use_sliding_window": False, "attention_bias": False}
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({}, None),  # Qwen3-30B-A3B: every layer sparse
+    ({"mlp_only_layers": [0, 2]}, (0, 1, 0, 1)),
+    ({"decoder_sparse_step": 2}, (0, 1, 0, 1)),
+    ({"decoder_sparse_step": 2, "mlp_only_layers": [3]}, (0, 1, 0, 0)),
+])
+def test_qwen3_moe_dense_layers_follow_transformers(changes, pattern):
+    """Layer i is sparse iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+    (transformers' Qwen3MoeDecoderLayer); dense layers map the MLP, sparse ones the experts."""
+    from megatron_patch.convert.mapping import bind
+    from megatron_patch.models import family_for
+
+    config = {**QWEN3_MOE, **changes}
+    family = family_for(config)
+    args = family.model_args(config)
+    assert args.moe_layer_freq == pattern and args.qk_layernorm
+    assert args.moe_router_pre_softmax is False  # norm_topk_prob: softmax over the top-k
+    names = {b.megatron for b in bind(family.weights, config, 4, 4)}
+    for layer, sparse in enumerate(pattern or (1,) * 4):
+        assert (f"decoder.layers.{layer}.mlp.router.weight" in names) == bool(sparse)
+        assert (f"decoder.layers.{layer}.mlp.linear_fc1.weight" in names) != bool(sparse)
+
+
+@pytest.mark.parametrize("key, value", [("use_sliding_window", True), ("attention_bias", True),
+                                        ("num_experts", 0), ("hidden_act", "gelu")])
+def test_qwen3_moe_refuses_what_it_cannot_reproduce(key, value):
+    from megatron_patch.models import family_for
+
+    config = {**QWEN3_MOE, key: value}
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} is not supported")):
+        family_for(config).model_args(config)
+
+
+def test_qwen3_moe_reads_transformers_5_expert_count_alias():
+    from megatron_patch.models import family_for
+
+    config = {k: v for k, v in QWEN3_MOE.items() if k != "num_experts"}
+    config["num_local_experts"] = 8
+    args = family_for(config).model_args(config)
+    assert args.num_moe_experts == 8 and args.moe_router_pre_softmax is False
+    assert family_for({**QWEN3_MOE, "norm_topk_prob": False}).model_args(
+        {**QWEN3_MOE, "norm_topk_prob": False}).moe_router_pre_softmax is True
