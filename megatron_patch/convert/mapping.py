@@ -10,6 +10,7 @@ splits a tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,6 +272,12 @@ class Rule:
 
     def hf_names(self) -> tuple[str, ...]:
         return (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
+
+
+def on_layers(rules: tuple[Rule, ...],
+              on_layer: Callable[[dict[str, Any], int], bool]) -> tuple[Rule, ...]:
+    """`rules` applying only to the layers `on_layer` accepts (see Rule.on_layer)."""
+    return tuple(dataclasses.replace(r, on_layer=on_layer) for r in rules)
 
 
 @dataclass(frozen=True)

@@ -174,8 +174,9 @@ def _mla_spec(core_attention) -> ModuleSpec:
     )
 
     # megatron-core internal: 0.16 sets HAVE_TE when its TE extension module imports, which it
-    # does without Transformer Engine too (TELinear None), then isinstance(x, None) raises.
-    if multi_latent_attention.TELinear is None:
+    # does without Transformer Engine too (TELinear a placeholder, not a class), and then
+    # isinstance(x, TELinear) raises.
+    if not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.HAVE_TE = False
 
     column = tensor_parallel.ColumnParallelLinear
@@ -186,9 +187,17 @@ def _mla_spec(core_attention) -> ModuleSpec:
             linear_q_proj=column, linear_q_down_proj=column, linear_q_up_proj=column,
             linear_kv_down_proj=column, linear_kv_up_proj=column,
             core_attention=core_attention, linear_proj=tensor_parallel.RowParallelLinear,
-            q_layernorm=Norm, kv_layernorm=Norm,
+            q_layernorm=LatentNorm, kv_layernorm=LatentNorm,
         ),
     )
+
+
+class LatentNorm(Norm):
+    """MLA's norms of the query and key-value latents: transformers' DeepSeek builds them with
+    its RMSNorm default eps 1e-6, whatever the config's rms_norm_eps."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(config, hidden_size, eps=1e-6)
 
 
 def needs_local_layers(args: ModelArgs | None) -> bool:

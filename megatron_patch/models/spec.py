@@ -140,6 +140,10 @@ class FamilySpec:
     # The rotary parameters (rope_theta, rope_type, scaling) of a config, for families whose
     # config.json names them differently from Llama's.
     rope_parameters: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # HF tensors that no Megatron-Core parameter holds but that must not be lost (DeepSeek-V3's
+    # multi-token-prediction layer): kept byte for byte beside the converted checkpoint
+    # (hf/UNCONVERTED) and written back on export. A predicate of (HF config, tensor name).
+    hf_kept: Callable[[dict[str, Any], str], bool] | None = None
     # Checks `requires` cannot state (several keys, absent keys): raises ValueError naming them.
     validate: Callable[[dict[str, Any]], None] | None = None
 

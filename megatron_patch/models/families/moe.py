@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_patch.convert.mapping import Rule
+from megatron_patch.convert.mapping import Rule, on_layers
 from megatron_patch.models.families.derived import Derived, either
 from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_REQUIRES, LLAMA_WEIGHTS
 from megatron_patch.models.families.qwen import QK_NORM, QKV_BIAS
@@ -147,10 +147,6 @@ def _qwen3_moe_layer_freq(cfg: dict) -> tuple[int, ...] | None:
     return None if all(pattern) else pattern
 
 
-def _on_layers(rules: tuple[Rule, ...], on_layer) -> tuple[Rule, ...]:
-    return tuple(dataclasses.replace(r, on_layer=on_layer) for r in rules)
-
-
 QWEN3_MOE = register(
     FamilySpec(
         name="qwen3_moe",
@@ -169,8 +165,8 @@ QWEN3_MOE = register(
         ),
         constants={"qk_layernorm": True},
         weights=_NON_MLP + QK_NORM
-        + _on_layers(_DENSE_MLP, lambda c, i: not qwen3_moe_sparse(c, i))
-        + _on_layers(_expert_rules(
+        + on_layers(_DENSE_MLP, lambda c, i: not qwen3_moe_sparse(c, i))
+        + on_layers(_expert_rules(
             f"{_QWEN_MOE}.gate.weight",
             f"{_QWEN_MOE}.experts.{{expert}}.gate_proj.weight",
             f"{_QWEN_MOE}.experts.{{expert}}.up_proj.weight",
