@@ -69,6 +69,7 @@ class SoftcapDotProductAttention(SDPADotProductAttention):
 
     def __init__(self, *args, softcap: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # megatron-core internal: DotProductAttention.scale_mask_softmax, wrapped.
         self.scale_mask_softmax = _SoftcappedSoftmax(self.scale_mask_softmax, softcap)
         self._sdpa_ok = False
 

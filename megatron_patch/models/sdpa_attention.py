@@ -48,8 +48,8 @@ class SDPADotProductAttention(DotProductAttention):
         coeff = self.scale_mask_softmax.scale
         self._sdpa_scale = self.softmax_scale * (coeff if coeff is not None else 1.0)
         self._gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
-        # The window is applied as a mask here (see the module docstring); megatron's softmax
-        # then uses the mask it is given.
+        # megatron-core internal: FusedScaleMaskSoftmax.window_size. The window is applied as a
+        # mask here (see the module docstring); megatron's softmax then uses the mask it is given.
         self._window = self.scale_mask_softmax.window_size
         self.scale_mask_softmax.window_size = None
         self._sdpa_ok = self.softmax_offset is None
