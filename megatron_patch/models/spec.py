@@ -158,7 +158,9 @@ class FamilySpec:
                 )
         values = {f.megatron: f.read(hf_config) for f in self.config_fields}
         args = ModelArgs(**self.constants, **values)
-        if args.position_embedding_type == "rope":
+        # (Multi-latent attention rotates by Megatron-Core's own RoPE / YaRN: checked by its
+        # family.)
+        if args.position_embedding_type == "rope" and args.mla is None:
             params = (self.rope_parameters or rope.rope_parameters)(hf_config)
             rope.check_supported(params, hf_config, self.name)
         return replace(args, kv_replicas=kv_replicas(args.num_attention_heads,
