@@ -277,13 +277,19 @@ def staged(out_dir: str) -> Iterator[str]:
     checkpoint.publish_staging(staging, out_dir)
 
 
+# HF tensors kept beside a converted checkpoint (FamilySpec.hf_kept), in its hf/ directory:
+# copied along with it (training saves too), merged back into the weights on export.
+UNCONVERTED = "unconverted.safetensors"
+
+
 def copy_non_weight_files(src: str, dst: str) -> list[str]:
-    """config.json, generation_config.json, tokenizer files, remote-code .py files ..."""
+    """config.json, generation_config.json, tokenizer files, remote-code .py files ... and
+    UNCONVERTED."""
     os.makedirs(dst, exist_ok=True)
     copied = []
     for name in sorted(os.listdir(src)):
         full = os.path.join(src, name)
-        if os.path.isfile(full) and not WEIGHT_FILE.fullmatch(name):
+        if os.path.isfile(full) and (name == UNCONVERTED or not WEIGHT_FILE.fullmatch(name)):
             shutil.copy2(full, os.path.join(dst, name))
             copied.append(name)
     return copied
