@@ -1,0 +1,150 @@
+"""Everyday use: raw-text generation, quiet logs, Weights & Biases, --use-flash-attn without
+Transformer Engine."""
+
+import argparse
+import json
+import os
+import sys
+
+import harness
+import pytest
+
+from megatron_patch.prompts import escape_line, read_lines
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Raw text to continue; the second spans two lines (escaped in the .txt file), the third holds a
+# backslash that is not an escape.
+RAW_PROMPTS = ["The quick brown fox", "def add(a, b):\n    return", "Numbers: 0 1 2 C:\\Users"]
+NEW_TOKENS = 12
+
+
+# ---- raw-text generation ----------------------------------------------------------------------
+
+def _bos_tokenizer(model_root: str, out_dir: str) -> str:
+    """The model's tokenizer, made to add BOS as Llama's does (the tiny one adds nothing)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def _hf_continuations(model_root: str, tokenizer_dir: str) -> tuple[list[str], list[list[int]]]:
+    """transformers' greedy continuation of each raw prompt, one at a time (no padding)."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(model_root, "hf"),
+                                                           dtype=torch.float32).eval()
+    texts, prompt_ids = [], []
+    for text in RAW_PROMPTS:
+        ids = tok(text, return_tensors="pt").input_ids
+        out = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        prompt_ids.append(ids[0].tolist())
+    return texts, prompt_ids
+
+
+def _generate_file(ckpt: str, tokenizer_dir: str, tp: int, input_file: str, output_file: str,
+                   prompt_format: str = "auto") -> None:
+    from megatron_patch import generation
+
+    parser = argparse.ArgumentParser()
+    generation.add_arguments(parser)
+    args = parser.parse_args([
+        "--load", ckpt, "--tokenizer-model", tokenizer_dir, "--input-file", input_file,
+        "--output-file", output_file, "--tensor-model-parallel-size", str(tp),
+        "--max-new-tokens", str(NEW_TOKENS), "--prompt-format", prompt_format])
+    generation.run(args)
+
+
+def _write_txt(path: str, prompts: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(escape_line(p) + "\n" for p in prompts)
+
+
+def test_raw_text_generation_equals_transformers_at_tp1_and_tp2(llama_models, tmp_path):
+    root = llama_models["llama2"]
+    ckpt = os.path.join(root, "mcore")
+    (tok_dir,) = harness.run(_bos_tokenizer, 1, root, str(tmp_path / "tok"))
+    (expected, prompt_ids), = harness.run(_hf_continuations, 1, root, tok_dir)
+    assert all(ids[0] == 1 for ids in prompt_ids)  # BOS, as the tokenizer adds it
+    assert len({len(ids) for ids in prompt_ids}) == 3  # batched with left padding
+    assert any(expected)  # something was generated
+
+    txt_in = str(tmp_path / "prompts.txt")
+    _write_txt(txt_in, RAW_PROMPTS)
+    with open(txt_in) as f:
+        assert len(f.read().splitlines()) == len(RAW_PROMPTS)  # the newline is escaped
+    for tp in (1, 2):
+        out = str(tmp_path / f"out_tp{tp}.txt")
+        harness.run(_generate_file, tp, ckpt, tok_dir, tp, txt_in, out)
+        assert read_lines(out) == expected, f"TP={tp}"
+
+    # JSON lines with `text` are raw too (auto); the records come back with a completion.
+    jsonl_in, jsonl_out = str(tmp_path / "prompts.jsonl"), str(tmp_path / "out.jsonl")
+    with open(jsonl_in, "w") as f:
+        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(RAW_PROMPTS))
+    harness.run(_generate_file, 1, ckpt, tok_dir, 1, jsonl_in, jsonl_out)
+    with open(jsonl_out) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["id"] for r in rows] == [0, 1, 2]
+    assert [r["completion"] for r in rows] == expected
+
+
+def test_prompt_files_formats_and_errors(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_patch import tiny
+    from megatron_patch.prompts import PromptError, prompt_ids, read_prompts
+
+    tiny.train_tokenizer(str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    txt = tmp_path / "p.txt"
+    txt.write_text("line one\\nline two\\ttab \\\\n kept\nsecond\n", encoding="utf-8")
+    raw = read_prompts(str(txt))
+    assert [p.raw for p in raw] == [True, True]
+    assert raw[0].record["text"] == "line one\nline two\ttab \\n kept"
+    assert prompt_ids(tok, raw[1]) == tok("second")["input_ids"]
+    # chat: the same line becomes the user turn, rendered as SFT renders it (Alpaca here).
+    chat = read_prompts(str(txt), "chat")
+    assert not chat[1].raw
+    rendered = tok.decode(prompt_ids(tok, chat[1]))
+    assert rendered.startswith("Below is an instruction") and "\nsecond\n" in rendered
+
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"text": "a"}\n{"instruction": "b"}\n{"prompt": "c"}\n')
+    assert [p.raw for p in read_prompts(str(jsonl))] == [True, False, False]
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: --prompt-format raw needs"):
+        read_prompts(str(jsonl), "raw")
+    # chat has no use for `text`: it needs a prompt, query, instruction or messages.
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: needs a string `prompt`"):
+        read_prompts(str(jsonl), "chat")
+    empty = tmp_path / "e.txt"
+    empty.write_text("x\n\n")
+    (blank,) = read_prompts(str(empty))[1:]
+    with pytest.raises(PromptError, match=r"e\.txt:2: the prompt is empty"):
+        prompt_ids(tok, blank)
+
+
+def test_generation_launcher_takes_txt_input_and_output(llama_models, tmp_path):
+    ckpt = os.path.join(llama_models["llama2"], "mcore")
+    prompts, completions = str(tmp_path / "in.txt"), str(tmp_path / "out.txt")
+    _write_txt(prompts, RAW_PROMPTS)
+    env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="1")
+    # ... CHECKPOINT_PATH MODEL_SIZE TP BS SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TOP_K
+    # INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE OUTPUT_FILE TOP_P TEMPERATURE REPETITION_PENALTY
+    proc = harness.run_command(
+        ["bash", os.path.join(ROOT, "examples", "llama2", "run_text_generation_megatron_llama.sh"),
+         "dsw", "", ROOT, ckpt, "tiny", "1", "2", "128", "64", "0", "fp32", "0", "64", "6",
+         prompts, completions, "0", "1.0", "1.0"], env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "generated 3/3" in proc.stdout
+    lines = read_lines(completions)
+    assert len(lines) == len(RAW_PROMPTS) and any(lines)
