@@ -26,6 +26,6 @@ setup(
         "psutil>=5.9",
         "tensorboard>=2.10",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.5"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.5", "wandb>=0.16"]},
     entry_points={"console_scripts": ["megatron-patch=megatron_patch.cli:main"]},
 )

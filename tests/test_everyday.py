@@ -148,3 +148,130 @@ def test_generation_launcher_takes_txt_input_and_output(llama_models, tmp_path):
     assert "generated 3/3" in proc.stdout
     lines = read_lines(completions)
     assert len(lines) == len(RAW_PROMPTS) and any(lines)
+
+
+# ---- quiet logs -----------------------------------------------------------------------------
+
+def _log_settings(verbose: bool, level: str | None) -> dict:
+    import logging
+    import warnings
+
+    from megatron_patch import logs
+
+    warnings.resetwarnings()  # a fresh process's filters, not pytest's
+    logs.setup(verbose, level)
+    with warnings.catch_warnings(record=True) as seen:
+        for module in ("megatron.core.optimizer", "torch.distributed.checkpoint", "mine"):
+            warnings.warn_explicit(f"from {module}", UserWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("deprecated", FutureWarning, "x.py", 2, module="torch.x")
+    return {"megatron_info": logging.getLogger(
+                "megatron.core.distributed.param_and_grad_buffer").isEnabledFor(logging.INFO),
+            "megatron_warning": logging.getLogger("megatron.core").isEnabledFor(logging.WARNING),
+            "ours_info": logging.getLogger("megatron_patch.train").isEnabledFor(logging.INFO),
+            "megatron_debug": logging.getLogger("megatron.core").isEnabledFor(logging.DEBUG),
+            "warnings": sorted(str(w.message) for w in seen)}
+
+
+def test_quiet_by_default_verbose_brings_the_rest_back():
+    (quiet,) = harness.run(_log_settings, 1, False, None)
+    assert quiet == {"megatron_info": False, "megatron_warning": True, "ours_info": True,
+                     "megatron_debug": False, "warnings": ["from mine"]}
+    (verbose,) = harness.run(_log_settings, 1, True, None)
+    assert verbose["megatron_info"] and verbose["ours_info"] and not verbose["megatron_debug"]
+    assert verbose["warnings"] == sorted(["from megatron.core.optimizer", "deprecated",
+                                          "from torch.distributed.checkpoint", "from mine"])
+    (debug,) = harness.run(_log_settings, 1, False, "debug")
+    assert debug["megatron_debug"] and debug["megatron_info"]
+    with pytest.raises(AssertionError, match="ValueError: --log-level must be one of"):
+        harness.run(_log_settings, 1, False, "chatty")
+
+
+# ---- Weights & Biases -----------------------------------------------------------------------
+
+def _wandb_history(run_file: str) -> list[dict]:
+    """The history rows of a .wandb run file, read without wandb's reader: a LevelDB-style log
+    (7-byte file header; 32 KiB blocks of records: crc32, length, type FULL/FIRST/MIDDLE/LAST)
+    of protobuf `Record`s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    with open(run_file, "rb") as f:
+        raw = f.read()
+    assert raw[:4] == b":W&B", run_file
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a record header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        pending += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def _train_logged(ckpt: str, data: str, tensorboard: str, wandb_dir: str) -> list[dict]:
+    from test_training import _args
+
+    from megatron_patch.training.loop import Trainer
+
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    args = _args(ckpt, data, iters=4, extra=(
+        "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
+        "--tensorboard-dir", tensorboard, "--wandb-project", "megatron-patch-test",
+        "--wandb-exp-name", "tiny", "--wandb-save-dir", wandb_dir))
+    return Trainer(args).train()
+
+
+def test_wandb_offline_run_logs_what_tensorboard_gets(llama_models, tmp_path):
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_training import _make_dataset
+
+    data = str(tmp_path / "tokens")
+    harness.run(_make_dataset, 1, data)
+    tensorboard, wandb_dir = str(tmp_path / "tb"), str(tmp_path / "wandb")
+    (history,) = harness.run(_train_logged, 1, os.path.join(llama_models["llama2"], "mcore"),
+                             data, tensorboard, wandb_dir)
+    (run_file,) = glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    rows = _wandb_history(run_file)
+    events = EventAccumulator(tensorboard)
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"lm loss", "learning-rate", "grad-norm", "validation lm loss"} <= set(tags)
+    # Every TensorBoard scalar is in W&B at the same step (the iteration), with the same value
+    # (TensorBoard stores float32); the series against tokens is logged with its token count.
+    for tag in tags:
+        tb = {e.step: e.value for e in events.Scalars(tag)}
+        if " vs " in tag:
+            wb = {r[tag.split(" vs ")[1]]: r[tag] for r in rows if tag in r}
+        else:
+            wb = {r["_step"]: r[tag] for r in rows if tag in r}
+        assert wb.keys() == tb.keys(), tag
+        for step, value in tb.items():
+            assert wb[step] == pytest.approx(value, rel=1e-6), (tag, step)
+    # ... and they are the trainer's own numbers.
+    assert [r["lm loss"] for r in rows if "lm loss" in r] == [s["loss"] for s in history]
+
+
+def test_wandb_flag_without_wandb_is_a_clear_error(monkeypatch):
+    from megatron_patch.training import metrics
+    from megatron_patch.training.arguments import parse_args
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    args = parse_args(["--seq-length", "8", "--train-iters", "1", "--wandb-project", "p"])
+    with pytest.raises(ValueError, match="--wandb-project needs the wandb package"):
+        metrics.check(args)
+    metrics.check(parse_args(["--seq-length", "8", "--train-iters", "1"]))  # no flag: fine

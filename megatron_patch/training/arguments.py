@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_patch import logs
+from megatron_patch.training import metrics
+
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
@@ -98,6 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
+    logs.add_arguments(g)
+    metrics.add_arguments(g)
 
     g = p.add_argument_group("model from scratch (ignored when --load gives the architecture)")
     g.add_argument("--num-layers", type=int)

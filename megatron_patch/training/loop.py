@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from megatron_patch import checkpoint, cpu_mode, parallel
+from megatron_patch import checkpoint, cpu_mode, logs, parallel
 from megatron_patch.forward import masked_vocab_parallel_cross_entropy
 from megatron_patch.models import (
     build_model,
@@ -25,7 +25,7 @@ from megatron_patch.models import (
     pad_vocab_size,
     transformer_config,
 )
-from megatron_patch.training import data, kv_replicas, optim_state
+from megatron_patch.training import data, kv_replicas, metrics, optim_state
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -100,6 +100,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.args = args
+        metrics.check(args)
         if args.fp8_format is not None:
             raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
                              "wired up in this version; use --bf16")
@@ -147,7 +148,8 @@ class Trainer:
         if args.load:
             self._load()
         self.forward_step = forward_step or lm_forward_step(self.vocab_size)
-        self.writer = self._tensorboard()
+        is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        self.writer = metrics.open_writer(args, is_last)
 
     # ---- setup -------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -298,14 +300,6 @@ class Trainer:
                       flush=True)
             out.append(dataset)
         return out + [None]
-
-    def _tensorboard(self):
-        is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-        if not (self.args.tensorboard_dir and is_last):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=self.args.tensorboard_dir, max_queue=10)
 
     # ---- steps -------------------------------------------------------------------------
     def _run_schedule(self, dataset, consumed: int, forward_only: bool) -> list[dict]:
@@ -540,8 +534,9 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     from megatron_patch.training.arguments import parse_args
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(parse_args(argv))
+    args = parse_args(argv)
+    logs.setup(args.verbose, args.log_level)
+    trainer = Trainer(args)
     trainer.train()
     parallel.destroy()
     return 0
