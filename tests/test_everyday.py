@@ -275,3 +275,89 @@ def test_wandb_flag_without_wandb_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="--wandb-project needs the wandb package"):
         metrics.check(args)
     metrics.check(parse_args(["--seq-length", "8", "--train-iters", "1"]))  # no flag: fine
+
+
+# ---- --use-flash-attn without Transformer Engine ------------------------------------------
+
+def _flash_vs_default(ckpt: str, data: str) -> dict:
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from test_training import _args
+
+    from megatron_patch.models import flash
+    from megatron_patch.models.sdpa_attention import SDPADotProductAttention
+    from megatron_patch.training import loop
+
+    def train(*extra: str) -> tuple[list[float], set[type], list[str]]:
+        trainer = loop.Trainer(_args(ckpt, data, iters=4, extra=extra))
+        kinds = {type(m) for m in trainer.model.modules()
+                 if isinstance(m, DotProductAttention)}
+        losses = [s["loss"] for s in trainer.train()]
+        # Which kernels one more training step runs (forward and backward).
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.train_step()
+        return losses, kinds, sorted({e.key for e in prof.key_averages()
+                                      if "scaled_dot_product" in e.key})
+
+    logged = []
+    loop.log.info = lambda msg, *a: logged.append(msg % a)
+    default = train()
+    flashed = train("--use-flash-attn")
+    # Megatron-Core's own unfused attention, as an independent reference for both.
+    real_select = flash.select
+    flash.select = lambda *a, **k: flash.AttentionChoice("local", DotProductAttention, "unfused")
+    unfused = train("--use-flash-attn")
+    flash.select = real_select
+    return {"default": default, "flash": flashed, "unfused": unfused, "logged": logged,
+            "names": {k: [c.__name__ for c in v[1]] for k, v in
+                      (("default", default), ("flash", flashed), ("unfused", unfused))},
+            "sdpa_is_base": issubclass(flash.FlashSDPADotProductAttention,
+                                       SDPADotProductAttention)}
+
+
+def test_use_flash_attn_without_te_selects_sdpa_flash_with_the_same_loss(llama_models, tmp_path):
+    from test_training import _make_dataset
+
+    data = str(tmp_path / "tokens")
+    harness.run(_make_dataset, 1, data)
+    (r,) = harness.run(_flash_vs_default, 1, os.path.join(llama_models["llama2"], "mcore"), data)
+    assert r["names"] == {"default": ["SDPADotProductAttention"],
+                          "flash": ["FlashSDPADotProductAttention"],
+                          "unfused": ["DotProductAttention"]}
+    assert any("--use-flash-attn: torch scaled_dot_product_attention, flash attention for CPU"
+               in line for line in r["logged"]), r["logged"]
+    # The flash kernel itself ran, forward and backward (torch's CPU op names).
+    assert r["flash"][2] == ["aten::_scaled_dot_product_flash_attention_for_cpu",
+                             "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                             "aten::scaled_dot_product_attention"], r["flash"][2]
+    assert r["unfused"][2] == []
+    # fp32: the attention kernels differ only in rounding; 1e-5 over 4 Adam steps.
+    for name in ("flash", "unfused"):
+        assert r[name][0] == pytest.approx(r["default"][0], abs=1e-5), name
+    assert r["default"][0][-1] < r["default"][0][0]  # it trains
+
+
+def test_use_flash_attn_selection_and_refusals(monkeypatch):
+    import torch
+
+    from megatron_patch.models import flash
+    from megatron_patch.models.spec import ModelArgs
+
+    llama = ModelArgs(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                      num_query_groups=2, kv_channels=16, vocab_size=100,
+                      max_sequence_length=64, layernorm_epsilon=1e-5)
+    te = flash.select(llama, 1, torch.float32, transformer_engine=True)
+    assert te.transformer_impl == "transformer_engine" and te.core_attention is None
+    # flash_attn installed on a CPU machine: its kernels are CUDA-only, SDPA's flash serves.
+    monkeypatch.setitem(sys.modules, "flash_attn", type(sys)("flash_attn"))
+    cpu = flash.select(llama, 2, torch.float32, transformer_engine=False)
+    assert cpu.core_attention is flash.FlashSDPADotProductAttention
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="--use-flash-attn: ALiBi"):
+        flash.select(replace(llama, position_embedding_type="alibi"), 1, torch.float32, False)
+    # Where the probe finds no flash kernel, the refusal names the device, dtype and reason.
+    monkeypatch.setattr(flash, "_flash_sdpa_problem", lambda *a: "kernel says no")
+    with pytest.raises(ValueError, match="no flash attention kernel for this model on cpu in "
+                                         "float32: kernel says no"):
+        flash.select(llama, 1, torch.float32, transformer_engine=False)

@@ -82,14 +82,16 @@ def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
 
 
 def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
-               args: ModelArgs | None = None) -> ModuleSpec:
+               args: ModelArgs | None = None, core_attention: type | None = None
+               ) -> ModuleSpec:
     """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules.
 
     num_experts: a mixture-of-experts MLP with that many experts instead of a dense one.
     `args` (ModelArgs) plugs in the pieces Megatron-Core lacks: ALiBi attention
     (models/alibi.py) and parallel attention + MLP (models/parallel_layer.py).
+    core_attention: a subclass of SDPADotProductAttention (--use-flash-attn: models/flash.py).
     """
-    core_attention = SDPADotProductAttention
+    core_attention = core_attention or SDPADotProductAttention
     if args is not None and args.position_embedding_type == "alibi":
         from megatron_patch.models.alibi import AlibiDotProductAttention
 
@@ -157,7 +159,7 @@ def transformer_engine_available() -> bool:
 
 def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
                vp_stage: int | None = None, transformer_impl: str = "auto",
-               args: ModelArgs | None = None
+               args: ModelArgs | None = None, core_attention: type | None = None
                ) -> TransformerBlockSubmodules:
     """The decoder of this pipeline stage: its layers and the final norm.
 
@@ -184,6 +186,7 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
             qk_layernorm=qk_layernorm)
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(qk_layernorm, config.num_moe_experts, args)] * num_layers,
+        layer_specs=[layer_spec(qk_layernorm, config.num_moe_experts, args,
+                                core_attention)] * num_layers,
         layer_norm=Norm,
     )

@@ -51,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    default="auto", help="layer implementation (auto: Transformer Engine where "
                                         "importable on a GPU, else Megatron-Core's local one)")
     g.add_argument("--use-flash-attn", action="store_true",
-                   help="flash attention through Transformer Engine (GPU only)")
+                   help="flash attention: Transformer Engine's where importable on a GPU, "
+                        "else the flash_attn package (CUDA, fp16/bf16), else torch SDPA's flash "
+                        "kernel (CUDA fp16/bf16, or CPU); the startup log names it")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1)

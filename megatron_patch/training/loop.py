@@ -104,13 +104,6 @@ class Trainer:
         if args.fp8_format is not None:
             raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
                              "wired up in this version; use --bf16")
-        if args.use_flash_attn:
-            from megatron_patch.models.layers import transformer_engine_available
-
-            if not transformer_engine_available():
-                raise ValueError("--use-flash-attn needs Transformer Engine on a GPU (its fused "
-                                 "attention); without it attention runs unfused: leave it off")
-            args.transformer_impl = "transformer_engine"
         parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             expert_model_parallel_size=args.expert_model_parallel_size,
                             seed=args.seed)
@@ -203,9 +196,19 @@ class Trainer:
                                  recompute_num_layers=args.recompute_num_layers)
         self.config = transformer_config(self.model_args, params_dtype=dtype,
                                          sequence_parallel=args.sequence_parallel, **overrides)
+        impl, core_attention = args.transformer_impl, None
+        if args.use_flash_attn:
+            from megatron_patch.models import flash
+            from megatron_patch.models.layers import transformer_engine_available
+
+            choice = flash.select(self.model_args, self.tp, dtype, transformer_engine=(
+                impl != "local" and transformer_engine_available()))
+            impl, core_attention = choice.transformer_impl, choice.core_attention
+            if torch.distributed.get_rank() == 0:
+                log.info("--use-flash-attn: %s", choice.description)
         module = build_model(self.model_args, self.config, self.hf_config,
                              padded_vocab_size=self.meta.padded_vocab_size,
-                             transformer_impl=args.transformer_impl)
+                             transformer_impl=impl, core_attention=core_attention)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=dtype != torch.float32,
             overlap_grad_reduce=args.overlap_grad_reduce,
