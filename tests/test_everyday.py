@@ -324,8 +324,8 @@ def test_use_flash_attn_without_te_selects_sdpa_flash_with_the_same_loss(llama_m
     assert r["names"] == {"default": ["SDPADotProductAttention"],
                           "flash": ["FlashSDPADotProductAttention"],
                           "unfused": ["DotProductAttention"]}
-    assert any("--use-flash-attn: torch scaled_dot_product_attention, flash attention for CPU"
-               in line for line in r["logged"]), r["logged"]
+    assert [line for line in r["logged"] if "flash" in line][0] == (
+        "--use-flash-attn: torch scaled_dot_product_attention, flash attention kernel for CPU")
     # The flash kernel itself ran, forward and backward (torch's CPU op names).
     assert r["flash"][2] == ["aten::_scaled_dot_product_flash_attention_for_cpu",
                              "aten::_scaled_dot_product_flash_attention_for_cpu_backward",

@@ -151,6 +151,6 @@ def select(args: ModelArgs, tp: int, dtype: torch.dtype, transformer_engine: boo
                          f"{device.type} in {str(dtype).removeprefix('torch.')}{hint}: "
                          f"{problem}. Install Transformer Engine or flash_attn, or leave the "
                          "flag off")
-    kernel = "FlashAttention (CUDA)" if cuda else "flash attention for CPU"
+    kernel = "FlashAttention kernel (CUDA)" if cuda else "flash attention kernel for CPU"
     return AttentionChoice("local", FlashSDPADotProductAttention,
-                           f"torch scaled_dot_product_attention, {kernel} kernel{window}")
+                           f"torch scaled_dot_product_attention, {kernel}{window}")
