@@ -89,7 +89,8 @@ class _HFTrainer:
 
         a = self.args
         share = a.global_batch_size // self.world
-        start = self.step_index * a.global_batch_size + self.rank * share
+        # Wraps around as ours does (data.microbatches) for steps beyond the rows.
+        start = (self.step_index * a.global_batch_size) % len(self.rows) + self.rank * share
         batch = self.rows[start:start + share].to(self.device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
         self.optimizer.zero_grad(set_to_none=True)
@@ -124,6 +125,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="after the run, print the ops that took the most time in one more "
+                             "step of each side (torch.profiler)")
     args = parser.parse_args()
 
     import torch
@@ -213,6 +217,15 @@ def main() -> None:
               f"{'SAME' if max(diffs) <= tolerance else 'DIFFERENT'}")
         print(json.dumps({"layout": layout, "seconds": seconds, "tokens_per_sec": rates,
                           "ratio": ratio, "losses": losses, "max_loss_diff": max(diffs)}))
+    if args.profile:
+        for name, fn in sides.items():
+            with torch.profiler.profile(record_shapes=True) as prof:
+                fn()
+            if rank == 0:
+                print(f"--- {name}: one step\n" + prof.key_averages(
+                    group_by_input_shape=True).table(
+                    sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50,
+                    max_shapes_column_width=60))
     parallel.destroy()
 
 

@@ -361,3 +361,53 @@ def test_use_flash_attn_selection_and_refusals(monkeypatch):
     with pytest.raises(ValueError, match="no flash attention kernel for this model on cpu in "
                                          "float32: kernel says no"):
         flash.select(llama, 1, torch.float32, transformer_engine=False)
+
+
+# ---- the TP=1 linear path in training -------------------------------------------------------
+
+def _linear_grads() -> dict:
+    import torch
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_patch import parallel
+    from megatron_patch.models.inference_linear import (
+        InferenceColumnParallelLinear,
+        InferenceRowParallelLinear,
+    )
+
+    parallel.initialize(1, 1)
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
+                               add_bias_linear=True)
+    out = {}
+    for ref_cls, new_cls, kw in ((ColumnParallelLinear, InferenceColumnParallelLinear,
+                                  {"gather_output": False}),
+                                 (RowParallelLinear, InferenceRowParallelLinear,
+                                  {"input_is_parallel": True})):
+        ref = ref_cls(64, 2500, config=config, init_method=torch.nn.init.normal_, bias=True,
+                      skip_bias_add=False, **kw)
+        new = new_cls(64, 2500, config=config, init_method=torch.nn.init.normal_, bias=True,
+                      skip_bias_add=False, **kw)
+        new.load_state_dict(ref.state_dict())
+        grads = []
+        for layer in (ref, new):
+            x = torch.randn(7, 3, 64, generator=torch.Generator().manual_seed(1),
+                            requires_grad=True)
+            y, _ = layer(x)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads.append((y.detach(), x.grad, layer.weight.grad, layer.bias.grad))
+        (ya, *ga), (yb, *gb) = grads
+        out[new_cls.__name__] = {"forward_equal": torch.equal(ya, yb),
+                                 "grad_max_rel": max(float((a - b).abs().max()
+                                                            / a.abs().max()) for a, b in
+                                                     zip(ga, gb, strict=True))}
+    return out
+
+
+def test_tp1_linears_train_through_torch_autograd_with_megatrons_gradients():
+    (r,) = harness.run(_linear_grads, 1)
+    for name, result in r.items():
+        assert result["forward_equal"], name
+        # Same products, summed in another order by the BLAS: fp32 rounding.
+        assert result["grad_max_rel"] <= 1e-6, (name, result)
