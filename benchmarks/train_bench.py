@@ -5,7 +5,8 @@ Same random Llama model (ours converted from the transformers one), same token b
 clipping by global norm, same dtype, sequence length and micro-batch, constant learning rate.
 The two step in turn inside one run (which goes first alternates), so a burst of load on a shared
 machine hits both. Prints the tokens/s of each, their ratio (target: >= 1.0x on CPU, >= 1.5x on a
-GPU), and whether both reached the same loss after every step (1e-4 in fp32). Not part of CI.
+GPU; from the median step time of each, robust to bursts of other load, and from all timed steps),
+and whether both reached the same loss after every step (1e-4 in fp32). Not part of CI.
 
     python benchmarks/train_bench.py                      # 1 process
     torchrun --nproc_per_node 2 benchmarks/train_bench.py --tp 2   # ours TP=2 vs torch DDP
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -179,7 +181,7 @@ def main() -> None:
 
     sides = {"megatron-patch": ours.train_step,
              "transformers": lambda: {"loss": theirs.train_step()}}
-    seconds = dict.fromkeys(sides, 0.0)
+    step_seconds: dict[str, list[float]] = {k: [] for k in sides}
     losses: dict[str, list[float]] = {k: [] for k in sides}
     for step in range(args.steps):
         order = list(sides) if step % 2 == 0 else list(sides)[::-1]
@@ -192,14 +194,18 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= args.warmup:
-                seconds[name] += time.perf_counter() - start
+                step_seconds[name].append(time.perf_counter() - start)
         if rank == 0:
             print(f"step {step + 1}/{args.steps}: " + ", ".join(
                 f"{k} loss {v[-1]:.6f}" for k, v in losses.items()), flush=True)
 
-    timed_tokens = (args.steps - args.warmup) * args.global_batch_size * args.seq_length
-    rates = {k: timed_tokens / v for k, v in seconds.items()}
+    # The median step: a burst of other load on a shared machine lands on a few steps of
+    # either side, which the median ignores and a total would count.
+    step_tokens = args.global_batch_size * args.seq_length
+    median = {k: statistics.median(v) for k, v in step_seconds.items()}
+    rates = {k: step_tokens / v for k, v in median.items()}
     ratio = rates["megatron-patch"] / rates["transformers"]
+    total_ratio = sum(step_seconds["transformers"]) / sum(step_seconds["megatron-patch"])
     diffs = [abs(a - b) for a, b in zip(*losses.values(), strict=True)]
     tolerance = 1e-2 if args.bf16 else 1e-4
     layout = f"TP={args.tp} DP={dp}" if world > 1 else "1 process"
@@ -210,13 +216,17 @@ def main() -> None:
               f"process; ours {layout}, transformers {world} process(es)"
               f"{' (torch DDP)' if world > 1 else ''}")
         for name in sides:
-            print(f"{name:15s} {seconds[name]:8.2f} s  {rates[name]:10.1f} tokens/s")
-        print(f"ratio megatron-patch / transformers: {ratio:.2f}x; loss after {args.steps} steps: "
+            print(f"{name:15s} median step {median[name]:7.3f} s  {rates[name]:10.1f} tokens/s"
+                  f"  (all {len(step_seconds[name])} timed steps: "
+                  f"{sum(step_seconds[name]):.2f} s)")
+        print(f"ratio megatron-patch / transformers: {ratio:.2f}x (median step; all timed "
+              f"steps: {total_ratio:.2f}x); loss after {args.steps} steps: "
               f"{losses['megatron-patch'][-1]:.6f} vs {losses['transformers'][-1]:.6f}, max "
               f"difference over the steps {max(diffs):.2e} (tolerance {tolerance:g}): "
               f"{'SAME' if max(diffs) <= tolerance else 'DIFFERENT'}")
-        print(json.dumps({"layout": layout, "seconds": seconds, "tokens_per_sec": rates,
-                          "ratio": ratio, "losses": losses, "max_loss_diff": max(diffs)}))
+        print(json.dumps({"layout": layout, "step_seconds": step_seconds,
+                          "tokens_per_sec": rates, "ratio": ratio, "total_ratio": total_ratio,
+                          "losses": losses, "max_loss_diff": max(diffs)}))
     if args.profile:
         for name, fn in sides.items():
             with torch.profiler.profile(record_shapes=True) as prof:

@@ -323,10 +323,13 @@ class Trainer:
         total = torch.zeros(2, device=cpu_mode.device())
         for out in outputs:
             total += out["lm loss"].float()
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        # Collectives over one rank are skipped: on a busy CPU each costs a thread hand-off.
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and self.dp > 1:
             torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        torch.distributed.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
+        if self.pp > 1:
+            torch.distributed.broadcast(
+                total, parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
         return (total[0] / total[1].clamp(min=1)).item()
 
     def train_step(self) -> dict[str, float]:
