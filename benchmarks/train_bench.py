@@ -174,7 +174,9 @@ def main() -> None:
         "--lr", str(args.lr), "--min-lr", str(args.lr), "--lr-decay-style", "constant",
         "--weight-decay", str(args.weight_decay), "--clip-grad", str(args.clip_grad),
         "--tensor-model-parallel-size", str(args.tp), "--eval-interval", "0",
-        *(["--bf16"] if args.bf16 else [])])
+        *(["--bf16"] if args.bf16 else []),
+        # torch DDP overlaps its gradient all-reduce with the backward pass; so does ours here.
+        *(["--overlap-grad-reduce"] if dp > 1 else [])])
     ours = Trainer(ours_args, datasets=[_Samples(rows), None, None])
     ours.model.train()
     theirs = _HFTrainer(hf_dir, rows, args, device)
