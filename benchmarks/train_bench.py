@@ -24,6 +24,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -136,7 +138,6 @@ def main() -> None:
     import transformers
 
     from megatron_patch import cpu_mode, parallel
-    from megatron_patch.convert.hf_megatron import hf_to_megatron
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.loop import Trainer
 
@@ -163,7 +164,14 @@ def main() -> None:
             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
-        hf_to_megatron(hf_dir, ckpt)
+        # Conversion is a single-process job: under torchrun it runs in a child process
+        # without the launcher's environment.
+        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                    "ROLE_WORLD_SIZE", "ROLE_NAME", "TORCHELASTIC_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(launcher)}
+        subprocess.run([sys.executable, "-m", "megatron_patch", "convert", "hf-to-megatron",
+                        hf_dir, ckpt], env=env, check=True, stdout=subprocess.DEVNULL)
     torch.distributed.barrier()
 
     rows = _batches(args.steps, args.global_batch_size, args.seq_length, args.vocab_size)
