@@ -181,7 +181,7 @@ def main() -> None:
         "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.steps),
         "--lr", str(args.lr), "--min-lr", str(args.lr), "--lr-decay-style", "constant",
         "--weight-decay", str(args.weight_decay), "--clip-grad", str(args.clip_grad),
-        "--tensor-model-parallel-size", str(args.tp), "--eval-interval", "0",
+        "--tensor-model-parallel-size", str(args.tp),
         *(["--bf16"] if args.bf16 else []),
         # torch DDP overlaps its gradient all-reduce with the backward pass; so does ours here.
         *(["--overlap-grad-reduce"] if dp > 1 else [])])

@@ -7,23 +7,37 @@
 
 A save goes to a temporary directory that is renamed into place once every rank has finished,
 and only then does the tracker file move: a save killed half-way leaves the previous checkpoint
-loadable and pointed to.
+loadable and pointed to. Such staging directories carry a marker file (STAGING_MARKER): one
+without it is somebody else's and is never deleted.
+
+A checkpoint's pickles are read only after `verify_pickles` has read each one with a restricted
+unpickler: PyTorch DCP and Megatron-Core unpickle `.metadata` and the records of non-tensor
+objects (RNG states) with plain pickle, which runs whatever code a crafted file names.
 """
 
 from __future__ import annotations
 
+import enum
+import importlib
+import io
 import json
+import logging
 import os
+import pickle
+import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 import torch
 
+from megatron_patch.errors import read_json
+
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatron_patch.json"
 HF_DIR = "hf"
+STAGING_MARKER = ".megatron-patch-staging"
 
 
 @dataclass
@@ -44,11 +58,22 @@ def write_meta(root: str, meta: CheckpointMeta) -> None:
 
 
 def read_meta(root: str) -> CheckpointMeta:
+    """The checkpoint's metadata, checked against the architecture its hf/config.json names
+    (the two describe one model: a config of another model would build the wrong one)."""
     path = os.path.join(root, META)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {root} is not a megatron-patch checkpoint")
-    with open(path) as f:
-        return CheckpointMeta(**json.load(f))
+    try:
+        meta = CheckpointMeta(**read_json(path))
+    except TypeError as e:
+        raise ValueError(f"{path}: not a megatron-patch checkpoint description ({e})") from e
+    config_path = os.path.join(root, HF_DIR, "config.json")
+    if os.path.isfile(config_path):
+        named = (read_json(config_path).get("architectures") or [None])[0]
+        if named != meta.architecture:
+            raise ValueError(f"{path} records architecture {meta.architecture}, but "
+                             f"{config_path} names {named}: the two do not describe one model")
+    return meta
 
 
 def copy_metadata(src_root: str, dst_root: str) -> None:
@@ -88,6 +113,34 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_staging(staging: str) -> None:
+    """Refuse a staging path that holds something this project did not make."""
+    if not os.path.lexists(staging):
+        return
+    if not os.path.isdir(staging) or os.path.islink(staging):
+        raise FileExistsError(f"{staging} exists and is not a directory: move or delete it")
+    if os.listdir(staging) and not os.path.isfile(os.path.join(staging, STAGING_MARKER)):
+        raise FileExistsError(f"{staging} exists, holds files and was not made by megatron-patch "
+                              f"(no {STAGING_MARKER} in it): move or delete it yourself")
+
+
+def make_staging(staging: str) -> None:
+    """Create `staging` empty but for the marker, replacing an earlier one of ours (left by an
+    interrupted write); anything else in its place is refused."""
+    _check_staging(staging)
+    if os.path.isdir(staging):
+        shutil.rmtree(staging)
+    os.makedirs(staging)
+    open(os.path.join(staging, STAGING_MARKER), "w").close()
+
+
+def publish_staging(staging: str, final: str) -> None:
+    """Move a complete staging directory to `final` (absent or an empty directory) in one
+    rename, without its marker."""
+    os.remove(os.path.join(staging, STAGING_MARKER))
+    os.replace(staging, final)
+
+
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -95,6 +148,10 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _not_overwriting_warning(record: logging.LogRecord) -> bool:
+    return "Overwriting old incomplete" not in record.getMessage()
 
 
 def save(root: str, iteration: int | str, sharded_state_dict: dict[str, Any], *,
@@ -110,17 +167,25 @@ def save(root: str, iteration: int | str, sharded_state_dict: dict[str, Any], *,
     cpu_mode.enable_in_process_checkpoint_queue()
     final = iteration_dir(root, iteration)
     staging = final + ".partial"
+    _check_staging(staging)  # on every rank: all refuse together, none waits at the barrier
+    _barrier()
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+        make_staging(staging)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, staging, sharded_strategy)
+    # Megatron-Core warns of "old incomplete / corrupted" data in any non-empty directory it
+    # saves to: here that is only the marker.
+    saving_log = logging.getLogger("megatron.core.dist_checkpointing.serialization")
+    saving_log.addFilter(_not_overwriting_warning)
+    try:
+        dist_checkpointing.save(sharded_state_dict, staging, sharded_strategy)
+    finally:
+        saving_log.removeFilter(_not_overwriting_warning)
     _barrier()
     if _rank() == 0:
-        if os.path.exists(final):
+        if os.path.exists(final):  # only where the caller allowed it (Trainer: --overwrite-...)
             shutil.rmtree(final)
-        os.replace(staging, final)
+        publish_staging(staging, final)
         _atomic_write(os.path.join(root, TRACKER), str(iteration) + "\n")
     _barrier()
     return final
@@ -130,18 +195,147 @@ def load(root: str, sharded_state_dict: dict[str, Any],
          iteration: int | str | None = None) -> dict[str, Any]:
     """Load the given (or latest) iteration into the layout `sharded_state_dict` describes."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    return dist_checkpointing.load(sharded_state_dict, existing_iteration_dir(root, iteration))
+    path = existing_iteration_dir(root, iteration)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, path)
+    except CheckpointException as e:
+        # Each rank's failure comes wrapped with its traceback; the exception says what broke.
+        failure = next(iter(e.failures.values()), None)
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        raise ValueError(f"{path}: cannot load the checkpoint, a .distcp file is corrupt "
+                         f"({type(cause).__name__}: {cause})") from e
 
 
 def existing_iteration_dir(root: str, iteration: int | str | None = None) -> str:
-    """The directory of the given (or latest) iteration, which must exist."""
+    """The directory of the given (or latest) iteration, which must exist; its pickles are
+    verified (verify_pickles) before anything reads them."""
     if iteration is None:
         iteration = latest_iteration(root)
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} not found (named by {os.path.join(root, TRACKER)})")
+    check_storage_files(path)
+    verify_pickles(path)
     return path
+
+
+# What a torch_dist checkpoint's .metadata may name: PyTorch DCP's metadata records (the
+# dataclasses and enums of these modules: Megatron-Core's save also stores its save plans) and
+# the torch types their fields hold. Anything else (os.system, builtins.eval, ...) is refused.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"), ("torch", "Size"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+}
+
+
+class UnsafePickleError(ValueError):
+    """A checkpoint file names a class or function outside what its format holds."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, path: str) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_MODULES:
+            value = getattr(importlib.import_module(module), name, None)
+            if isinstance(value, type) and value.__module__ == module and (
+                    is_dataclass(value) or issubclass(value, enum.Enum)):
+                return value
+        elif (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafePickleError(f"{self.path}: refusing to unpickle {module}.{name}: a "
+                                "torch_dist .metadata holds only PyTorch DCP metadata (a crafted "
+                                "file can run code when read)")
+
+
+def read_dcp_metadata(iteration_path: str) -> Any:
+    """PyTorch DCP's Metadata of a torch_dist checkpoint directory, read safely."""
+    path = os.path.join(iteration_path, ".metadata")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {iteration_path} is not a torch_dist "
+                                "checkpoint")
+    with open(path, "rb") as f:
+        try:
+            return _MetadataUnpickler(f, path).load()
+        except (EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from e
+
+
+def check_storage_files(iteration_path: str, metadata: Any = None) -> None:
+    """Refuse a torch_dist checkpoint directory whose .distcp files are missing or shorter than
+    its .metadata says (a truncated copy), naming the file."""
+    if metadata is None:
+        metadata = read_dcp_metadata(iteration_path)
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        full = os.path.join(iteration_path, name)
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{full}: missing (named by {iteration_path}/.metadata)")
+        held = os.path.getsize(full)
+        if held < size:
+            raise ValueError(f"{full}: truncated: {held} bytes, the checkpoint's .metadata "
+                             f"needs {size}")
+
+
+def _numpy_globals() -> list[Any]:
+    """What torch.load's weights-only unpickler needs for NumPy's RNG state (an array)."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy 1
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+
+
+def refused_pickle(path: str, what: str, error: pickle.UnpicklingError) -> UnsafePickleError:
+    """The error for a file that torch.load(weights_only=True) refused, naming what it names."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return UnsafePickleError(f"{path}: refusing {what}: it names "
+                             f"{named.group(1) if named else 'something'} that torch.load's "
+                             "weights-only unpickler does not allow (a crafted file can run code "
+                             "when read)")
+
+
+def _weights_only_load(data: Any, path: str, what: str) -> None:
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, what, e) from None
+
+
+def verify_pickles(iteration_path: str) -> None:
+    """Read every pickle of a torch_dist checkpoint directory the way nothing can run code:
+    `.metadata` (DCP's, which DCP itself reads with plain pickle), `common.pt`, and each record
+    of a non-tensor object in the data files (DCP reads those with torch.load(weights_only=
+    False)). Refuses the directory, naming the file and what it names, otherwise. (Tensor
+    records are read by DCP with weights_only=True already.)"""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = read_dcp_metadata(iteration_path)
+    common = os.path.join(iteration_path, "common.pt")
+    if os.path.isfile(common):
+        _weights_only_load(common, common, "the common state")
+    byte_keys = {key for key, item in metadata.state_dict_metadata.items()
+                 if isinstance(item, BytesStorageMetadata)}
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn not in byte_keys:
+            continue
+        path = os.path.join(iteration_path, info.relative_path)
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            record = f.read(info.length)
+        _weights_only_load(io.BytesIO(record), path, f"the record of {index.fqn}")
 
 
 def model_state(model) -> dict[str, Any]:
@@ -180,7 +374,7 @@ def load_model(root: str, model, iteration: int | str | None = None) -> None:
     apply_factories(sharded)
     # Recorded before loading: the loader replaces the ShardedTensors with what it read.
     targets = [(path, sh.data) for path, sh in _sharded_tensors(sharded)]
-    _check_targets_cover(model, [t for _, t in targets], root)
+    check_targets_cover(model, [t for _, t in targets], root)
     loaded = load(root, {"model": sharded}, iteration)["model"]
     with torch.no_grad():
         for path, target in targets:
@@ -195,9 +389,10 @@ def load_model(root: str, model, iteration: int | str | None = None) -> None:
                 target.copy_(value)
 
 
-def _check_targets_cover(model, targets: list[torch.Tensor], root: str) -> None:
+def check_targets_cover(model, targets: list[torch.Tensor], root: str) -> None:
     """Every tensor of the model's state must be loaded into: the memory of each is covered by
-    the targets (views of the model's parameters, each contiguous) taken together."""
+    the targets (views of the model's parameters, each contiguous) taken together. `root`: the
+    source named in the error."""
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
                    for t in targets if t.is_contiguous())
 

@@ -5,13 +5,24 @@ RoPE and ALiBi make attention depend only on relative positions, and learned pos
 embeddings are read at positions counted from each row's first real token, so a left-padded
 prompt computes what it computes alone. Runs at any TP (every TP rank draws the same token: the
 logits are gathered and the generators are seeded alike); pipeline parallelism is refused.
+
+A prompt's completion does not depend on the other prompts in its batch: the repetition penalty
+counts only the prompt and the tokens generated so far (never the left padding, which is EOS for
+tokenizers without a pad token), and when sampling each prompt draws from its own generator,
+seeded by `sample_seed(seed, index)` from the prompt's index in the run (its 0-based line in a
+prompt file), not its place in the batch. Prompt i samples as transformers' `generate` does after
+`torch.manual_seed(sample_seed(seed, i))`.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from megatron_patch.errors import nonnegative_int, positive_int
 
 
 @dataclass(frozen=True)
@@ -62,20 +73,36 @@ def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of the generator that prompt `index` of a run samples from: 32 bits of a hash
+    of both (torch's CPU generator keeps only the low 32 bits of a seed, so `seed` and `index`
+    cannot simply be packed side by side)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """The next token of each row. `seen`: the ids each row's repetition penalty counts;
+    `generators`: one per row, so a row's draws do not depend on the other rows."""
     scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if not params.do_sample:
         return scores.argmax(dim=-1)
     scores = apply_top_p(apply_top_k(apply_temperature(scores, params.temperature),
                                      params.top_k), params.top_p)
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = scores.softmax(dim=-1)
+    return torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=generator)[0]
+                      for row, generator in enumerate(generators)])
 
 
 def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
              vocab_size: int, eos_token_ids: list[int], pad_token_id: int,
-             params: SamplingParams = SamplingParams(), seed: int = 1234) -> list[list[int]]:
-    """Complete each prompt (token ids); returns the new tokens of each, EOS included."""
+             params: SamplingParams = SamplingParams(), seed: int = 1234,
+             prompt_indices: Sequence[int] | None = None) -> list[list[int]]:
+    """Complete each prompt (token ids); returns the new tokens of each, EOS included.
+
+    prompt_indices: each prompt's index in the run (default 0, 1, ...), which seeds its sampling
+    generator (`sample_seed`); pass the same index for a prompt whatever batch it is in."""
     from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -83,6 +110,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    indices = list(range(len(prompts)) if prompt_indices is None else prompt_indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} prompt_indices for {len(prompts)} prompts")
     model.eval()
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
@@ -99,9 +129,14 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
     # Each prompt's first real token is position 0, as in transformers (left padding would
     # otherwise shift learned absolute positions and ALiBi distances).
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    # What the repetition penalty counts: `tokens` with each row's padding replaced by the row's
+    # first prompt token, which the penalty counts anyway (a repeated id is penalised once).
+    first = torch.tensor([p[0] for p in prompts], device=device)
+    seen = torch.where(real, tokens, first[:, None])
 
     context = StaticInferenceContext(batch, total)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generators = [torch.Generator(device=device).manual_seed(sample_seed(seed, i))
+                  for i in indices]
     eos = torch.tensor(eos_token_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
@@ -125,9 +160,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
                            mask, inference_context=context, runtime_gather_output=True)
             context.sequence_len_offset += query
             full = logits[:, -1, :vocab_size]
-            chosen = next_tokens(full, tokens[:, :length], params, generator)
+            chosen = next_tokens(full, seen[:, :length], params, generators)
             chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
             tokens[:, length] = chosen
+            seen[:, length] = chosen
             steps += 1
             done = done | torch.isin(chosen, eos)
             if bool(done.all()):
@@ -156,14 +192,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                         help="raw: continue the text as is; chat: render as SFT does; auto: raw "
                              "for a .txt input and records with `text`, chat otherwise")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--micro-batch-size", type=int, default=4, help="prompts per batch")
-    parser.add_argument("--max-input-length", type=int, default=None,
+    parser.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--micro-batch-size", type=positive_int, default=4,
+                        help="prompts per batch")
+    parser.add_argument("--max-input-length", type=positive_int, default=None,
                         help="keep only the last this-many prompt tokens")
-    parser.add_argument("--max-new-tokens", "--out-seq-length", type=int, default=128,
-                        dest="max_new_tokens")
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", "--out-seq-length", type=nonnegative_int,
+                        default=128, dest="max_new_tokens")
+    parser.add_argument("--top-k", type=nonnegative_int, default=0)
     parser.add_argument("--top-p", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -176,6 +213,17 @@ def add_arguments(parser) -> None:
                         help="HF tokenizer directory (default: the checkpoint's)")
 
 
+def check_sampling_flags(args) -> None:
+    """Refuse what transformers' logits processors refuse (top_p = 0 stays Megatron-LM's "off")."""
+    if not 0.0 <= args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1] (or 0: off), got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be a positive number, got "
+                         f"{args.repetition_penalty}")
+    if args.temperature <= 0 and sampling_params(args).do_sample:
+        raise ValueError(f"--temperature must be positive when sampling, got {args.temperature}")
+
+
 def sampling_params(args) -> SamplingParams:
     """Megatron-LM's convention: top_k = 0 and top_p = 0 mean greedy; top_p = 0 means off."""
     greedy = args.greedy or (args.top_k == 0 and args.top_p == 0.0)
@@ -186,6 +234,7 @@ def sampling_params(args) -> SamplingParams:
 
 def run(args) -> int:
     """Generate completions for a prompt file (run under torchrun for TP > 1)."""
+    check_sampling_flags(args)
     import os
 
     from transformers import AutoTokenizer
@@ -196,12 +245,12 @@ def run(args) -> int:
 
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
+    records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model, meta = from_checkpoint(args.load, params_dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))
-    records = read_prompts(args.input_file, args.prompt_format)
     params = sampling_params(args)
     eos = [tok.eos_token_id]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -213,7 +262,8 @@ def run(args) -> int:
         prompts = [prompt_ids(tok, r)[-(args.max_input_length or 0):] for r in batch]
         completions = generate(model, prompts, max_new_tokens=args.max_new_tokens,
                                vocab_size=meta.vocab_size, eos_token_ids=eos, pad_token_id=pad,
-                               params=params, seed=args.seed + start)
+                               params=params, seed=args.seed,
+                               prompt_indices=range(start, start + len(batch)))
         if out:
             for record, ids in zip(batch, completions, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
@@ -228,9 +278,11 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.generation")
+    from megatron_patch.errors import ArgumentParser, run_main
+
+    parser = ArgumentParser(prog="megatron-patch generate")
     add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sys.exit(run_main("megatron-patch generate", lambda: run(parser.parse_args())))

@@ -28,6 +28,10 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     """
     from megatron.core import parallel_state, tensor_parallel
 
+    from megatron_patch import launch
+
+    if launch.under_torchrun():
+        launch.exit_with_parent()  # a worker must not outlive torchrun
     if not torch.distributed.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",

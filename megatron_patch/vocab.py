@@ -4,7 +4,10 @@ tokenizer split that piece into.
 
 Tokenizers: a sentencepiece `tokenizer.model` (BPE), an HF `tokenizer.json` with a BPE model
 (sentencepiece-style "▁" pieces or byte-level), or both, kept consistent (same ids for the same
-pieces). Original ids never change: new pieces take the ids after the tokenizer's last one.
+pieces). Original ids never change: new pieces take the ids after the tokenizer's last one,
+added tokens included (`len(tokenizer)`: Qwen's and Llama 3's special tokens, a pad token added
+to a Llama 2 tokenizer, tokens that only tokenizer_config.json declares), and the extended
+tokenizer is checked with transformers before the weights are written.
 
 A BPE tokenizer only produces a piece that its merges can build. Each new piece gets a merge
 for each split of it into two pieces of the vocabulary (what transformers' converter derives
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+from megatron_patch.errors import positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -374,24 +379,25 @@ def _json_kind(data: dict[str, Any], path: str) -> str:
     raise ValueError(f"{path}: neither a byte-level nor a sentencepiece-style (▁) BPE tokenizer")
 
 
-def _converted_tokenizer_json(model_dir: str) -> dict[str, Any] | None:
-    """transformers' own conversion of a directory's tokenizer.model, to be written next to it.
-
-    Without a tokenizer.json, transformers 5 converts tokenizer.model when loading, ordering the
-    merges by piece id and ignoring the scores: the new pieces, which score highest, would merge
-    last. A tokenizer.json extended like the tokenizer.model keeps the two alike."""
+def _load_transformers_tokenizer(model_dir: str):
+    """The directory's tokenizer as transformers loads it (None, with a warning, if it cannot):
+    the authority on which tokens exist and their ids, including added tokens that only
+    tokenizer_config.json or added_tokens.json declare."""
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        data = json.loads(tok.backend_tokenizer.to_str())
-    except Exception as e:  # noqa: BLE001 - any failure: go on with tokenizer.model alone
-        log.warning("%s: no %s written (transformers could not convert %s: %s)", model_dir,
-                    TOKENIZER_JSON, SP_MODEL, e)
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001 - any failure: go on with the tokenizer files alone
+        log.warning("%s: transformers cannot load the tokenizer (%s); going by %s / %s alone",
+                    model_dir, e, SP_MODEL, TOKENIZER_JSON)
         return None
-    log.info("%s: writing %s too (transformers' conversion of %s, extended alike)", model_dir,
-             TOKENIZER_JSON, SP_MODEL)
-    return data
+
+
+def _added_token_entry(token_id: int, token) -> dict[str, Any]:
+    """A tokenizer.json `added_tokens` entry for a transformers AddedToken."""
+    return {"id": token_id, "content": token.content, "single_word": token.single_word,
+            "lstrip": token.lstrip, "rstrip": token.rstrip, "normalized": token.normalized,
+            "special": token.special}
 
 
 class TokenizerFiles:
@@ -407,30 +413,69 @@ class TokenizerFiles:
                 self.json = json.load(f)
         if self.proto is None and self.json is None:
             raise FileNotFoundError(f"{model_dir}: no {SP_MODEL} or {TOKENIZER_JSON}")
-        if self.json is None:
-            self.json = _converted_tokenizer_json(model_dir)
+        loaded = _load_transformers_tokenizer(model_dir)
+        # Every token transformers knows, added ones included, with its id: what must not move.
+        self.original_ids: dict[str, int] | None = None if loaded is None else loaded.get_vocab()
+        if self.json is None and loaded is not None:
+            # Without a tokenizer.json, transformers 5 converts tokenizer.model when loading,
+            # ordering the merges by piece id and ignoring the scores: the new pieces, which
+            # score highest, would merge last. One extended like the tokenizer.model is written.
+            log.info("%s: writing %s too (transformers' conversion of %s, extended alike)",
+                     model_dir, TOKENIZER_JSON, SP_MODEL)
+            self.json = json.loads(loaded.backend_tokenizer.to_str())
+        if self.json is not None and loaded is not None:
+            self._adopt_added_tokens(loaded.added_tokens_decoder)
         if self.proto is not None:
             if self.proto.trainer_spec.model_type != SP_BPE:
                 raise ValueError(f"{sp_path}: only BPE sentencepiece models are supported "
                                  f"(model_type {self.proto.trainer_spec.model_type})")
             self.kind = "metaspace"
-            self.table = MergeTable.from_sentencepiece(self.proto)
+            self._original = (self.proto.SerializeToString(),
+                              None if self.json is None else json.dumps(self.json))
             if self.json is not None:
-                self._check_json_matches_sp()
+                self._match_sp_to_json()
+            self.table = MergeTable.from_sentencepiece(self.proto)
         else:
             self.kind = _json_kind(self.json, json_path)
             self.table = MergeTable.from_tokenizer_json(self.json)
+            self._original = (None, json.dumps(self.json))
         self.old = self.table.copy()
-        self._original = (None if self.proto is None else self.proto.SerializeToString(),
-                          None if self.json is None else json.dumps(self.json))
         self.size = self.table.next_id
+        if self.original_ids is not None and len(loaded) != self.size:
+            raise ValueError(f"{model_dir}: transformers loads {len(loaded)} tokens but the "
+                             f"tokenizer files hold {self.size}; new pieces cannot follow")
         self._pre_tokenizer = None
         if self.kind == "byte_level":
             from tokenizers import Tokenizer
 
             self._pre_tokenizer = Tokenizer.from_str(json.dumps(self.json)).pre_tokenizer
 
-    def _check_json_matches_sp(self) -> None:
+    def _adopt_added_tokens(self, added: dict[int, Any]) -> None:
+        """Put into tokenizer.json the added tokens that transformers takes from
+        tokenizer_config.json or added_tokens.json. Left there, they would be numbered from the
+        tokenizer.json's size on loading, which new pieces take: they would move."""
+        assert self.json is not None
+        vocab = self.json["model"]["vocab"]
+        entries = self.json.setdefault("added_tokens", [])
+        by_id = {t["id"]: t["content"] for t in entries}
+        for token_id, token in sorted(added.items()):
+            if by_id.get(token_id, token.content) != token.content:
+                raise ValueError(f"{self.dir}: added token {token.content!r} has id {token_id} "
+                                 f"in transformers but {TOKENIZER_JSON} gives that id to "
+                                 f"{by_id[token_id]!r}")
+            if token_id in by_id or vocab.get(token.content) == token_id:
+                continue
+            if token.content in vocab:
+                raise ValueError(f"{self.dir}: token {token.content!r} has id "
+                                 f"{vocab[token.content]} in {TOKENIZER_JSON} but {token_id} in "
+                                 "transformers")
+            entries.append(_added_token_entry(token_id, token))
+            by_id[token_id] = token.content
+        entries.sort(key=lambda t: t["id"])
+
+    def _match_sp_to_json(self) -> None:
+        """Check that tokenizer.model and tokenizer.json give their pieces the same ids, and
+        give tokenizer.model the added tokens that follow its pieces."""
         assert self.json is not None and self.proto is not None
         if _json_kind(self.json, TOKENIZER_JSON) != "metaspace":
             raise ValueError(f"{self.dir}: {TOKENIZER_JSON} is byte-level but {SP_MODEL} "
@@ -441,12 +486,24 @@ class TokenizerFiles:
             if vocab.get(p.piece, added.get(p.piece, i)) != i:
                 raise ValueError(f"{self.dir}: piece {p.piece!r} has id {i} in {SP_MODEL} but "
                                  f"{vocab.get(p.piece, added.get(p.piece))} in {TOKENIZER_JSON}")
-        beyond = sorted(i for i in [*vocab.values(), *added.values()]
+        # Added tokens after the pieces (a pad or chat tokens added to a Llama 2 tokenizer) go
+        # into tokenizer.model as user-defined pieces at their ids: new pieces follow them in
+        # both files. sentencepiece, like tokenizers' added tokens, matches a user-defined piece
+        # in the text before segmenting the rest.
+        beyond = sorted((i, t) for t, i in [*vocab.items(), *added.items()]
                         if i >= len(self.proto.pieces))
-        if beyond:
-            raise ValueError(f"{self.dir}: {TOKENIZER_JSON} has ids from {beyond[0]} beyond the "
-                             f"{len(self.proto.pieces)} pieces of {SP_MODEL} (added tokens); new "
-                             "pieces would collide with them in one of the two files")
+        beyond = list(dict(beyond).items())
+        ids = [i for i, _ in beyond]
+        if ids != list(range(len(self.proto.pieces), len(self.proto.pieces) + len(ids))):
+            raise ValueError(f"{self.dir}: {TOKENIZER_JSON} has tokens at ids {ids[:10]} beyond "
+                             f"the {len(self.proto.pieces)} pieces of {SP_MODEL}, not "
+                             "consecutive: new pieces cannot follow them in both files")
+        for _, content in beyond:
+            if content not in added:
+                raise ValueError(f"{self.dir}: {TOKENIZER_JSON} piece {content!r} is not in "
+                                 f"{SP_MODEL}")
+            new = self.proto.pieces.add()
+            new.piece, new.score, new.type = content, 0.0, SP_USER_DEFINED
 
     def spell(self, text: str) -> str | None:
         """A text's spelling as a piece of this tokenizer (None: never one piece)."""
@@ -538,6 +595,22 @@ class TokenizerFiles:
                 f.writelines(f"{line}\n" for line in header)
                 f.writelines(f"{a} {b}\n" for a, b in merged_list(old, self.table))
 
+    def check_saved(self, out_dir: str, pieces: list[str]) -> None:
+        """Refuse an extended tokenizer (saved in out_dir) on which transformers moves a token
+        of the original one, added tokens included, or does not put a new piece at its id."""
+        if self.original_ids is None:
+            return
+        loaded = _load_transformers_tokenizer(out_dir)
+        if loaded is None:
+            raise ValueError(f"{out_dir}: transformers cannot load the extended tokenizer")
+        ids = loaded.get_vocab()
+        expected = {**self.original_ids, **{p: self.table.vocab[p] for p in pieces}}
+        wrong = [(t, i, ids.get(t)) for t, i in expected.items() if ids.get(t) != i]
+        if wrong or len(loaded) != self.table.next_id:
+            raise ValueError(f"{out_dir}: the extended tokenizer has {len(loaded)} tokens "
+                             f"(expected {self.table.next_id}); (token, expected id, id) that "
+                             f"differ: {wrong[:5]}")
+
     def not_single(self, pieces: Iterable[str]) -> list[str]:
         """The pieces that the edited tokenizer.json's BPE model (the `tokenizers` library, not
         this module's reference) does not encode as themselves: a check of the plan."""
@@ -615,7 +688,7 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
     from megatron_patch.convert import hf_io
     from megatron_patch.models import load_hf_config, pad_vocab_size
 
-    staging = hf_io.staging_dir(dst)
+    hf_io.check_output_dir(dst)
     hf_config = load_hf_config(src)
     tensor_names = _vocab_tensor_names(hf_config)
     size_key = _vocab_size_key(hf_config)
@@ -632,33 +705,34 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
                  else pad_vocab_size(new_size, make_vocab_size_divisible_by))
     sources = {files.table.vocab[p]: files.old_ids(p) for p in plan.pieces}
 
-    hf_io.copy_non_weight_files(src, staging)
-    files.save(staging, plan.pieces)
-    hf_config[size_key] = new_vocab
-    with open(os.path.join(staging, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-        f.write("\n")
+    with hf_io.staged(dst) as staging:
+        hf_io.copy_non_weight_files(src, staging)
+        files.save(staging, plan.pieces)
+        files.check_saved(staging, plan.pieces)
+        hf_config[size_key] = new_vocab
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+            f.write("\n")
 
-    reader = hf_io.HFCheckpointReader(src)
-    missing = [n for n in tensor_names if n not in reader.names()]
-    if missing:
-        raise ValueError(f"{src}: no tensor {missing}")
+        reader = hf_io.HFCheckpointReader(src)
+        missing = [n for n in tensor_names if n not in reader.names()]
+        if missing:
+            raise ValueError(f"{src}: no tensor {missing}")
 
-    def tensors():
-        for name in reader.names():
-            tensor = reader.read(name)
-            if name in tensor_names:
-                if tensor.shape[0] != old_vocab:
-                    raise ValueError(f"{src}: {name} has {tensor.shape[0]} rows, config.json "
-                                     f"{size_key}={old_vocab}")
-                tensor = grow_rows(tensor, new_vocab, sources, files.size)
-            yield name, tensor
+        def tensors():
+            for name in reader.names():
+                tensor = reader.read(name)
+                if name in tensor_names:
+                    if tensor.shape[0] != old_vocab:
+                        raise ValueError(f"{src}: {name} has {tensor.shape[0]} rows, config.json "
+                                         f"{size_key}={old_vocab}")
+                    tensor = grow_rows(tensor, new_vocab, sources, files.size)
+                yield name, tensor
 
-    log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
-    # Tensors passed on unchanged are copied from the input files (file_regions).
-    hf_io.write_safetensors_shards(staging, tensors(), max_shard_size, regions=reader.regions)
-    reader.close()
-    hf_io.publish(staging, dst)
+        log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
+        # Tensors passed on unchanged are copied from the input files (file_regions).
+        hf_io.write_safetensors_shards(staging, tensors(), max_shard_size, regions=reader.regions)
+        reader.close()
 
     requested = [p for p in plan.pieces if p in plan.requested]
     if missed := files.not_single(requested):
@@ -691,11 +765,10 @@ def extend_megatron(src: str, dst: str, texts: list[str], *,
     result is a `release` checkpoint of weights only (optimizer states do not fit the new
     shapes)."""
     from megatron_patch import checkpoint
-    from megatron_patch.convert import hf_megatron
+    from megatron_patch.convert import hf_io, hf_megatron
     from megatron_patch.models import pad_vocab_size
 
-    if os.path.exists(dst) and os.listdir(dst):
-        raise FileExistsError(f"{dst} exists and is not empty")
+    hf_io.check_output_dir(dst)
     meta = checkpoint.read_meta(src)
     # The HF copies go next to the output: /tmp may not hold a large model twice.
     parent = os.path.dirname(os.path.abspath(dst))
@@ -733,15 +806,15 @@ def add_arguments(p) -> None:
                    help="add the words of this file, one a line (repeatable)")
     p.add_argument("--train-from", metavar="CORPUS",
                    help="learn a sentencepiece model from this text file and add its pieces")
-    p.add_argument("--vocab-size", type=int, default=20000,
+    p.add_argument("--vocab-size", type=positive_int, default=20000,
                    help="pieces to learn with --train-from (default 20000)")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
                    help="sentencepiece model type for --train-from")
     p.add_argument("--save-sp-model", metavar="PREFIX",
                    help="keep the model learnt with --train-from as PREFIX.model")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+    p.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128,
                    help="pad a grown vocabulary (config.json vocab_size) to a multiple of this")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+    p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
                    help="Megatron checkpoints: also pad for this TP size if the padded "
                         "vocabulary must grow")
     p.add_argument("--iteration", default=None,

@@ -47,3 +47,14 @@ def llama_models(tmp_path_factory) -> dict[str, str]:
     variants = list(tiny_models.LLAMA_VARIANTS)
     harness.run(_prepare, 1, root, variants)
     return {v: os.path.join(root, v) for v in variants}
+
+
+@pytest.fixture(scope="session")
+def zoo_models(tmp_path_factory) -> dict[str, str]:
+    """Every zoo case (tests/zoo/) -> directory holding hf/ (its original format), mcore/ (its
+    conversion) and reference.pt (the oracle's logits). Shared by the zoo and API tests."""
+    from test_zoo import CASES, _prepare
+
+    root = str(tmp_path_factory.mktemp("zoo"))
+    harness.run(_prepare, 1, root, list(CASES))
+    return {name: os.path.join(root, name) for name in CASES}

@@ -152,3 +152,81 @@ def test_no_query_row_has_every_key_masked(llama_models):
     kernels (not torch's CPU ones) return NaN for such a row, and NaN values poison real rows."""
     (seen,) = harness.run(_masks_seen, 1, llama_models["llama2"])
     assert seen == [False] * 3, seen
+
+
+# Repetition penalty and sampling with pad == EOS: a prompt's completion must not depend on the
+# other prompts of its batch (their left padding is EOS, which must not count as seen).
+PENALTY = 1.5
+SAMPLING = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9)
+SEED = 7
+
+
+def _hf_alone(model_root: str, eos: int | None, max_new: int = MAX_NEW) -> dict:
+    """transformers' completions of each prompt of PROMPTS alone (no padding), greedy and
+    sampled after torch.manual_seed(sample_seed(SEED, i)); eos None: never stop."""
+    import torch
+    import transformers
+
+    from megatron_patch.generation import sample_seed
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(model_root, "hf"),
+                                                           dtype=torch.float32).eval()
+    stop = {"eos_token_id": eos, "pad_token_id": eos} if eos is not None else {
+        "min_new_tokens": max_new, "pad_token_id": 0}
+    out: dict[str, list[list[int]]] = {"greedy": [], "sampled": []}
+    for i, prompt in enumerate(PROMPTS):
+        for mode, extra in (("greedy", {"do_sample": False}), ("sampled", SAMPLING)):
+            torch.manual_seed(sample_seed(SEED, i))
+            ids = hf.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new,
+                              repetition_penalty=PENALTY, **stop, **extra)
+            out[mode].append(ids[0, len(prompt):].tolist())
+    return out
+
+
+def _megatron_alone_and_batched(model_root: str, tp: int, eos: int) -> dict:
+    """Greedy and sampled completions of PROMPTS with pad == EOS: each prompt alone, all in one
+    batch, and in one batch in reverse order (prompt_indices reversed too)."""
+    from megatron_patch import parallel
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(tp, 1)
+    model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
+    out = {}
+    for mode, extra in (("greedy", {}), ("sampled", SAMPLING)):
+        params = SamplingParams(repetition_penalty=PENALTY, **extra)
+
+        def run(prompts, indices, params=params):
+            return generate(model, prompts, max_new_tokens=MAX_NEW, vocab_size=meta.vocab_size,
+                            eos_token_ids=[eos], pad_token_id=eos, params=params, seed=SEED,
+                            prompt_indices=indices)
+
+        order = list(range(len(PROMPTS)))[::-1]
+        out[mode] = {
+            "alone": [run([p], [i])[0] for i, p in enumerate(PROMPTS)],
+            "batched": run(PROMPTS, None),
+            "reversed": run([PROMPTS[i] for i in order], order)[::-1],
+        }
+    return out
+
+
+def test_penalty_and_sampling_ignore_left_padding_at_tp1_and_tp2(llama_models):
+    """Repetition penalty 1.5, pad == EOS, prompts of 3, 7 and 12 tokens. EOS is a token that
+    the shortest prompt's greedy completion reaches at its fourth step (transformers, alone):
+    were the EOS padding of the batch counted, that row would be penalised away from it."""
+    root = llama_models["llama2"]
+    (free,) = harness.run(_hf_alone, 1, root, None)
+    completion = free["greedy"][0]
+    eos = completion[3]
+    assert eos not in PROMPTS[0] + completion[:3], completion
+    (expected,) = harness.run(_hf_alone, 1, root, eos)
+    assert expected["greedy"][0][-1] == eos and len(expected["greedy"][0]) == 4
+    for tp in (1, 2):
+        results = harness.run(_megatron_alone_and_batched, tp, root, tp, eos)
+        assert all(r == results[0] for r in results), tp  # TP ranks agree
+        got = results[0]
+        for mode in ("greedy", "sampled"):
+            assert got[mode]["alone"] == got[mode]["batched"] == got[mode]["reversed"], (
+                tp, mode, got[mode])
+        assert got["greedy"]["alone"] == expected["greedy"], (tp, got["greedy"], expected)
+        assert got["sampled"]["alone"] == expected["sampled"], (tp, got["sampled"], expected)

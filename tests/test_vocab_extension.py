@@ -387,22 +387,35 @@ def test_launcher_learns_pieces_and_extends_a_megatron_checkpoint(extended, tmp_
     assert r.returncode == 2 and "usage" in r.stderr
 
 
-def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
-    """Llama 3 / Qwen layout: a byte-level BPE (split regex, then ByteLevel without its own
-    regex) whose special tokens follow the model's vocabulary as added tokens."""
+LLAMA3_SPLIT = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+(?!\S)|\s+"
+
+
+def _byte_level_bpe(split: str, vocab_size: int, special: list[str]):
+    """A byte-level BPE trained on the tiny corpus, Llama 3's and Qwen's layout (a split regex,
+    then ByteLevel without its own regex), with `special` added after its vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megatron_patch import tiny, vocab
+    from megatron_patch import tiny
 
-    split = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+(?!\S)|\s+"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(tiny.CORPUS, trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(special)
+    return tok
+
+
+def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
+    """Llama 3 / Qwen layout: a byte-level BPE (split regex, then ByteLevel without its own
+    regex) whose special tokens follow the model's vocabulary as added tokens."""
+    from tokenizers import Tokenizer
+
+    from megatron_patch import vocab
+
+    tok = _byte_level_bpe(LLAMA3_SPLIT, 400, ["<|begin_of_text|>", "<|end_of_text|>"])
     tok.save(str(tmp_path / "tokenizer.json"))
     special = [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")]
 
@@ -412,7 +425,11 @@ def test_special_tokens_after_the_vocabulary_keep_their_ids(tmp_path):
                              files.spell)
     assert plan.duplicates == 1 and plan.split == 1 and not plan.unreachable
     files.append(plan.pieces)
+    # The check of a saved tokenizer refuses one without the new pieces (the original here).
+    with pytest.raises(ValueError, match="expected id, id"):
+        files.check_saved(str(tmp_path), plan.pieces)
     files.save(str(tmp_path), plan.pieces)
+    files.check_saved(str(tmp_path), plan.pieces)
 
     new = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert [new.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>")] == special
@@ -452,3 +469,146 @@ def test_sentencepiece_only_directory_gets_a_consistent_tokenizer_json(extended,
     with open(CORPUS, encoding="utf-8") as f:
         texts = f.read().splitlines() + MIXED
     assert all(sp.encode(t) == fast(t, add_special_tokens=False).input_ids for t in texts)
+
+
+# ---- tokenizers with added tokens after their BPE vocabulary ---------------------------------
+
+ADDED_WORDS = ["天气", "人工智能", "天气预报", "语言模型", "你好", "世界", "今天", "明天", "训练",
+               "数据", "北京", "模型"]
+# Logits over the original ids of a model whose vocabulary matrices only gained rows (or whose
+# unused rows were overwritten): the same fp32 dot products, at most a few ulps of matmul
+# blocking apart (the issue's bound).
+ADDED_ATOL = 1e-6
+
+
+def _byte_level_tokenizer(out: str, split: str, special: list[str], config_only: list[str],
+                          slow_files: bool) -> None:
+    """A byte-level BPE (`_byte_level_bpe`) with `special` as added tokens after the BPE
+    vocabulary in tokenizer.json, and `config_only` after those, declared only in
+    tokenizer_config.json's added_tokens_decoder (as older savers leave an added pad token)."""
+    tok = _byte_level_bpe(split, 500, special)
+    os.makedirs(out)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    data = json.loads(tok.to_str())
+    decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+               for t in data["added_tokens"]}
+    for k, content in enumerate(config_only):
+        decoder[str(tok.get_vocab_size() + k)] = dict(
+            content=content, single_word=False, lstrip=False, rstrip=False, normalized=False,
+            special=True)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": special[-1],
+                   "added_tokens_decoder": decoder}, f)
+    if slow_files:  # Qwen ships GPT-2 style vocab.json and merges.txt too
+        with open(os.path.join(out, "vocab.json"), "w") as f:
+            json.dump(data["model"]["vocab"], f, ensure_ascii=False)
+        with open(os.path.join(out, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+            f.writelines(" ".join(m) + "\n" for m in data["model"]["merges"])
+
+
+def _added_token_tokenizers(root: str) -> dict[str, str]:
+    """Qwen2-style (<|endoftext|>, <|im_start|>, <|im_end|> after the BPE pieces), Llama-3-style
+    (reserved special tokens after them, and a pad token only tokenizer_config.json declares),
+    and a sentencepiece tokenizer.model with a pad and chat tokens added by transformers."""
+    import shutil
+
+    import transformers
+
+    qwen = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+    dirs = {name: os.path.join(root, name) for name in ("qwen2", "llama3", "sp")}
+    _byte_level_tokenizer(dirs["qwen2"], qwen, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                          [], slow_files=True)
+    _byte_level_tokenizer(dirs["llama3"], LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"] + [
+        f"<|reserved_special_token_{k}|>" for k in range(6)], ["<|pad|>"], slow_files=False)
+    os.makedirs(os.path.join(root, "sp_base"))
+    sp_hf = _sp_llama(os.path.join(root, "sp_base"))
+    tok = transformers.AutoTokenizer.from_pretrained(sp_hf)
+    tok.add_special_tokens({"pad_token": "<pad>",
+                            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(dirs["sp"])
+    shutil.copy(os.path.join(sp_hf, "tokenizer.model"), dirs["sp"])
+    return dirs
+
+
+def _check_added_token_extensions(root: str) -> dict:
+    import sentencepiece as spm
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from megatron_patch import tiny, vocab
+
+    report = {}
+    for name, tok_dir in _added_token_tokenizers(root).items():
+        old_tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+        old_ids, size = old_tok.get_vocab(), len(old_tok)
+        added_ids = sorted(old_tok.added_tokens_decoder)
+        assert added_ids[-1] == size - 1, (name, added_ids)  # added tokens end the vocabulary
+        for tied in (True, False):
+            for unused in (0, 37):  # vocab_size == len(tokenizer), or Qwen-style padded rows
+                arch = "Qwen2ForCausalLM" if name == "qwen2" else "LlamaForCausalLM"
+                cls = getattr(transformers, arch)
+                common = {k: v for k, v in tiny.COMMON.items() if k != "vocab_size"}
+                config = cls.config_class(**dict(common, num_hidden_layers=2),
+                                          vocab_size=size + unused, num_key_value_heads=2,
+                                          tie_word_embeddings=tied)
+                torch.manual_seed(0)
+                src = os.path.join(root, f"{name}_{tied}_{unused}")
+                cls(config).save_pretrained(src)
+                for f in os.listdir(tok_dir):
+                    with open(os.path.join(tok_dir, f), "rb") as a, \
+                            open(os.path.join(src, f), "wb") as b:
+                        b.write(a.read())
+                dst = src + "_ext"
+                s = vocab.extend_hf(src, dst, ADDED_WORDS)
+                case = f"{name} tied={tied} unused={unused}"
+                new_tok = transformers.AutoTokenizer.from_pretrained(dst)
+                new_ids = new_tok.get_vocab()
+                assert s.first_new_id == size and len(new_tok) == size + len(s.added), case
+                moved = {t: (i, new_ids.get(t)) for t, i in old_ids.items() if new_ids.get(t) != i}
+                assert not moved, (case, moved)
+                assert [new_ids[p] for p in s.added] == list(range(size, size + len(s.added)))
+                for word in ADDED_WORDS:  # a single token, in running text
+                    tokens = new_tok.tokenize("。" + word)
+                    assert new_tok.convert_tokens_to_string(tokens[-1:]) == word, (case, tokens)
+                if name == "sp":  # tokenizer.model agrees, the added tokens included (not
+                    # first in a text: sentencepiece then gives the "▁" prefix a piece of its
+                    # own, transformers drops it, extended or not)
+                    sp = spm.SentencePieceProcessor(model_file=os.path.join(dst, "tokenizer.model"))
+                    for text in [*MIXED, "你好<|im_start|>天气预报<|im_end|>你好<pad>",
+                                 "x <|im_start|> 天气<|im_end|> 人工智能"]:
+                        assert sp.encode(text) == new_tok(
+                            text, add_special_tokens=False).input_ids, (case, text)
+                # Rows of every original id (and unused rows no piece took) bit for bit.
+                a = load_file(os.path.join(src, "model.safetensors"))
+                b = load_file(os.path.join(dst, "model.safetensors"))
+                keys = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+                assert set(a) == set(b), case
+                for key in a:
+                    kept = [i for i in range(a[key].shape[0])
+                            if not size <= i < size + len(s.added)] if key in keys else None
+                    assert torch.equal(a[key][kept] if kept else a[key],
+                                       b[key][kept] if kept else b[key]), (case, key)
+                # fp32 logits over the original ids, for sequences of original ids (added
+                # tokens among them).
+                gen = torch.Generator().manual_seed(5)
+                ids = torch.randint(0, size, (2, 24), generator=gen)
+                ids[:, ::5] = torch.tensor(added_ids)[torch.arange(5) % len(added_ids)]
+                logits = []
+                for path in (src, dst):
+                    model = transformers.AutoModelForCausalLM.from_pretrained(
+                        path, dtype=torch.float32).eval()
+                    with torch.no_grad():
+                        logits.append(model(input_ids=ids).logits[..., :size])
+                report[case] = (logits[0] - logits[1]).abs().max().item()
+    return report
+
+
+def test_added_tokens_after_the_vocabulary_keep_ids_rows_and_logits(tmp_path):
+    """Qwen2-, Llama-3- and sentencepiece tokenizers with added tokens after their BPE pieces
+    (one only in tokenizer_config.json), tied and untied, with and without unused rows: every
+    original token keeps its id and rows, new words are single tokens, and fp32 logits over the
+    original ids do not change."""
+    (report,) = harness.run(_check_added_token_extensions, 1, str(tmp_path))
+    assert len(report) == 12 and all(v <= ADDED_ATOL for v in report.values()), report

@@ -52,14 +52,6 @@ def _prepare(root: str, names: list[str]) -> None:
         hf_to_megatron(hf_dir, os.path.join(root, name, "mcore"))
 
 
-@pytest.fixture(scope="session")
-def zoo_models(tmp_path_factory) -> dict[str, str]:
-    """case name -> directory holding hf/ (original format), mcore/ and reference.pt."""
-    root = str(tmp_path_factory.mktemp("zoo"))
-    harness.run(_prepare, 1, root, list(CASES))
-    return {name: os.path.join(root, name) for name in CASES}
-
-
 def _parity(dirs: dict[str, str], layout: zoo.Layout, save_root: str) -> dict[str, dict]:
     import torch
     from megatron.core import parallel_state

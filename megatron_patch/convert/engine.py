@@ -95,6 +95,8 @@ def hf_to_megatron(bindings: list[Binding], dims: Dims, read: Callable[[str], to
             raise ConversionError(f"tensor {b.megatron} from {list(b.hf)}: {e}") from e
         _check_shape(b.megatron, tensor, expected_shapes.get(b.megatron))
         yield b.megatron, tensor
+        # Hold nothing while the next tensor is read: the consumer may have let this one go.
+        del tensor
 
 
 def megatron_to_hf(bindings: list[Binding], dims: Dims, read: Callable[[str], torch.Tensor],

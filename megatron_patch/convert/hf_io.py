@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from megatron_patch import checkpoint
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, tensor_bytes
+from megatron_patch.errors import read_json
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.index\.json$")
 SAFETENSORS_DTYPES = {
@@ -65,8 +69,10 @@ class HFCheckpointReader:
 
     def _from_index(self, index_name: str) -> None:
         index_path = os.path.join(self.path, index_name)
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        index = read_json(index_path)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{index_path}: no \"weight_map\" object")
+        weight_map = index["weight_map"]
         for file in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(self.path, file)):
                 raise FileNotFoundError(f"{index_path} names {file}, which does not exist")
@@ -83,12 +89,20 @@ class HFCheckpointReader:
     def _handle(self, file: str):
         if file not in self._open:
             full = os.path.join(self.path, file)
-            if file.endswith(".safetensors"):
-                self._open[file] = safe_open(full, framework="pt")
-            else:
-                # mmap: tensors are paged in when read, not all at once.
-                self._open[file] = torch.load(full, map_location="cpu", mmap=True,
-                                              weights_only=True)
+            try:
+                if file.endswith(".safetensors"):
+                    self._open[file] = safe_open(full, framework="pt")
+                else:
+                    # mmap: tensors are paged in when read, not all at once.
+                    self._open[file] = torch.load(full, map_location="cpu", mmap=True,
+                                                  weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise checkpoint.refused_pickle(full, "its tensors", e) from None
+            except OSError:
+                raise
+            except Exception as e:  # safetensors and torch.load each raise their own kinds
+                raise ValueError(f"{full}: unreadable, truncated or corrupt "
+                                 f"({' '.join(str(e).split())[:200]})") from e
         return self._open[file]
 
     def _add_file(self, file: str) -> None:
@@ -102,6 +116,10 @@ class HFCheckpointReader:
     @property
     def files(self) -> list[str]:
         return sorted(set(self._where.values()))
+
+    def file_of(self, name: str) -> str:
+        """The file (relative to the directory) that stores tensor `name`."""
+        return self._where[name]
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -123,8 +141,11 @@ class HFCheckpointReader:
         handle = self._handle(file)
         if isinstance(handle, dict):
             return handle[name]
-        tensor = handle.get_tensor(name)
         full = os.path.join(self.path, file)
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as e:  # a header that promises more bytes than the file holds
+            raise ValueError(f"{full}: cannot read tensor {name} ({e})") from e
         if file not in self._offsets:
             self._offsets[file] = safetensors_offsets(full)
         start, end = self._offsets[file][name]
@@ -223,22 +244,37 @@ def write_safetensors_shards(out_dir: str, tensors: Iterable[tuple[str, torch.Te
     return files
 
 
-def staging_dir(out_dir: str) -> str:
-    """Where to build an output directory before `publish` moves it into place: OUT.partial,
-    emptied. Refuses an out_dir that exists with something in it (nothing is overwritten)."""
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output directory that exists with something in it: nothing is overwritten."""
+    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir} exists and is not empty: give a new output directory")
+
+
+@contextmanager
+def staged(out_dir: str) -> Iterator[str]:
+    """Build out_dir in OUT.partial (made with its marker by checkpoint.make_staging: one that
+    is not ours is refused, never deleted) and move it into place in one rename once the block
+    completes: an interrupted write never leaves a complete-looking out_dir. On an error the
+    staging directory, ours, is removed (a full disk needs the space back) and a failed write
+    names out_dir. Refuses an out_dir that exists with something in it."""
+    check_output_dir(out_dir)
     staging = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
-
-
-def publish(staging: str, out_dir: str) -> None:
-    """Move a complete staging directory to out_dir in one rename: an interrupted write leaves
-    only OUT.partial, never a complete-looking out_dir."""
+    checkpoint.make_staging(staging)
+    try:
+        yield staging
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno is None:
+            raise
+        # OSError(errno, ...) is the subclass of that errno, as the original was.
+        raise OSError(e.errno, f"writing {out_dir} failed, nothing was published: "
+                               f"{e.strerror or e}", e.filename) from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if os.path.exists(out_dir):
-        os.rmdir(out_dir)
-    os.replace(staging, out_dir)
+        os.rmdir(out_dir)  # empty (checked above): the rename replaces it
+    checkpoint.publish_staging(staging, out_dir)
 
 
 def copy_non_weight_files(src: str, dst: str) -> list[str]:

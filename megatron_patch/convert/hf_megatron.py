@@ -68,6 +68,17 @@ def hf_expected_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]] 
     return shapes
 
 
+def check_hf_source(reader: hf_io.HFCheckpointReader, hf_config: dict[str, Any],
+                    bindings: list[Binding], ignore: tuple[str, ...]) -> None:
+    """Name accounting on the HF side (it needs no model), and the shapes transformers expects."""
+    hf_names = reader.names()
+    engine.check_names(bindings, source=hf_names, target=[b.megatron for b in bindings],
+                       direction="hf->megatron", ignore=ignore)
+    expected_hf = hf_expected_shapes(hf_config)
+    if expected_hf is not None:
+        engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, reader.path)
+
+
 def _single_process_model(args: ModelArgs, hf_config: dict[str, Any], dtype: torch.dtype,
                           padded_vocab_size: int):
     """An unsharded model whose parameters act as the schema (names, shapes) of the checkpoint."""
@@ -216,7 +227,9 @@ def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.
 def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
                    tensor_model_parallel_size: int = 1, extra_vocab_size: int = 0,
                    params_dtype: torch.dtype | None = None) -> checkpoint.CheckpointMeta:
-    """Convert an HF model directory into a Megatron-Core checkpoint that loads at any TP/PP."""
+    """Convert an HF model directory into a Megatron-Core checkpoint that loads at any TP/PP.
+    out_dir must not exist or be empty; it appears only once complete."""
+    hf_io.check_output_dir(out_dir)
     hf_config = load_hf_config(hf_dir)
     family = family_for(hf_config)
     args = family.model_args(hf_config)
@@ -225,13 +238,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     reader = hf_io.HFCheckpointReader(hf_dir)
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
-    # Name accounting on the HF side first: it needs no model.
-    engine.check_names(bindings, source=hf_names,
-                       target=[b.megatron for b in bindings], direction="hf->megatron",
-                       ignore=family.hf_ignore)
-    expected_hf = hf_expected_shapes(hf_config)
-    if expected_hf is not None:
-        engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, hf_dir)
+    check_hf_source(reader, hf_config, bindings, family.hf_ignore)
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
 
     model = _single_process_model(args, hf_config, dtype, padded)
@@ -266,19 +273,20 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
             _fill_parts(parts[name], params[name], tensor.to(dtype))
             bar.update(tensor.numel() * dtype.itemsize)
 
-    os.makedirs(out_dir, exist_ok=True)
-    hf_io.copy_non_weight_files(hf_dir, os.path.join(out_dir, checkpoint.HF_DIR))
     meta = checkpoint.CheckpointMeta(
         architecture=hf_config["architectures"][0], vocab_size=args.vocab_size,
         padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
     )
-    checkpoint.write_meta(out_dir, meta)
-    # Input tensors that go out unchanged are copied from the input files (file_regions).
-    try:
-        checkpoint.save(out_dir, "release", state,
-                        sharded_strategy=distcp.UnsyncedSave(regions=reader.regions))
-    finally:
-        reader.close()
+    # Everything is built in the staging directory, weights first, and appears in one rename.
+    with hf_io.staged(out_dir) as staging:
+        # Input tensors that go out unchanged are copied from the input files (file_regions).
+        try:
+            checkpoint.save(staging, "release", state,
+                            sharded_strategy=distcp.UnsyncedSave(regions=reader.regions))
+        finally:
+            reader.close()
+        hf_io.copy_non_weight_files(hf_dir, os.path.join(staging, checkpoint.HF_DIR))
+        checkpoint.write_meta(staging, meta)
     log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
     return meta
 
@@ -291,7 +299,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     ("5GB" is 5 * 10**9 bytes). The default "5GB" is transformers 4.x's save_pretrained
     default; 5.x's is "50GB", which keeps models up to ~25B fp16 parameters in one file.
     """
-    staging = hf_io.staging_dir(out_dir)
+    hf_io.check_output_dir(out_dir)
+    # Its pickles are verified before anything reads them.
+    stored_dir = checkpoint.existing_iteration_dir(ckpt_dir, iteration)
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     family = family_for(hf_config)
@@ -301,13 +311,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     model = _single_process_model(args, hf_config, dtype, meta.padded_vocab_size)
     params = _parameters(model)
 
-    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
-    expected_hf = hf_expected_shapes(hf_config)
-    target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
-    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
-    bindings = _in_save_order(bindings, None if expected_hf is None else list(expected_hf))
+    bindings, expected_hf = export_bindings(family, args, hf_config, params)
 
-    stored = distcp.MappedCheckpoint(checkpoint.existing_iteration_dir(ckpt_dir, iteration))
+    stored = distcp.MappedCheckpoint(stored_dir)
     mapped = _mapped_parts(stored, model, params, dtype)
     if mapped is not None:
         tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, dtype,
@@ -316,15 +322,28 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
         checkpoint.load_model(ckpt_dir, model, iteration)
         tensors = engine.megatron_to_hf(bindings, dims, lambda n: params[n].detach(), expected_hf)
 
-    hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
-    _ensure_generation_config(staging, hf_config)
-    total = sum(p.numel() * dtype.itemsize for p in params.values())
-    with _progress(total, "megatron->hf") as bar:
-        with stored.regions:  # stored chunks go out unchanged: copied from the files
-            files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
-                                                   regions=stored.regions)
-    hf_io.publish(staging, out_dir)
+    with hf_io.staged(out_dir) as staging:
+        hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
+        _ensure_generation_config(staging, hf_config)
+        total = sum(p.numel() * dtype.itemsize for p in params.values())
+        with _progress(total, "megatron->hf") as bar:
+            with stored.regions:  # stored chunks go out unchanged: copied from the files
+                files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
+                                                       regions=stored.regions)
     return files
+
+
+def export_bindings(family, args: ModelArgs, hf_config: dict[str, Any],
+                    params: dict[str, torch.Tensor]) -> tuple[
+                        list[Binding], dict[str, tuple[int, ...]] | None]:
+    """The export's bindings, checked by name against the model's parameters and the HF
+    tensors transformers expects, in save_pretrained's order; and those expected shapes."""
+    bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
+    expected_hf = hf_expected_shapes(hf_config)
+    target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
+    engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
+    return _in_save_order(bindings, None if expected_hf is None else list(expected_hf)), (
+        expected_hf)
 
 
 def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torch.Tensor],

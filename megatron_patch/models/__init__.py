@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 
 from megatron_patch import cpu_mode
+from megatron_patch.errors import read_json
 from megatron_patch.models.registry import family_for, supported_architectures
 from megatron_patch.models.spec import FamilySpec, ModelArgs, pad_vocab_size
 
@@ -40,8 +40,10 @@ def load_hf_config(path: str) -> dict[str, Any]:
     """config.json of an HF model directory, or of the HF files a converted checkpoint carries."""
     for candidate in (os.path.join(path, "config.json"), os.path.join(path, "hf", "config.json")):
         if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
+            config = read_json(candidate)
+            if not isinstance(config, dict):
+                raise ValueError(f"{candidate}: not a JSON object")
+            return config
     raise FileNotFoundError(f"no config.json in {path} (nor in {path}/hf)")
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megatron_patch.convert.mapping import Rule
+from megatron_patch.models import rope
 
 _MISSING = object()
 
@@ -124,6 +125,9 @@ class FamilySpec:
                 )
         values = {f.megatron: f.read(hf_config) for f in self.config_fields}
         args = ModelArgs(**self.constants, **values)
+        if args.position_embedding_type == "rope":
+            params = (self.rope_parameters or rope.rope_parameters)(hf_config)
+            rope.check_supported(params, hf_config, self.name)
         return replace(args, kv_replicas=kv_replicas(args.num_attention_heads,
                                                      args.num_query_groups))
 

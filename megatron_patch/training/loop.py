@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +30,11 @@ from megatron_patch.models import (
 from megatron_patch.training import data, kv_replicas, metrics, optim_state
 
 log = logging.getLogger("megatron_patch.train")
+_ITERATION_DIR = re.compile(r"iter_(\d+)")
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 def lm_loss(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int,
@@ -92,6 +99,42 @@ def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, An
             **LLAMA.hf_config_updates(model_args)}
 
 
+def architecture_conflicts(args: argparse.Namespace, m: Any) -> list[str]:
+    """The architecture flags given that contradict the model args `m` of a loaded checkpoint
+    (Megatron-LM's names; flags not given are taken from the checkpoint)."""
+    valued = [("--num-layers", args.num_layers, m.num_layers),
+              ("--hidden-size", args.hidden_size, m.hidden_size),
+              ("--ffn-hidden-size", args.ffn_hidden_size, m.ffn_hidden_size),
+              ("--num-attention-heads", args.num_attention_heads, m.num_attention_heads),
+              ("--num-query-groups", args.num_query_groups, m.num_query_groups),
+              ("--max-position-embeddings", args.max_position_embeddings,
+               m.max_sequence_length),
+              ("--normalization", args.normalization, m.normalization),
+              ("--position-embedding-type (or --use-alibi-mask / "
+               "--use-rotary-position-embeddings / --no-position-embedding)",
+               args.position_embedding_type, m.position_embedding_type)]
+    switches = [("--swiglu", args.swiglu, m.gated_linear_unit and m.activation == "silu"),
+                ("--group-query-attention", args.group_query_attention,
+                 m.num_query_groups != m.num_attention_heads),
+                ("--untie-embeddings-and-output-weights", args.untie_embeddings_and_output_weights,
+                 not m.share_embeddings_and_output_weights),
+                ("--disable-bias-linear", args.disable_bias_linear, not m.add_bias_linear)]
+    return ([f"{flag} {given} (the checkpoint has {saved})"
+             for flag, given, saved in valued if given is not None and given != saved]
+            + [f"{flag} (the checkpoint's architecture does not have it)"
+               for flag, given, saved in switches if given and not saved])
+
+
+# The learning-rate schedule's saved values, and the flags that set them.
+_SCHEDULE_FLAGS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_decay_style": "--lr-decay-style",
+    "lr_warmup_steps": "--lr-warmup-iters/--lr-warmup-tokens",
+    "lr_decay_steps": "--train-iters/--train-tokens/--lr-decay-iters",
+    "start_wd": "--weight-decay", "end_wd": "--weight-decay",
+    "wd_incr_steps": "--train-iters/--train-tokens",
+}
+
+
 class Trainer:
     """Sets up everything from Megatron-LM style flags, then trains, evaluates and saves."""
 
@@ -140,6 +183,8 @@ class Trainer:
         self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
         if args.load:
             self._load()
+        if args.save:
+            self._check_save_dir()
         self.forward_step = forward_step or lm_forward_step(self.vocab_size)
         is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
         self.writer = metrics.open_writer(args, is_last)
@@ -157,6 +202,7 @@ class Trainer:
         else:
             from transformers import AutoTokenizer
 
+            args.normalization = args.normalization or "LayerNorm"  # Megatron-LM's default
             if not args.tokenizer_model:
                 raise ValueError("without --load, give --tokenizer-model (an HF tokenizer dir)")
             vocab = len(AutoTokenizer.from_pretrained(args.tokenizer_model))
@@ -167,12 +213,10 @@ class Trainer:
             self.meta = checkpoint.CheckpointMeta(self.hf_config["architectures"][0], vocab,
                                                   padded, "float32")
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
-        wanted = args.position_embedding_type
-        if args.load and wanted is not None and wanted != self.model_args.position_embedding_type:
-            raise ValueError(f"--position-embedding-type {wanted} (or --use-alibi-mask / "
-                             f"--use-rotary-position-embeddings) disagrees with the checkpoint "
-                             f"{args.load}, whose architecture uses "
-                             f"{self.model_args.position_embedding_type}")
+        if args.load and (conflicts := architecture_conflicts(args, self.model_args)):
+            raise ValueError(f"architecture flags {'; '.join(conflicts)}: what they ask for "
+                             f"disagrees with the checkpoint {args.load}, which decides the "
+                             "architecture (leave them out with --load)")
         self.vocab_size = self.meta.vocab_size
         if args.load and self.vocab_size + args.extra_vocab_size > self.meta.padded_vocab_size:
             # The checkpoint fixes the embedding rows: EXTRA_VOCAB_SIZE rows are made when
@@ -251,6 +295,9 @@ class Trainer:
             lr_warmup_steps=warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
             lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
             wd_incr_steps=self.train_iters * gbs, wd_incr_style="constant",
+            # Megatron-LM's flags; a resume otherwise refuses a different schedule (_load).
+            override_opt_param_scheduler=a.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=not a.override_opt_param_scheduler,
         )
 
     def _build_datasets(self) -> list[Any]:
@@ -469,6 +516,7 @@ class Trainer:
             consumed_valid_samples=self.consumed_valid_samples,
             opt_param_scheduler=self.scheduler.state_dict(),
             parallel_layout=[self.tp, self.pp, self.dp], expert_parallel=self.ep,
+            seq_length=a.seq_length,
         )
         if torch.distributed.get_rank() == 0:
             self._write_model_files(a.save)
@@ -476,8 +524,40 @@ class Trainer:
         if torch.distributed.get_rank() == 0:
             print(f"saved checkpoint at iteration {self.iteration} to {a.save}", flush=True)
 
+    def _check_save_dir(self) -> None:
+        """Refuse a --save directory that holds another model's checkpoints (saving would mix
+        the two; its megatron_patch.json and hf/ would describe this model's iterations), or
+        iterations after the one this run starts from (saving would overwrite them and move
+        the tracker back) unless --overwrite-checkpoints."""
+        a = self.args
+        if os.path.isfile(os.path.join(a.save, checkpoint.META)):
+            saved = checkpoint.read_meta(a.save)
+            saved_hf = load_hf_config(os.path.join(a.save, checkpoint.HF_DIR))
+            theirs = {"architecture": saved.architecture,
+                      "padded_vocab_size": saved.padded_vocab_size,
+                      **dataclasses.asdict(family_for(saved_hf).model_args(saved_hf))}
+            ours = {"architecture": self.meta.architecture,
+                    "padded_vocab_size": self.meta.padded_vocab_size,
+                    **dataclasses.asdict(self.model_args)}
+            if differ := [f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours
+                          if theirs.get(k) != ours[k]]:
+                raise ValueError(f"--save {a.save} holds checkpoints of another model "
+                                 f"({os.path.join(a.save, checkpoint.META)}, "
+                                 f"{os.path.join(a.save, checkpoint.HF_DIR, 'config.json')}): "
+                                 f"{'; '.join(differ[:6])}; choose another --save directory")
+        if a.overwrite_checkpoints:
+            return
+        saved_iterations = [int(m.group(1)) for m in map(_ITERATION_DIR.fullmatch,
+                                                          _listdir(a.save)) if m]
+        if newer := sorted(i for i in saved_iterations if i > self.iteration):
+            raise ValueError(f"--save {a.save} holds iterations {newer} after the one this run "
+                             f"starts from ({self.iteration}): saving would overwrite them and "
+                             f"point {checkpoint.TRACKER} back. Resume them with --load "
+                             f"{a.save}, choose another --save, or pass --overwrite-checkpoints")
+
     def _write_model_files(self, root: str) -> None:
-        """Give the save directory what export needs: HF config/tokenizer files and meta."""
+        """Give the save directory what export needs: HF config/tokenizer files and meta
+        (where it has them, _check_save_dir found them to describe this model)."""
         from megatron_patch.convert.hf_io import copy_non_weight_files
 
         if os.path.isfile(os.path.join(root, checkpoint.META)):
@@ -495,12 +575,17 @@ class Trainer:
         a = self.args
         iteration = checkpoint.latest_iteration(a.load)
         common = dist_checkpointing.load_common_state_dict(
-            checkpoint.iteration_dir(a.load, iteration))
+            checkpoint.existing_iteration_dir(a.load, iteration))  # pickles verified first
         # A converted model ("release") or --finetune: weights only, fresh run from iteration 0.
         if a.finetune or iteration == "release" or "iteration" not in common:
             checkpoint.load_model(a.load, self.model.module, iteration)
             log.info("loaded weights from %s (%s): fresh run", a.load, iteration)
             return
+        saved_seq = common.get("seq_length")
+        if saved_seq is not None and saved_seq != a.seq_length:
+            raise ValueError(f"--seq-length {a.seq_length}: {a.load} was trained at --seq-length "
+                             f"{saved_seq}, which a resumed run keeps (to change it, start a new "
+                             "run from its weights with --finetune)")
         saved_ep = common.get("expert_parallel", 1)
         if saved_ep != self.ep and not a.no_load_optim:
             # Megatron-Core keeps expert and dense optimizer state apart only when EP > 1, so
@@ -515,6 +600,8 @@ class Trainer:
             raise ValueError(f"{a.load} was saved {saved} --use-distributed-optimizer: resume "
                              f"{saved} it, or pass --no-load-optim or --finetune (its optimizer "
                              "state cannot load into the other optimizer)")
+        if not a.no_load_optim:
+            self._check_schedule(common["opt_param_scheduler"])
         same_layout = list(common.get("parallel_layout", [])) == [self.tp, self.pp, self.dp]
         load_rng = same_layout and not a.no_load_rng
         state = checkpoint.load(a.load, self._state(True, not a.no_load_optim, load_rng),
@@ -536,11 +623,32 @@ class Trainer:
         self.consumed_valid_samples = int(state.get("consumed_valid_samples", 0))
         log.info("resumed %s at iteration %d", a.load, self.iteration)
 
+    def _check_schedule(self, saved: dict[str, Any]) -> None:
+        """Megatron-LM's rule: a resumed learning-rate schedule must equal the command line's
+        unless --override-opt-param-scheduler (the command line's) or
+        --use-checkpoint-opt-param-scheduler (the checkpoint's) says which to follow."""
+        a = self.args
+        if a.override_opt_param_scheduler or a.use_checkpoint_opt_param_scheduler:
+            return
+        given = self.scheduler.state_dict()
+        differ = [f"{key} {saved[key]!r} saved, {given[key]!r} given ({flag})"
+                  for key, flag in _SCHEDULE_FLAGS.items()
+                  if key in saved and saved[key] != given[key]]
+        if differ:
+            raise ValueError(f"{a.load}: the learning-rate schedule it was saved with differs "
+                             f"from the command line: {'; '.join(differ)}. Pass "
+                             "--override-opt-param-scheduler to follow the command line, or "
+                             "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_patch.training.arguments import parse_args
 
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with validated flags (`arguments.validate`)."""
     logs.setup(args.verbose, args.log_level)
     trainer = Trainer(args)
     trainer.train()
@@ -549,4 +657,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from megatron_patch import errors
+
+    raise SystemExit(errors.run_main("megatron-patch train", main))
