@@ -181,10 +181,17 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
 
 
 def add_arguments(parser) -> None:
+    from megatron_patch.prompts import PROMPT_FORMATS
+
     parser.add_argument("--load", required=True, help="checkpoint directory")
     parser.add_argument("--input-file", required=True,
-                        help="JSON lines with `prompt`, `query`, `instruction` or `messages`")
-    parser.add_argument("--output-file", required=True)
+                        help="a .txt file (one prompt a line, \\n escapes) or JSON lines with "
+                             "`text`, `prompt`, `query`, `instruction` or `messages`")
+    parser.add_argument("--output-file", required=True,
+                        help=".txt: one completion a line (newlines escaped); else JSON lines")
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                        help="raw: continue the text as is; chat: render as SFT does; auto: raw "
+                             "for a .txt input and records with `text`, chat otherwise")
     parser.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     parser.add_argument("--micro-batch-size", type=positive_int, default=4,
@@ -226,20 +233,19 @@ def sampling_params(args) -> SamplingParams:
 
 
 def run(args) -> int:
-    """Generate completions for a JSON-lines prompt file (run under torchrun for TP > 1)."""
+    """Generate completions for a prompt file (run under torchrun for TP > 1)."""
     check_sampling_flags(args)
-    import json
     import os
 
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.data.sft import read_records, render_prompt, validate_prompt
     from megatron_patch.models import from_checkpoint
+    from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
-    records, _ = read_records(args.input_file, check=validate_prompt)  # bad input before work
+    records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model, meta = from_checkpoint(args.load, params_dtype=dtype)
@@ -253,7 +259,7 @@ def run(args) -> int:
     out = open(tmp, "w", encoding="utf-8") if rank0 else None
     for start in range(0, len(records), args.micro_batch_size):
         batch = records[start:start + args.micro_batch_size]
-        prompts = [render_prompt(tok, r)[-(args.max_input_length or 0):] for r in batch]
+        prompts = [prompt_ids(tok, r)[-(args.max_input_length or 0):] for r in batch]
         completions = generate(model, prompts, max_new_tokens=args.max_new_tokens,
                                vocab_size=meta.vocab_size, eos_token_ids=eos, pad_token_id=pad,
                                params=params, seed=args.seed,
@@ -261,7 +267,7 @@ def run(args) -> int:
         if out:
             for record, ids in zip(batch, completions, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
-                out.write(json.dumps({**record, "completion": text}, ensure_ascii=False) + "\n")
+                out.write(output_line(args.output_file, record, text))
             print(f"generated {min(start + len(batch), len(records))}/{len(records)}",
                   flush=True)
     if out:

@@ -190,10 +190,11 @@ def _moe_config(args: ModelArgs) -> dict[str, Any]:
 def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
                 padded_vocab_size: int | None = None, pre_process: bool | None = None,
                 post_process: bool | None = None, vp_stage: int | None = None,
-                transformer_impl: str = "auto"):
+                transformer_impl: str = "auto", core_attention: type | None = None):
     """The GPTModel of this pipeline stage (and virtual stage).
 
     transformer_impl: "local", "transformer_engine" or "auto" (TE where importable on a GPU).
+    core_attention: the local layers' core attention, if not the default (models/flash.py).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -210,7 +211,7 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage,
-                                          transformer_impl, args),
+                                          transformer_impl, args, core_attention),
         vocab_size=padded_vocab_size or args.vocab_size,
         max_sequence_length=args.max_sequence_length,
         pre_process=pre_process,

@@ -91,14 +91,16 @@ def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
 
 
 def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
-               args: ModelArgs | None = None) -> ModuleSpec:
+               args: ModelArgs | None = None, core_attention: type | None = None
+               ) -> ModuleSpec:
     """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules.
 
     num_experts: a mixture-of-experts MLP with that many experts instead of a dense one.
     `args` (ModelArgs) plugs in the pieces Megatron-Core lacks: ALiBi attention
     (models/alibi.py) and parallel attention + MLP (models/parallel_layer.py).
+    core_attention: a subclass of SDPADotProductAttention (--use-flash-attn: models/flash.py).
     """
-    core_attention = SDPADotProductAttention
+    core_attention = core_attention or SDPADotProductAttention
     attention, out_proj, fc2 = CachedRotarySelfAttention, RowParallelLinear, RowParallelLinear
     if args is not None and args.position_embedding_type == "alibi":
         from megatron_patch.models.alibi import AlibiDotProductAttention
@@ -223,7 +225,7 @@ def transformer_engine_available() -> bool:
 
 def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
                vp_stage: int | None = None, transformer_impl: str = "auto",
-               args: ModelArgs | None = None
+               args: ModelArgs | None = None, core_attention: type | None = None
                ) -> TransformerBlockSubmodules:
     """The decoder of this pipeline stage: its layers and the final norm.
 
@@ -258,6 +260,7 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
 
         return TransformerBlockSubmodules(layer_specs=[te_layer(m) for m in stage],
                                           layer_norm=TENorm)
-    layers = {m: layer_spec(qk_layernorm, config.num_moe_experts if m else None, args)
+    layers = {m: layer_spec(qk_layernorm, config.num_moe_experts if m else None, args,
+                         core_attention)
               for m in set(stage)}
     return TransformerBlockSubmodules(layer_specs=[layers[m] for m in stage], layer_norm=Norm)

@@ -54,6 +54,18 @@ class SDPADotProductAttention(DotProductAttention):
         self.scale_mask_softmax.window_size = None
         self._sdpa_ok = self.softmax_offset is None
 
+    def _dropout_in_kernel(self) -> bool:
+        """Whether attention dropout may run inside the SDPA call (subclasses); here it stays
+        on megatron's path, which draws from megatron's RNG tracker."""
+        return False
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """The SDPA call on [b, n, s, d] views."""
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=self._sdpa_scale,
+            enable_gqa=self._gqa)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type=None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params=None
@@ -62,7 +74,8 @@ class SDPADotProductAttention(DotProductAttention):
             attention_mask = self._window_mask(query.shape[0], key.shape[0], attention_mask,
                                                query.device)
         if (not self._sdpa_ok or attention_bias is not None or packed_seq_params is not None
-                or (self.training and self.attention_dropout.p > 0)):
+                or (self.training and self.attention_dropout.p > 0
+                    and not self._dropout_in_kernel())):
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
         sq, b, heads, _ = query.shape
@@ -74,11 +87,8 @@ class SDPADotProductAttention(DotProductAttention):
         else:
             attention_mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
         # [s, b, n, d] -> [b, n, s, d]; permuted views, SDPA accepts the strides.
-        context = torch.nn.functional.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-            attn_mask=attention_mask, is_causal=causal, scale=self._sdpa_scale,
-            enable_gqa=self._gqa,
-        )
+        context = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                               value.permute(1, 2, 0, 3), attention_mask, causal)
         # [b, n, sq, d] -> [sq, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_patch import logs
 from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int
+from megatron_patch.training import metrics
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    default="auto", help="layer implementation (auto: Transformer Engine where "
                                         "importable on a GPU, else Megatron-Core's local one)")
     g.add_argument("--use-flash-attn", action="store_true",
-                   help="flash attention through Transformer Engine (GPU only)")
+                   help="flash attention: Transformer Engine's where importable on a GPU, "
+                        "else the flash_attn package (CUDA, fp16/bf16), else torch SDPA's flash "
+                        "kernel (CUDA fp16/bf16, or CPU); the startup log names it")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=positive_int, default=1)
@@ -110,6 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--eval-interval", type=positive_int, default=1000)
     g.add_argument("--eval-iters", type=nonnegative_int, default=10)
+    logs.add_arguments(g)
+    metrics.add_arguments(g)
 
     g = p.add_argument_group("model from scratch (with --load, any given must agree with the "
                              "checkpoint's architecture)")
