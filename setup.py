@@ -26,6 +26,8 @@ setup(
         "psutil>=5.9",
         "tensorboard>=2.10",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.5"]},
+    # accelerate: transformers needs it to load (and dequantise) an FP8 checkpoint, the oracle
+    # of tests/test_moe.py's FP8 import test. wandb: the offline W&B logging test.
+    extras_require={"test": ["pytest>=8", "ruff>=0.5", "accelerate>=1.0", "wandb>=0.16"]},
     entry_points={"console_scripts": ["megatron-patch=megatron_patch.cli:main"]},
 )

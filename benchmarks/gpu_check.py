@@ -5,6 +5,9 @@ One process, one GPU (it also runs on CPU, as a dry run). Prints one JSON report
 - bf16 logits (checkpoint converted to bf16) against transformers in bf16 and in fp32;
 - greedy generation against transformers' generate, token for token;
 - a bf16 training run through the Trainer: first/last loss, tokens/s;
+- the same run with --use-flash-attn: the attention the startup log names, the CUDA kernels
+  that ran (a profiled step: their names must contain "flash"), and the loss against the run
+  without the flag;
 - an export of the trained checkpoint loaded by transformers.
 Not part of CI.
 
@@ -32,6 +35,50 @@ def _dataset(prefix: str, vocab: int, num_docs: int = 400) -> None:
         motif = rng.integers(3, vocab, size=rng.integers(3, 7))
         builder.add_document(np.concatenate([np.tile(motif, 40), [2]]).astype(np.int32), [1])
     builder.finalize(prefix + ".idx")
+
+
+def _flash_check(train_args, default_losses: list[float]) -> dict:
+    """--use-flash-attn on this GPU: what the startup log names, which kernels run, the loss."""
+    import logging
+
+    import torch
+
+    from megatron_patch.training.loop import Trainer
+
+    class Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    logger = logging.getLogger("megatron_patch.train")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    flash_args = copy.copy(train_args)
+    flash_args.use_flash_attn, flash_args.save = True, None
+    trainer = Trainer(flash_args)
+    start = time.perf_counter()
+    steps = trainer.train()
+    seconds = time.perf_counter() - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        trainer.train_step()
+        torch.cuda.synchronize()
+    logger.removeHandler(lines)
+    kernels = sorted({e.key for e in prof.key_averages() if "flash" in e.key.lower()
+                      or "fmha" in e.key.lower() or "attention" in e.key.lower()})
+    losses = [s["loss"] for s in steps]
+    selected = [line for line in lines.lines if "--use-flash-attn" in line]
+    return {"startup_log": selected, "kernels": kernels,
+            "flash_kernel_ran": any("flash" in k.lower() for k in kernels),
+            "log_names_flash": any("flash" in line.lower() for line in selected),
+            "last_loss": losses[-1],
+            "max_loss_diff_vs_default": max(abs(a - b) for a, b in
+                                            zip(losses, default_losses, strict=True)),
+            "tokens_per_s": len(losses) * 16 * flash_args.seq_length / seconds}
 
 
 def main() -> None:
@@ -118,6 +165,7 @@ def main() -> None:
     losses = [s["loss"] for s in steps]
     report["train_bf16"] = {"first_loss": losses[0], "last_loss": losses[-1],
                             "tokens_per_s": len(losses) * 16 * args.seq_length / seconds}
+    report["flash_attn"] = _flash_check(train_args, losses)
     parallel.destroy()
     exported = os.path.join(work, "exported")
     megatron_to_hf(save, exported)

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from megatron_patch.errors import read_json
+
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatron_patch.json"
 HF_DIR = "hf"
@@ -61,12 +63,13 @@ def read_meta(root: str) -> CheckpointMeta:
     path = os.path.join(root, META)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {root} is not a megatron-patch checkpoint")
-    with open(path) as f:
-        meta = CheckpointMeta(**json.load(f))
+    try:
+        meta = CheckpointMeta(**read_json(path))
+    except TypeError as e:
+        raise ValueError(f"{path}: not a megatron-patch checkpoint description ({e})") from e
     config_path = os.path.join(root, HF_DIR, "config.json")
     if os.path.isfile(config_path):
-        with open(config_path) as f:
-            named = (json.load(f).get("architectures") or [None])[0]
+        named = (read_json(config_path).get("architectures") or [None])[0]
         if named != meta.architecture:
             raise ValueError(f"{path} records architecture {meta.architecture}, but "
                              f"{config_path} names {named}: the two do not describe one model")
@@ -192,8 +195,17 @@ def load(root: str, sharded_state_dict: dict[str, Any],
          iteration: int | str | None = None) -> dict[str, Any]:
     """Load the given (or latest) iteration into the layout `sharded_state_dict` describes."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    return dist_checkpointing.load(sharded_state_dict, existing_iteration_dir(root, iteration))
+    path = existing_iteration_dir(root, iteration)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, path)
+    except CheckpointException as e:
+        # Each rank's failure comes wrapped with its traceback; the exception says what broke.
+        failure = next(iter(e.failures.values()), None)
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        raise ValueError(f"{path}: cannot load the checkpoint, a .distcp file is corrupt "
+                         f"({type(cause).__name__}: {cause})") from e
 
 
 def existing_iteration_dir(root: str, iteration: int | str | None = None) -> str:
@@ -204,6 +216,7 @@ def existing_iteration_dir(root: str, iteration: int | str | None = None) -> str
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} not found (named by {os.path.join(root, TRACKER)})")
+    check_storage_files(path)
     verify_pickles(path)
     return path
 
@@ -251,7 +264,29 @@ def read_dcp_metadata(iteration_path: str) -> Any:
         raise FileNotFoundError(f"{path} not found: {iteration_path} is not a torch_dist "
                                 "checkpoint")
     with open(path, "rb") as f:
-        return _MetadataUnpickler(f, path).load()
+        try:
+            return _MetadataUnpickler(f, path).load()
+        except (EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from e
+
+
+def check_storage_files(iteration_path: str, metadata: Any = None) -> None:
+    """Refuse a torch_dist checkpoint directory whose .distcp files are missing or shorter than
+    its .metadata says (a truncated copy), naming the file."""
+    if metadata is None:
+        metadata = read_dcp_metadata(iteration_path)
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        full = os.path.join(iteration_path, name)
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{full}: missing (named by {iteration_path}/.metadata)")
+        held = os.path.getsize(full)
+        if held < size:
+            raise ValueError(f"{full}: truncated: {held} bytes, the checkpoint's .metadata "
+                             f"needs {size}")
 
 
 def _numpy_globals() -> list[Any]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+from megatron_patch import errors
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -39,9 +42,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from megatron_patch.training import arguments
+
+    args = arguments.validate(args)  # before importing megatron-core, which takes seconds
     from megatron_patch.training import loop
 
-    return loop.main(args.flags)
+    return loop.run(args)
 
 
 def _preprocess(args: argparse.Namespace) -> int:
@@ -77,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_patch import generation, tiny, verify, vocab
     from megatron_patch.convert import megatron_lm
     from megatron_patch.data import preprocess
+    from megatron_patch.training import arguments
 
-    parser = argparse.ArgumentParser(prog="megatron-patch", description=__doc__)
+    parser = errors.ArgumentParser(prog="megatron-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron-Core")
@@ -89,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="HF model directory, or Megatron checkpoint directory "
                                      "(megatron-patch's, or Megatron-LM's)")
     convert.add_argument("dst", help="output directory")
-    convert.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    convert.add_argument("--tensor-model-parallel-size", type=int, default=1,
+    convert.add_argument("--make-vocab-size-divisible-by", type=errors.positive_int, default=128)
+    convert.add_argument("--tensor-model-parallel-size", type=errors.positive_int, default=1,
                          help="pad the vocabulary for this TP size (it loads at any TP that "
                               "divides the padded size)")
-    convert.add_argument("--extra-vocab-size", type=int, default=0,
+    convert.add_argument("--extra-vocab-size", type=errors.nonnegative_int, default=0,
                          help="extra embedding rows before padding")
     convert.add_argument("--params-dtype", choices=["float32", "float16", "bfloat16"],
                          help="store weights in this dtype (default: the source's)")
@@ -111,10 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_verify)
 
     train = sub.add_parser(
-        "train", add_help=False,
-        help="train with Megatron-LM flags (run under torchrun for several processes; "
-             "`megatron-patch train --help` lists them)")
-    train.add_argument("flags", nargs=argparse.REMAINDER)
+        "train", help="train with Megatron-LM flags (run under torchrun for several processes; "
+                      "`megatron-patch train --help` lists them)")
+    arguments.add_arguments(train)
     train.set_defaults(func=_train)
 
     prep = sub.add_parser("preprocess", help="JSON lines -> Megatron .bin/.idx datasets")
@@ -139,19 +145,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "tokenizer and grow its embeddings")
     vocab.add_arguments(extend)
     extend.set_defaults(func=_extend_vocab)
+    for command in sub.choices.values():
+        add_debug_flag(command)
     return parser
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (or set {errors.DEBUG_ENV}=1)")
+
+
+# Where each command writes: an OSError without a file name (a full disk) is told against it.
+OUTPUTS = {"convert": "dst", "extend-vocab": "dst", "make-tiny": "out_dir", "train": "save",
+           "preprocess": "output_prefix", "generate": "output_file"}
 
 
 def main(argv: list[str] | None = None) -> int:
     # Our own progress at INFO; other libraries' chatter (megatron-core's import notices) hidden.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron_patch").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"megatron-patch {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, as argparse's top level would not
+        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: "
+                       f"{' '.join(unknown)} (--help lists the flags)\n")
+    if args.debug:
+        os.environ[errors.DEBUG_ENV] = "1"  # also for the processes this command starts
+    output = getattr(args, OUTPUTS.get(args.command, ""), None)
+    return errors.run_main(f"megatron-patch {args.command}", lambda: args.func(args),
+                           output=output)
 
 
 if __name__ == "__main__":

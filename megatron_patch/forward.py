@@ -16,6 +16,19 @@ def masked_vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tens
     """
     from megatron.core import parallel_state, tensor_parallel
 
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        # The whole vocabulary is here: torch's fused log-softmax and NLL, without megatron's
+        # fp32 copy and separate max/exp/sum/div passes over [b, s, V], which made the loss a
+        # large share of a small model's step on CPU. Padding rows get the lowest float added
+        # (one pass, gradient passed through), which drops them from the softmax as the mask
+        # below does; slicing them off would copy [b, s, V] forward and backward.
+        logits = logits.float()
+        if logits.shape[-1] > vocab_size:
+            shift = torch.zeros(logits.shape[-1], device=logits.device)
+            shift[vocab_size:] = torch.finfo(torch.float32).min
+            logits = logits + shift
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
     local = logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * local
     # megatron's cross entropy works in place on its input: always hand it a fresh fp32 copy.

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_patch.errors import nonnegative_int, positive_int
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -179,18 +181,26 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
 
 
 def add_arguments(parser) -> None:
+    from megatron_patch.prompts import PROMPT_FORMATS
+
     parser.add_argument("--load", required=True, help="checkpoint directory")
     parser.add_argument("--input-file", required=True,
-                        help="JSON lines with `prompt`, `query`, `instruction` or `messages`")
-    parser.add_argument("--output-file", required=True)
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--micro-batch-size", type=int, default=4, help="prompts per batch")
-    parser.add_argument("--max-input-length", type=int, default=None,
+                        help="a .txt file (one prompt a line, \\n escapes) or JSON lines with "
+                             "`text`, `prompt`, `query`, `instruction` or `messages`")
+    parser.add_argument("--output-file", required=True,
+                        help=".txt: one completion a line (newlines escaped); else JSON lines")
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                        help="raw: continue the text as is; chat: render as SFT does; auto: raw "
+                             "for a .txt input and records with `text`, chat otherwise")
+    parser.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--micro-batch-size", type=positive_int, default=4,
+                        help="prompts per batch")
+    parser.add_argument("--max-input-length", type=positive_int, default=None,
                         help="keep only the last this-many prompt tokens")
-    parser.add_argument("--max-new-tokens", "--out-seq-length", type=int, default=128,
-                        dest="max_new_tokens")
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", "--out-seq-length", type=nonnegative_int,
+                        default=128, dest="max_new_tokens")
+    parser.add_argument("--top-k", type=nonnegative_int, default=0)
     parser.add_argument("--top-p", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -203,6 +213,17 @@ def add_arguments(parser) -> None:
                         help="HF tokenizer directory (default: the checkpoint's)")
 
 
+def check_sampling_flags(args) -> None:
+    """Refuse what transformers' logits processors refuse (top_p = 0 stays Megatron-LM's "off")."""
+    if not 0.0 <= args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1] (or 0: off), got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be a positive number, got "
+                         f"{args.repetition_penalty}")
+    if args.temperature <= 0 and sampling_params(args).do_sample:
+        raise ValueError(f"--temperature must be positive when sampling, got {args.temperature}")
+
+
 def sampling_params(args) -> SamplingParams:
     """Megatron-LM's convention: top_k = 0 and top_p = 0 mean greedy; top_p = 0 means off."""
     greedy = args.greedy or (args.top_k == 0 and args.top_p == 0.0)
@@ -212,24 +233,24 @@ def sampling_params(args) -> SamplingParams:
 
 
 def run(args) -> int:
-    """Generate completions for a JSON-lines prompt file (run under torchrun for TP > 1)."""
-    import json
+    """Generate completions for a prompt file (run under torchrun for TP > 1)."""
+    check_sampling_flags(args)
     import os
 
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.data.sft import read_records, render_prompt, validate_prompt
     from megatron_patch.models import from_checkpoint
+    from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
+    records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model, meta = from_checkpoint(args.load, params_dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))
-    records, _ = read_records(args.input_file, check=validate_prompt)
     params = sampling_params(args)
     eos = [tok.eos_token_id]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -238,7 +259,7 @@ def run(args) -> int:
     out = open(tmp, "w", encoding="utf-8") if rank0 else None
     for start in range(0, len(records), args.micro_batch_size):
         batch = records[start:start + args.micro_batch_size]
-        prompts = [render_prompt(tok, r)[-(args.max_input_length or 0):] for r in batch]
+        prompts = [prompt_ids(tok, r)[-(args.max_input_length or 0):] for r in batch]
         completions = generate(model, prompts, max_new_tokens=args.max_new_tokens,
                                vocab_size=meta.vocab_size, eos_token_ids=eos, pad_token_id=pad,
                                params=params, seed=args.seed,
@@ -246,7 +267,7 @@ def run(args) -> int:
         if out:
             for record, ids in zip(batch, completions, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
-                out.write(json.dumps({**record, "completion": text}, ensure_ascii=False) + "\n")
+                out.write(output_line(args.output_file, record, text))
             print(f"generated {min(start + len(batch), len(records))}/{len(records)}",
                   flush=True)
     if out:
@@ -257,9 +278,11 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.generation")
+    from megatron_patch.errors import ArgumentParser, run_main
+
+    parser = ArgumentParser(prog="megatron-patch generate")
     add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sys.exit(run_main("megatron-patch generate", lambda: run(parser.parse_args())))

@@ -3,6 +3,9 @@
 The bash scripts under examples/ pass their positional arguments here unchanged; this module
 names them, maps the short switches (PR, AC, DO, FL, SP) onto flags and starts torchrun.
 Arguments after the positional ones are passed through as extra flags.
+
+torchrun itself runs through `torchrun()` below: a worker that fails has printed its one-line
+error (rank 0) and torchrun's own report of the failure (a wall of tracebacks) is left out.
 """
 
 from __future__ import annotations
@@ -90,13 +93,23 @@ def parallel_flags(v: dict[str, str]) -> list[str]:
     return flags
 
 
+def positive(name: str, value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return size
+
+
 def expert_parallel_size(extra: list[str]) -> int:
     """--expert-model-parallel-size among the extra flags (MoE models), else 1."""
     for i, flag in enumerate(extra):
         if flag == "--expert-model-parallel-size" and i + 1 < len(extra):
-            return int(extra[i + 1])
+            return positive(flag, extra[i + 1])
         if flag.startswith("--expert-model-parallel-size="):
-            return int(flag.split("=", 1)[1])
+            return positive("--expert-model-parallel-size", flag.split("=", 1)[1])
     return 1
 
 
@@ -108,7 +121,7 @@ def torchrun_prefix(env: str, tp: int, pp: int, ep: int = 1) -> list[str]:
 
     local = int(os.environ.get("NPROC_PER_NODE") or os.environ.get("GPUS_PER_NODE")
                 or torch.cuda.device_count() or tp * pp * ep)
-    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={local}"]
+    run = TORCHRUN + [f"--nproc_per_node={local}"]
     if env == "dsw":
         return run + ["--standalone"]
     if env == "dlc":
@@ -122,11 +135,20 @@ def torchrun_prefix(env: str, tp: int, pp: int, ep: int = 1) -> list[str]:
     raise ValueError(f"ENV must be dsw or dlc, got {env!r}")
 
 
+# Positional sizes checked here: torchrun's process count is computed from TP and PP; the others
+# are flags the worker's parser checks.
+SIZES = ("TP", "PP", "BATCH_SIZE", "GLOBAL_BATCH_SIZE", "SEQ_LEN", "PAD_LEN", "BS")
+
+
 def _named(fields: list[str], argv: list[str], script: str) -> tuple[dict[str, str], list[str]]:
     if len(argv) < len(fields):
         raise ValueError(f"usage: {script} " + " ".join(fields)
-                         + f" [EXTRA FLAGS...]\n(got {len(argv)} arguments)")
-    return dict(zip(fields, argv[:len(fields)], strict=True)), argv[len(fields):]
+                         + f" [EXTRA FLAGS...] (got {len(argv)} arguments)")
+    named = dict(zip(fields, argv[:len(fields)], strict=True))
+    for name in SIZES:
+        if name in named:
+            positive(name, named[name])
+    return named, argv[len(fields):]
 
 
 def _run_dirs(v: dict[str, str], mode: str) -> tuple[list[str], bool]:
@@ -195,17 +217,58 @@ def generate_command(argv: list[str]) -> list[str]:
 COMMANDS = {"pretrain": pretrain_command, "finetune": finetune_command,
             "generate": generate_command}
 
+# torchrun, through torchrun() below.
+TORCHRUN = [sys.executable, "-m", "megatron_patch.launch", "torchrun"]
+
+
+def torchrun(argv: list[str]) -> int:
+    """torchrun with argv. A failed worker reported its error in one line (rank 0, or every
+    rank with --debug); torchrun's report of it is shown only with --debug. When rank 0 did not
+    report (only other ranks failed), the lowest failed rank's line is printed here."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from megatron_patch import errors
+
+    if errors.debug_requested(argv):
+        from torch.distributed.run import main as torchrun_main
+
+        torchrun_main(argv)
+        return 0
+    # The agent logs each failed and stopped worker at WARNING/ERROR.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        ours = {r: f.error_file_data["message"] for r, f in e.failures.items()
+                if f.error_file_data.get("source") == errors.ERROR_FILE_SOURCE}
+        rank, failure = e.get_first_failure()
+        if ours and 0 not in ours:
+            print(ours[min(ours)], file=sys.stderr, flush=True)
+        elif not ours and failure.exitcode < 0:
+            # Killed by a signal (out of memory, say): nobody else says so.
+            print(f"megatron-patch: error: rank {rank} {failure.message}", file=sys.stderr,
+                  flush=True)
+        # Else the worker exited with a status of its own, having said why.
+        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
+        return max(codes) if codes else 1
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["torchrun"]:
+        return torchrun(argv[1:])
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m megatron_patch.launch {{{','.join(COMMANDS)}}} ARGS...",
-              file=sys.stderr)
+        print(f"megatron-patch launch: error: usage: python -m megatron_patch.launch "
+              f"{{{','.join(COMMANDS)}}} ARGS...", file=sys.stderr)
         return 2
     try:
         cmd = COMMANDS[argv[0]](argv[1:])
     except ValueError as e:
-        print(e, file=sys.stderr)
+        print(f"megatron-patch {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     print("+ " + shlex.join(cmd), flush=True)
     env = dict(os.environ)

@@ -17,18 +17,22 @@ import json
 import os
 import sys
 
+from megatron_patch.errors import ArgumentParser, positive_int, run_main
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hf_dir")
     parser.add_argument("ckpt_dir")
-    parser.add_argument("--tp", "--tensor-model-parallel-size", type=int, default=1, dest="tp")
-    parser.add_argument("--pp", "--pipeline-model-parallel-size", type=int, default=1, dest="pp")
+    parser.add_argument("--tp", "--tensor-model-parallel-size", type=positive_int, default=1,
+                        dest="tp")
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", type=positive_int, default=1,
+                        dest="pp")
     parser.add_argument("--sp", "--sequence-parallel", action="store_true", dest="sp")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed |delta logits| (default 1e-4, for fp32)")
     parser.add_argument("--loss-atol", type=float, default=1e-5)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--seq-length", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=1234)
 
 
@@ -87,8 +91,10 @@ def launch(args: argparse.Namespace) -> int:
         return run_worker(args)
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={args.tp * args.pp}", "-m", "megatron_patch.verify", *sys_argv(args)]
+    from megatron_patch.launch import TORCHRUN
+
+    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={args.tp * args.pp}",
+           "-m", "megatron_patch.verify", *sys_argv(args)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)
 
@@ -102,6 +108,7 @@ def sys_argv(args: argparse.Namespace) -> list[str]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.verify")
+    parser = ArgumentParser(prog="megatron-patch verify")
     add_arguments(parser)
-    sys.exit(run_worker(parser.parse_args()))
+    parser.add_argument("--debug", action="store_true")
+    sys.exit(run_main("megatron-patch verify", lambda: run_worker(parser.parse_args())))

@@ -81,3 +81,52 @@ def test_chatglm_cached_rotary_frequencies_are_ignored():
                        target=[b.megatron for b in bindings], direction="hf->megatron",
                        ignore=family.hf_ignore)
     assert "transformer.encoder.layers.1.self_attention.query_key_value.bias" in hf
+
+
+# Released Gemma 2 (transformers 4.x keys: no layer_types) and Gemma 3 1B configs, shrunk.
+GEMMA2 = {"architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 4, "hidden_size": 64,
+          "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 32, "vocab_size": 1000, "hidden_act": "gelu_pytorch_tanh",
+          "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 24,
+          "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+          "final_logit_softcapping": 30.0, "rope_theta": 10000.0, "attention_bias": False}
+GEMMA3 = {"architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 7, "hidden_size": 64,
+          "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 1,
+          "head_dim": 32, "vocab_size": 1000, "hidden_activation": "gelu_pytorch_tanh",
+          "query_pre_attn_scalar": 32, "sliding_window": 512, "sliding_window_pattern": 6,
+          "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+          "final_logit_softcapping": None, "attn_logit_softcapping": None}
+
+
+def test_gemma2_released_config_alternates_sliding_and_full_layers():
+    args = family_for(GEMMA2).model_args(GEMMA2)
+    assert args.window_pattern == (1, 0, 1, 0) and args.sliding_window == 4096
+    assert (args.attn_logit_softcapping, args.final_logit_softcapping) == (50.0, 30.0)
+    assert args.softmax_scale == 24 ** -0.5 and args.kv_channels == 32
+    assert args.share_embeddings_and_output_weights and args.activation == "gelu_tanh"
+    assert args.zero_centered_norms and args.embedding_scale and args.post_norms
+
+
+def test_gemma3_4x_config_local_and_global_rope():
+    family = family_for(GEMMA3)
+    args = family.model_args(GEMMA3)
+    assert args.window_pattern == (1, 1, 1, 1, 1, 0, 1) and args.qk_layernorm
+    assert args.local_rope_theta == 10000.0 and args.attn_logit_softcapping is None
+    assert family.rope_parameters(GEMMA3) == {"rope_theta": 1000000.0, "rope_type": "default"}
+    scaled = {**GEMMA3, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    assert family.rope_parameters(scaled)["factor"] == 8.0
+
+
+@pytest.mark.parametrize("config, key", [
+    ({**GEMMA2, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({**GEMMA2, "attention_bias": True}, "attention_bias"),
+    ({**GEMMA2, "layer_types": ["sliding_attention", "chunked_attention"] * 2}, "layer_types"),
+    ({**GEMMA2, "hidden_activation": "swish"}, "hidden_activation"),
+    ({**GEMMA3, "rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                          "rope_theta": 1e4}}},
+     "rope_parameters.sliding_attention.rope_type"),
+    ({**GEMMA3, "sliding_window": None}, "sliding_window"),
+])
+def test_gemma_refuses_what_it_cannot_reproduce(config, key):
+    with pytest.raises(ValueError, match=key):
+        family_for(config).model_args(config)

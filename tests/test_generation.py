@@ -13,10 +13,17 @@ def _megatron_greedy(model_root: str, tp: int, max_new: int = MAX_NEW,
                      eos: int | None = 2) -> list[list[int]]:
     """Greedy completions of PROMPTS from model_root/mcore at TP=tp; eos None: never stop."""
     from megatron_patch import parallel
+
+    parallel.initialize(tp, 1)
+    return _greedy_from(model_root, max_new, eos)
+
+
+def _greedy_from(model_root: str, max_new: int = MAX_NEW,
+                 eos: int | None = 2) -> list[list[int]]:
+    """_megatron_greedy in an initialised process group."""
     from megatron_patch.generation import generate
     from megatron_patch.models import from_checkpoint
 
-    parallel.initialize(tp, 1)
     model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
     return generate(model, PROMPTS, max_new_tokens=max_new, vocab_size=meta.vocab_size,
                     eos_token_ids=[-1 if eos is None else eos], pad_token_id=0)

@@ -116,6 +116,18 @@ def _gpt_model_attributes() -> str | None:
     return f"GPTModel no longer builds {missing}" if missing else None
 
 
+def _scale_mask_softmax() -> str | None:
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    if "self.scale_mask_softmax = FusedScaleMaskSoftmax(" not in inspect.getsource(
+            DotProductAttention.__init__):
+        return "DotProductAttention no longer builds self.scale_mask_softmax"
+    source = inspect.getsource(FusedScaleMaskSoftmax.__init__)
+    missing = [a for a in ("self.window_size", "self.scale") if a not in source]
+    return f"FusedScaleMaskSoftmax no longer sets {missing}" if missing else None
+
+
 def _torch_device_constructors() -> str | None:
     import torch.utils._device
 
@@ -134,8 +146,10 @@ TOUCH_POINTS = [
                _rng_state_functions),
     TouchPoint("filesystem_async._results_queue", "cpu_mode.py", _results_queue),
     TouchPoint("ColumnParallelLinear (class swapped in place by adopt)",
-               "models/norm_head.py, models/inference_linear.py",
+               "models/norm_head.py, models/inference_linear.py, models/gemma.py",
                _column_parallel_linear_class_swap),
+    TouchPoint("DotProductAttention.scale_mask_softmax (wrapped; its window_size read and cleared)",
+               "models/gemma.py, models/sdpa_attention.py", _scale_mask_softmax),
     TouchPoint("distrib_optimizer.HAVE_APEX_OR_TE", "training/optim_state.py", _have_apex_or_te),
     TouchPoint("GPTModel.embedding / rotary_pos_emb.inv_freq / output_layer, replaced after "
                "construction", "models/build.py, models/embedding.py", _gpt_model_attributes),

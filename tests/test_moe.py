@@ -10,42 +10,65 @@ import pytest
 from test_training import _make_dataset, _train
 
 
-def _prepare_mixtral(root: str) -> None:
+def _prepare_moe_models(root: str) -> None:
+    """Mixtral (every layer MoE) and Qwen3-MoE (a dense first layer, q/k norms, routing without
+    renormalisation), converted, and one token dataset for both."""
     import torch
     import transformers
 
     from megatron_patch import tiny
     from megatron_patch.convert.hf_megatron import hf_to_megatron
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=96, vocab_size=1000, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=256, router_aux_loss_coef=0.01)
-    hf_dir = os.path.join(root, "hf")
-    transformers.MixtralForCausalLM(config).save_pretrained(hf_dir)
-    tiny.train_tokenizer(hf_dir)
-    hf_to_megatron(hf_dir, os.path.join(root, "mcore"))
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=96, vocab_size=1000,
+                 num_experts_per_tok=2, max_position_embeddings=256, router_aux_loss_coef=0.01)
+    configs = {
+        "mixtral": transformers.MixtralConfig(**shape, num_local_experts=4),
+        "qwen3_moe": transformers.Qwen3MoeConfig(**shape, num_experts=4, head_dim=32,
+                                                 moe_intermediate_size=48, mlp_only_layers=[0],
+                                                 norm_topk_prob=False),
+        # MLA with a low-rank query, sigmoid routing with its expert bias (which Megatron-Core
+        # updates from the expert loads during training), groups, a shared expert.
+        "deepseek_v3": transformers.DeepseekV3Config(
+            **{k: v for k, v in shape.items() if k != "router_aux_loss_coef"},
+            n_routed_experts=4, moe_intermediate_size=48, n_shared_experts=1, q_lora_rank=32,
+            kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            n_group=2, topk_group=1, first_k_dense_replace=1),
+    }
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        hf_dir = os.path.join(root, name, "hf")
+        model.save_pretrained(hf_dir)
+        tiny.train_tokenizer(hf_dir)
+        hf_to_megatron(hf_dir, os.path.join(root, name, "mcore"))
     _make_dataset(os.path.join(root, "tokens"))
 
 
 @pytest.fixture(scope="module")
-def mixtral(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("mixtral_train"))
-    harness.run(_prepare_mixtral, 1, root)
+def moe_models(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("moe_train"))
+    harness.run(_prepare_moe_models, 1, root)
     return root
+
+
+@pytest.fixture(scope="module")
+def mixtral(moe_models) -> str:
+    return os.path.join(moe_models, "mixtral")
 
 
 def _ep_flags(ep: int) -> tuple:
     return ("--expert-model-parallel-size", str(ep))
 
 
-def test_moe_loss_goes_down_and_ep_does_not_change_it(mixtral):
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_moe_loss_goes_down_and_ep_does_not_change_it(moe_models, family):
     """DP=2 with all experts on each rank vs. DP=2 with the experts split over EP=2: routing is
     dropless, so each token meets the same experts and the curves agree (fp32 reduction order
     only, 1e-5 as in test_training). The load-balancing loss (router_aux_loss_coef 0.01) trains
-    along in both."""
-    ckpt, data = os.path.join(mixtral, "mcore"), os.path.join(mixtral, "tokens")
+    along in both. Qwen3-MoE's and DeepSeek-V3's dense first layers are data-parallel in both;
+    DeepSeek-V3's expert bias follows the global expert loads in both."""
+    ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     dense = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
     split = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
     assert sum(split[-3:]) / 3 < split[0] - 1.0, split
@@ -179,15 +202,189 @@ def test_qwen2_moe_without_qkv_bias():
         assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) is bias
 
 
-def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(mixtral, tmp_path):
-    ckpt, data = os.path.join(mixtral, "mcore"), os.path.join(mixtral, "tokens")
+# Qwen3-MoE's state is Mixtral's kind; DeepSeek-V3 adds the router's expert bias.
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(moe_models, family,
+                                                                    tmp_path):
+    ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     save = str(tmp_path / "run")
     straight = harness.run(_train, 2, ckpt, data, iters=8, extra=_ep_flags(2))[0]
     first = harness.run(_train, 2, ckpt, data, iters=8, save=save,
                         extra=_ep_flags(2) + ("--exit-interval", "4"))[0]
     second = harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(2))[0]
     assert first + second == straight
+    if family != "mixtral":
+        return  # what follows does not depend on the family: checked once
     with pytest.raises(AssertionError, match="saved at --expert-model-parallel-size 2"):
         harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(1))
     # Weights alone do reshard across EP.
     harness.run(_train, 2, save, data, iters=6, extra=_ep_flags(1) + ("--no-load-optim",))
+
+
+QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 32, "intermediate_size": 96, "vocab_size": 1000, "num_experts": 4,
+             "num_experts_per_tok": 2, "moe_intermediate_size": 48, "hidden_act": "silu",
+             "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+             "use_sliding_window": False, "attention_bias": False}
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    ({}, None),  # Qwen3-30B-A3B: every layer sparse
+    ({"mlp_only_layers": [0, 2]}, (0, 1, 0, 1)),
+    ({"decoder_sparse_step": 2}, (0, 1, 0, 1)),
+    ({"decoder_sparse_step": 2, "mlp_only_layers": [3]}, (0, 1, 0, 0)),
+])
+def test_qwen3_moe_dense_layers_follow_transformers(changes, pattern):
+    """Layer i is sparse iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+    (transformers' Qwen3MoeDecoderLayer); dense layers map the MLP, sparse ones the experts."""
+    from megatron_patch.models import family_for
+    from megatron_patch.models.weight_rules import bind
+
+    config = {**QWEN3_MOE, **changes}
+    family = family_for(config)
+    args = family.model_args(config)
+    assert args.moe_layer_freq == pattern and args.qk_layernorm
+    assert args.moe_router_pre_softmax is False  # norm_topk_prob: softmax over the top-k
+    names = {b.megatron for b in bind(family.weights, config, 4, 4)}
+    for layer, sparse in enumerate(pattern or (1,) * 4):
+        assert (f"decoder.layers.{layer}.mlp.router.weight" in names) == bool(sparse)
+        assert (f"decoder.layers.{layer}.mlp.linear_fc1.weight" in names) != bool(sparse)
+
+
+@pytest.mark.parametrize("key, value", [("use_sliding_window", True), ("attention_bias", True),
+                                        ("num_experts", 0), ("hidden_act", "gelu")])
+def test_qwen3_moe_refuses_what_it_cannot_reproduce(key, value):
+    from megatron_patch.models import family_for
+
+    config = {**QWEN3_MOE, key: value}
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} is not supported")):
+        family_for(config).model_args(config)
+
+
+def test_qwen3_moe_reads_transformers_5_expert_count_alias():
+    from megatron_patch.models import family_for
+
+    config = {k: v for k, v in QWEN3_MOE.items() if k != "num_experts"}
+    config["num_local_experts"] = 8
+    args = family_for(config).model_args(config)
+    assert args.num_moe_experts == 8 and args.moe_router_pre_softmax is False
+    assert family_for({**QWEN3_MOE, "norm_topk_prob": False}).model_args(
+        {**QWEN3_MOE, "norm_topk_prob": False}).moe_router_pre_softmax is True
+
+
+DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64,
+               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "intermediate_size": 96, "moe_intermediate_size": 24, "vocab_size": 1000,
+               "n_routed_experts": 8, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+               "n_shared_experts": 1, "first_k_dense_replace": 3, "q_lora_rank": 32,
+               "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+               "v_head_dim": 16, "hidden_act": "silu", "topk_method": "noaux_tc",
+               "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+               "num_nextn_predict_layers": 1, "max_position_embeddings": 163840,
+               # DeepSeek-V3's released (transformers 4.x) rope keys.
+               "rope_theta": 10000, "rope_scaling": {
+                   "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+
+
+def test_deepseek_v3_released_config():
+    """DeepSeek-V3's shapes of routing and YaRN, read into Megatron-Core's MLA/MoE settings."""
+    from megatron_patch.models import family_for
+
+    args = family_for(DEEPSEEK_V3).model_args(DEEPSEEK_V3)
+    mla = dict(args.mla)
+    assert (mla["rope_type"], mla["rotary_scaling_factor"], mla["mscale_all_dim"]) == (
+        "yarn", 40.0, 1.0)
+    assert mla["q_lora_rank"] == 32 and mla["original_max_position_embeddings"] == 4096
+    assert args.moe_layer_freq == (0, 0, 0, 1)
+    assert (args.moe_router_score_function, args.moe_router_enable_expert_bias,
+            args.moe_router_num_groups, args.moe_router_group_topk,
+            args.moe_router_topk_scaling_factor) == ("sigmoid", True, 8, 4, 2.5)
+    assert args.moe_shared_expert_intermediate_size == 24
+
+
+@pytest.mark.parametrize("changes, message", [
+    # DeepSeek-V2 (236B): groups scored by their best expert, top-6 within 3 groups.
+    ({"architectures": ["DeepseekV2ForCausalLM"], "topk_method": "group_limited_greedy",
+      "scoring_func": "softmax", "num_experts_per_tok": 6, "topk_group": 3},
+     "num_experts_per_tok // topk_group == 1"),
+    ({"rope_interleave": False}, "rope_interleave=False"),
+    ({"norm_topk_prob": False}, "norm_topk_prob=False"),
+    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ({"moe_layer_freq": 2}, "moe_layer_freq=2"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type='linear'"),
+])
+def test_deepseek_refuses_what_it_cannot_reproduce(changes, message):
+    from megatron_patch.models import family_for
+
+    config = {**DEEPSEEK_V3, **changes}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        family_for(config).model_args(config)
+
+
+def _fp8_parity(root: str) -> dict:
+    """A tiny DeepSeek-V3 quantised as DeepSeek-V3's checkpoints are (float8_e4m3fn linears,
+    float32 scale_inv per [16, 16] block, router/norms/embeddings unquantised), against
+    transformers' own dequantisation of that checkpoint."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from megatron_patch import parallel, tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import from_checkpoint
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=96, moe_intermediate_size=32, vocab_size=1000, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, q_lora_rank=32,
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        first_k_dense_replace=1)  # every projection a whole number of 16 x 16 blocks
+    hf_dir = os.path.join(root, "hf")
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(hf_dir)
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors, block = load_file(path), 16
+    for name in [n for n, t in tensors.items() if t.dim() == 2 and "proj" in n]:
+        w = tensors[name]
+        blocks = w.reshape(w.shape[0] // block, block, w.shape[1] // block, block)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # e4m3's largest normal value
+        expanded = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        tensors[name] = (w / expanded).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale
+    save_file(tensors, path, metadata={"format": "pt"})
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                  "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    tiny.train_tokenizer(hf_dir)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32,
+        quantization_config=transformers.FineGrainedFP8Config(dequantize=True)).eval()
+    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = oracle(input_ids=tokens).logits
+    hf_to_megatron(hf_dir, os.path.join(root, "mcore"), params_dtype=torch.float32)
+    parallel.initialize(1, 1)
+    model, meta = from_checkpoint(os.path.join(root, "mcore"))
+    model.eval()
+    out = forward_logits([model], tokens, meta.vocab_size)
+    with open(os.path.join(root, "mcore", "hf", "config.json")) as f:
+        converted_config = json.load(f)
+    return {"max_abs": (out["logits"] - expected).abs().max().item(),
+            "quantized": sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()),
+            "config_quantized": "quantization_config" in converted_config}
+
+
+def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):
+    (r,) = harness.run(_fp8_parity, 1, str(tmp_path))
+    assert r["quantized"] > 10 and not r["config_quantized"], r
+    # fp32 on CPU, both sides multiply the same fp8 values by the same scales.
+    assert r["max_abs"] <= 1e-4, r

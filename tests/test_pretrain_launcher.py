@@ -55,6 +55,10 @@ def test_launcher_trains_saves_logs_and_exports(llama_models, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     logs = [line for line in proc.stdout.splitlines() if line.startswith("iteration")]
     assert len(logs) == 6, proc.stdout[-3000:]
+    # Quiet without --verbose: no Megatron-Core INFO lines (DDP buckets, dataset builder) and
+    # no library warnings before the first iteration.
+    for noise in ("INFO megatron.core", "Params for bucket", "Warning:"):
+        assert noise not in proc.stdout + proc.stderr, noise
     for field in ("consumed tokens", "lm loss", "lr", "grad norm", "loss scale", "tokens/s",
                   "TFLOP/s/device"):
         assert field in logs[-1], logs[-1]

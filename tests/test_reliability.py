@@ -203,8 +203,11 @@ def _crafted_pickle_cases(root: str, ckpt: str, data: str) -> dict:
     r["train"] = _error(loop.Trainer, _args(metadata, data, iters=3))
     parser = __import__("argparse").ArgumentParser()
     generation.add_arguments(parser)
+    prompts = os.path.join(root, "prompts.jsonl")  # generation reads its prompts first
+    with open(prompts, "w") as f:
+        f.write('{"prompt": "hi"}\n')
     r["generate"] = _error(generation.run, parser.parse_args(
-        ["--load", metadata, "--input-file", "none.jsonl", "--output-file", "none.out"]))
+        ["--load", metadata, "--input-file", prompts, "--output-file", "none.out"]))
     # An HF directory whose pytorch_model.bin is the payload.
     from megatron_patch.convert.hf_megatron import hf_to_megatron
 

@@ -26,7 +26,6 @@ is viewed as its dtype only when it is written out byte for byte.
 from __future__ import annotations
 
 import io
-import json
 import math
 import mmap
 import os
@@ -53,6 +52,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 
 from megatron_patch import checkpoint
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, address_of
+from megatron_patch.errors import read_json
 
 # torch.save pickles a tensor's storage by its legacy typed-storage class name.
 _STORAGE_DTYPES = {
@@ -189,9 +189,9 @@ class MappedCheckpoint:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with open(os.path.join(path, "metadata.json")) as f:
-            self.backend = json.load(f).get("sharded_backend")
+        self.backend = read_json(os.path.join(path, "metadata.json")).get("sharded_backend")
         self.metadata = checkpoint.read_dcp_metadata(path)  # not DCP's: it unpickles anything
+        checkpoint.check_storage_files(path, self.metadata)
         self._maps: dict[str, mmap.mmap] = {}
         # Chunks handed out are views of these mappings: a writer can copy them from the files.
         self.regions = FileRegions()

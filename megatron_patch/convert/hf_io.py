@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from megatron_patch import checkpoint
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, tensor_bytes
+from megatron_patch.errors import read_json
 
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.index\.json$")
 SAFETENSORS_DTYPES = {
@@ -68,8 +69,10 @@ class HFCheckpointReader:
 
     def _from_index(self, index_name: str) -> None:
         index_path = os.path.join(self.path, index_name)
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        index = read_json(index_path)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{index_path}: no \"weight_map\" object")
+        weight_map = index["weight_map"]
         for file in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(self.path, file)):
                 raise FileNotFoundError(f"{index_path} names {file}, which does not exist")
@@ -86,15 +89,20 @@ class HFCheckpointReader:
     def _handle(self, file: str):
         if file not in self._open:
             full = os.path.join(self.path, file)
-            if file.endswith(".safetensors"):
-                self._open[file] = safe_open(full, framework="pt")
-            else:
-                # mmap: tensors are paged in when read, not all at once.
-                try:
+            try:
+                if file.endswith(".safetensors"):
+                    self._open[file] = safe_open(full, framework="pt")
+                else:
+                    # mmap: tensors are paged in when read, not all at once.
                     self._open[file] = torch.load(full, map_location="cpu", mmap=True,
                                                   weights_only=True)
-                except pickle.UnpicklingError as e:
-                    raise checkpoint.refused_pickle(full, "its tensors", e) from None
+            except pickle.UnpicklingError as e:
+                raise checkpoint.refused_pickle(full, "its tensors", e) from None
+            except OSError:
+                raise
+            except Exception as e:  # safetensors and torch.load each raise their own kinds
+                raise ValueError(f"{full}: unreadable, truncated or corrupt "
+                                 f"({' '.join(str(e).split())[:200]})") from e
         return self._open[file]
 
     def _add_file(self, file: str) -> None:
@@ -133,8 +141,11 @@ class HFCheckpointReader:
         handle = self._handle(file)
         if isinstance(handle, dict):
             return handle[name]
-        tensor = handle.get_tensor(name)
         full = os.path.join(self.path, file)
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as e:  # a header that promises more bytes than the file holds
+            raise ValueError(f"{full}: cannot read tensor {name} ({e})") from e
         if file not in self._offsets:
             self._offsets[file] = safetensors_offsets(full)
         start, end = self._offsets[file][name]
@@ -266,13 +277,19 @@ def staged(out_dir: str) -> Iterator[str]:
     checkpoint.publish_staging(staging, out_dir)
 
 
+# HF tensors kept beside a converted checkpoint (FamilySpec.hf_kept), in its hf/ directory:
+# copied along with it (training saves too), merged back into the weights on export.
+UNCONVERTED = "unconverted.safetensors"
+
+
 def copy_non_weight_files(src: str, dst: str) -> list[str]:
-    """config.json, generation_config.json, tokenizer files, remote-code .py files ..."""
+    """config.json, generation_config.json, tokenizer files, remote-code .py files ... and
+    UNCONVERTED."""
     os.makedirs(dst, exist_ok=True)
     copied = []
     for name in sorted(os.listdir(src)):
         full = os.path.join(src, name)
-        if os.path.isfile(full) and not WEIGHT_FILE.fullmatch(name):
+        if os.path.isfile(full) and (name == UNCONVERTED or not WEIGHT_FILE.fullmatch(name)):
             shutil.copy2(full, os.path.join(dst, name))
             copied.append(name)
     return copied

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
-from megatron_patch.convert import distcp, engine, fast_path, hf_io
+from megatron_patch.convert import distcp, engine, fast_path, fp8, hf_io
 from megatron_patch.convert.file_regions import FileRegions
 from megatron_patch.models import build_stages, family_for, load_hf_config, pad_vocab_size
 from megatron_patch.models.spec import ModelArgs
@@ -200,15 +201,23 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     padded = pad_vocab_size(args.vocab_size + extra_vocab_size,
                             make_vocab_size_divisible_by * tensor_model_parallel_size)
     reader = hf_io.HFCheckpointReader(hf_dir)
+    quant = fp8.quantization(hf_config, hf_dir)
+    if quant is not None:
+        # Read dequantised; the converted checkpoint (and its config) is unquantised.
+        reader = fp8.DequantizingReader(reader, quant)
+        hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
-    check_hf_source(reader, hf_config, bindings, family.hf_ignore)
+    raw_names = reader.raw_names() if quant is not None else hf_names
+    kept = [n for n in raw_names if family.hf_kept is not None and family.hf_kept(hf_config, n)]
+    ignore = family.hf_ignore + tuple(re.escape(n) for n in kept)
+    check_hf_source(reader, hf_config, bindings, ignore)
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
 
     model = _single_process_model(hf_config, dtype, padded)
     params = _parameters(model)
     engine.check_names(bindings, source=hf_names, target=params, direction="hf->megatron",
-                       ignore=family.hf_ignore)
+                       ignore=ignore)
     # The checkpoint is written from `state`'s ShardedTensors, not from the model: each is given
     # its converted tensor below, while the model's own parameters stay as allocated, never
     # touched (so they take no memory). Memory-mapped input tensors go to the writer uncopied.
@@ -243,13 +252,25 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     )
     # Everything is built in the staging directory, weights first, and appears in one rename.
     with hf_io.staged(out_dir) as staging:
+        staged_hf = os.path.join(staging, checkpoint.HF_DIR)
         # Input tensors that go out unchanged are copied from the input files (file_regions).
         try:
             checkpoint.save(staging, "release", state,
                             sharded_strategy=distcp.UnsyncedSave(regions=reader.regions))
+            hf_io.copy_non_weight_files(hf_dir, staged_hf)
+            if kept:
+                from safetensors.torch import save_file
+
+                log.info("keeping %d HF tensors the Megatron model does not hold in %s/%s",
+                         len(kept), checkpoint.HF_DIR, hf_io.UNCONVERTED)
+                read_raw = reader.read_raw if quant is not None else reader.read
+                save_file({n: read_raw(n).contiguous() for n in kept},
+                          os.path.join(staged_hf, hf_io.UNCONVERTED), metadata={"format": "pt"})
         finally:
             reader.close()
-        hf_io.copy_non_weight_files(hf_dir, os.path.join(staging, checkpoint.HF_DIR))
+        if quant is not None:
+            with open(os.path.join(staged_hf, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
         checkpoint.write_meta(staging, meta)
     log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
     return meta
@@ -289,6 +310,14 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     with hf_io.staged(out_dir) as staging:
         hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
         _ensure_generation_config(staging, hf_config)
+        unconverted = os.path.join(staging, hf_io.UNCONVERTED)
+        if os.path.isfile(unconverted):
+            from safetensors.torch import load_file
+
+            # Written back into the weights as they came (not trained: Megatron-Core never held
+            # them); the file itself is not part of an HF model directory.
+            tensors = itertools.chain(tensors, load_file(unconverted).items())
+            os.remove(unconverted)
         total = sum(p.numel() * dtype.itemsize for p in params.values())
         with _progress(total, "megatron->hf") as bar:
             with stored.regions:  # stored chunks go out unchanged: copied from the files

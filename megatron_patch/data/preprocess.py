@@ -60,6 +60,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from megatron_patch.data import lone_surrogate
+
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_LOG_INTERVAL = 10000
 # A task also ends at this many bytes, so corpora of very long documents keep tasks small.
@@ -170,6 +172,7 @@ def _init_worker(tokenizer: str, json_key: str, append_eod: bool, dtype: type,
 def _encode_task(task: _Task) -> _Result:
     key = _STATE["json_key"]
     texts: list[str] = []
+    numbers: list[int] = []  # the line of each text
     bad: list[tuple[int, str]] = []
     empty = blank = nbytes = 0
     for number, raw in enumerate(task.lines, task.first_line):
@@ -194,8 +197,18 @@ def _encode_task(task: _Task) -> _Result:
             empty += 1
         else:
             texts.append(obj[key])
+            numbers.append(number)
 
-    docs = [ids for ids in _STATE["tokenizer"].encode(texts) if len(ids)] if texts else []
+    try:
+        encoded = _STATE["tokenizer"].encode(texts) if texts else []
+    except (TypeError, ValueError):
+        # Checked only when a batch fails, so the common case pays nothing for it.
+        problems = [lone_surrogate(t) for t in texts]
+        bad += [(n, p) for n, p in zip(numbers, problems, strict=True) if p]
+        bad.sort()
+        texts = [t for t, p in zip(texts, problems, strict=True) if not p]
+        encoded = _STATE["tokenizer"].encode(texts) if texts else []
+    docs = [ids for ids in encoded if len(ids)]
     empty += len(texts) - len(docs)
     lengths = np.fromiter((len(ids) for ids in docs), np.int64, len(docs))
     flat = itertools.chain.from_iterable(docs)
@@ -499,16 +512,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.preprocess",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_patch.errors import ArgumentParser, run_main
+
+    parser = ArgumentParser(prog="python -m megatron_patch.data.preprocess",
+                            description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        print(f"preprocess: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("megatron-patch preprocess", lambda: run(args), output=args.output_prefix)
 
 
 if __name__ == "__main__":

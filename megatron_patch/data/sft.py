@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_patch.data import lone_surrogate
+
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -43,29 +45,22 @@ class BadRecord(ValueError):
 
 def read_records(path: str, skip_bad: bool = False,
                  check: Callable[[Any], str | None] | None = None) -> tuple[list[dict], int]:
-    """Records of a JSON list or JSON-lines file, in order; the first malformed one (bad JSON,
-    or what `check` objects to: training records by default) fails as `file:line: reason` (or,
-    with skip_bad, each is skipped and counted)."""
+    """Records of a JSON list or JSON-lines file, in order; the first malformed one (bad JSON
+    or UTF-8, a lone UTF-16 surrogate, or what `check` objects to: training records by default)
+    fails as `file:line: reason` (or, with skip_bad, each is skipped and counted). JSON lines
+    are read one line at a time, so one bad byte spoils one record."""
     check = check or validate
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            items = [(i, r, None) for i, r in enumerate(json.loads(text), 1)]
-        except json.JSONDecodeError as e:
-            raise BadRecord(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
-        where = f"{path}: record {{}}"
-    else:
-        items, where = [], f"{path}:{{}}"
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append((lineno, json.loads(line), None))
-                except json.JSONDecodeError as e:
-                    items.append((lineno, None, f"invalid JSON ({e.msg})"))
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith(b"["):
+            items, where = _json_list(path, f.read()), f"{path}: record {{}}"
+        else:
+            items, where = [_json_line(lineno, line) for lineno, line in enumerate(f, 1)
+                            if line.strip()], f"{path}:{{}}"
     records, bad = [], 0
     for lineno, record, problem in items:
-        problem = problem or check(record)
+        problem = problem or lone_surrogate(record) or check(record)
         if problem:
             if not skip_bad:
                 raise BadRecord(f"{where.format(lineno)}: {problem}")
@@ -75,19 +70,48 @@ def read_records(path: str, skip_bad: bool = False,
     return records, bad
 
 
+def _json_list(path: str, data: bytes) -> list[tuple[int, Any, str | None]]:
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BadRecord(f"{path}:{line}: invalid UTF-8 (byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(items, list):
+        raise BadRecord(f"{path}: expected a JSON list or JSON lines")
+    return [(i, r, None) for i, r in enumerate(items, 1)]
+
+
+def _json_line(lineno: int, line: bytes) -> tuple[int, Any, str | None]:
+    try:
+        return lineno, json.loads(line.decode("utf-8")), None
+    except UnicodeDecodeError as e:
+        return lineno, None, f"invalid UTF-8 (byte {e.start} of the line)"
+    except json.JSONDecodeError as e:
+        return lineno, None, f"invalid JSON ({e.msg})"
+
+
+def _messages_problem(msgs: Any) -> str | None:
+    if not isinstance(msgs, list) or not msgs:
+        return "'messages' must be a non-empty list"
+    for k, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant")):
+            return (f"message {k + 1}: each message needs a role (system/user/assistant) and "
+                    "string content")
+    return None
+
+
 def validate(record: Any) -> str | None:
     """What is wrong with a record, or None."""
     if not isinstance(record, dict):
         return "not a JSON object"
     if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return "'messages' must be a non-empty list"
-        for m in msgs:
-            if not (isinstance(m, dict) and isinstance(m.get("content"), str)
-                    and m.get("role") in ("system", "user", "assistant")):
-                return "each message needs a role (system/user/assistant) and string content"
-        if msgs[-1]["role"] != "assistant":
+        problem = _messages_problem(record["messages"])
+        if problem:
+            return problem
+        if record["messages"][-1]["role"] != "assistant":
             return "the last message must be the assistant's"
         return None
     for key in ("instruction", "output"):
@@ -99,11 +123,13 @@ def validate(record: Any) -> str | None:
 
 
 def validate_prompt(record: Any) -> str | None:
-    """What is wrong with a generation input (a prompt to complete), or None."""
+    """What is wrong with a generation input (a prompt to complete), or None; its messages
+    are held to the rules of training records."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    if any(isinstance(record.get(k), str) for k in ("prompt", "query", "instruction")) \
-            or isinstance(record.get("messages"), list):
+    if "messages" in record:
+        return _messages_problem(record["messages"])
+    if any(isinstance(record.get(k), str) for k in ("prompt", "query", "instruction")):
         return None
     return "needs a string `prompt`, `query` or `instruction`, or `messages`"
 

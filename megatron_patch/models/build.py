@@ -4,7 +4,6 @@ the parallel-layout check, and "the model of an HF config or of a checkpoint" (`
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from megatron_patch import cpu_mode
+from megatron_patch.errors import read_json
 from megatron_patch.models.registry import family_for
 from megatron_patch.models.spec import ModelArgs
 
@@ -27,8 +27,10 @@ def load_hf_config(path: str) -> dict[str, Any]:
     """config.json of an HF model directory, or of the HF files a converted checkpoint carries."""
     for candidate in (os.path.join(path, "config.json"), os.path.join(path, "hf", "config.json")):
         if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return json.load(f)
+            config = read_json(candidate)
+            if not isinstance(config, dict):
+                raise ValueError(f"{candidate}: not a JSON object")
+            return config
     raise FileNotFoundError(f"no config.json in {path} (nor in {path}/hf)")
 
 
@@ -39,9 +41,9 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
     sizes = [("num_attention_heads", args.num_attention_heads),
              ("query groups", args.megatron_query_groups),
              ("padded vocab size", padded_vocab_size)]
-    if args.num_moe_experts is None:
+    if args.num_moe_experts is None or args.moe_layer_freq is not None:
         sizes.append(("intermediate_size", args.ffn_hidden_size))
-    else:
+    if args.num_moe_experts is not None:
         # Experts are split over TP too (expert tensor parallel size = TP).
         sizes.append(("expert intermediate size (moe_intermediate_size; Mixtral: "
                       "intermediate_size)", args.moe_ffn_hidden_size))
@@ -108,6 +110,9 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         window_size=window,
+        window_attn_skip_freq=None if args.window_pattern is None else list(args.window_pattern),
+        layernorm_zero_centered_gamma=args.zero_centered_norms,
+        softmax_scale=args.softmax_scale,
         rotary_interleaved=args.rotary_interleaved,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -131,6 +136,10 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
     if args.num_moe_experts is not None:
         kwargs.update(_moe_config(args))
     kwargs.update(overrides)
+    if args.mla is not None:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig(**kwargs, **dict(args.mla))
     return TransformerConfig(**kwargs)
 
 
@@ -144,8 +153,13 @@ def _moe_config(args: ModelArgs) -> dict[str, Any]:
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_layer_freq=1 if args.moe_layer_freq is None else list(args.moe_layer_freq),
         moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_router_score_function="softmax",
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         # Dropless: no capacity factor, every token reaches all of its top-k experts.
@@ -163,10 +177,11 @@ def _moe_config(args: ModelArgs) -> dict[str, Any]:
 def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
                 padded_vocab_size: int | None = None, pre_process: bool | None = None,
                 post_process: bool | None = None, vp_stage: int | None = None,
-                transformer_impl: str = "auto"):
+                transformer_impl: str = "auto", core_attention: type | None = None):
     """The GPTModel of this pipeline stage (and virtual stage).
 
     transformer_impl: "local", "transformer_engine" or "auto" (TE where importable on a GPU).
+    core_attention: the local layers' core attention, if not the default (models/flash.py).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -183,7 +198,7 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage,
-                                          transformer_impl, args),
+                                          transformer_impl, args, core_attention),
         vocab_size=padded_vocab_size or args.vocab_size,
         max_sequence_length=args.max_sequence_length,
         pre_process=pre_process,
@@ -196,12 +211,13 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
         rotary_percent=args.rotary_percent,
         vp_stage=vp_stage,
     )
-    if pre_process and (args.position_offset or args.embedding_norm):
+    if pre_process and (args.position_offset or args.embedding_norm or args.embedding_scale):
         from megatron_patch.models import embedding
 
         embedding.install(model, max_sequence_length=args.max_sequence_length,
                           position_embedding_type=args.position_embedding_type,
-                          position_offset=args.position_offset, norm=args.embedding_norm)
+                          position_offset=args.position_offset, norm=args.embedding_norm,
+                          scale=args.embedding_scale)
     if args.norm_head and post_process:
         from megatron_patch.models.norm_head import NormHeadLinear
 
@@ -211,17 +227,28 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
 
         # The layers' linears come from the spec; GPTModel builds the output layer itself.
         InferenceColumnParallelLinear.adopt(model.output_layer)
+        if args.final_logit_softcapping is not None:
+            from megatron_patch.models.gemma import SoftcapOutputLinear
+
+            SoftcapOutputLinear.adopt(model.output_layer, args.final_logit_softcapping)
     if not cpu_mode.is_enabled():
         # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved
         # with it, as Megatron-LM's get_model does.
         model.cuda(torch.cuda.current_device())
-    if args.position_embedding_type == "rope":
+    if args.position_embedding_type == "rope" and args.mla is None:
+        # (MLA rotates inside its attention, with Megatron-Core's RoPE / YaRN frequencies.)
         rotary_dim = int(args.kv_channels * args.rotary_percent)
         family = family_for(hf_config)
         params = (family.rope_parameters or rope.rope_parameters)(hf_config)
         model.rotary_pos_emb.inv_freq = rope.inv_freq(params, rotary_dim).to(
             model.rotary_pos_emb.inv_freq.device
         )
+        if args.local_rope_theta is not None:
+            local = rope.inv_freq({"rope_theta": args.local_rope_theta, "rope_type": "default"},
+                                  rotary_dim).to(model.rotary_pos_emb.inv_freq.device)
+            for module in model.modules():
+                if getattr(module, "local", False):
+                    module.local_inv_freq = local
     return model
 
 
@@ -238,7 +265,7 @@ def build_stages(hf_config: dict[str, Any], padded_vocab_size: int, *,
                  params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                  transformer_impl: str = "auto", vp_stages: list[int | None] | None = None,
                  pre_process: bool | None = None, post_process: bool | None = None,
-                 **config_overrides: Any) -> BuiltModel:
+                 core_attention: type | None = None, **config_overrides: Any) -> BuiltModel:
     """The model of an HF config at the current parallel layout, checked against it first: one
     GPTModel per entry of `vp_stages` (default: one, no virtual stage)."""
     from megatron.core import parallel_state
@@ -253,7 +280,8 @@ def build_stages(hf_config: dict[str, Any], padded_vocab_size: int, *,
                                 sequence_parallel=sequence_parallel, **config_overrides)
     chunks = [build_model(args, config, hf_config, padded_vocab_size=padded_vocab_size,
                           pre_process=pre_process, post_process=post_process,
-                          vp_stage=vp_stage, transformer_impl=transformer_impl)
+                          vp_stage=vp_stage, transformer_impl=transformer_impl,
+                          core_attention=core_attention)
               for vp_stage in (vp_stages or [None])]
     return BuiltModel(chunks, args, config)
 

@@ -2,7 +2,9 @@
 
 - learned absolute positions read from row `position + offset` of a table with `offset` extra
   leading rows (OPT / Galactica: offset 2, rows 0 and 1 unused but part of the checkpoint);
-- a norm right after the embeddings (BLOOM's word_embeddings_layernorm).
+- a norm right after the embeddings (BLOOM's word_embeddings_layernorm);
+- embeddings multiplied by sqrt(hidden_size) (Gemma: the factor rounded to the activations'
+  dtype, as transformers multiplies).
 
 `Embedding` is a LanguageModelEmbedding subclass; `install` swaps it in for a GPTModel's
 embedding after construction, adopting the model's word-embedding module so that weight tying
@@ -29,7 +31,7 @@ class Embedding(LanguageModelEmbedding):
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
                  position_embedding_type: str, *, position_offset: int = 0,
-                 norm: bool = False, **kwargs) -> None:
+                 norm: bool = False, scale: bool = False, **kwargs) -> None:
         if position_offset and position_embedding_type != "learned_absolute":
             raise ValueError("position_offset needs learned_absolute position embeddings")
         # The table holds `offset` rows before position 0.
@@ -37,22 +39,24 @@ class Embedding(LanguageModelEmbedding):
                          position_embedding_type, **kwargs)
         self.position_offset = position_offset
         self.norm = None
+        self.scale = config.hidden_size ** 0.5 if scale else None
         if norm:
             from megatron_patch.models.layers import Norm
 
             self.norm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
-            # The parent's forward ends with the dropout; here it follows the norm instead.
-            self.dropout_after_norm = self.embedding_dropout
-            self.embedding_dropout = torch.nn.Identity()
+        # The parent's forward ends with the dropout; here it follows the norm / scaling.
+        self.dropout_after_norm = self.embedding_dropout
+        self.embedding_dropout = torch.nn.Identity()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 tokentype_ids: int | None = None) -> torch.Tensor:
         if self.add_position_embedding and self.position_offset:
             position_ids = position_ids + self.position_offset
         embeddings = super().forward(input_ids, position_ids, tokentype_ids)
-        if self.norm is None:
-            return embeddings
-        embeddings = self.norm(embeddings)
+        if self.scale is not None:
+            embeddings = embeddings * torch.tensor(self.scale, dtype=embeddings.dtype)
+        if self.norm is not None:
+            embeddings = self.norm(embeddings)
         if self.config.sequence_parallel:
             # As the parent does: under SP each rank drops out its own slice of the sequence.
             with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -61,11 +65,11 @@ class Embedding(LanguageModelEmbedding):
 
 
 def install(model, *, max_sequence_length: int, position_embedding_type: str,
-            position_offset: int = 0, norm: bool = False) -> None:
+            position_offset: int = 0, norm: bool = False, scale: bool = False) -> None:
     """Replace `model.embedding` (a GPTModel's, on its first pipeline stage) by `Embedding`."""
     old = model.embedding
     new = Embedding(model.config, old.vocab_size, max_sequence_length, position_embedding_type,
-                    position_offset=position_offset, norm=norm,
+                    position_offset=position_offset, norm=norm, scale=scale,
                     scatter_to_sequence_parallel=old.scatter_to_sequence_parallel,
                     tp_group=old.tp_group)
     # GPTModel has tagged (and, tied across pipeline stages, synchronised) this module's weight.

@@ -1,13 +1,18 @@
-"""Megatron-Core's tensor-parallel linear layers with a direct path for gradient-free TP=1 calls.
+"""Megatron-Core's tensor-parallel linear layers with a direct path for TP=1 calls.
 
 Every ColumnParallelLinear / RowParallelLinear call goes through two autograd Functions (the
 tensor-parallel region copy or reduce, and the linear with gradient-accumulation fusion), each
-resolving process groups (RowParallelLinear also issues a deprecation warning per call). With
-autograd off and a tensor-parallel group of one rank, all of that computes `input @ weight.T`
-(+ bias), which is what these subclasses then call directly: the same torch.matmul and bias add
-that megatron's Functions run, so results are bit-identical. Any other call (training, TP > 1,
-deferred embedding wgrad, CPU offloading) is megatron's own forward. Parameters, checkpoint keys
-and sharding are the parent's.
+resolving process groups (RowParallelLinear also issues a deprecation warning per call). With a
+tensor-parallel group of one rank, all of that computes `input @ weight.T` (+ bias), which is
+what these subclasses then call directly: the same torch.matmul and bias add that megatron's
+Functions run, so forward results are bit-identical. In training, torch's own autograd of that
+matmul computes the gradients megatron's Function computes (grad_output @ weight and
+grad_output.T @ input, rounding aside) without the Function's contiguous copies of grad_output
+and input (benchmarks/train_bench.py); the weight gradient lands in `param.grad`, where
+megatron's DDP hooks add it into the gradient buffer, as they do for megatron's Function when
+gradient-accumulation fusion is off (always, here). Any other call (TP > 1, gradient-
+accumulation fusion, deferred embedding wgrad, CPU offloading) is megatron's own forward.
+Parameters, checkpoint keys and sharding are the parent's.
 
 Wide fp32 matmuls on the CPU run in blocks of output features (see `_CPU_BLOCK`): each output
 feature is one dot product over the input features, whose summation order the BLAS kernel takes
@@ -35,7 +40,7 @@ _CPU_BLOCK = 1024
 
 
 def _direct(layer: torch.nn.Module) -> bool:
-    return (not torch.is_grad_enabled() and layer._single_rank
+    return (layer._single_rank and not layer.config.gradient_accumulation_fusion
             and not layer.config.defer_embedding_wgrad_compute
             # megatron-core internal: a private config field (test_megatron_core_contract.py).
             and layer.config._cpu_offloading_context is None)
@@ -45,7 +50,8 @@ def _matmul(input_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`torch.matmul(input_, weight.t())`, blockwise over output features where that is
     faster (wide fp32 weights on the CPU, more than one token) and bit-identical."""
     rows = weight.shape[0]
-    if (rows <= _CPU_BLOCK or input_.device.type != "cpu" or weight.dtype != torch.float32
+    if (rows <= _CPU_BLOCK or torch.is_grad_enabled() or input_.device.type != "cpu"
+            or weight.dtype != torch.float32
             or input_.dtype != torch.float32 or input_.numel() < 2 * input_.shape[-1]):
         return torch.matmul(input_, weight.t())
     output = input_.new_empty(*input_.shape[:-1], rows)
@@ -68,7 +74,7 @@ def _linear(layer: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor
 
 
 class InferenceColumnParallelLinear(ColumnParallelLinear):
-    """ColumnParallelLinear; gradient-free TP=1 calls skip the autograd wrappers."""
+    """ColumnParallelLinear; TP=1 calls skip megatron's autograd wrappers."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -99,7 +105,7 @@ class InferenceColumnParallelLinear(ColumnParallelLinear):
 
 
 class InferenceRowParallelLinear(RowParallelLinear):
-    """RowParallelLinear; gradient-free TP=1 calls skip the autograd wrappers."""
+    """RowParallelLinear; TP=1 calls skip megatron's autograd wrappers."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
+    get_transformer_layer_offset,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -46,8 +47,14 @@ class Norm(torch.nn.Module):
         self.rms = config.normalization == "RMSNorm"
         if config.normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"unsupported normalization {config.normalization!r}")
+        # layernorm_zero_centered_gamma: the weight stores gamma - 1 (RMSNorm only here).
+        self.zero_centered = config.layernorm_zero_centered_gamma
+        if self.zero_centered and not self.rms:
+            raise ValueError("layernorm_zero_centered_gamma is supported with RMSNorm only")
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(
+            (torch.zeros if self.zero_centered else torch.ones)(hidden_size,
+                                                                dtype=config.params_dtype))
         self.bias = (
             None if self.rms
             else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
@@ -61,6 +68,8 @@ class Norm(torch.nn.Module):
         h = x.float()
         if self.rms:
             h = torch.nn.functional.rms_norm(h, h.shape[-1:], eps=self.eps)
+            if self.zero_centered:  # Gemma: scaled by 1 + weight in fp32, then cast
+                return (h * (1.0 + self.weight.float())).to(dtype)
             return self.weight * h.to(dtype)
         h = torch.nn.functional.layer_norm(
             h, h.shape[-1:], self.weight.float(), self.bias.float(), self.eps
@@ -83,45 +92,63 @@ def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
 
 
 def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
-               args: ModelArgs | None = None) -> ModuleSpec:
+               args: ModelArgs | None = None, core_attention: type | None = None
+               ) -> ModuleSpec:
     """A decoder layer built from Megatron-Core's local (non-Transformer-Engine) modules.
 
     num_experts: a mixture-of-experts MLP with that many experts instead of a dense one.
     `args` (ModelArgs) plugs in the pieces Megatron-Core lacks: ALiBi attention
     (models/alibi.py) and parallel attention + MLP (models/parallel_layer.py).
+    core_attention: a subclass of SDPADotProductAttention (--use-flash-attn: models/flash.py).
     """
-    core_attention = SDPADotProductAttention
+    core_attention = core_attention or SDPADotProductAttention
+    attention, out_proj, fc2 = CachedRotarySelfAttention, RowParallelLinear, RowParallelLinear
     if args is not None and args.position_embedding_type == "alibi":
         from megatron_patch.models.alibi import AlibiDotProductAttention
 
         core_attention = AlibiDotProductAttention
+    if args is not None and (args.attn_logit_softcapping or args.post_norms
+                             or args.local_rope_theta is not None):
+        from megatron_patch.models import gemma
+
+        if args.attn_logit_softcapping:
+            core_attention = ModuleSpec(module=gemma.SoftcapDotProductAttention,
+                                        params={"softcap": args.attn_logit_softcapping})
+        if args.post_norms:
+            out_proj = fc2 = gemma.PostNormRowParallelLinear
+        if args.local_rope_theta is not None:
+            attention = gemma.LocalRotarySelfAttention
     keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if num_experts is None:
         keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
         mlp = ModuleSpec(
             module=MLP,
-            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                     linear_fc2=RowParallelLinear),
+            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=fc2),
         )
     else:
         # Transformer Engine's MoE layer keeps its own pre_mlp_layernorm (no fused norm+linear
         # in front of the router): same key here.
         mlp = _moe_mlp_spec(num_experts)
+    if args is not None and args.mla is not None:
+        self_attention = _mla_spec(core_attention)
+        keys_map.pop("input_layernorm.")
+    else:
+        self_attention = ModuleSpec(
+            module=attention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=ColumnParallelLinear,
+                core_attention=core_attention,
+                linear_proj=out_proj,
+                q_layernorm=Norm if qk_layernorm else IdentityOp,
+                k_layernorm=Norm if qk_layernorm else IdentityOp,
+            ),
+        )
     spec = ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
-            self_attention=ModuleSpec(
-                module=CachedRotarySelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=Norm if qk_layernorm else IdentityOp,
-                    k_layernorm=Norm if qk_layernorm else IdentityOp,
-                ),
-            ),
+            self_attention=self_attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
             mlp=mlp,
@@ -138,10 +165,51 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
     return spec
 
 
+def _mla_spec(core_attention) -> ModuleSpec:
+    """Megatron-Core's multi-latent attention from local modules. Its projections must be
+    megatron's own linear classes (it checks them by identity); the core attention is ours,
+    which takes MLA's different query-key and value head sizes."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.multi_latent_attention import (
+        MLASelfAttention,
+        MLASelfAttentionSubmodules,
+    )
+
+    # megatron-core internal: 0.16 sets HAVE_TE when its TE extension module imports, which it
+    # does without Transformer Engine too (TELinear a placeholder, not a class), and then
+    # isinstance(x, TELinear) raises.
+    if not isinstance(multi_latent_attention.TELinear, type):
+        multi_latent_attention.HAVE_TE = False
+
+    column = tensor_parallel.ColumnParallelLinear
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=column, linear_q_down_proj=column, linear_q_up_proj=column,
+            linear_kv_down_proj=column, linear_kv_up_proj=column,
+            core_attention=core_attention, linear_proj=tensor_parallel.RowParallelLinear,
+            q_layernorm=LatentNorm, kv_layernorm=LatentNorm,
+        ),
+    )
+
+
+class LatentNorm(Norm):
+    """MLA's norms of the query and key-value latents: transformers' DeepSeek builds them with
+    its RMSNorm default eps 1e-6, whatever the config's rms_norm_eps."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(config, hidden_size, eps=1e-6)
+
+
 def needs_local_layers(args: ModelArgs | None) -> bool:
     """Whether `args` uses pieces that exist only as local (non-TE) modules."""
     return args is not None and (args.position_embedding_type == "alibi"
-                                 or args.parallel_attention)
+                                 or args.parallel_attention or args.post_norms
+                                 or args.mla is not None
+                                 or bool(args.attn_logit_softcapping)
+                                 or args.local_rope_theta is not None)
 
 
 def transformer_engine_available() -> bool:
@@ -158,7 +226,7 @@ def transformer_engine_available() -> bool:
 
 def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
                vp_stage: int | None = None, transformer_impl: str = "auto",
-               args: ModelArgs | None = None
+               args: ModelArgs | None = None, core_attention: type | None = None
                ) -> TransformerBlockSubmodules:
     """The decoder of this pipeline stage: its layers and the final norm.
 
@@ -166,12 +234,17 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
     (Transformer Engine when it is importable on a GPU). Both write the same checkpoint keys.
     """
     if transformer_impl == "transformer_engine" and needs_local_layers(args):
-        raise ValueError("ALiBi and parallel attention layers exist only as local modules; "
+        raise ValueError("ALiBi, parallel attention and Gemma layers exist only as local modules; "
                          "use transformer_impl='local' (or 'auto')")
     use_te = transformer_impl == "transformer_engine" or (
         transformer_impl == "auto" and transformer_engine_available()
         and not needs_local_layers(args))
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    # 1: a mixture-of-experts layer, 0: a dense one, for every layer of the model.
+    pattern = (list(config.moe_layer_freq) if isinstance(config.moe_layer_freq, list)
+               else [int(config.num_moe_experts is not None)] * config.num_layers)
+    stage = pattern[offset:offset + num_layers]
     if use_te:
         # Not exercised by the CPU test suite: parity under TE needs a GPU run.
         from megatron.core.extensions.transformer_engine import TENorm
@@ -180,11 +253,15 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
         )
 
         # MoE: grouped experts (TEGroupedMLP), whose checkpoint keys are SequentialMLP's.
-        layer = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts, moe_grouped_gemm=config.num_moe_experts is not None,
-            qk_layernorm=qk_layernorm)
-        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
-    return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(qk_layernorm, config.num_moe_experts, args)] * num_layers,
-        layer_norm=Norm,
-    )
+        def te_layer(moe: int) -> ModuleSpec:
+            experts = config.num_moe_experts if moe else None
+            return get_gpt_layer_with_transformer_engine_spec(
+                num_experts=experts, moe_grouped_gemm=experts is not None,
+                qk_layernorm=qk_layernorm)
+
+        return TransformerBlockSubmodules(layer_specs=[te_layer(m) for m in stage],
+                                          layer_norm=TENorm)
+    layers = {m: layer_spec(qk_layernorm, config.num_moe_experts if m else None, args,
+                         core_attention)
+              for m in set(stage)}
+    return TransformerBlockSubmodules(layer_specs=[layers[m] for m in stage], layer_norm=Norm)

@@ -23,6 +23,18 @@ def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# The rope types inv_freq reproduces exactly.
+SUPPORTED_TYPES = ("default", "linear", "llama3")
+
+
+def check_supported(params: dict[str, Any], hf_config: dict[str, Any], family: str) -> None:
+    """Refuse, naming the config key, a rope type these frequencies would not reproduce."""
+    if params["rope_type"] not in SUPPORTED_TYPES:
+        key = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
+        raise ValueError(f"{family}: config.json {key} rope_type={params['rope_type']!r} is not "
+                         f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
+
+
 def inv_freq(params: dict[str, Any], rotary_dim: int) -> torch.Tensor:
     """Frequencies for `params` as `rope_parameters` returns them."""
     base = float(params["rope_theta"])

@@ -16,8 +16,11 @@ megatron's own forward:
 - softmax scale: `softmax_scale` times the query-key-layer-scaling coefficient, i.e. the net scale
   megatron applies.
 - Megatron's path is kept (super().forward) for: attention dropout while training (so dropout
-  draws from megatron's RNG tracker as before), sliding-window layers, off-by-one / learnable
-  softmax offsets, packed sequences and attention biases (which the parent refuses).
+  draws from megatron's RNG tracker as before), off-by-one / learnable softmax offsets, packed
+  sequences and attention biases (which the parent refuses).
+- Sliding-window layers: megatron's softmax replaces the given mask by its window mask, which
+  drops the padding mask of a left-padded batch (padded keys inside the window are attended).
+  Here the window mask is added to the given mask instead, on both paths.
 
 One deliberate difference: a query row whose keys are all masked (a left-padding position) gets
 zeros here, where megatron's -10000 fill gives the mean of all values. Such rows are padding
@@ -35,21 +38,44 @@ from megatron.core.transformer.enums import AttnMaskType
 class SDPADotProductAttention(DotProductAttention):
     """DotProductAttention with a torch SDPA fast path (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None,
+                 **kwargs) -> None:
+        # k_channels / v_channels: multi-latent attention's query-key and value head sizes
+        # (megatron's local DotProductAttention takes neither); the scale comes from MLA.
         super().__init__(*args, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
         coeff = self.scale_mask_softmax.scale
         self._sdpa_scale = self.softmax_scale * (coeff if coeff is not None else 1.0)
         self._gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
-        self._sdpa_ok = (
-            self.scale_mask_softmax.window_size is None and self.softmax_offset is None
-        )
+        # megatron-core internal: FusedScaleMaskSoftmax.window_size. The window is applied as a
+        # mask here (see the module docstring); megatron's softmax then uses the mask it is given.
+        self._window = self.scale_mask_softmax.window_size
+        self.scale_mask_softmax.window_size = None
+        self._sdpa_ok = self.softmax_offset is None
+
+    def _dropout_in_kernel(self) -> bool:
+        """Whether attention dropout may run inside the SDPA call (subclasses); here it stays
+        on megatron's path, which draws from megatron's RNG tracker."""
+        return False
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """The SDPA call on [b, n, s, d] views."""
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=self._sdpa_scale,
+            enable_gqa=self._gqa)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type=None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params=None
                 ) -> torch.Tensor:
+        if self._window is not None:
+            attention_mask = self._window_mask(query.shape[0], key.shape[0], attention_mask,
+                                               query.device)
         if (not self._sdpa_ok or attention_bias is not None or packed_seq_params is not None
-                or (self.training and self.attention_dropout.p > 0)):
+                or (self.training and self.attention_dropout.p > 0
+                    and not self._dropout_in_kernel())):
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
         sq, b, heads, _ = query.shape
@@ -61,10 +87,18 @@ class SDPADotProductAttention(DotProductAttention):
         else:
             attention_mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
         # [s, b, n, d] -> [b, n, s, d]; permuted views, SDPA accepts the strides.
-        context = torch.nn.functional.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-            attn_mask=attention_mask, is_causal=causal, scale=self._sdpa_scale,
-            enable_gqa=self._gqa,
-        )
+        context = self._attend(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                               value.permute(1, 2, 0, 3), attention_mask, causal)
         # [b, n, sq, d] -> [sq, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _window_mask(self, sq: int, sk: int, mask: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor:
+        """True = masked: keys after the query or more than window[0] before it (the last sq
+        of sk positions are the queries), or masked by `mask`."""
+        query_pos = torch.arange(sk - sq, sk, device=device)[:, None]
+        key_pos = torch.arange(sk, device=device)[None, :]
+        before, after = self._window
+        outside = (key_pos < query_pos - before) | (key_pos > query_pos + after)
+        return outside if mask is None else mask | outside
+

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from megatron_patch.models import rope
 from megatron_patch.models.weight_rules import Rule
 
 _MISSING = object()
@@ -71,17 +72,46 @@ class ModelArgs:
     parallel_attention: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) (Falcon)
     parallel_attention_norms: int = 1  # 1: attention and MLP share the input norm; 2: one each
     norm_head: bool = False  # output-layer rows L2-normalised in every forward (Baichuan2)
+    # Gemma (models/gemma.py): norms computing x_hat * (1 + weight); embeddings times
+    # sqrt(hidden_size); norms after attention and MLP too; cap * tanh(x / cap) on attention
+    # scores and final logits; a softmax scale other than 1/sqrt(kv_channels).
+    zero_centered_norms: bool = False
+    embedding_scale: bool = False
+    post_norms: bool = False
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    softmax_scale: float | None = None
+    # Which layers use sliding_window (1) and which full attention (0), Megatron-Core's
+    # window_attn_skip_freq list; None: every layer (when sliding_window is set).
+    window_pattern: tuple[int, ...] | None = None
+    # RoPE base of the sliding-window layers where it differs from the global one (Gemma 3).
+    local_rope_theta: float | None = None
     # Mixture of experts (Megatron-Core's MoE layer); None: a dense MLP.
     num_moe_experts: int | None = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_shared_expert_intermediate_size: int | None = None
     moe_shared_expert_gate: bool = False
+    # Which layers are MoE (1) and which dense (0), Megatron-Core's moe_layer_freq list; None:
+    # every layer (when num_moe_experts is set). Dense layers are ffn_hidden_size wide.
+    moe_layer_freq: tuple[int, ...] | None = None
     # Softmax over all experts, then top-k (Qwen2-MoE without norm_topk_prob); else top-k
     # logits, then softmax over those (Mixtral).
     moe_router_pre_softmax: bool = False
+    # Router scores: "softmax" or "sigmoid" (DeepSeek-V3), plus a per-expert bias added for the
+    # choice only (e_score_correction_bias), group-limited choice (n_group / topk_group) and a
+    # factor on the chosen weights (routed_scaling_factor).
+    moe_router_score_function: str = "softmax"
+    moe_router_enable_expert_bias: bool = False
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
+    moe_router_topk_scaling_factor: float | None = None
     # Load-balancing loss weight for training; it adds gradients only, never changes logits.
     moe_aux_loss_coeff: float = 0.0
+    # Multi-latent attention (DeepSeek-V2/V3): Megatron-Core's MLATransformerConfig settings
+    # (q_lora_rank, kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim, v_head_dim, rope_type,
+    # rotary_base, YaRN's scaling_factor / mscale ...) as (name, value) pairs; None: no MLA.
+    mla: tuple[tuple[str, Any], ...] | None = None
     # Each of the num_query_groups KV heads (HF's count) is built this many times in Megatron,
     # so that tensor parallelism can split the groups (see kv_replicas below).
     kv_replicas: int = 1
@@ -111,6 +141,10 @@ class FamilySpec:
     # The rotary parameters (rope_theta, rope_type, scaling) of a config, for families whose
     # config.json names them differently from Llama's.
     rope_parameters: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # HF tensors that no Megatron-Core parameter holds but that must not be lost (DeepSeek-V3's
+    # multi-token-prediction layer): kept byte for byte beside the converted checkpoint
+    # (hf/UNCONVERTED) and written back on export. A predicate of (HF config, tensor name).
+    hf_kept: Callable[[dict[str, Any], str], bool] | None = None
     # Checks `requires` cannot state (several keys, absent keys): raises ValueError naming them.
     validate: Callable[[dict[str, Any]], None] | None = None
 
@@ -124,6 +158,11 @@ class FamilySpec:
                 )
         values = {f.megatron: f.read(hf_config) for f in self.config_fields}
         args = ModelArgs(**self.constants, **values)
+        # (Multi-latent attention rotates by Megatron-Core's own RoPE / YaRN: checked by its
+        # family.)
+        if args.position_embedding_type == "rope" and args.mla is None:
+            params = (self.rope_parameters or rope.rope_parameters)(hf_config)
+            rope.check_supported(params, hf_config, self.name)
         return replace(args, kv_replicas=kv_replicas(args.num_attention_heads,
                                                      args.num_query_groups))
 

@@ -11,6 +11,7 @@ disagree with how megatron splits a tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,9 +215,18 @@ class Rule:
     transform: Transform = COPY
     # Whether the rule applies to a given HF config (e.g. an untied lm_head).
     when: Callable[[dict[str, Any]], bool] | None = None
+    # Of a `{layer}` rule: whether it applies to layer i of a given HF config (dense and
+    # mixture-of-experts MLPs in one model).
+    on_layer: Callable[[dict[str, Any], int], bool] | None = None
 
     def hf_names(self) -> tuple[str, ...]:
         return (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
+
+
+def on_layers(rules: tuple[Rule, ...],
+              on_layer: Callable[[dict[str, Any], int], bool]) -> tuple[Rule, ...]:
+    """`rules` applying only to the layers `on_layer` accepts (see Rule.on_layer)."""
+    return tuple(dataclasses.replace(r, on_layer=on_layer) for r in rules)
 
 
 @dataclass(frozen=True)
@@ -230,8 +240,9 @@ class Binding:
 
 def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
          num_experts: int | None = None) -> list[Binding]:
-    """Expand each applicable rule over its placeholders: `{layer}` over the decoder layers,
-    `{expert}` over all `num_experts` experts (every one of them: none may be left behind)."""
+    """Expand each applicable rule over its placeholders: `{layer}` over the decoder layers
+    (those `on_layer` accepts), `{expert}` over all `num_experts` experts (every one of them:
+    none may be left behind)."""
     ranges = {"layer": range(num_layers), "expert": range(num_experts or 0)}
     bindings = []
     for rule in rules:
@@ -245,11 +256,15 @@ def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
             if unmatched := [k for k in ranges if ("{" + k + "}" in name) != (k in keys)]:
                 raise ValueError(f"rule {rule.megatron} <- {name}: placeholders {unmatched} "
                                  "appear on one side only")
+        if rule.on_layer is not None and "layer" not in keys:
+            raise ValueError(f"rule {rule.megatron} has on_layer but no {{layer}} placeholder")
         if "expert" in keys and not num_experts:
             raise ValueError(f"rule {rule.megatron} has an {{expert}} placeholder, but the model "
                              "has no experts")
         for values in itertools.product(*(ranges[k] for k in keys)):
             fmt = dict(zip(keys, values, strict=True))
+            if rule.on_layer is not None and not rule.on_layer(hf_config, fmt["layer"]):
+                continue
             bindings.append(
                 Binding(
                     megatron=rule.megatron.format(**fmt),

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_patch import logs
+from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int
+from megatron_patch.training import metrics
+
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--load", help="checkpoint to start from: a converted model (fresh run) or a "
                                   "training checkpoint (resumed exactly)")
     g.add_argument("--save", help="where to save checkpoints")
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-interval", type=positive_int, default=None)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--exit-interval", type=int, default=None,
+    g.add_argument("--exit-interval", type=positive_int, default=None,
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only and start at iteration 0")
@@ -29,9 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "starts from (default: refused)")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=positive_int, default=1,
                    help="experts of a mixture-of-experts model split over this many data "
                         "parallel ranks")
     g.add_argument("--sequence-parallel", action="store_true")
@@ -53,26 +57,28 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="selective recomputation (same as --recompute-granularity selective)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-num-layers", type=positive_int, default=1)
     g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"],
                    default="auto", help="layer implementation (auto: Transformer Engine where "
                                         "importable on a GPU, else Megatron-Core's local one)")
     g.add_argument("--use-flash-attn", action="store_true",
-                   help="flash attention through Transformer Engine (GPU only)")
+                   help="flash attention: Transformer Engine's where importable on a GPU, "
+                        "else the flash_attn package (CUDA, fp16/bf16), else torch SDPA's flash "
+                        "kernel (CUDA fp16/bf16, or CPU); the startup log names it")
 
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--seq-length", type=int, default=None)
-    g.add_argument("--train-iters", type=int, default=None)
-    g.add_argument("--train-tokens", type=int, default=None)
+    g.add_argument("--micro-batch-size", type=positive_int, default=1)
+    g.add_argument("--global-batch-size", type=positive_int, default=None)
+    g.add_argument("--seq-length", type=positive_int, default=None)
+    g.add_argument("--train-iters", type=positive_int, default=None)
+    g.add_argument("--train-tokens", type=positive_int, default=None)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"],
                    default="cosine")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-warmup-tokens", type=int, default=None)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=nonnegative_int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=nonnegative_int, default=None)
+    g.add_argument("--lr-decay-iters", type=positive_int, default=None)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -104,20 +110,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="skip malformed SFT records (counted) instead of failing")
 
     g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=positive_int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--eval-interval", type=positive_int, default=1000)
+    g.add_argument("--eval-iters", type=nonnegative_int, default=10)
+    logs.add_arguments(g)
+    metrics.add_arguments(g)
 
     g = p.add_argument_group("model from scratch (with --load, any given must agree with the "
                              "checkpoint's architecture)")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-layers", type=positive_int)
+    g.add_argument("--hidden-size", type=positive_int)
+    g.add_argument("--ffn-hidden-size", type=positive_int)
+    g.add_argument("--num-attention-heads", type=positive_int)
     g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=None)
-    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--num-query-groups", type=positive_int, default=None)
+    g.add_argument("--max-position-embeddings", type=positive_int, default=None)
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default=None,
                    help="from scratch: default LayerNorm")
@@ -134,14 +142,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-position-embedding", action="store_true",
                    help="same as --position-embedding-type none")
     g.add_argument("--rotary-base", type=float, default=10000.0)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--extra-vocab-size", type=int, default=0)
+    g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
+    g.add_argument("--extra-vocab-size", type=nonnegative_int, default=0)
     g.add_argument("--init-method-std", type=float, default=0.02)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = add_arguments(argparse.ArgumentParser(prog="megatron-patch train"))
+    parser = add_arguments(ArgumentParser(prog="megatron-patch train"))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return validate(parser.parse_args(argv))
 
 
@@ -159,6 +168,15 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                          "--use-alibi-mask, --no-position-embedding)")
     if implied:
         args.position_embedding_type = implied.pop()
+    split = args.split.replace("/", ",").split(",")
+    try:
+        weights = [float(w) for w in split]
+    except ValueError:
+        weights = []
+    # Megatron-LM pads fewer than three weights with zeros.
+    if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--split {args.split}: give up to three train,valid,test weights, "
+                         "none negative, with a positive sum (e.g. 98,2,0)")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ValueError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
                          "are exclusive")

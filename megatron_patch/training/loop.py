@@ -17,18 +17,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from megatron_patch import checkpoint, cpu_mode, parallel
+from megatron_patch import checkpoint, cpu_mode, logs, parallel
 from megatron_patch.forward import masked_vocab_parallel_cross_entropy
-from megatron_patch.models import (
-    build_model,
-    check_layout,
-    family_for,
-    load_hf_config,
-    pad_vocab_size,
-    transformer_config,
-)
+from megatron_patch.models import build_stages, family_for, load_hf_config, pad_vocab_size
 from megatron_patch.models.scratch import scratch_hf_config
-from megatron_patch.training import data, kv_replicas, optim_state
+from megatron_patch.training import data, kv_replicas, metrics, optim_state
 
 log = logging.getLogger("megatron_patch.train")
 _ITERATION_DIR = re.compile(r"iter_(\d+)")
@@ -109,16 +102,10 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.args = args
+        metrics.check(args)
         if args.fp8_format is not None:
             raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
                              "wired up in this version; use --bf16")
-        if args.use_flash_attn:
-            from megatron_patch.models.layers import transformer_engine_available
-
-            if not transformer_engine_available():
-                raise ValueError("--use-flash-attn needs Transformer Engine on a GPU (its fused "
-                                 "attention); without it attention runs unfused: leave it off")
-            args.transformer_impl = "transformer_engine"
         parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             expert_model_parallel_size=args.expert_model_parallel_size,
                             seed=args.seed)
@@ -158,7 +145,8 @@ class Trainer:
         if args.save:
             self._check_save_dir()
         self.forward_step = forward_step or lm_forward_step(self.vocab_size)
-        self.writer = self._tensorboard()
+        is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        self.writer = metrics.open_writer(args, is_last)
 
     # ---- setup -------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -197,8 +185,6 @@ class Trainer:
                 f"{self.meta.padded_vocab_size} embedding rows for its {self.vocab_size} "
                 f"tokens, fewer than {self.vocab_size + args.extra_vocab_size}; convert with "
                 "--extra-vocab-size, or add tokens with `megatron-patch extend-vocab`")
-        check_layout(self.model_args, self.meta.padded_vocab_size, self.tp, self.pp,
-                     ep=args.expert_model_parallel_size)
 
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         overrides: dict[str, Any] = dict(
@@ -209,11 +195,21 @@ class Trainer:
             if args.recompute_granularity == "full":
                 overrides.update(recompute_method=args.recompute_method,
                                  recompute_num_layers=args.recompute_num_layers)
-        self.config = transformer_config(self.model_args, params_dtype=dtype,
-                                         sequence_parallel=args.sequence_parallel, **overrides)
-        module = build_model(self.model_args, self.config, self.hf_config,
-                             padded_vocab_size=self.meta.padded_vocab_size,
-                             transformer_impl=args.transformer_impl)
+        impl, core_attention = args.transformer_impl, None
+        if args.use_flash_attn:
+            from megatron_patch.models import flash
+            from megatron_patch.models.layers import transformer_engine_available
+
+            choice = flash.select(self.model_args, self.tp, dtype, transformer_engine=(
+                impl != "local" and transformer_engine_available()))
+            impl, core_attention = choice.transformer_impl, choice.core_attention
+            if torch.distributed.get_rank() == 0:
+                log.info("--use-flash-attn: %s", choice.description)
+        # The layout is checked against the model before it is built.
+        built = build_stages(self.hf_config, self.meta.padded_vocab_size, params_dtype=dtype,
+                             sequence_parallel=args.sequence_parallel, transformer_impl=impl,
+                             core_attention=core_attention, **overrides)
+        self.config, (module,) = built.config, built.chunks
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=dtype != torch.float32,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -312,14 +308,6 @@ class Trainer:
             out.append(dataset)
         return out + [None]
 
-    def _tensorboard(self):
-        is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-        if not (self.args.tensorboard_dir and is_last):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=self.args.tensorboard_dir, max_queue=10)
-
     # ---- steps -------------------------------------------------------------------------
     def _run_schedule(self, dataset, consumed: int, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -339,10 +327,13 @@ class Trainer:
         total = torch.zeros(2, device=cpu_mode.device())
         for out in outputs:
             total += out["lm loss"].float()
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        # Collectives over one rank are skipped: on a busy CPU each costs a thread hand-off.
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and self.dp > 1:
             torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        torch.distributed.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
+        if self.pp > 1:
+            torch.distributed.broadcast(
+                total, parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
         return (total[0] / total[1].clamp(min=1)).item()
 
     def train_step(self) -> dict[str, float]:
@@ -610,12 +601,19 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     from megatron_patch.training.arguments import parse_args
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(parse_args(argv))
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with validated flags (`arguments.validate`)."""
+    logs.setup(args.verbose, args.log_level)
+    trainer = Trainer(args)
     trainer.train()
     parallel.destroy()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from megatron_patch import errors
+
+    raise SystemExit(errors.run_main("megatron-patch train", main))

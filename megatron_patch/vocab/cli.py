@@ -6,6 +6,7 @@ import logging
 import os
 import tempfile
 
+from megatron_patch.errors import positive_int
 from megatron_patch.vocab.formats import SP_MODEL, TOKENIZER_JSON
 from megatron_patch.vocab.pieces import (
     pieces_from_sentencepiece,
@@ -26,15 +27,15 @@ def add_arguments(p) -> None:
                    help="add the words of this file, one a line (repeatable)")
     p.add_argument("--train-from", metavar="CORPUS",
                    help="learn a sentencepiece model from this text file and add its pieces")
-    p.add_argument("--vocab-size", type=int, default=20000,
+    p.add_argument("--vocab-size", type=positive_int, default=20000,
                    help="pieces to learn with --train-from (default 20000)")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
                    help="sentencepiece model type for --train-from")
     p.add_argument("--save-sp-model", metavar="PREFIX",
                    help="keep the model learnt with --train-from as PREFIX.model")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+    p.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128,
                    help="pad a grown vocabulary (config.json vocab_size) to a multiple of this")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+    p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
                    help="Megatron checkpoints: also pad for this TP size if the padded "
                         "vocabulary must grow")
     p.add_argument("--iteration", default=None,

@@ -44,13 +44,15 @@ MOE = DENSE + (Layout(1, 1, ep=2), Layout(2, 1, ep=2, sp=True))
 class Case:
     """name: unique id; build: returns the oracle (fp32, eval mode, random tiny weights);
     save(oracle, hf_dir): writes the checkpoint in the family's original format (default:
-    `oracle.save_pretrained`). The tokenizer is added by the zoo fixture."""
+    `oracle.save_pretrained`). The tokenizer is added by the zoo fixture. generate: greedy
+    generation is compared with the oracle's `generate` at TP=1 and TP=2 too."""
 
     name: str
     build: Callable[[], Any]
     save: Callable[[Any, str], None] | None = None
     layouts: tuple[Layout, ...] = DENSE
     vocab_size: int = 1000
+    generate: bool = False
 
 
 def all_cases() -> list[Case]:

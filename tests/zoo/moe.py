@@ -1,4 +1,5 @@
-"""Mixtral and Qwen2-MoE against their native transformers classes, at EP=2 and TP=2 x EP=2 too.
+"""Mixtral, Qwen2-MoE and Qwen3-MoE against their native transformers classes, at EP=2 and
+TP=2 x EP=2 too.
 
 Routing is discontinuous: a token whose k-th and (k+1)-th router logits almost tie could pick a
 different expert in Megatron-Core than in the oracle, from rounding alone (logits differ by
@@ -49,7 +50,7 @@ CASES = [
     Case("mixtral_sliding", routed(native("MixtralForCausalLM", seed=2, **TINY,
                                           intermediate_size=96, num_local_experts=4,
                                           sliding_window=16)),
-         layouts=MOE),
+         layouts=MOE, generate=True),
     # Qwen1.5-MoE: softmax over all experts, top-k probabilities not renormalised; a shared
     # expert behind a sigmoid gate; q/k/v biases; expert and shared sizes differ.
     Case("qwen2_moe", routed(native("Qwen2MoeForCausalLM", **TINY, intermediate_size=96,
@@ -61,5 +62,18 @@ CASES = [
          routed(native("Qwen2MoeForCausalLM", seed=1, **TINY, intermediate_size=96,
                        num_experts=4, moe_intermediate_size=48,
                        shared_expert_intermediate_size=80, norm_topk_prob=True)),
+         layouts=MOE),
+    # Qwen3-MoE: q/k norms, head_dim not hidden / heads, no shared expert; a dense first layer
+    # (mlp_only_layers, as in DeepSeek-style releases) and renormalised top-k ...
+    Case("qwen3_moe_norm_topk",
+         routed(native("Qwen3MoeForCausalLM", seed=1, **TINY, head_dim=32, intermediate_size=96,
+                       num_experts=4, moe_intermediate_size=48, norm_topk_prob=True,
+                       mlp_only_layers=[0])),
+         layouts=MOE, generate=True),
+    # ... and every second layer sparse (decoder_sparse_step=2), top-k probabilities as they are.
+    Case("qwen3_moe_sparse_step",
+         routed(native("Qwen3MoeForCausalLM", **TINY, head_dim=32, intermediate_size=80,
+                       num_experts=4, moe_intermediate_size=48, norm_topk_prob=False,
+                       decoder_sparse_step=2)),
          layouts=MOE),
 ]

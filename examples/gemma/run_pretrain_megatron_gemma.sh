@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Continued pretraining (gemma: Gemma 2 and Gemma 3 text); the architecture comes from
+# PRETRAIN_CHECKPOINT_PATH.
+# ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
+# PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL DATASET_PATH
+# PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH [EXTRA FLAGS...]
+exec bash "$(dirname "$0")/../common/launch.sh" pretrain "$@"

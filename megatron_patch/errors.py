@@ -1,0 +1,135 @@
+"""How errors reach the user: one line, `megatron-patch <command>: error: ...`.
+
+Bad input (a flag, a file, a record) raises ValueError or OSError with a message naming what is
+wrong; the entry points (`megatron-patch`, the torchrun workers, the launchers) print that one
+line and exit non-zero. Under torchrun only rank 0 prints; every rank also leaves its line in
+torchelastic's error file, where the launcher finds it when rank 0 did not fail itself.
+`--debug` or MEGATRON_PATCH_DEBUG=1 adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+DEBUG_ENV = "MEGATRON_PATCH_DEBUG"
+# Set by torchrun for each worker: a JSON file the agent reads when the worker fails.
+ELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
+# Marks an error file written here (the message is a line already shown by rank 0).
+ERROR_FILE_SOURCE = "megatron_patch"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block before them)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sizes, counts); argparse names the flag."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+
+
+def read_json(path: str) -> Any:
+    """The JSON value of a file; a malformed file fails naming it, with line and column."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from e
+
+
+def describe(exc: BaseException, output: str | None = None) -> str:
+    """One line for an exception. An OSError without a file name (a write that hit a full disk)
+    is told against `output`, the path the command was writing."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename or output
+        text = f"{where}: {exc.strerror}" if where else exc.strerror
+        if exc.filename2:
+            text += f" (-> {exc.filename2})"
+    else:
+        text = str(exc).strip()
+        if isinstance(exc, KeyError):
+            text = f"missing key {text}"
+        if not isinstance(exc, (ValueError, OSError)):
+            # Not an error we raise for bad input: its type says more than its text alone.
+            text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return " ".join(text.split())
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def report(prog: str, exc: BaseException, *, output: str | None = None,
+           argv: list[str] | None = None) -> int:
+    """Print `prog: error: ...` (rank 0 only) and return the exit status: 2 for bad input
+    (ValueError, OSError), 1 for anything else."""
+    expected = isinstance(exc, (ValueError, OSError))
+    line = f"{prog}: error: {describe(exc, output)}"
+    debug = debug_requested(argv)
+    if not expected and not debug:
+        line += f" ({DEBUG_ENV}=1 or --debug shows the traceback)"
+    if rank() == 0 or debug:
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(line, file=sys.stderr, flush=True)
+    # After printing: torchrun may stop this rank any moment once another one failed, and the
+    # launcher prints a line itself unless rank 0's error file says it was printed.
+    _write_error_file(line)
+    return 2 if expected else 1
+
+
+def _write_error_file(line: str) -> None:
+    path = os.environ.get(ELASTIC_ERROR_FILE)
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time()),
+                       "source": ERROR_FILE_SOURCE}, f)
+    except OSError:
+        pass  # the line itself is what matters; rank 0 printed it
+
+
+def run_main(prog: str, main: Callable[[], int], *, output: str | None = None) -> int:
+    """main(), with any exception reported as one line."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        if rank() == 0:
+            print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every error becomes one line; --debug shows the traceback
+        return report(prog, e, output=output)

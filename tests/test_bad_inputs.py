@@ -1,0 +1,463 @@
+"""Bad input of every kind ends in one line, `megatron-patch <command>: error: ...`, naming the
+file (with line), tensor or flag, with a non-zero exit code, and changes nothing that existed.
+
+The `megatron-patch` command lines run in one forked worker (tests/harness.py), each through
+`cli.main` with its stderr captured; disk full and read-only outputs are simulated there by
+making the system calls fail (ENOSPC, EROFS), which works without root or a tmpfs mount.
+Under torchrun, a fake worker (no megatron import, so the launch is cheap) checks that rank 0
+alone prints, that the launcher prints a line when only another rank failed, and that
+MEGATRON_PATCH_DEBUG=1 brings the tracebacks back.
+"""
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import harness
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tree_hash(path: str) -> str:
+    """sha256 over every file name and content under path (or of the file)."""
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+    for p in paths:
+        h.update(os.path.relpath(p, path).encode() + b"\0")
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def assert_one_line(stderr: str, command: str, *needles: str) -> str:
+    """The error is one line, `megatron-patch <command>: error: ...`, containing each needle;
+    no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if ": error:" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith(f"megatron-patch {command}: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases. Each: name, category, argv (with {placeholders}), the command, the needles its
+# line must name, files that must not change, and a simulated failure (see _simulate).
+
+
+def _cases() -> list[dict]:
+    gen = ["generate", "--load", "{mcore}", "--input-file", "{prompts}", "--output-file",
+           "{out}/gen.jsonl"]
+    train = ["train", "--load", "{mcore}", "--train-iters", "1"]
+    cases = [
+        # invalid flags
+        ("train_tp_0", "flags", [*train, "--seq-length", "8", "--tensor-model-parallel-size",
+                                 "0"], ["--tensor-model-parallel-size", "got 0"]),
+        ("train_micro_batch_size_0", "flags", [*train, "--seq-length", "8",
+                                               "--micro-batch-size", "0"],
+         ["--micro-batch-size", "got 0"]),
+        ("train_seq_length_0", "flags", [*train, "--seq-length", "0"], ["--seq-length", "got 0"]),
+        ("train_split_0_0_0", "flags", [*train, "--seq-length", "8", "--split", "0,0,0"],
+         ["--split 0,0,0"]),
+        ("train_unknown_flag", "flags", [*train, "--seq-length", "8", "--no-such-flag"],
+         ["--no-such-flag"]),
+        ("convert_tp_0", "flags", ["convert", "hf-to-megatron", "{hf}", "{out}/m",
+                                   "--tensor-model-parallel-size", "0"],
+         ["--tensor-model-parallel-size", "got 0"]),
+        ("generate_repetition_penalty_0", "flags", [*gen, "--repetition-penalty", "0"],
+         ["--repetition-penalty", "got 0"]),
+        ("generate_repetition_penalty_negative", "flags", [*gen, "--repetition-penalty", "-1"],
+         ["--repetition-penalty", "got -1"]),
+        ("generate_top_p_above_1", "flags", [*gen, "--top-p", "1.5"], ["--top-p", "got 1.5"]),
+        ("generate_top_p_negative", "flags", [*gen, "--top-p", "-0.1"], ["--top-p", "got -0.1"]),
+        ("generate_max_input_length_negative", "flags", [*gen, "--max-input-length", "-3"],
+         ["--max-input-length", "got -3"]),
+        ("generate_micro_batch_size_0", "flags", [*gen, "--micro-batch-size", "0"],
+         ["--micro-batch-size", "got 0"]),
+        ("verify_tp_0", "flags", ["verify", "{hf}", "{mcore}", "--tp", "0"], ["--tp", "got 0"]),
+        ("preprocess_workers_0", "flags", ["preprocess", "--input", "{corpus}",
+                                           "--output-prefix", "{out}/p", "--tokenizer-model",
+                                           "{hf}", "--workers", "0"], ["workers"]),
+        # bad records
+        ("generate_empty_messages", "records",
+         [*gen[:4], "{prompts_empty_messages}", *gen[5:]], ["prompts_empty_messages.jsonl:2"]),
+        ("generate_message_without_content", "records",
+         [*gen[:4], "{prompts_no_content}", *gen[5:]], ["prompts_no_content.jsonl:2", "content"]),
+        ("generate_unknown_role", "records", [*gen[:4], "{prompts_bad_role}", *gen[5:]],
+         ["prompts_bad_role.jsonl:1", "role"]),
+        ("preprocess_lone_surrogate", "records",
+         ["preprocess", "--input", "{corpus_surrogate}", "--output-prefix", "{out}/s",
+          "--tokenizer-model", "{hf}"], ["corpus_surrogate.jsonl:2", "surrogate",
+                                         "--skip-bad-lines"]),
+        ("preprocess_invalid_json", "records",
+         ["preprocess", "--input", "{corpus_bad_json}", "--output-prefix", "{out}/j",
+          "--tokenizer-model", "{hf}"], ["corpus_bad_json.jsonl:3"]),
+        # truncated or corrupt files
+        ("safetensors_truncated", "files", ["convert", "hf-to-megatron", "{hf_truncated}",
+                                            "{out}/t"], ["hf_truncated/model.safetensors"]),
+        ("safetensors_corrupt_header", "files", ["convert", "hf-to-megatron", "{hf_garbage}",
+                                                 "{out}/g"], ["hf_garbage/model.safetensors"]),
+        ("distcp_truncated", "files", ["convert", "megatron-to-hf", "{mcore_truncated}",
+                                       "{out}/d"], ["release/__0_0.distcp", "truncated"]),
+        ("distcp_truncated_generate", "files",
+         [*gen[:2], "{mcore_truncated}", *gen[3:]], ["release/__0_0.distcp", "truncated"]),
+        # wrong configs
+        ("config_json_malformed", "configs", ["convert", "hf-to-megatron", "{hf_bad_config}",
+                                              "{out}/c"], ["hf_bad_config/config.json:2"]),
+        ("checkpoint_meta_malformed", "configs", ["convert", "megatron-to-hf", "{mcore_bad_meta}",
+                                                  "{out}/bm"], ["megatron_patch.json:1"]),
+        ("rope_type_unsupported", "configs", ["convert", "hf-to-megatron", "{hf_yarn}",
+                                              "{out}/y"], ["rope_parameters", "'yarn'"]),
+        # disk full, read-only output, pre-existing output
+        ("disk_full", "disk", ["convert", "megatron-to-hf", "{mcore}", "{out}/full"],
+         ["{out}/full", "No space left on device"]),
+        ("read_only_output", "disk", ["convert", "hf-to-megatron", "{hf}", "{out}/ro"],
+         ["{out}/ro", "Read-only file system"]),
+        ("existing_output", "disk", ["convert", "megatron-to-hf", "{mcore}", "{existing}"],
+         ["{existing}"]),
+    ]
+    return [dict(name=n, category=c, argv=a, needles=k) for n, c, a, k in cases]
+
+
+CASES = _cases()
+SIMULATE = {"disk_full": errno.ENOSPC, "read_only_output": errno.EROFS}
+
+
+@contextlib.contextmanager
+def _simulate(name: str, out: str):
+    """Make writes under `out` fail as on a full (ENOSPC) or read-only (EROFS) file system."""
+    if name not in SIMULATE:
+        yield
+        return
+    code = SIMULATE[name]
+    real = {f: getattr(os, f) for f in ("open", "mkdir", "write", "pwrite")}
+
+    def failing_open(path, flags, *args, **kwargs):
+        if str(path).startswith(out) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(code, os.strerror(code), str(path))
+        return real["open"](path, flags, *args, **kwargs)
+
+    def failing_mkdir(path, *args, **kwargs):
+        if code == errno.EROFS and str(path).startswith(out):
+            raise OSError(code, os.strerror(code), str(path))
+        return real["mkdir"](path, *args, **kwargs)
+
+    def no_space(fd, data, *args):
+        raise OSError(code, os.strerror(code))  # as the kernel reports it: no file name
+
+    patched = {"mkdir": failing_mkdir}
+    patched.update({"open": failing_open} if code == errno.EROFS
+                   else {"write": no_space, "pwrite": no_space})
+    try:
+        for f, fn in patched.items():
+            setattr(os, f, fn)
+        yield
+    finally:
+        for f, fn in real.items():
+            setattr(os, f, fn)
+
+
+def _run_cases(cases: list[dict], out: str) -> dict[str, tuple[int, str]]:
+    """In a forked worker: each case through cli.main, stderr captured."""
+    from megatron_patch import cli
+
+    results = {}
+    for case in cases:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            with _simulate(case["name"], out):
+                try:
+                    rc = cli.main(case["argv"])
+                except SystemExit as e:  # argparse
+                    rc = e.code
+        results[case["name"]] = (rc, err.getvalue())
+    return results
+
+
+def _write(path: str, text: str | bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def _inputs(tmp: str, hf: str, mcore: str) -> dict[str, str]:
+    """The broken inputs, each a copy of the tiny model or a small file."""
+    p = {"hf": hf, "mcore": mcore, "out": os.path.join(tmp, "out")}
+    os.makedirs(p["out"])
+    lines = {"prompts": ['{"prompt": "hi"}'],
+             "prompts_empty_messages": ['{"prompt": "hi"}', '{"messages": []}'],
+             "prompts_no_content": ['{"prompt": "hi"}', '{"messages": [{"role": "user"}]}'],
+             "prompts_bad_role": ['{"messages": [{"role": "robot", "content": "hi"}]}'],
+             "corpus": ['{"text": "hello"}'],
+             "corpus_surrogate": ['{"text": "hello"}', '{"text": "bad \\ud800 text"}'],
+             "corpus_bad_json": ['{"text": "a"}', '', '{"text": "b"']}
+    for name, body in lines.items():
+        p[name] = _write(os.path.join(tmp, name + ".jsonl"), "\n".join(body) + "\n")
+
+    def copy(src: str, name: str) -> str:
+        p[name] = os.path.join(tmp, name)
+        shutil.copytree(src, p[name])
+        return p[name]
+
+    weights = os.path.join(copy(hf, "hf_truncated"), "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    with open(os.path.join(copy(hf, "hf_garbage"), "model.safetensors"), "r+b") as f:
+        f.write(b"\xff" * 16)
+    _write(os.path.join(copy(hf, "hf_bad_config"), "config.json"), '{"model_type":\n')
+    config_path = os.path.join(copy(hf, "hf_yarn"), "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    _write(config_path, json.dumps(config))
+    distcp = os.path.join(copy(mcore, "mcore_truncated"), "release", "__0_0.distcp")
+    os.truncate(distcp, os.path.getsize(distcp) - 1000)
+    _write(os.path.join(copy(mcore, "mcore_bad_meta"), "megatron_patch.json"), "{oops")
+    p["existing"] = os.path.join(tmp, "existing")
+    os.makedirs(p["existing"])
+    _write(os.path.join(p["existing"], "keep.txt"), "mine")
+    return p
+
+
+def _fill(value: str, paths: dict[str, str]) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: paths[m.group(1)], value)
+
+
+@pytest.fixture(scope="module")
+def outcomes(llama_models, tmp_path_factory):
+    """Every case run once, in one worker; also the hashes of all inputs before and after."""
+    root = llama_models["llama2"]
+    tmp = str(tmp_path_factory.mktemp("bad_inputs"))
+    paths = _inputs(tmp, os.path.join(root, "hf"), os.path.join(root, "mcore"))
+    cases = [dict(c, argv=[_fill(a, paths) for a in c["argv"]],
+                  needles=[_fill(n, paths) for n in c["needles"]]) for c in CASES]
+    inputs = {k: v for k, v in paths.items() if k != "out"}
+    before = {k: tree_hash(v) for k, v in inputs.items()}
+    results = harness.run(_run_cases, 1, cases, paths["out"])[0]
+    after = {k: tree_hash(v) for k, v in inputs.items()}
+    return {c["name"]: c for c in cases}, results, before, after, paths
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(outcomes, name):
+    cases, results, before, after, paths = outcomes
+    case = cases[name]
+    rc, stderr = results[name]
+    assert rc == 2, (rc, stderr[-3000:])
+    command = case["argv"][0]
+    assert_one_line(stderr, command, *case["needles"])
+    assert before == after  # no input (model, checkpoint, data file, existing output) changed
+    # Nothing complete-looking appeared where the command was to write.
+    written = [os.path.basename(a) for a in case["argv"] if a.startswith(paths["out"] + "/")]
+    for entry in os.listdir(paths["out"]):
+        assert not any(entry == w or entry.startswith(w + "_") for w in written), entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: one bad line is one bad record, skipped and counted with --skip-bad-lines.
+
+
+def test_sft_reads_line_by_line_and_skips_surrogates_and_bad_bytes(tmp_path):
+    from megatron_patch.data.sft import BadRecord, read_records
+
+    good = json.dumps({"instruction": "q", "output": "a"}).encode()
+    path = _write(str(tmp_path / "sft.jsonl"), b"\n".join([
+        good, b'{"instruction": "q \\ud800", "output": "a"}', b'{"instruction": "\xff"}', good,
+    ]) + b"\n")
+    with pytest.raises(BadRecord, match=re.escape(f"{path}:2: lone UTF-16 surrogate")):
+        read_records(path)
+    records, bad = read_records(path, skip_bad=True)
+    assert (len(records), bad) == (2, 2)
+    third = _write(str(tmp_path / "bytes.jsonl"), good + b"\n" + b'{"instruction": "\xff"}\n')
+    with pytest.raises(BadRecord, match=re.escape(f"{third}:2: invalid UTF-8")):
+        read_records(third)
+
+
+def test_generation_prompts_are_held_to_sft_message_rules(tmp_path):
+    from megatron_patch.data.sft import BadRecord, read_records, validate_prompt
+
+    path = _write(str(tmp_path / "p.jsonl"),
+                  '{"prompt": "x"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert len(read_records(path, check=validate_prompt)[0]) == 2
+    for bad in ('{"messages": []}', '{"messages": [{"content": "x"}]}',
+                '{"messages": [{"role": "narrator", "content": "x"}]}'):
+        path = _write(str(tmp_path / "b.jsonl"), '{"prompt": "x"}\n' + bad + "\n")
+        with pytest.raises(BadRecord, match=re.escape(f"{path}:2: ")):
+            read_records(path, check=validate_prompt)
+
+
+def test_preprocess_skips_a_surrogate_line_with_skip_bad_lines(llama_models, tmp_path):
+    from megatron_patch.data import preprocess
+
+    corpus = _write(str(tmp_path / "c.jsonl"),
+                    '{"text": "one"}\n{"text": "bad \\ud800"}\n{"text": "three"}\n')
+    summary = harness.run(preprocess.preprocess, 1, corpus, str(tmp_path / "o"),
+                          os.path.join(llama_models["llama2"], "hf"), skip_bad_lines=True,
+                          log_interval=0)[0]
+    assert (summary["documents"], summary["bad_lines"]) == (2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torchrun.
+
+FAKE_WORKER = """
+import os, sys
+from megatron_patch import errors
+
+def main():
+    if os.environ["RANK"] in sys.argv[1].split(","):
+        raise ValueError("data.jsonl:7: a bad record on rank " + os.environ["RANK"])
+    return 0
+
+sys.exit(errors.run_main("megatron-patch train", main))
+"""
+
+
+def test_torchrun_error_is_one_line_from_one_rank(tmp_path):
+    """All ranks fail: one line (rank 0's, or rank 1's when torchrun stopped rank 0 before it
+    failed itself), no torchrun report. Only rank 1 fails: the launcher prints its line.
+    MEGATRON_PATCH_DEBUG=1: tracebacks are back."""
+    worker = _write(str(tmp_path / "worker.py"), FAKE_WORKER)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("MEGATRON_PATCH_DEBUG", None)
+    cmd = [sys.executable, "-m", "megatron_patch.launch", "torchrun", "--standalone",
+           "--nproc_per_node=2", worker]
+    every = harness.run_command([*cmd, "0,1"], env=env, timeout=300)
+    assert every.returncode == 2, every.stderr
+    line = assert_one_line(every.stderr, "train", "data.jsonl:7")
+    assert line.endswith(("rank 0", "rank 1")), line
+    assert "ChildFailedError" not in every.stderr and "FAILED" not in every.stderr
+
+    other = harness.run_command([*cmd, "1"], env=env, timeout=300)
+    assert other.returncode == 2, other.stderr
+    assert assert_one_line(other.stderr, "train", "data.jsonl:7").endswith("rank 1")
+
+    debug = harness.run_command([*cmd, "0,1"], env=dict(env, MEGATRON_PATCH_DEBUG="1"),
+                                timeout=300)
+    assert debug.returncode != 0
+    assert "Traceback" in debug.stderr and "ValueError" in debug.stderr
+
+
+def test_launcher_refuses_zero_sizes_in_one_line(capsys):
+    from megatron_patch import launch
+
+    args = ["dsw", "", ROOT, "tiny", "2", "4", "1e-3", "1e-5", "32", "32", "0", "fp32", "0",
+            "1", "sel", "true", "false", "true", "4", "data", "ckpt", "768", "64", "out"]
+    assert launch.main(["pretrain", *args]) == 2
+    assert_one_line(capsys.readouterr().err, "pretrain", "TP", "'0'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every command line the README shows.
+
+
+def readme_commands() -> list[str]:
+    """`megatron-patch ...` and `bash examples/...`/`bash toolkits/...` lines of README.md's
+    bash blocks, and `megatron-patch ...` inline code spans (which may wrap a line)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(("megatron-patch ", "bash examples/", "bash toolkits/")):
+                commands.append(line)
+    for span in re.findall(r"`(megatron-patch [^`]+)`", text):
+        span = " ".join(span.split())
+        # Not `megatron-patch <command> --help`, nor a command named in passing.
+        if "<" not in span and len(span.split()) > 2 and span not in commands:
+            commands.append(span)
+    return commands
+
+
+def _parse(argv: list[str]) -> None:
+    """What `megatron-patch` does before any work: parse, then (train) validate."""
+    from megatron_patch import cli
+    from megatron_patch.training import arguments
+
+    args = cli.build_parser().parse_args(argv)
+    if args.command == "train":
+        arguments.validate(args)
+
+
+def test_readme_command_lines(llama_models, tmp_path):
+    """Each README command line is parsed by the `megatron-patch` parser; launcher lines run
+    their script with a PYTHON that records the command they build, which is parsed in turn.
+    `--help` lines and the quick start's first two steps (make-tiny, convert hf-to-megatron of
+    the tiny model) run for real through the installed `megatron-patch` entry point."""
+    commands = readme_commands()
+    assert any(c.startswith("bash toolkits/") for c in commands), commands
+    assert "megatron-patch train --help" in commands and len(commands) >= 10, commands
+    recorder = _write(str(tmp_path / "record.sh"),
+                      '#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\n')
+    os.chmod(recorder, 0o755)
+    # The entry point installed beside this interpreter (scripts/test.sh runs .venv/bin/python
+    # without activating the venv, so PATH may not have it).
+    entry = (shutil.which("megatron-patch", path=os.path.dirname(sys.executable))
+             or pytest.fail(f"megatron-patch is not installed beside {sys.executable}"))
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[0] == "bash":
+            record = str(tmp_path / "argv.txt")
+            proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                  env=dict(os.environ, PYTHON=recorder, RECORD=record))
+            assert proc.returncode == 0, (command, proc.stderr)
+            with open(record) as f:
+                built = f.read().splitlines()
+            assert built[:2] == ["-m", "megatron_patch"], (command, built)
+            _parse(built[2:])
+        elif argv[-1] == "--help":
+            proc = harness.run_command([entry, *argv[1:]], timeout=120)
+            assert proc.returncode == 0 and "--debug" in proc.stdout, (command, proc.stderr)
+        else:
+            _parse(argv[1:])
+    demo = [c for c in commands if c.startswith(("megatron-patch make-tiny",
+                                                  "megatron-patch convert hf-to-megatron demo"))]
+    assert len(demo) == 2, demo
+    for command in demo:
+        argv = [a.replace("demo_output", str(tmp_path / "demo")) for a in shlex.split(command)]
+        harness.run_command([entry, *argv[1:]], timeout=300, check=True)
+    assert os.path.isfile(tmp_path / "demo" / "mcore" / "latest_checkpointed_iteration.txt")
+
+
+def test_train_subcommand_takes_its_flags(capsys):
+    """`megatron-patch train` used to reject every flag (argparse.REMAINDER in a subparser)."""
+    from megatron_patch import cli
+
+    args = cli.build_parser().parse_args(["train", "--load", "ckpt", "--seq-length", "8",
+                                          "--train-iters", "2", "--micro-batch-size", "2"])
+    assert (args.load, args.seq_length, args.train_iters, args.micro_batch_size) == (
+        "ckpt", 8, 2, 2)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0 and "--tensor-model-parallel-size" in capsys.readouterr().out
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
+    from megatron_patch import errors
+
+    def boom() -> int:
+        raise RuntimeError("the internals broke")
+
+    monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert errors.run_main("megatron-patch convert", boom) == 1
+    err = capsys.readouterr().err
+    assert_one_line(err, "convert", "RuntimeError: the internals broke", errors.DEBUG_ENV)
+    monkeypatch.setenv(errors.DEBUG_ENV, "1")
+    assert errors.run_main("megatron-patch convert", boom) == 1
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv(errors.DEBUG_ENV)
+    assert errors.run_main("megatron-patch convert", boom) == 1
+    assert capsys.readouterr().err == ""  # only rank 0 speaks
