@@ -75,14 +75,15 @@ def check_hf_source(reader: hf_io.HFCheckpointReader, hf_config: dict[str, Any],
 
 
 def _single_process_model(hf_config: dict[str, Any], dtype: torch.dtype,
-                          padded_vocab_size: int):
+                          padded_vocab_size: int, args: ModelArgs | None = None):
     """An unsharded model whose parameters act as the schema (names, shapes) of the checkpoint."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         raise RuntimeError("conversion runs in a single process; do not start it with torchrun")
     parallel.initialize(1, 1)
     # The local implementation's parameter names are what the weight mappings describe.
     (model,) = build_stages(hf_config, padded_vocab_size, params_dtype=dtype,
-                            transformer_impl="local", perform_initialization=False).chunks
+                            transformer_impl="local", args=args,
+                            perform_initialization=False).chunks
     return model
 
 

@@ -687,8 +687,8 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
     if layout == "torch_dist":
         dtype = _dtype(args)
         # Megatron-LM's model has one KV group where this one holds copies of it (multi-query).
-        model = _single_process_model(replace(model_args, kv_replicas=1), hf_config, dtype,
-                                      padded)
+        model = _single_process_model(hf_config, dtype, padded,
+                                      args=replace(model_args, kv_replicas=1))
         common = os.path.join(iter_dir, COMMON_FILE)
         # Megatron-Core's loader reads common.pt with torch.load's weights_only default; the
         # allow-list checked above applies to that call only.
@@ -715,7 +715,7 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
         # Megatron-LM's one KV group -> this model's identical copies (weight_rules.replicate_kv).
         for name in [n for n in weights if ".linear_qkv." in n]:
             weights[name] = replicate_kv(weights[name], _dims(model_args, padded))
-    model = _single_process_model(model_args, hf_config, dtype, padded)
+    model = _single_process_model(hf_config, dtype, padded)
     params = _parameters(model)
     missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unknown:

@@ -265,12 +265,15 @@ def build_stages(hf_config: dict[str, Any], padded_vocab_size: int, *,
                  params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                  transformer_impl: str = "auto", vp_stages: list[int | None] | None = None,
                  pre_process: bool | None = None, post_process: bool | None = None,
-                 core_attention: type | None = None, **config_overrides: Any) -> BuiltModel:
+                 core_attention: type | None = None, args: ModelArgs | None = None,
+                 **config_overrides: Any) -> BuiltModel:
     """The model of an HF config at the current parallel layout, checked against it first: one
-    GPTModel per entry of `vp_stages` (default: one, no virtual stage)."""
+    GPTModel per entry of `vp_stages` (default: one, no virtual stage). `args`: the family's
+    ModelArgs of `hf_config` unless given (a Megatron-LM import builds one KV group)."""
     from megatron.core import parallel_state
 
-    args = family_for(hf_config).model_args(hf_config)
+    if args is None:
+        args = family_for(hf_config).model_args(hf_config)
     check_layout(args, padded_vocab_size,
                  parallel_state.get_tensor_model_parallel_world_size(),
                  parallel_state.get_pipeline_model_parallel_world_size(),
