@@ -51,15 +51,20 @@ def _unsharded_name(key: str, prepend: tuple[int, ...], local_name: str) -> str:
     """The name the weight mappings use (the unsharded model's parameter name) for a
     ShardedTensor. Megatron-Core keys the layers and experts of a block by prepended axes
     ('decoder.layers.mlp.experts.experts.linear_fc1.weight' at offsets (layer, expert)); the
-    local parameter name holds the same indices, local ones, in the same order."""
-    if not prepend:
+    local parameter name holds the same indices, local ones, in the same order. Where the
+    layers differ (dense and MoE layers mixed), only the experts are stacked and the key spells
+    the layer's global number: the name's leading indices are then the key's own (and the key
+    may spell a norm by the fused name the local spec maps it to). A key with no index is the
+    name itself (a tied output layer on the last stage is keyed as the embedding it copies)."""
+    in_key = tuple(int(i) for i in _INDEX.findall(key))
+    if not prepend and not in_key:
         return key
     indices = _INDEX.findall(local_name)
-    if len(indices) != len(prepend):
+    if len(indices) != len(in_key) + len(prepend):
         raise engine.ConversionError(
-            f"{local_name}: {len(indices)} indices in the name, {len(prepend)} stacked axes in "
-            f"its checkpoint key {key}")
-    numbers = iter(prepend)
+            f"{local_name}: {len(indices)} indices in the name, {len(in_key)} in its checkpoint "
+            f"key {key} and {len(prepend)} stacked axes")
+    numbers = iter(in_key + prepend)
     return _INDEX.sub(lambda _: str(next(numbers)), local_name)
 
 
@@ -147,6 +152,19 @@ def _fill_rows(b: Binding, shards: list[Shard], origins: list[tuple[int | None, 
         del tensor  # before the next one is read
 
 
+def refuse_kept_tensors(family, hf_config: dict[str, Any], names: list[str], hf_dir: str
+                        ) -> None:
+    """A live model has no place for tensors that conversion keeps byte for byte beside the
+    checkpoint (DeepSeek-V3's multi-token-prediction layer): refuse rather than drop them."""
+    kept = [n for n in names if family.hf_kept is not None and family.hf_kept(hf_config, n)]
+    if kept:
+        raise ValueError(
+            f"{hf_dir}: {len(kept)} tensors ({', '.join(kept[:3])}, ...) belong to a layer the "
+            "Megatron-Core model does not build (multi-token prediction); a live model cannot "
+            "hold them. Convert with `megatron-patch convert hf-to-megatron`, which keeps them "
+            "beside the checkpoint and restores them on export")
+
+
 def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf_dir: str,
                     padded_vocab_size: int) -> None:
     """Fill this rank's model chunks with the HF weights in `hf_dir`, file by file. Collective:
@@ -157,6 +175,7 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     reader = hf_io.HFCheckpointReader(hf_dir)
     try:
+        refuse_kept_tensors(family, hf_config, reader.names(), hf_dir)
         check_hf_source(reader, hf_config, bindings, family.hf_ignore)
         shards, schema = model_shards(chunks)
         engine.check_names(bindings, source=reader.names(), target=schema,
