@@ -101,3 +101,20 @@ def run_command(cmd: list[str], *, timeout: float = 600, env: dict | None = None
         raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-2000:]}"
                              f"\n{err[-2000:]}")
     return result
+
+
+def differing_tensors(a_dir: str, b_dir: str) -> list[str]:
+    """Names of tensors that differ (dtype, shape or any bit) between two HF directories."""
+    import torch
+
+    from megatron_patch.convert.hf_io import HFCheckpointReader
+
+    a, b = HFCheckpointReader(a_dir), HFCheckpointReader(b_dir)
+    problems = sorted(set(a.names()) ^ set(b.names()))
+    for name in sorted(set(a.names()) & set(b.names())):
+        x, y = a.read(name), b.read(name)
+        same_bits = x.dtype == y.dtype and x.shape == y.shape and torch.equal(
+            x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+        if not same_bits:
+            problems.append(name)
+    return problems

@@ -7,30 +7,13 @@ import pytest
 from test_llama_parity import _parity
 
 
-def _compare_safetensors_dirs(a_dir: str, b_dir: str) -> list[str]:
-    """Names of tensors that differ (dtype, shape or any bit) between two HF directories."""
-    import torch
-
-    from megatron_patch.convert.hf_io import HFCheckpointReader
-
-    a, b = HFCheckpointReader(a_dir), HFCheckpointReader(b_dir)
-    problems = sorted(set(a.names()) ^ set(b.names()))
-    for name in sorted(set(a.names()) & set(b.names())):
-        x, y = a.read(name), b.read(name)
-        same_bits = x.dtype == y.dtype and x.shape == y.shape and torch.equal(
-            x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
-        if not same_bits:
-            problems.append(name)
-    return problems
-
-
 def _export_and_compare(pairs: list[tuple[str, str, str]]) -> dict[str, list[str]]:
     from megatron_patch.convert.hf_megatron import megatron_to_hf
 
     report = {}
     for ckpt, original, out in pairs:
         megatron_to_hf(ckpt, out)
-        report[ckpt] = _compare_safetensors_dirs(original, out)
+        report[ckpt] = harness.differing_tensors(original, out)
     return report
 
 
@@ -84,7 +67,7 @@ def _formats(root: str) -> dict:
         hf_to_megatron(src, os.path.join(root, f"{name}_mcore"))
         megatron_to_hf(os.path.join(root, f"{name}_mcore"), os.path.join(root, f"{name}_out"),
                        max_shard_size="250KB")
-        out[name] = _compare_safetensors_dirs(base, os.path.join(root, f"{name}_out"))
+        out[name] = harness.differing_tensors(base, os.path.join(root, f"{name}_out"))
 
     sharded_out = os.path.join(root, "sharded_out")
     with open(os.path.join(sharded_out, "model.safetensors.index.json")) as f:
@@ -99,7 +82,7 @@ def _formats(root: str) -> dict:
         tiny.make_hf_model(src, "llama1_tied", dtype=dtype)
         hf_to_megatron(src, os.path.join(root, f"{dtype}_mcore"))
         megatron_to_hf(os.path.join(root, f"{dtype}_mcore"), os.path.join(root, f"{dtype}_out"))
-        out[dtype] = _compare_safetensors_dirs(src, os.path.join(root, f"{dtype}_out"))
+        out[dtype] = harness.differing_tensors(src, os.path.join(root, f"{dtype}_out"))
     return out
 
 
@@ -262,7 +245,7 @@ def _export_in_place(root: str, original: str, converted: str) -> dict:
     # The export takes the mapped path: Megatron-Core's loader is never called.
     with mock.patch.object(checkpoint, "load_model", side_effect=AssertionError("fell back")):
         megatron_to_hf(converted, os.path.join(root, "hf_out"))
-    out["diff"] = _compare_safetensors_dirs(original, os.path.join(root, "hf_out"))
+    out["diff"] = harness.differing_tensors(original, os.path.join(root, "hf_out"))
 
     # A record that is not one plain tensor is refused, not misread.
     for case, value in {"dict": {"not": "a tensor"},
@@ -391,8 +374,8 @@ def _through_files(root: str, original: str) -> dict:
         megatron_to_hf(os.path.join(root, "mcore_memory"), os.path.join(root, "hf_memory"))
     out["weight_bytes"] = sum(end - start for start, end in safetensors_offsets(
         os.path.join(original, "model.safetensors")).values())
-    out["diff"] = _compare_safetensors_dirs(original, os.path.join(root, "hf_out"))
-    out["diff_memory"] = _compare_safetensors_dirs(original, os.path.join(root, "hf_memory"))
+    out["diff"] = harness.differing_tensors(original, os.path.join(root, "hf_out"))
+    out["diff_memory"] = harness.differing_tensors(original, os.path.join(root, "hf_memory"))
     release = os.path.join("release", "__0_0.distcp")
     with open(os.path.join(root, "mcore", release), "rb") as a, \
             open(os.path.join(root, "mcore_memory", release), "rb") as b:

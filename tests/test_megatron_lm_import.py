@@ -414,7 +414,6 @@ def _logits_error(hf_dir: str, ref_path: str, vocab: int) -> float:
 def _export_cases(root: str, out: str) -> dict:
     """Each checkpoint exported directly, and imported then exported: logits errors against
     transformers on the original model, and the tensors the two exports disagree on."""
-    from test_conversion import _compare_safetensors_dirs
     from transformers import AutoTokenizer
 
     from megatron_patch.convert import hf_megatron, megatron_lm
@@ -452,7 +451,7 @@ def _export_cases(root: str, out: str) -> dict:
                                           min(vocab, VOCAB)),
             "vocab_size": config["vocab_size"], "expected_vocab_size": vocab,
             "architecture": config["architectures"][0],
-            "differ": _compare_safetensors_dirs(direct, again),
+            "differ": harness.differing_tensors(direct, again),
             "tokenizer": os.path.isfile(os.path.join(direct, "tokenizer.json")),
         }
     return report
@@ -494,14 +493,12 @@ def test_megatron_lm_export_matches_the_original_tensors(fixtures, tmp_path):
     (the merge of TP/PP ranks and the q/k/v and gate/up layouts move whole rows only)."""
 
     def run(root, out):
-        from test_conversion import _compare_safetensors_dirs
-
         from megatron_patch.convert import megatron_lm
 
         base = os.path.join(root, "llama")
         megatron_lm.export_to_hf(os.path.join(base, "legacy_tp2pp2"), out,
                                  hf_config_path=os.path.join(base, "hf"))
-        return _compare_safetensors_dirs(os.path.join(base, "hf"), out)
+        return harness.differing_tensors(os.path.join(base, "hf"), out)
 
     (differ,) = harness.run(run, 1, fixtures, str(tmp_path / "out"))
     assert differ == []

@@ -13,7 +13,6 @@ import os
 import harness
 import pytest
 import zoo
-from test_conversion import _compare_safetensors_dirs
 
 LOGITS_ATOL = 1e-4
 LOSS_ATOL = 1e-5
@@ -103,7 +102,7 @@ def _export_and_compare(jobs: list[tuple[str, str, str, str]]) -> dict[str, list
     report = {}
     for key, ckpt, original, out in jobs:
         megatron_to_hf(ckpt, out)
-        report[key] = _compare_safetensors_dirs(original, out)
+        report[key] = harness.differing_tensors(original, out)
     return report
 
 
