@@ -15,6 +15,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+# fp32 on CPU: megatron and transformers order their reductions differently (fused QKV matmul,
+# vocab-parallel softmax, TP all-reduces), which moves logits by ~1e-6; these leave room for
+# that and nothing more.
+LOGITS_ATOL = 1e-4
+LOSS_ATOL = 1e-5
+
 _CTX = mp.get_context("fork")
 
 
@@ -118,3 +124,38 @@ def differing_tensors(a_dir: str, b_dir: str) -> list[str]:
         if not same_bits:
             problems.append(name)
     return problems
+
+
+def checkpoint_parity(model_dirs: dict[str, str], tp: int, pp: int, sp: bool,
+                      save_root: str | None) -> dict[str, dict]:
+    """In a worker: each converted model (model_dirs: name -> directory with mcore/ and
+    reference.pt) at this layout against transformers' logits and loss; saved again under
+    save_root if given."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_patch import checkpoint, parallel
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(tp, pp)
+    report = {}
+    for variant, root in model_dirs.items():
+        ref = torch.load(os.path.join(root, "reference.pt"))
+        model, meta = from_checkpoint(os.path.join(root, "mcore"), sequence_parallel=sp)
+        model.eval()
+        out = forward_logits([model], ref["tokens"], meta.vocab_size)
+        if save_root is not None:
+            target = os.path.join(save_root, variant)
+            checkpoint.save(target, 7, checkpoint.model_state(model))
+        if out is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+            continue
+        delta = (out["logits"] - ref["logits"]).abs()
+        report[variant] = {
+            "max_abs": delta.max().item(),
+            "mean_abs": delta.mean().item(),
+            "argmax_agree": (out["logits"].argmax(-1) == ref["logits"].argmax(-1))
+            .float().mean().item(),
+            "loss_diff": abs(out["loss"] - ref["loss"]),
+        }
+    return report

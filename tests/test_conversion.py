@@ -4,7 +4,6 @@ import os
 
 import harness
 import pytest
-from test_llama_parity import _parity
 
 
 def _export_and_compare(pairs: list[tuple[str, str, str]]) -> dict[str, list[str]]:
@@ -22,7 +21,7 @@ def test_round_trip_through_a_tp2_pp2_load_is_bit_exact(llama_models, tmp_path):
     from megatron_patch import checkpoint
 
     resaved = str(tmp_path / "resaved")
-    harness.run(_parity, 4, llama_models, 2, 2, True, resaved)
+    harness.run(harness.checkpoint_parity, 4, llama_models, 2, 2, True, resaved)
     pairs = []
     for variant, root in llama_models.items():
         target = os.path.join(resaved, variant)

@@ -22,7 +22,6 @@ import shutil
 
 import harness
 import pytest
-from test_llama_parity import LOGITS_ATOL, LOSS_ATOL, _parity
 
 TP_PP = [(1, 1), (2, 2)]
 BATCH, SEQ, VOCAB, PADDED = 2, 16, 1000, 1024
@@ -478,14 +477,16 @@ def test_megatron_lm_checkpoints_export_like_the_original(fixtures, tmp_path):
     assert report["gpt/legacy_tp2pp2"]["tokenizer"]
 
     # The imported checkpoints load as any other, here at TP=2 PP=2 with sequence parallelism
-    # (test_llama_parity's check: logits within 1e-4, loss within 1e-5 of transformers').
+    # (the parity tests' check: harness.LOGITS_ATOL on logits, LOSS_ATOL on the loss).
     parity = {case: os.path.join(tmp_path, "parity", case.replace("/", "_"))
               for case, r in report.items() if r["vocab_size"] == VOCAB}
     assert len(parity) == 5, parity
-    merged = {k: v for r in harness.run(_parity, 4, parity, 2, 2, True, None) for k, v in r.items()}
+    reports = harness.run(harness.checkpoint_parity, 4, parity, 2, 2, True, None)
+    merged = {k: v for r in reports for k, v in r.items()}
     assert set(merged) == set(parity), merged
     for case, r in merged.items():
-        assert r["max_abs"] <= LOGITS_ATOL and r["loss_diff"] <= LOSS_ATOL, (case, r)
+        assert r["max_abs"] <= harness.LOGITS_ATOL, (case, r)
+        assert r["loss_diff"] <= harness.LOSS_ATOL, (case, r)
 
 
 def test_megatron_lm_export_matches_the_original_tensors(fixtures, tmp_path):

@@ -14,8 +14,6 @@ import harness
 import pytest
 import zoo
 
-LOGITS_ATOL = 1e-4
-LOSS_ATOL = 1e-5
 BATCH, SEQ, TOKENS_SEED = 2, 32, 1234
 
 CASES = {c.name: c for c in zoo.all_cases()}
@@ -90,7 +88,8 @@ def test_logits_match_the_oracle(zoo_models, resaved, tmp_path, layout):
     merged = {k: v for r in reports for k, v in r.items()}
     assert set(merged) == set(dirs), f"no report for {set(dirs) - set(merged)}"
     bad = {n: r for n, r in merged.items()
-           if r["max_abs"] > LOGITS_ATOL or r["loss_diff"] > LOSS_ATOL or r["argmax_agree"] < 1}
+           if r["max_abs"] > harness.LOGITS_ATOL or r["loss_diff"] > harness.LOSS_ATOL
+           or r["argmax_agree"] < 1}
     assert not bad, bad
     for name in dirs:
         resaved[(layout.id, name)] = os.path.join(save_root, name)
