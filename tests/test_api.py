@@ -94,8 +94,7 @@ def _api_parity(dirs: dict[str, str]) -> dict[str, list[str]]:
             chunks = api.build_model(hf_dir, sequence_parallel=sp)
             family = family_for(api.model_info(chunks).hf_config)
             reader = hf_io.HFCheckpointReader(hf_dir)
-            kept = family.hf_kept is not None and any(
-                family.hf_kept(api.model_info(chunks).hf_config, n) for n in reader.names())
+            kept = family.kept_names(api.model_info(chunks).hf_config, reader.names())
             reader.close()
             if kept:
                 # The MTP layer has no module in the live model: refused, naming the tensors.

@@ -210,7 +210,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
     raw_names = reader.raw_names() if quant is not None else hf_names
-    kept = [n for n in raw_names if family.hf_kept is not None and family.hf_kept(hf_config, n)]
+    kept = family.kept_names(hf_config, raw_names)
     ignore = family.hf_ignore + tuple(re.escape(n) for n in kept)
     check_hf_source(reader, hf_config, bindings, ignore)
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])

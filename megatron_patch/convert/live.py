@@ -156,7 +156,7 @@ def refuse_kept_tensors(family, hf_config: dict[str, Any], names: list[str], hf_
                         ) -> None:
     """A live model has no place for tensors that conversion keeps byte for byte beside the
     checkpoint (DeepSeek-V3's multi-token-prediction layer): refuse rather than drop them."""
-    kept = [n for n in names if family.hf_kept is not None and family.hf_kept(hf_config, n)]
+    kept = family.kept_names(hf_config, names)
     if kept:
         raise ValueError(
             f"{hf_dir}: {len(kept)} tensors ({', '.join(kept[:3])}, ...) belong to a layer the "

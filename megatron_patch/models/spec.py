@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -147,6 +147,12 @@ class FamilySpec:
     hf_kept: Callable[[dict[str, Any], str], bool] | None = None
     # Checks `requires` cannot state (several keys, absent keys): raises ValueError naming them.
     validate: Callable[[dict[str, Any]], None] | None = None
+
+    def kept_names(self, hf_config: dict[str, Any], names: Iterable[str]) -> list[str]:
+        """The HF tensors among `names` that conversion keeps byte for byte (`hf_kept`)."""
+        if self.hf_kept is None:
+            return []
+        return [n for n in names if self.hf_kept(hf_config, n)]
 
     def model_args(self, hf_config: dict[str, Any]) -> ModelArgs:
         if self.validate is not None:
