@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 MODES = {
     "pretrain": "megatron_patch.training.modes:PretrainMode",
     "finetune": "megatron_patch.training.modes:FinetuneMode",
+    "dpo": "megatron_patch.rlhf.dpo:DPOMode",
 }
 
 
@@ -61,6 +62,10 @@ class TrainingMode:
     # Every metric `loss` reports, the loss first (all ranks must know them: under pipeline
     # parallelism only the last stage computes them).
     metric_names: ClassVar[tuple[str, ...]] = ("lm loss",)
+    # Sequences one sample puts through the model (a preference pair puts two, chosen and
+    # rejected, in one forward): the schedule's micro-batch of sequences is this many times
+    # --micro-batch-size.
+    sequences_per_sample: ClassVar[int] = 1
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
