@@ -131,3 +131,11 @@ def load_reward_model(ckpt_dir: str, *, flag: str = "--reward-model",
     model, _ = from_checkpoint(ckpt_dir, sequence_parallel=sequence_parallel)
     model.eval()
     return model, pad_token_id(hf_config)
+
+
+def pair_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward's tokens [2n, s] (the n chosen sequences, then the n rejected) and their
+    lengths [2n], from a micro-batch of preference items (data/preference.py)."""
+    tokens = torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]])
+    lengths = torch.cat([batch["chosen_length"], batch["rejected_length"]])
+    return tokens, lengths
