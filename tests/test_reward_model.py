@@ -227,3 +227,47 @@ def test_hf_classifier_with_several_labels_is_refused(tmp_path):
     config = {"architectures": ["Qwen2ForSequenceClassification"], "model_type": "llama"}
     with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
         family_for(config)
+
+
+def _cli_error(argv: list[str]) -> tuple[int, str]:
+    """In a worker: a megatron-patch command line's exit code and stderr."""
+    import contextlib
+    import io
+
+    from megatron_patch import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = cli.main(argv)
+    return rc, err.getvalue()
+
+
+def _load_reward_error(ckpt: str) -> str:
+    from megatron_patch import parallel
+    from megatron_patch.rlhf.reward import load_reward_model
+
+    parallel.initialize(1, 1)
+    try:
+        load_reward_model(ckpt)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_checkpoint_of_the_wrong_kind_is_refused_naming_flag_and_directory(rm_models,
+                                                                            llama_models,
+                                                                            tmp_path):
+    root, _ = rm_models
+    rm = os.path.join(root, "llama", "mcore")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    rc, err = harness.run(_cli_error, 1, ["generate", "--load", rm, "--input-file", str(prompts),
+                                          "--output-file", str(tmp_path / "out.jsonl")])[0]
+    (line,) = [x for x in err.splitlines() if ": error:" in x]
+    assert rc != 0 and "Traceback" not in err
+    assert f"--load {rm}: a reward model (LlamaForSequenceClassification)" in line, line
+    assert not (tmp_path / "out.jsonl").exists()
+    lm = os.path.join(llama_models["llama2"], "mcore")
+    (message,) = harness.run(_load_reward_error, 1, lm)
+    assert message.startswith(f"--reward-model {lm}: a language model (LlamaForCausalLM), "
+                              "not a reward model"), message
