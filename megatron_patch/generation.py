@@ -240,7 +240,7 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.models import from_checkpoint, load_hf_config
+    from megatron_patch.models import from_checkpoint, load_hf_config, params_dtype_from_flags
     from megatron_patch.models.score_head import check_kind
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
@@ -250,8 +250,7 @@ def run(args) -> int:
     check_kind(load_hf_config(os.path.join(args.load, checkpoint.HF_DIR)), reward=False,
                source=args.load, flag="--load")
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    model, meta = from_checkpoint(args.load, params_dtype=dtype)
+    model, meta = from_checkpoint(args.load, params_dtype=params_dtype_from_flags(args))
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))
     params = sampling_params(args)
