@@ -18,12 +18,17 @@ pairs with r_chosen > r_rejected; ties count as wrong) and the mean margin r_cho
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from typing import Any
 
 import torch
 
-from megatron_patch.models.score_head import check_kind
+from megatron_patch import parallel
+from megatron_patch.checkpoint import CheckpointMeta
+from megatron_patch.models.score_head import check_kind, is_reward_config, reward_hf_config
+from megatron_patch.training.modes import RecordsMode
 
 LOSS_NAME = "rm loss"
 
@@ -139,3 +144,63 @@ def pair_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     tokens = torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]])
     lengths = torch.cat([batch["chosen_length"], batch["rejected_length"]])
     return tokens, lengths
+
+
+class RewardMode(RecordsMode):
+    """`--train-mode rm`: a reward model trained on preference pairs (data/preference.py) with
+    the Bradley-Terry loss. From a language model (--load of an SFT or converted checkpoint)
+    the model becomes its *ForSequenceClassification: the LM head is dropped and a score head
+    created (models/score_head.py); from a reward model, training continues it."""
+
+    name = "rm"
+    loss_name = LOSS_NAME
+    metric_names = (LOSS_NAME, "accuracy", "margin")
+    sequences_per_sample = 2  # chosen and rejected, one forward
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        super().check_args(args)
+        if args.pack_sequences:
+            raise ValueError("--pack-sequences: a reward model scores whole sequences, one per "
+                             "row (pairs are padded, not packed)")
+
+    def describe_model(self, hf_config: dict[str, Any], meta: CheckpointMeta) -> tuple[
+            dict[str, Any], CheckpointMeta]:
+        self.new_head = not is_reward_config(hf_config)
+        if self.new_head:
+            from transformers import AutoTokenizer
+
+            t = self.trainer
+            tok = AutoTokenizer.from_pretrained(t.args.tokenizer_model or t.hf_source)
+            # The id the data is padded with (data/preference.py), which transformers will
+            # then pool by.
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            hf_config = reward_hf_config(hf_config, pad)
+            meta = dataclasses.replace(meta, architecture=hf_config["architectures"][0])
+        self.pad_token_id = pad_token_id(hf_config)
+        return hf_config, meta
+
+    def unloaded_weights(self) -> tuple[str, ...]:
+        return ("output_layer.",) if self.new_head else ()
+
+    def build_dataset(self, path: str) -> Any:
+        from megatron_patch.data.preference import build_preference_dataset
+
+        a = self.trainer.args
+        dataset, summary = build_preference_dataset(
+            path, self.trainer.tokenizer(), a.seq_length, skip_long=a.skip_long_samples,
+            skip_bad=a.skip_bad_lines, seed=a.seed)
+        parallel.print_rank0(summary.line(path))
+        return dataset
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens, _ = pair_batch(batch)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return model(tokens, positions, None)
+
+    def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        tokens, lengths = pair_batch(batch)
+        scores = pooled_scores(output, score_positions(tokens, self.pad_token_id, lengths))
+        pairs = batch["chosen_tokens"].shape[0]
+        return bradley_terry(scores[:pairs], scores[pairs:], batch["margin"])

@@ -95,6 +95,7 @@ class Trainer:
                                     args.make_vocab_size_divisible_by * self.tp)
             self.meta = checkpoint.CheckpointMeta(self.hf_config["architectures"][0], vocab,
                                                   padded, "float32")
+        self.hf_config, self.meta = self.mode.describe_model(self.hf_config, self.meta)
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         if args.load and (conflicts := checkpointing.architecture_conflicts(args,
                                                                             self.model_args)):
@@ -227,7 +228,8 @@ class Trainer:
         return get_forward_backward_func()(
             forward_step_func=forward_step or self.forward_step, data_iterator=batches,
             model=[model or self.model], num_microbatches=self.num_microbatches,
-            seq_length=self.args.seq_length, micro_batch_size=self.args.micro_batch_size,
+            seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size * self.mode.sequences_per_sample,
             forward_only=forward_only,
         )
 
