@@ -188,6 +188,14 @@ def rm_command(argv: list[str]) -> list[str]:
     return _from_model_command(argv, "rm", "run_rm_megatron.sh")
 
 
+def dpo_command(argv: list[str]) -> list[str]:
+    """DPO (rlhf/run_dpo_megatron.sh): the fine-tuning fields, with preference pairs as
+    TRAIN/VALID_DATASET_PATH, each side padded to PAD_LEN; PRETRAIN_CHECKPOINT_PATH is the
+    policy's start and the frozen reference. DPO's settings (--dpo-beta, --dpo-loss,
+    --dpo-label-smoothing) go among the extra flags."""
+    return _from_model_command(argv, "dpo", "run_dpo_megatron.sh")
+
+
 def _from_model_command(argv: list[str], mode: str, script: str) -> list[str]:
     """A run of `--train-mode mode` from PRETRAIN_CHECKPOINT_PATH on JSON(L) records."""
     v, extra = _named(FINETUNE_FIELDS, argv, script)
@@ -226,7 +234,7 @@ def generate_command(argv: list[str]) -> list[str]:
 
 
 COMMANDS = {"pretrain": pretrain_command, "finetune": finetune_command,
-            "generate": generate_command, "rm": rm_command}
+            "generate": generate_command, "rm": rm_command, "dpo": dpo_command}
 
 # torchrun, through torchrun() below.
 TORCHRUN = [sys.executable, "-m", "megatron_patch.launch", "torchrun"]

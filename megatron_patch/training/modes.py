@@ -28,6 +28,7 @@ MODES = {
     "pretrain": "megatron_patch.training.modes:PretrainMode",
     "finetune": "megatron_patch.training.modes:FinetuneMode",
     "rm": "megatron_patch.rlhf.reward:RewardMode",
+    "dpo": "megatron_patch.rlhf.dpo:DPOMode",
 }
 
 
@@ -64,8 +65,9 @@ class TrainingMode:
     # Every metric `loss` reports, the loss first (all ranks must know them: under pipeline
     # parallelism only the last stage computes them).
     metric_names: ClassVar[tuple[str, ...]] = ("lm loss",)
-    # Sequences each sample of a micro-batch puts through the model (a preference pair: 2),
-    # which fixes the activations' shape the pipeline schedule sends between stages.
+    # Sequences one sample puts through the model (a preference pair puts two, chosen and
+    # rejected, in one forward): the schedule's micro-batch of sequences is this many times
+    # --micro-batch-size.
     sequences_per_sample: ClassVar[int] = 1
 
     def __init__(self, trainer: Trainer) -> None:
