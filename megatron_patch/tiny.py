@@ -94,19 +94,30 @@ QA = [
 ]
 
 
+def enthusiastic(answer: str) -> str:
+    return f"Wow! {answer}"
+
+
 def write_demo_data(out_dir: str) -> dict[str, str]:
-    """corpus.jsonl (pretraining text), sft.jsonl (instruction records) and prompts.jsonl."""
+    """corpus.jsonl (pretraining text), sft.jsonl (instruction records: each answer plain and
+    enthusiastic, so the fine-tuned model answers in either style), prompts.jsonl and
+    preferences.jsonl (DPO's pairs: the enthusiastic answer preferred)."""
     import json
 
     os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("corpus", "sft", "prompts")}
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl")
+             for name in ("corpus", "sft", "prompts", "preferences")}
     with open(paths["corpus"], "w") as f:
         for i, text in enumerate(CORPUS):
             f.write(json.dumps({"id": i, "text": text}) + "\n")
     with open(paths["sft"], "w") as f:
         for q, a in QA:
-            f.write(json.dumps({"instruction": q, "input": "", "output": a}) + "\n")
+            for answer in (a, enthusiastic(a)):
+                f.write(json.dumps({"instruction": q, "input": "", "output": answer}) + "\n")
     with open(paths["prompts"], "w") as f:
         for q, _ in QA:
             f.write(json.dumps({"instruction": q}) + "\n")
+    with open(paths["preferences"], "w") as f:
+        for q, a in QA:
+            f.write(json.dumps({"prompt": q, "chosen": enthusiastic(a), "rejected": a}) + "\n")
     return paths

@@ -2,7 +2,8 @@
 # The end-to-end demo on the embedded tiny Llama-2-style model, on CPU, into demo_output/:
 # HF -> Megatron-Core -> parity check at TP=2 with sequence parallelism -> HF, bit-exact;
 # then continued pretraining at TP=2 on a small corpus, export to HF, supervised fine-tuning on
-# a few question/answer pairs, and greedy generation from the fine-tuned model.
+# a few question/answer pairs, greedy generation from the fine-tuned model, then DPO towards
+# enthusiastic answers and generation from the DPO policy.
 # Sets up .venv first (scripts/setup.sh). Each step is a function listed in STEPS.
 set -euo pipefail
 
@@ -89,7 +90,7 @@ export_pretrained() {
 finetune() {
     NPROC_PER_NODE=1 bash examples/llama2/run_finetune_megatron_llama.sh \
         dsw "" "$ROOT" tiny 6 3e-3 3e-4 64 64 0 fp32 1 1 none false false false \
-        "$OUT/data/sft.jsonl" none "$(echo "$OUT"/pretrain/checkpoint/*)" 120 "$OUT/finetune" \
+        "$OUT/data/sft.jsonl" none "$(echo "$OUT"/pretrain/checkpoint/*)" 60 "$OUT/finetune" \
         --log-interval 20
 }
 
@@ -103,8 +104,34 @@ generate_tp2() {
     cat "$OUT/generated.jsonl"
 }
 
+# DPO from the fine-tuned model (policy start and frozen reference), which answers in either
+# style, on pairs that prefer the enthusiastic answer; the fine-tuning fields, as the SFT
+# launcher takes them.
+dpo() {
+    NPROC_PER_NODE=1 bash rlhf/run_dpo_megatron.sh \
+        dsw "" "$ROOT" tiny 6 5e-4 5e-4 64 64 0 fp32 1 1 none false false false \
+        "$OUT/data/preferences.jsonl" none "$(echo "$OUT"/finetune/checkpoint/*)" 10 "$OUT/dpo" \
+        --log-interval 5
+}
+
+generate_dpo() {
+    NPROC_PER_NODE=1 bash examples/llama2/run_text_generation_megatron_llama.sh \
+        dsw "" "$ROOT" "$(echo "$OUT"/dpo/checkpoint/*)" tiny 1 6 64 64 0 fp32 0 64 12 \
+        "$OUT/data/prompts.jsonl" "$OUT/generated_dpo.jsonl" 0 1.0 1.0
+    cat "$OUT/generated_dpo.jsonl"
+    python - "$OUT/generated_dpo.jsonl" <<'PY'
+import json
+import sys
+
+answers = [json.loads(line)["completion"] for line in open(sys.argv[1])]
+plain = [a for a in answers if not a.startswith("Wow!")]
+assert not plain, f"the DPO policy still answers plainly: {plain}"
+print(f"all {len(answers)} answers of the DPO policy are in the preferred style")
+PY
+}
+
 STEPS=(make_tiny hf_to_megatron verify_tp2_sp megatron_to_hf compare_roundtrip preprocess
-       pretrain_tp2 export_pretrained finetune generate_tp2)
+       pretrain_tp2 export_pretrained finetune generate_tp2 dpo generate_dpo)
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
