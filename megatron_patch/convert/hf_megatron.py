@@ -241,7 +241,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
         # Parameters saved whole take their rows from the input files as they are written.
         whole = {n for n, pieces in parts.items()
                  if len(pieces) == 1 and _is_whole(pieces[0].data, params[n])}
-        gather = fast_path.gather_from_files(reader.regions, dtype, whole)
+        gather = fast_path.gather_from_files(reader.regions, dtype, "hf->megatron", whole)
         for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes,
                                                   gather):
             _fill_parts(parts[name], params[name], tensor.to(dtype))
@@ -368,7 +368,7 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
     it is, or a block of rows of one, is never copied, and one whose rows move (q, k and v
     out of the fused qkv) is gathered from the file as it is written (`regions`)."""
     size = dtype.itemsize
-    gather = fast_path.gather_from_files(regions, torch.uint8)
+    gather = fast_path.gather_from_files(regions, torch.uint8, "megatron->hf")
     byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
     for b in bindings:
         param, pieces = params[b.megatron], mapped[b.megatron]
