@@ -374,6 +374,7 @@ def test_placeholders_refuse_to_be_read(tmp_path):
             "format": lambda t: f"{t}", "sum": torch.sum, "equal": lambda t: torch.equal(t, t),
             "clone": lambda t: t.clone(), "to another dtype": lambda t: t.to(torch.float64),
             "copy into": lambda t: t.copy_(expected), "numpy": lambda t: t.numpy(),
+            "concatenate": lambda t: torch.cat([t, t]),
         }
         for what, read in reads.items():
             with pytest.raises(file_regions.PlaceholderReadError, match="tensor fused.weight"):

@@ -96,11 +96,12 @@ class Placeholder(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         what = getattr(func, "__name__", str(func))
-        source = next(a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Placeholder))
-        if what not in _PLACEHOLDER_METADATA and what not in _PLACEHOLDER_VIEWS:
+        source = _first_placeholder((*args, *(kwargs or {}).values()))
+        is_view = what in _PLACEHOLDER_VIEWS and bool(args) and isinstance(args[0], Placeholder)
+        if what not in _PLACEHOLDER_METADATA and not is_view:
             raise PlaceholderReadError(cls._refusal(source, what))
         result = super().__torch_function__(func, types, args, kwargs or {})
-        if what in _PLACEHOLDER_VIEWS:
+        if is_view:
             storage = source.as_subclass(torch.Tensor).untyped_storage().data_ptr()
             outputs = result if isinstance(result, (tuple, list)) else (result,)
             for out in outputs:
@@ -110,8 +111,9 @@ class Placeholder(torch.Tensor):
         return result
 
     @staticmethod
-    def _refusal(source: Placeholder, what: str) -> str:
-        return (f"{source.name} is a conversion placeholder (memory never written; its bytes "
+    def _refusal(source: Placeholder | None, what: str) -> str:
+        name = source.name if source is not None else Placeholder.name
+        return (f"{name} is a conversion placeholder (memory never written; its bytes "
                 f"are runs of the input files, written out by file_regions.FileRegions): "
                 f"{what} would read its values")
 
@@ -277,6 +279,18 @@ class FileRegions:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _first_placeholder(values: tuple) -> Placeholder | None:
+    """The first Placeholder among an op's arguments, or in a list of them (torch.cat's)."""
+    for value in values:
+        if isinstance(value, Placeholder):
+            return value
+        if isinstance(value, (list, tuple)):
+            found = _first_placeholder(tuple(value))
+            if found is not None:
+                return found
+    return None
 
 
 def _write_all(fd: int, view: memoryview) -> None:
