@@ -29,7 +29,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from test_zoo import CASES, _prepare
+    from zoo import CASES, prepare
 
     from megatron_patch import cpu_mode, parallel
     from megatron_patch.forward import forward_logits
@@ -39,7 +39,7 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     names = [n for n in CASES if args.k in n]
     root = tempfile.mkdtemp(prefix="gpu_zoo_")
-    _prepare(root, names)
+    prepare(root, names)
     parallel.initialize(1, 1)
     device = cpu_mode.device()
     failures = []

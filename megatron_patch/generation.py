@@ -103,8 +103,47 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
 
     prompt_indices: each prompt's index in the run (default 0, 1, ...), which seeds its sampling
     generator (`sample_seed`); pass the same index for a prompt whatever batch it is in."""
-    from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
+
+    indices = _checked_indices(prompts, prompt_indices)
+    model.eval()
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    device = next(model.parameters()).device
+    tokens, positions, padded_keys, seen = _buffers(prompts, total, pad_token_id, device)
+    context = StaticInferenceContext(batch, total)
+    generators = [torch.Generator(device=device).manual_seed(sample_seed(seed, i))
+                  for i in indices]
+    eos = torch.tensor(eos_token_ids, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = 0
+    # inference_mode rather than no_grad: less per-op bookkeeping in the decode loop.
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            length = longest + step
+            query = longest if step == 0 else 1
+            if step > 0:
+                context.enable_decode_mode()
+            logits = model(tokens[:, length - query:length], positions[:, length - query:length],
+                           _step_mask(padded_keys, length, step == 0),
+                           inference_context=context, runtime_gather_output=True)
+            context.sequence_len_offset += query
+            full = logits[:, -1, :vocab_size]
+            chosen = next_tokens(full, seen[:, :length], params, generators)
+            chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
+            tokens[:, length] = chosen
+            seen[:, length] = chosen
+            steps += 1
+            done = done | torch.isin(chosen, eos)
+            if bool(done.all()):
+                break
+    return _cut_after_eos(tokens[:, longest:longest + steps].tolist(), eos_token_ids)
+
+
+def _checked_indices(prompts: list[list[int]],
+                     prompt_indices: Sequence[int] | None) -> list[int]:
+    """Each prompt's index in the run; ValueError for what generation cannot do."""
+    from megatron.core import parallel_state
 
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
@@ -113,12 +152,15 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
     indices = list(range(len(prompts)) if prompt_indices is None else prompt_indices)
     if len(indices) != len(prompts):
         raise ValueError(f"{len(indices)} prompt_indices for {len(prompts)} prompts")
-    model.eval()
+    return indices
+
+
+def _buffers(prompts: list[list[int]], total: int, pad_token_id: int,
+             device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(tokens, positions, padded keys, seen) for the whole run, prompts left-padded. Every
+    buffer is allocated once; each step reads views of it, so the decode loop builds no masks,
+    positions or concatenations."""
     batch, longest = len(prompts), max(len(p) for p in prompts)
-    total = longest + max_new_tokens
-    device = next(model.parameters()).device
-    # Every buffer is allocated once for the whole run; each step reads views of it, so the
-    # decode loop builds no masks, positions or concatenations.
     tokens = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
     real = torch.ones((batch, total), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
@@ -133,44 +175,25 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
     # first prompt token, which the penalty counts anyway (a repeated id is penalised once).
     first = torch.tensor([p[0] for p in prompts], device=device)
     seen = torch.where(real, tokens, first[:, None])
+    return tokens, positions, padded_keys, seen
 
-    context = StaticInferenceContext(batch, total)
-    generators = [torch.Generator(device=device).manual_seed(sample_seed(seed, i))
-                  for i in indices]
-    eos = torch.tensor(eos_token_ids, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps = 0
-    # inference_mode rather than no_grad: less per-op bookkeeping in the decode loop.
-    with torch.inference_mode():
-        for step in range(max_new_tokens):
-            length = longest + step
-            if step == 0:
-                query = longest
-                # Prefill: padded keys and keys after the query. A padding position still sees
-                # itself: a row with every key masked is NaN in some attention kernels, and a
-                # NaN value poisons real rows even where their weight on it is zero.
-                mask = (padded_keys[..., :length] | torch.ones(
-                    length, length, dtype=torch.bool, device=device).triu(1)) & ~torch.eye(
-                        length, dtype=torch.bool, device=device)
-            else:
-                query = 1
-                context.enable_decode_mode()
-                mask = padded_keys[..., :length]
-            logits = model(tokens[:, length - query:length], positions[:, length - query:length],
-                           mask, inference_context=context, runtime_gather_output=True)
-            context.sequence_len_offset += query
-            full = logits[:, -1, :vocab_size]
-            chosen = next_tokens(full, seen[:, :length], params, generators)
-            chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
-            tokens[:, length] = chosen
-            seen[:, length] = chosen
-            steps += 1
-            done = done | torch.isin(chosen, eos)
-            if bool(done.all()):
-                break
-    out = tokens[:, longest:longest + steps].tolist()
+
+def _step_mask(padded_keys: torch.Tensor, length: int, prefill: bool) -> torch.Tensor:
+    """The attention mask (True = masked) of a step over the first `length` positions."""
+    if not prefill:
+        return padded_keys[..., :length]
+    # Prefill: padded keys and keys after the query. A padding position still sees itself: a
+    # row with every key masked is NaN in some attention kernels, and a NaN value poisons real
+    # rows even where their weight on it is zero.
+    device = padded_keys.device
+    return (padded_keys[..., :length] | torch.ones(
+        length, length, dtype=torch.bool, device=device).triu(1)) & ~torch.eye(
+            length, dtype=torch.bool, device=device)
+
+
+def _cut_after_eos(rows: list[list[int]], eos_token_ids: list[int]) -> list[list[int]]:
     results = []
-    for row in out:
+    for row in rows:
         kept = []
         for t in row:
             kept.append(t)

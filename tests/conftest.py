@@ -58,8 +58,8 @@ def llama_models(tmp_path_factory) -> dict[str, str]:
 def zoo_models(tmp_path_factory) -> dict[str, str]:
     """Every zoo case (tests/zoo/) -> directory holding hf/ (its original format), mcore/ (its
     conversion) and reference.pt (the oracle's logits). Shared by the zoo and API tests."""
-    from test_zoo import CASES, _prepare
+    import zoo
 
     root = str(tmp_path_factory.mktemp("zoo"))
-    harness.run(_prepare, 1, root, list(CASES))
-    return {name: os.path.join(root, name) for name in CASES}
+    harness.run(zoo.prepare, 1, root, list(zoo.CASES))
+    return {name: os.path.join(root, name) for name in zoo.CASES}

@@ -1,9 +1,15 @@
-"""Run a function on N forked ranks that form a gloo process group.
+"""What the test modules share (they import nothing from each other).
 
-megatron.core is imported once by the test process; forking workers from it costs well under a
-second, where a torchrun launch costs 13-25 s. The parent does no torch computation before
-forking (forked children cannot use a thread pool the parent started), and workers return plain
-Python data.
+`run`: a function on N forked ranks that form a gloo process group. megatron.core is imported
+once by the test process; forking workers from it costs well under a second, where a torchrun
+launch costs 13-25 s. The parent does no torch computation before forking (forked children
+cannot use a thread pool the parent started), and workers return plain Python data.
+
+Also: the numerical tolerances, `run_command`, the bit-for-bit directory comparison
+(`differing_tensors`), the parity worker (`checkpoint_parity`), a short training run's dataset
+and flags (`make_token_dataset`, `training_args`, `train_losses`), SFT records
+(`write_sft_records`) and greedy generation from a model directory (`megatron_greedy`,
+`hf_greedy`).
 """
 
 from __future__ import annotations
@@ -159,3 +165,125 @@ def checkpoint_parity(model_dirs: dict[str, str], tp: int, pp: int, sp: bool,
             "loss_diff": abs(out["loss"] - ref["loss"]),
         }
     return report
+
+
+# Training: a learnable token dataset and the flags of a short run over it (test_training,
+# test_reliability, test_everyday, test_moe, the family and launcher tests).
+SEQ_LENGTH, MICRO_BATCH, GLOBAL_BATCH = 32, 2, 4
+
+
+def make_token_dataset(prefix: str, num_docs: int = 200, vocab: int = 60, seed: int = 0) -> None:
+    """A learnable token dataset: documents repeat a short random motif over a small part of the
+    vocabulary (so even unigram statistics lower the loss quickly)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(num_docs):
+        motif = rng.integers(3, vocab, size=rng.integers(3, 7))
+        doc = np.concatenate([np.tile(motif, 8), [2]]).astype(np.int32)  # 2 = EOS
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(prefix + ".idx")
+
+
+def training_args(load: str, data: str, *, iters: int = 10, tp: int = 1, pp: int = 1,
+                  sp: bool = False, do: bool = False, save: str | None = None,
+                  save_interval: int | None = None, lr: float = 1e-3, extra: tuple = ()):
+    """The parsed flags of a short pretraining run from `load` on the dataset `data`."""
+    from megatron_patch.training.arguments import parse_args
+
+    argv = ["--load", load, "--data-path", data, "--split", "90,10,0",
+            "--seq-length", str(SEQ_LENGTH), "--micro-batch-size", str(MICRO_BATCH),
+            "--global-batch-size", str(GLOBAL_BATCH),
+            "--train-iters", str(iters), "--lr", str(lr), "--min-lr", "1e-5",
+            "--lr-warmup-iters", "2", "--eval-interval", "1000", "--log-interval", "5",
+            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            "--seed", "7", *extra]
+    if sp:
+        argv.append("--sequence-parallel")
+    if do:
+        argv.append("--use-distributed-optimizer")
+    if save:
+        argv += ["--save", save]
+        if save_interval:
+            argv += ["--save-interval", str(save_interval)]
+    return parse_args(argv)
+
+
+def train_losses(*args: Any, **kwargs: Any) -> list[float]:
+    """In a worker: the loss of every step of the run `training_args(*args, **kwargs)`."""
+    from megatron_patch.training.loop import Trainer
+
+    trainer = Trainer(training_args(*args, **kwargs))
+    return [s["loss"] for s in trainer.train()]
+
+
+def stopped_at(save: str, iteration: int) -> None:
+    """Point the tracker at an earlier checkpoint, as if the run had stopped after saving it."""
+    from megatron_patch import checkpoint
+
+    with open(os.path.join(save, checkpoint.TRACKER), "w") as f:
+        f.write(f"{iteration}\n")
+
+
+def write_sft_records(path: str, n: int | None = None) -> None:
+    """The first n (default all) of megatron_patch.tiny's question/answer pairs as Alpaca
+    records, one JSON line each."""
+    import json
+
+    from megatron_patch.tiny import QA
+
+    with open(path, "w") as f:
+        for q, a in QA[:n]:
+            f.write(json.dumps({"instruction": q, "input": "", "output": a}) + "\n")
+
+
+# Greedy generation from a model directory holding hf/ and mcore/ (test_generation, the zoo,
+# MoE and piece-family tests): megatron-patch's against transformers'.
+PROMPTS = [[5, 17, 99], [1, 300, 42, 7, 8, 250, 13], [9] * 12]
+MAX_NEW = 24
+
+
+def megatron_greedy(model_root: str, tp: int, max_new: int = MAX_NEW,
+                    eos: int | None = 2) -> list[list[int]]:
+    """Greedy completions of PROMPTS from model_root/mcore at TP=tp; eos None: never stop."""
+    from megatron_patch import parallel
+
+    parallel.initialize(tp, 1)
+    return greedy_from(model_root, max_new, eos)
+
+
+def greedy_from(model_root: str, max_new: int = MAX_NEW,
+                eos: int | None = 2) -> list[list[int]]:
+    """megatron_greedy in an initialised process group."""
+    from megatron_patch.generation import generate
+    from megatron_patch.models import from_checkpoint
+
+    model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
+    return generate(model, PROMPTS, max_new_tokens=max_new, vocab_size=meta.vocab_size,
+                    eos_token_ids=[-1 if eos is None else eos], pad_token_id=0)
+
+
+def hf_greedy(model_root: str, max_new: int = MAX_NEW, eos: int | None = 2) -> list[list[int]]:
+    """transformers' greedy completions of PROMPTS (batched, left-padded), cut after EOS."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(model_root, "hf"),
+                                                           dtype=torch.float32).eval()
+    longest = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
+    stop = {"eos_token_id": eos} if eos is not None else {"min_new_tokens": max_new}
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                      max_new_tokens=max_new, pad_token_id=0, **stop)
+    results = []
+    for row in out[:, longest:].tolist():
+        kept = []
+        for t in row:
+            kept.append(t)
+            if t == eos:
+                break
+        results.append(kept)
+    return results

@@ -17,7 +17,7 @@ import sys
 import harness
 import pytest
 import zoo
-from test_zoo import CASES
+from zoo import CASES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -345,6 +345,54 @@ def test_file_regions_and_safetensors_writer(tmp_path):
             write_safetensors(str(tmp_path / "bad.safetensors"), {"t": mapped}, None, regions)
 
 
+def test_placeholders_refuse_to_be_read(tmp_path):
+    """The fast path's outputs (rows gathered from the input files, memory never written) are
+    Placeholders: every read of their values fails naming the tensor, while shapes, views and
+    both writers that go through FileRegions (safetensors, torch.save as DCP writes records)
+    still give the gathered bytes."""
+    import torch
+    from safetensors import safe_open
+
+    from megatron_patch.convert import fast_path, file_regions
+    from megatron_patch.convert.hf_io import write_safetensors
+    from megatron_patch.models.weight_rules import Binding, Concat
+
+    src = tmp_path / "src.bin"
+    rows = torch.randn(6, 4)
+    src.write_bytes(rows.numpy().tobytes())
+    mapped = torch.frombuffer(bytearray(src.read_bytes()), dtype=torch.float32).view(6, 4)
+    binding = Binding("fused.weight", ("a.weight", "b.weight"), Concat())
+    expected = torch.cat([rows[4:], rows[:4]])
+    with file_regions.FileRegions() as regions:
+        regions.add_tensor(mapped, str(src), 0)
+        gather = fast_path.gather_from_files(regions, torch.float32, "hf->megatron")
+        (gathered,) = gather(binding, lambda ts: [torch.cat(ts)], [mapped[4:], mapped[:4]])
+        assert isinstance(gathered, file_regions.Placeholder)
+        reads = {
+            "tolist": lambda t: t.tolist(), "item": lambda t: t[0, 0].item(),
+            "add": lambda t: t + 1, "compare": lambda t: t == 0, "print": repr,
+            "format": lambda t: f"{t}", "sum": torch.sum, "equal": lambda t: torch.equal(t, t),
+            "clone": lambda t: t.clone(), "to another dtype": lambda t: t.to(torch.float64),
+            "copy into": lambda t: t.copy_(expected), "numpy": lambda t: t.numpy(),
+            "concatenate": lambda t: torch.cat([t, t]),
+        }
+        for what, read in reads.items():
+            with pytest.raises(file_regions.PlaceholderReadError, match="tensor fused.weight"):
+                read(gathered)
+                pytest.fail(f"{what} read a placeholder")
+        view = gathered.to(torch.float32).view(3, 8)[1:]  # same memory: still a placeholder
+        assert isinstance(view, file_regions.Placeholder) and view.shape == (2, 8)
+        with pytest.raises(file_regions.PlaceholderReadError, match="tensor fused.weight"):
+            view.sum()
+        write_safetensors(str(tmp_path / "g.safetensors"), {"g": gathered}, None, regions)
+        with file_regions.RegionStream(str(tmp_path / "g.pt"), regions) as stream:
+            torch.save(gathered, stream)
+    with safe_open(str(tmp_path / "g.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("g"), expected)
+    loaded = torch.load(str(tmp_path / "g.pt"))
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, expected)
+
+
 def _through_files(root: str, original: str) -> dict:
     """Conversion both ways, counting the bytes read from files by file_regions, against the
     same conversion with that path off (every tensor computed and written from memory)."""

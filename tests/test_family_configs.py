@@ -1,7 +1,10 @@
 """Config handling of the zoo families with remote-code formats: values a spec cannot reproduce
-are refused with the key named; unit conversions go both ways. No torch computation."""
+are refused with the key named; unit conversions go both ways; abridged configs of released
+checkpoints become the model arguments they must, and the position-encoding flags agree with
+them. No torch computation."""
 
 import pytest
+from harness import training_args
 
 from megatron_patch.convert import engine
 from megatron_patch.models import family_for
@@ -130,3 +133,117 @@ def test_gemma3_4x_config_local_and_global_rope():
 def test_gemma_refuses_what_it_cannot_reproduce(config, key):
     with pytest.raises(ValueError, match=key):
         family_for(config).model_args(config)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"architectures": ["FalconForCausalLM"], "alibi": True}, "alibi"),
+    ({"architectures": ["FalconForCausalLM"], "new_decoder_architecture": True,
+      "parallel_attn": False}, "parallel_attn"),
+    ({"architectures": ["FalconForCausalLM"], "activation": "swish"}, "activation"),
+    ({"architectures": ["OPTForCausalLM"], "do_layer_norm_before": False},
+     "do_layer_norm_before"),
+    ({"architectures": ["OPTForCausalLM"], "word_embed_proj_dim": 32}, "word_embed_proj_dim"),
+    ({"architectures": ["BloomForCausalLM"], "apply_residual_connection_post_layernorm": True},
+     "apply_residual_connection_post_layernorm"),
+    ({"architectures": ["GPTBigCodeForCausalLM"], "scale_attn_weights": False},
+     "scale_attn_weights"),
+])
+def test_unsupported_configs_are_refused_naming_the_key(config, message):
+    from megatron_patch.models import family_for
+
+    base = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+            "vocab_size": 1000, "intermediate_size": 96, "ffn_dim": 96, "hidden_act": "silu",
+            "max_position_embeddings": 64, "n_layer": 2, "n_head": 4, "n_embd": 64,
+            "n_positions": 64}
+    cfg = {**base, **config}
+    with pytest.raises(ValueError, match=message):
+        family_for(cfg).model_args(cfg)
+
+
+def test_position_encoding_flags():
+    def kind(*flags):
+        return training_args("ckpt", "data", extra=flags).position_embedding_type
+
+    assert kind("--use-alibi-mask") == "alibi"
+    assert kind("--position-embedding-type", "learned_absolute") == "learned_absolute"
+    assert kind("--use-rotary-position-embeddings") == "rope"
+    assert kind() is None  # not given: the checkpoint decides
+    with pytest.raises(ValueError, match="conflicting"):
+        kind("--use-alibi-mask", "--position-embedding-type", "rope")
+
+
+# Abridged config.json files of released checkpoints (as published), and what they must become.
+RELEASED = {
+    "bloom-176b": ({"architectures": ["BloomForCausalLM"], "n_embed": 14336,
+                    "num_attention_heads": 112, "n_layer": 70, "vocab_size": 250880,
+                    "layer_norm_epsilon": 1e-5, "slow_but_exact": False,
+                    "apply_residual_connection_post_layernorm": False},
+                   dict(num_attention_heads=112, num_query_groups=112, kv_channels=128,
+                        ffn_hidden_size=4 * 14336, position_embedding_type="alibi",
+                        embedding_norm=True)),
+    "falcon-7b": ({"architectures": ["FalconForCausalLM"], "hidden_size": 4544,
+                   "num_attention_heads": 71, "num_hidden_layers": 32, "multi_query": True,
+                   "new_decoder_architecture": False, "parallel_attn": True, "alibi": False,
+                   "bias": False, "vocab_size": 65024},
+                  dict(num_query_groups=1, kv_channels=64, parallel_attention=True,
+                       parallel_attention_norms=1, add_bias_linear=False, activation="gelu")),
+    "falcon-40b": ({"architectures": ["FalconForCausalLM"], "hidden_size": 8192,
+                    "num_attention_heads": 128, "num_hidden_layers": 60, "num_kv_heads": 8,
+                    "multi_query": True, "new_decoder_architecture": True,
+                    "parallel_attn": True, "alibi": False, "bias": False, "vocab_size": 65024},
+                   dict(num_query_groups=8, kv_channels=64, parallel_attention=True,
+                        parallel_attention_norms=2)),
+    "starcoder": ({"architectures": ["GPTBigCodeForCausalLM"], "n_embd": 6144, "n_head": 48,
+                   "n_layer": 40, "n_inner": 24576, "n_positions": 8192, "multi_query": True,
+                   "activation_function": "gelu_pytorch_tanh", "vocab_size": 49152,
+                   "scale_attn_weights": True},
+                  dict(num_query_groups=1, ffn_hidden_size=24576, max_sequence_length=8192,
+                       position_embedding_type="learned_absolute", activation="gelu_tanh")),
+    "galactica-1.3b": ({"architectures": ["OPTForCausalLM"], "hidden_size": 2048,
+                        "num_attention_heads": 32, "num_hidden_layers": 24, "ffn_dim": 8192,
+                        "max_position_embeddings": 2048, "activation_function": "gelu",
+                        "do_layer_norm_before": True, "word_embed_proj_dim": 2048,
+                        "vocab_size": 50000, "tie_word_embeddings": True},
+                       dict(position_offset=2, activation="gelu", add_bias_linear=True,
+                            share_embeddings_and_output_weights=True)),
+    "baichuan-13b": ({"architectures": ["BaichuanForCausalLM"], "hidden_size": 5120,
+                      "num_attention_heads": 40, "num_hidden_layers": 40,
+                      "intermediate_size": 13696, "vocab_size": 64000, "hidden_act": "silu",
+                      "model_max_length": 4096, "rms_norm_eps": 1e-6},
+                     dict(position_embedding_type="alibi", kv_channels=128, norm_head=False,
+                          share_embeddings_and_output_weights=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_configs(name):
+    from megatron_patch.models import family_for
+
+    config, expected = RELEASED[name]
+    args = family_for(config).model_args(config)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_multi_query_kv_head_is_replicated_so_tp_can_split_it():
+    from megatron_patch.models import check_layout, family_for
+
+    cfg = {"architectures": ["GPTBigCodeForCausalLM"], "n_layer": 2, "n_embd": 64, "n_head": 4,
+           "vocab_size": 1000, "n_positions": 64, "multi_query": True}
+    args = family_for(cfg).model_args(cfg)
+    assert (args.num_query_groups, args.kv_replicas, args.megatron_query_groups) == (1, 4, 4)
+    check_layout(args, 1024, 2, 1)
+    check_layout(args, 1024, 4, 1)
+    with pytest.raises(ValueError, match="4 identical copies"):
+        check_layout(args, 1024, 8, 1)
+    # Released configs: StarCoder's 48 heads get 8 groups; Falcon-7B's 71 heads have no
+    # factor from 2 to 8, so its one KV head cannot be split: refused, saying why.
+    starcoder = RELEASED["starcoder"][0]
+    assert family_for(starcoder).model_args(starcoder).megatron_query_groups == 8
+    falcon7b = RELEASED["falcon-7b"][0]
+    args = family_for(falcon7b).model_args(falcon7b)
+    assert args.kv_replicas == 1
+    with pytest.raises(ValueError, match="multi-query attention.*TP=1 only"):
+        check_layout(args, 65024, 2, 1)
+    # Grouped-query models keep their groups.
+    falcon40b = RELEASED["falcon-40b"][0]
+    assert family_for(falcon40b).model_args(falcon40b).kv_replicas == 1

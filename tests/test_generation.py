@@ -4,61 +4,15 @@ import os
 
 import harness
 import pytest
-
-PROMPTS = [[5, 17, 99], [1, 300, 42, 7, 8, 250, 13], [9] * 12]
-MAX_NEW = 24
-
-
-def _megatron_greedy(model_root: str, tp: int, max_new: int = MAX_NEW,
-                     eos: int | None = 2) -> list[list[int]]:
-    """Greedy completions of PROMPTS from model_root/mcore at TP=tp; eos None: never stop."""
-    from megatron_patch import parallel
-
-    parallel.initialize(tp, 1)
-    return _greedy_from(model_root, max_new, eos)
-
-
-def _greedy_from(model_root: str, max_new: int = MAX_NEW,
-                 eos: int | None = 2) -> list[list[int]]:
-    """_megatron_greedy in an initialised process group."""
-    from megatron_patch.generation import generate
-    from megatron_patch.models import from_checkpoint
-
-    model, meta = from_checkpoint(os.path.join(model_root, "mcore"))
-    return generate(model, PROMPTS, max_new_tokens=max_new, vocab_size=meta.vocab_size,
-                    eos_token_ids=[-1 if eos is None else eos], pad_token_id=0)
-
-
-def _hf_greedy(model_root: str, max_new: int = MAX_NEW, eos: int | None = 2) -> list[list[int]]:
-    """transformers' greedy completions of PROMPTS (batched, left-padded), cut after EOS."""
-    import torch
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(model_root, "hf"),
-                                                           dtype=torch.float32).eval()
-    longest = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
-    stop = {"eos_token_id": eos} if eos is not None else {"min_new_tokens": max_new}
-    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                      max_new_tokens=max_new, pad_token_id=0, **stop)
-    results = []
-    for row in out[:, longest:].tolist():
-        kept = []
-        for t in row:
-            kept.append(t)
-            if t == eos:
-                break
-        results.append(kept)
-    return results
+from harness import MAX_NEW, PROMPTS
 
 
 @pytest.mark.parametrize("variant", ["llama2", "llama1_tied"])
 def test_greedy_matches_transformers_at_tp1_and_tp2(llama_models, variant):
     root = llama_models[variant]
-    (expected,) = harness.run(_hf_greedy, 1, root)
-    (tp1,) = harness.run(_megatron_greedy, 1, root, 1)
-    tp2 = harness.run(_megatron_greedy, 2, root, 2)
+    (expected,) = harness.run(harness.hf_greedy, 1, root)
+    (tp1,) = harness.run(harness.megatron_greedy, 1, root, 1)
+    tp2 = harness.run(harness.megatron_greedy, 2, root, 2)
     assert tp1 == expected
     assert tp2[0] == tp2[1] == expected
     assert any(len(seq) > 5 for seq in expected)  # something was generated

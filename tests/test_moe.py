@@ -7,7 +7,7 @@ import re
 
 import harness
 import pytest
-from test_training import _make_dataset, _train
+from harness import train_losses
 
 
 def _prepare_moe_models(root: str) -> None:
@@ -42,7 +42,7 @@ def _prepare_moe_models(root: str) -> None:
         model.save_pretrained(hf_dir)
         tiny.train_tokenizer(hf_dir)
         hf_to_megatron(hf_dir, os.path.join(root, name, "mcore"))
-    _make_dataset(os.path.join(root, "tokens"))
+    harness.make_token_dataset(os.path.join(root, "tokens"))
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +69,17 @@ def test_moe_loss_goes_down_and_ep_does_not_change_it(moe_models, family):
     along in both. Qwen3-MoE's and DeepSeek-V3's dense first layers are data-parallel in both;
     DeepSeek-V3's expert bias follows the global expert loads in both."""
     ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
-    dense = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
-    split = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
+    dense = harness.run(train_losses, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
+    split = harness.run(train_losses, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
     assert sum(split[-3:]) / 3 < split[0] - 1.0, split
     diff = max(abs(a - b) for a, b in zip(dense, split, strict=True))
-    assert diff <= 1e-5, (diff, dense, split)
+    assert diff <= harness.LOSS_ATOL, (diff, dense, split)
 
 
 def test_moe_greedy_generation_equals_transformers(mixtral):
     """The static inference engine (KV cache, one new token per step) through the MoE layer."""
-    from test_generation import _hf_greedy, _megatron_greedy
-
-    (ours,) = harness.run(_megatron_greedy, 1, mixtral, 1)
-    (theirs,) = harness.run(_hf_greedy, 1, mixtral)
+    (ours,) = harness.run(harness.megatron_greedy, 1, mixtral, 1)
+    (theirs,) = harness.run(harness.hf_greedy, 1, mixtral)
     assert ours == theirs, (ours, theirs)
 
 
@@ -208,17 +206,17 @@ def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(moe_models, f
                                                                     tmp_path):
     ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     save = str(tmp_path / "run")
-    straight = harness.run(_train, 2, ckpt, data, iters=8, extra=_ep_flags(2))[0]
-    first = harness.run(_train, 2, ckpt, data, iters=8, save=save,
+    straight = harness.run(train_losses, 2, ckpt, data, iters=8, extra=_ep_flags(2))[0]
+    first = harness.run(train_losses, 2, ckpt, data, iters=8, save=save,
                         extra=_ep_flags(2) + ("--exit-interval", "4"))[0]
-    second = harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(2))[0]
+    second = harness.run(train_losses, 2, save, data, iters=8, extra=_ep_flags(2))[0]
     assert first + second == straight
     if family != "mixtral":
         return  # what follows does not depend on the family: checked once
     with pytest.raises(AssertionError, match="saved at --expert-model-parallel-size 2"):
-        harness.run(_train, 2, save, data, iters=8, extra=_ep_flags(1))
+        harness.run(train_losses, 2, save, data, iters=8, extra=_ep_flags(1))
     # Weights alone do reshard across EP.
-    harness.run(_train, 2, save, data, iters=6, extra=_ep_flags(1) + ("--no-load-optim",))
+    harness.run(train_losses, 2, save, data, iters=6, extra=_ep_flags(1) + ("--no-load-optim",))
 
 
 QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64,
@@ -387,4 +385,4 @@ def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):
     (r,) = harness.run(_fp8_parity, 1, str(tmp_path))
     assert r["quantized"] > 10 and not r["config_quantized"], r
     # fp32 on CPU, both sides multiply the same fp8 values by the same scales.
-    assert r["max_abs"] <= 1e-4, r
+    assert r["max_abs"] <= harness.LOGITS_ATOL, r

@@ -16,7 +16,7 @@ import sys
 import time
 
 import harness
-from test_training import GBS, _args, _make_dataset, _stopped_at
+from harness import GLOBAL_BATCH, training_args
 
 
 def _tree(root: str) -> dict[str, str]:
@@ -200,7 +200,7 @@ def _crafted_pickle_cases(root: str, ckpt: str, data: str) -> dict:
     r["export_common"] = _error(megatron_to_hf, common, os.path.join(root, "out"))
     r["extend_vocab"] = _error(vocab.extend_megatron, metadata, os.path.join(root, "ext"),
                                ["hello"])
-    r["train"] = _error(loop.Trainer, _args(metadata, data, iters=3))
+    r["train"] = _error(loop.Trainer, training_args(metadata, data, iters=3))
     parser = __import__("argparse").ArgumentParser()
     generation.add_arguments(parser)
     prompts = os.path.join(root, "prompts.jsonl")  # generation reads its prompts first
@@ -230,15 +230,15 @@ def _crafted_pickle_cases(root: str, ckpt: str, data: str) -> dict:
     save = os.path.join(root, "evil_run")
     evil = ShardedObject("rng_state", _Payload(marker), (1, 1, 1), (0, 0, 0), replica_id=0)
     with mock.patch.object(checkpointing, "_rng_state", lambda trainer: evil):
-        loop.Trainer(_args(ckpt, data, iters=3, save=save)).train()
-    r["resume_rng"] = _error(loop.Trainer, _args(save, data, iters=3))
+        loop.Trainer(training_args(ckpt, data, iters=3, save=save)).train()
+    r["resume_rng"] = _error(loop.Trainer, training_args(save, data, iters=3))
     r["payload_ran"] = os.path.exists(marker)
     return r
 
 
 def test_crafted_checkpoint_pickles_are_refused_and_never_run(llama_models, tmp_path):
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     ckpt = os.path.join(llama_models["llama2"], "mcore")
     (r,) = harness.run(_crafted_pickle_cases, 1, str(tmp_path), ckpt, data)
     assert r["payload_ran"] is False, r
@@ -275,12 +275,12 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     r: dict = {}
     run = os.path.join(root, "run")
     # 4 iterations, warmup 2, cosine to min lr 1e-5, saved at 2 and 4.
-    r["straight"] = [s["loss"] for s in Trainer(_args(ckpt, data, iters=4, save=run,
+    r["straight"] = [s["loss"] for s in Trainer(training_args(ckpt, data, iters=4, save=run,
                                                       save_interval=2)).train()]
     before = _tree(run)
 
     def refused(**kwargs) -> str:
-        return _error(Trainer, _args(run, data, **kwargs))
+        return _error(Trainer, training_args(run, data, **kwargs))
 
     # 5: a different schedule, sequence length or architecture flag.
     r["train_iters"] = refused(iters=6)
@@ -290,13 +290,13 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     r["seq_length"] = refused(iters=4, extra=("--seq-length", "16"))
     sft_records = os.path.join(root, "sft.jsonl")
     with open(sft_records, "w") as f:
-        for i in range(GBS):
+        for i in range(GLOBAL_BATCH):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                              {"role": "assistant", "content": "a"}]}) + "\n")
     r["train_mode"] = refused(iters=4, extra=("--train-mode", "finetune",
                                               "--train-data-path", sft_records))
     r["num_layers"] = refused(iters=4, extra=("--num-layers", "3"))
-    r["normalization"] = _error(Trainer, _args(ckpt, data, extra=("--normalization",
+    r["normalization"] = _error(Trainer, training_args(ckpt, data, extra=("--normalization",
                                                                    "LayerNorm")))
     r["both_flags"] = _error(parse_args, ["--seq-length", "8", "--train-iters", "1",
                                           "--override-opt-param-scheduler",
@@ -304,12 +304,12 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     r["unchanged_after_refusals"] = _tree(run) == before
 
     def lrs(*flags) -> list[float]:
-        return [s["lr"] for s in Trainer(_args(run, data, iters=6, extra=flags)).train()]
+        return [s["lr"] for s in Trainer(training_args(run, data, iters=6, extra=flags)).train()]
 
     r["override_lrs"] = lrs("--override-opt-param-scheduler")
     r["checkpoint_lrs"] = lrs("--use-checkpoint-opt-param-scheduler")
     # The command line's cosine over 6 iterations (warmup 2, lr 1e-3 -> 1e-5), by hand; the
-    # scheduler counts samples, and the lr logged after iteration k is the one at k * GBS.
+    # scheduler counts samples, and the lr logged after iteration k is the one at k * GLOBAL_BATCH.
     r["cosine_6"] = [1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (k - 2) / (6 - 2)))
                      for k in (5, 6)]
 
@@ -317,13 +317,13 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     other = os.path.join(root, "other")
     shutil.copytree(other_model, other)
     other_before = _tree(other)
-    r["other_model"] = _error(Trainer, _args(ckpt, data, iters=3, save=other))
+    r["other_model"] = _error(Trainer, training_args(ckpt, data, iters=3, save=other))
     r["other_unchanged"] = _tree(other) == other_before
-    _stopped_at(run, 2)
+    harness.stopped_at(run, 2)
     before = _tree(run)
-    r["newer"] = _error(Trainer, _args(run, data, iters=4, save=run))
+    r["newer"] = _error(Trainer, training_args(run, data, iters=4, save=run))
     r["unchanged_after_newer"] = _tree(run) == before
-    r["overwritten"] = [s["loss"] for s in Trainer(_args(
+    r["overwritten"] = [s["loss"] for s in Trainer(training_args(
         run, data, iters=4, save=run, extra=("--overwrite-checkpoints",))).train()]
     r["latest"] = checkpoint.latest_iteration(run)
 
@@ -335,8 +335,9 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
                                                   lambda p, *a, **k: str(p).endswith(
                                                       ".partial")))):
         with fault:
-            r[case] = _error(Trainer(_args(run, data, iters=6, save=run, save_interval=2, extra=(
-                "--use-checkpoint-opt-param-scheduler",))).train)
+            r[case] = _error(Trainer(training_args(
+                run, data, iters=6, save=run, save_interval=2,
+                extra=("--use-checkpoint-opt-param-scheduler",))).train)
         after = _tree(run)
         r[case + "_kept"] = all(after.get(k) == v for k, v in before.items())
     partial = os.path.join(run, "iter_0000006.partial")
@@ -345,9 +346,9 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     with open(os.path.join(partial, "notes.txt"), "w") as f:
         f.write("mine")
     before = _tree(run)
-    r["foreign_partial"] = _error(Trainer(_args(run, data, iters=6, save=run, save_interval=2,
-                                                extra=("--use-checkpoint-opt-param-scheduler",))
-                                          ).train)
+    r["foreign_partial"] = _error(Trainer(training_args(
+        run, data, iters=6, save=run, save_interval=2,
+        extra=("--use-checkpoint-opt-param-scheduler",))).train)
     r["foreign_partial_kept"] = _tree(run) == before
 
     # 6: hf/config.json naming another architecture than megatron_patch.json.
@@ -359,7 +360,7 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     config.update(architectures=["MistralForCausalLM"], model_type="mistral")
     with open(config_path, "w") as f:
         json.dump(config, f)
-    r["arch_train"] = _error(Trainer, _args(mismatched, data, iters=3))
+    r["arch_train"] = _error(Trainer, training_args(mismatched, data, iters=3))
     r["arch_load"] = _error(from_checkpoint, mismatched)
     return r
 
@@ -368,13 +369,14 @@ def test_resume_refuses_what_contradicts_the_checkpoint(llama_models, tmp_path):
     from megatron_patch import tiny
 
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     ckpt = os.path.join(llama_models["llama2"], "mcore")
     other = os.path.join(llama_models["llama1_tied"], "mcore")
     (r,) = harness.run(_resume_cases, 1, str(tmp_path), ckpt, other, data)
     run = tmp_path / "run"
     schedule = f"ValueError: {run}: the learning-rate schedule it was saved with differs"
-    for case, named in (("train_iters", f"lr_decay_steps {4 * GBS} saved, {6 * GBS} given "
+    for case, named in (("train_iters", f"lr_decay_steps {4 * GLOBAL_BATCH} saved, "
+                                        f"{6 * GLOBAL_BATCH} given "
                                         "(--train-iters/--train-tokens/--lr-decay-iters)"),
                         ("lr", "max_lr 0.001 saved, 0.002 given (--lr)"),
                         ("min_lr", "min_lr 1e-05 saved, 0.0 given (--min-lr)"),

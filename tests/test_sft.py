@@ -9,12 +9,6 @@ import pytest
 from megatron_patch.tiny import QA
 
 
-def _write_records(path: str, n: int | None = None) -> None:
-    with open(path, "w") as f:
-        for q, a in QA[:n]:
-            f.write(json.dumps({"instruction": q, "input": "", "output": a}) + "\n")
-
-
 def _sft_args(load: str, train: str, *, iters: int = 3, mbs: int = 4, gbs: int = 4,
               seq: int = 96, lr: float = 1e-3, extra: tuple = ()):
     from megatron_patch.training.arguments import parse_args
@@ -56,9 +50,9 @@ def _first_loss_vs_hand(model_root: str, train: str) -> dict:
 
 def test_loss_is_over_response_tokens_only(llama_models, tmp_path):
     train = str(tmp_path / "train.jsonl")
-    _write_records(train, 4)
+    harness.write_sft_records(train, 4)
     (r,) = harness.run(_first_loss_vs_hand, 1, llama_models["llama2"], train)
-    assert abs(r["megatron"] - r["hand"]) <= 1e-5, r
+    assert abs(r["megatron"] - r["hand"]) <= harness.LOSS_ATOL, r
 
 
 def _per_sample_losses(model_root: str, train: str, pack: bool) -> list[float]:
@@ -92,11 +86,12 @@ def _per_sample_losses(model_root: str, train: str, pack: bool) -> list[float]:
 
 def test_packed_sequences_give_the_same_per_sample_losses(llama_models, tmp_path):
     train = str(tmp_path / "train.jsonl")
-    _write_records(train)
+    harness.write_sft_records(train)
     (padded,) = harness.run(_per_sample_losses, 1, llama_models["llama2"], train, False)
     (packed,) = harness.run(_per_sample_losses, 1, llama_models["llama2"], train, True)
     assert len(packed) == len(padded) == len(QA)
-    assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= 1e-5, (packed, padded)
+    assert max(abs(a - b) for a, b in zip(packed, padded, strict=True)) <= harness.LOSS_ATOL, (
+        packed, padded)
 
 
 def _curve(model_root: str, train: str, mbs: int) -> list[float]:
@@ -108,11 +103,11 @@ def _curve(model_root: str, train: str, mbs: int) -> list[float]:
 
 def test_microbatch_split_does_not_change_the_loss(llama_models, tmp_path):
     train = str(tmp_path / "train.jsonl")
-    _write_records(train)
+    harness.write_sft_records(train)
     (one_by_four,) = harness.run(_curve, 1, llama_models["llama2"], train, 1)
     (four_by_one,) = harness.run(_curve, 1, llama_models["llama2"], train, 4)
-    assert max(abs(a - b) for a, b in zip(one_by_four, four_by_one, strict=True)) <= 1e-5, (
-        one_by_four, four_by_one)
+    diff = max(abs(a - b) for a, b in zip(one_by_four, four_by_one, strict=True))
+    assert diff <= harness.LOSS_ATOL, (one_by_four, four_by_one)
 
 
 def _learn_and_answer(model_root: str, train: str, save: str) -> dict:
@@ -136,7 +131,7 @@ def _learn_and_answer(model_root: str, train: str, save: str) -> dict:
 
 def test_finetuned_model_reproduces_the_answers(llama_models, tmp_path):
     train = str(tmp_path / "train.jsonl")
-    _write_records(train)
+    harness.write_sft_records(train)
     (r,) = harness.run(_learn_and_answer, 1, llama_models["llama2"], train, str(tmp_path / "s"))
     assert r["answers"] == [a for _, a in QA], r
 

@@ -3,52 +3,7 @@
 import os
 
 import harness
-
-SEQ, MBS, GBS = 32, 2, 4
-
-
-def _make_dataset(prefix: str, num_docs: int = 200, vocab: int = 60, seed: int = 0) -> None:
-    """A learnable token dataset: documents repeat a short random motif over a small part of the
-    vocabulary (so even unigram statistics lower the loss quickly)."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    for _ in range(num_docs):
-        motif = rng.integers(3, vocab, size=rng.integers(3, 7))
-        doc = np.concatenate([np.tile(motif, 8), [2]]).astype(np.int32)  # 2 = EOS
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(prefix + ".idx")
-
-
-def _args(load: str, data: str, *, iters: int = 10, tp: int = 1, pp: int = 1, sp: bool = False,
-          do: bool = False, save: str | None = None, save_interval: int | None = None,
-          lr: float = 1e-3, extra: tuple = ()):
-    from megatron_patch.training.arguments import parse_args
-
-    argv = ["--load", load, "--data-path", data, "--split", "90,10,0", "--seq-length", str(SEQ),
-            "--micro-batch-size", str(MBS), "--global-batch-size", str(GBS),
-            "--train-iters", str(iters), "--lr", str(lr), "--min-lr", "1e-5",
-            "--lr-warmup-iters", "2", "--eval-interval", "1000", "--log-interval", "5",
-            "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-            "--seed", "7", *extra]
-    if sp:
-        argv.append("--sequence-parallel")
-    if do:
-        argv.append("--use-distributed-optimizer")
-    if save:
-        argv += ["--save", save]
-        if save_interval:
-            argv += ["--save-interval", str(save_interval)]
-    return parse_args(argv)
-
-
-def _train(*args, **kwargs) -> list[float]:
-    from megatron_patch.training.loop import Trainer
-
-    trainer = Trainer(_args(*args, **kwargs))
-    return [s["loss"] for s in trainer.train()]
+from harness import train_losses, training_args
 
 
 def _first_step_vs_hf(model_root: str, data: str) -> dict:
@@ -58,8 +13,8 @@ def _first_step_vs_hf(model_root: str, data: str) -> dict:
     from megatron_patch.training import data as train_data
     from megatron_patch.training.loop import Trainer
 
-    trainer = Trainer(_args(os.path.join(model_root, "mcore"), data, iters=3))
-    batch = next(train_data.microbatches(trainer.datasets[0], 0, GBS, 1, 0, 1))
+    trainer = Trainer(training_args(os.path.join(model_root, "mcore"), data, iters=3))
+    batch = next(train_data.microbatches(trainer.datasets[0], 0, harness.GLOBAL_BATCH, 1, 0, 1))
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(model_root, "hf"),
                                                            dtype=torch.float32).eval()
     with torch.no_grad():
@@ -71,16 +26,16 @@ def _first_step_vs_hf(model_root: str, data: str) -> dict:
 
 def test_first_step_loss_equals_transformers(llama_models, tmp_path):
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     (r,) = harness.run(_first_step_vs_hf, 1, llama_models["llama2"], data)
     # fp32 on CPU, same batch: only reduction order differs.
-    assert abs(r["megatron"] - r["hf"]) <= 1e-5, r
+    assert abs(r["megatron"] - r["hf"]) <= harness.LOSS_ATOL, r
 
 
 def test_loss_goes_down_at_tp2(llama_models, tmp_path):
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
-    losses = harness.run(_train, 2, os.path.join(llama_models["llama2"], "mcore"), data,
+    harness.run(harness.make_token_dataset, 1, data)
+    losses = harness.run(train_losses, 2, os.path.join(llama_models["llama2"], "mcore"), data,
                          iters=30, tp=2, sp=True, lr=5e-3)[0]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
 
@@ -88,36 +43,37 @@ def test_loss_goes_down_at_tp2(llama_models, tmp_path):
 def test_loss_curves_agree_across_layouts(llama_models, tmp_path):
     """(TP,PP,DP) = (1,1,1), (2,1,1)+SP, (1,2,1), (1,1,2)+distributed optimizer."""
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     ckpt = os.path.join(llama_models["llama2"], "mcore")
-    reference = harness.run(_train, 1, ckpt, data)[0]
+    reference = harness.run(train_losses, 1, ckpt, data)[0]
     curves = {
-        "tp2_sp": harness.run(_train, 2, ckpt, data, tp=2, sp=True)[0],
-        "pp2": harness.run(_train, 2, ckpt, data, pp=2)[0],
-        "dp2_do": harness.run(_train, 2, ckpt, data, do=True)[0],
+        "tp2_sp": harness.run(train_losses, 2, ckpt, data, tp=2, sp=True)[0],
+        "pp2": harness.run(train_losses, 2, ckpt, data, pp=2)[0],
+        "dp2_do": harness.run(train_losses, 2, ckpt, data, do=True)[0],
     }
     # fp32: the layouts sum the same numbers in different orders (TP all-reduces, DP gradient
     # reduction); over 10 Adam steps that stays below 1e-5 in the loss.
     for name, curve in curves.items():
         diff = max(abs(a - b) for a, b in zip(curve, reference, strict=True))
-        assert len(curve) == len(reference) == 10 and diff <= 1e-5, (name, diff, curve, reference)
+        assert len(curve) == len(reference) == 10 and diff <= harness.LOSS_ATOL, (
+            name, diff, curve, reference)
 
 
 def test_resume_is_exact(llama_models, tmp_path):
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     ckpt = os.path.join(llama_models["llama2"], "mcore")
-    straight = harness.run(_train, 1, ckpt, data, iters=20)[0]
+    straight = harness.run(train_losses, 1, ckpt, data, iters=20)[0]
     save = str(tmp_path / "run")
-    first = harness.run(_train, 1, ckpt, data, iters=20, save=save,
+    first = harness.run(train_losses, 1, ckpt, data, iters=20, save=save,
                         extra=("--exit-interval", "10"))[0]
     # A new process resumes from the iteration-10 checkpoint (same layout: bit-exact).
-    second = harness.run(_train, 1, save, data, iters=20)[0]
+    second = harness.run(train_losses, 1, save, data, iters=20)[0]
     assert first + second == straight
     # Resumed at TP=2 with SP instead: same within fp32 reduction-order noise.
-    other = harness.run(_train, 2, save, data, iters=20, tp=2, sp=True)[0]
+    other = harness.run(train_losses, 2, save, data, iters=20, tp=2, sp=True)[0]
     diff = max(abs(a - b) for a, b in zip(other, straight[10:], strict=True))
-    assert diff <= 1e-5, (other, straight[10:])
+    assert diff <= harness.LOSS_ATOL, (other, straight[10:])
     # Its (plain) optimizer state does not load into the distributed optimizer.
     (message,) = harness.run(_load_error, 1, save, data, do=True)
     assert "saved without --use-distributed-optimizer" in message, message
@@ -127,39 +83,31 @@ def _load_error(*args, **kwargs) -> str:
     from megatron_patch.training.loop import Trainer
 
     try:
-        Trainer(_args(*args, **kwargs))
+        Trainer(training_args(*args, **kwargs))
     except ValueError as e:
         return str(e)
     return "no error"
-
-
-def _stopped_at(save: str, iteration: int) -> None:
-    """Point the tracker at an earlier checkpoint, as if the run had stopped after saving it."""
-    from megatron_patch import checkpoint
-
-    with open(os.path.join(save, checkpoint.TRACKER), "w") as f:
-        f.write(f"{iteration}\n")
 
 
 def test_distributed_optimizer_resume_is_exact(llama_models, tmp_path):
     """With --use-distributed-optimizer (on torch Adam here: no apex/TE), at (TP,DP) = (1,2) and
     (2,2): 10 straight iterations (saving at 5) equal 5 + 5 resumed in new processes."""
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     ckpt = os.path.join(llama_models["llama2"], "mcore")
     dp2, tp2dp2 = str(tmp_path / "dp2"), str(tmp_path / "tp2dp2")
-    straight = harness.run(_train, 2, ckpt, data, do=True, save=dp2, save_interval=5)[0]
-    straight_tp2 = harness.run(_train, 4, ckpt, data, tp=2, do=True, save=tp2dp2,
+    straight = harness.run(train_losses, 2, ckpt, data, do=True, save=dp2, save_interval=5)[0]
+    straight_tp2 = harness.run(train_losses, 4, ckpt, data, tp=2, do=True, save=tp2dp2,
                                save_interval=5)[0]
-    _stopped_at(dp2, 5)
-    _stopped_at(tp2dp2, 5)
+    harness.stopped_at(dp2, 5)
+    harness.stopped_at(tp2dp2, 5)
     # Same layout: bit-exact (Adam moments, main params, step count, RNG and data position).
-    assert harness.run(_train, 2, dp2, data, do=True)[0] == straight[5:]
-    assert harness.run(_train, 4, tp2dp2, data, tp=2, do=True)[0] == straight_tp2[5:]
+    assert harness.run(train_losses, 2, dp2, data, do=True)[0] == straight[5:]
+    assert harness.run(train_losses, 4, tp2dp2, data, tp=2, do=True)[0] == straight_tp2[5:]
     # Resharded to (TP,PP,DP) = (1,2,1) (fully_reshardable state): fp32 reduction-order noise.
-    other = harness.run(_train, 2, tp2dp2, data, pp=2, do=True)[0]
+    other = harness.run(train_losses, 2, tp2dp2, data, pp=2, do=True)[0]
     diff = max(abs(a - b) for a, b in zip(other, straight_tp2[5:], strict=True))
-    assert diff <= 1e-5, (other, straight_tp2[5:])
+    assert diff <= harness.LOSS_ATOL, (other, straight_tp2[5:])
     # The distributed optimizer's state does not load into the plain one.
     (message,) = harness.run(_load_error, 1, dp2, data)
     assert "saved with --use-distributed-optimizer" in message, message
@@ -180,14 +128,15 @@ def _killed_during_second_save(ckpt: str, data: str, save: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     dist_checkpointing.save = save_then_die
-    _train(ckpt, data, iters=4, save=save, save_interval=2)
+    train_losses(ckpt, data, iters=4, save=save, save_interval=2)
 
 
 def _load_latest(save: str, data: str) -> dict:
     from megatron_patch import checkpoint
     from megatron_patch.training.loop import Trainer
 
-    trainer = Trainer(_args(save, data, iters=4))  # the killed run's length (its LR schedule)
+    # The killed run's length (its LR schedule).
+    trainer = Trainer(training_args(save, data, iters=4))
     return {"iteration": trainer.iteration, "latest": checkpoint.latest_iteration(save),
             "losses": [s["loss"] for s in trainer.train()]}
 
@@ -196,7 +145,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(llama_models, tmp_path):
     import multiprocessing
 
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     save = str(tmp_path / "run")
     proc = multiprocessing.get_context("fork").Process(
         target=harness._worker,
@@ -223,7 +172,7 @@ def _split_error(data: str) -> str:
 
 def test_a_split_without_documents_is_refused(tmp_path):
     data = str(tmp_path / "small")
-    harness.run(_make_dataset, 1, data, num_docs=20)
+    harness.run(harness.make_token_dataset, 1, data, num_docs=20)
     (message,) = harness.run(_split_error, 1, data)
     assert "test part" in message and "20 documents" in message, message
 
@@ -238,7 +187,8 @@ def _scratch_and_eval(tokenizer_dir: str, data: str, save: str) -> dict:
         "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
         "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
         "--use-rotary-position-embeddings", "--untie-embeddings-and-output-weights",
-        "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--seq-length", str(harness.SEQ_LENGTH), "--micro-batch-size", "2",
+        "--global-batch-size", "4",
         "--train-iters", "30", "--lr", "3e-3", "--lr-warmup-iters", "2", "--eval-interval", "30",
         "--eval-iters", "2", "--save", save, "--seed", "5"])
     trainer = Trainer(args)
@@ -249,7 +199,7 @@ def _scratch_and_eval(tokenizer_dir: str, data: str, save: str) -> dict:
 
 def test_model_from_scratch_trains_evaluates_and_exports(llama_models, tmp_path):
     data, save = str(tmp_path / "tokens"), str(tmp_path / "scratch")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     (r,) = harness.run(_scratch_and_eval, 1, os.path.join(llama_models["llama2"], "hf"), data,
                        save)
     assert r["final_eval"] < r["initial_eval"] - 0.5, r
@@ -276,12 +226,12 @@ def _mixed_precision(ckpt: str, data: str, flag: str) -> list[dict]:
     from megatron_patch.training.loop import Trainer
 
     extra = (flag, "--initial-loss-scale", "4096") if flag == "--fp16" else (flag,)
-    return Trainer(_args(ckpt, data, iters=8, lr=3e-3, extra=extra)).train()
+    return Trainer(training_args(ckpt, data, iters=8, lr=3e-3, extra=extra)).train()
 
 
 def test_bf16_and_fp16_with_dynamic_loss_scaling(llama_models, tmp_path):
     data = str(tmp_path / "tokens")
-    harness.run(_make_dataset, 1, data)
+    harness.run(harness.make_token_dataset, 1, data)
     ckpt = os.path.join(llama_models["llama2"], "mcore")
     (bf16,) = harness.run(_mixed_precision, 1, ckpt, data, "--bf16")
     (fp16,) = harness.run(_mixed_precision, 1, ckpt, data, "--fp16")

@@ -14,39 +14,8 @@ import harness
 import pytest
 import zoo
 
-BATCH, SEQ, TOKENS_SEED = 2, 32, 1234
-
-CASES = {c.name: c for c in zoo.all_cases()}
+CASES = zoo.CASES
 LAYOUTS = sorted({layout for c in CASES.values() for layout in c.layouts})
-
-
-def _logits(output):
-    return output if hasattr(output, "dim") else output.logits
-
-
-def _prepare(root: str, names: list[str]) -> None:
-    """In a worker: each case's original-format checkpoint, oracle output, and conversion."""
-    import torch
-
-    from megatron_patch import tiny
-    from megatron_patch.convert.hf_megatron import hf_to_megatron
-
-    for name in names:
-        case = CASES[name]
-        hf_dir = os.path.join(root, name, "hf")
-        oracle = case.build()
-        gen = torch.Generator().manual_seed(TOKENS_SEED)
-        tokens = torch.randint(0, case.vocab_size, (BATCH, SEQ), generator=gen)
-        with torch.no_grad():
-            logits = _logits(oracle(input_ids=tokens)).float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
-        os.makedirs(hf_dir, exist_ok=True)
-        (case.save or (lambda m, d: m.save_pretrained(d)))(oracle, hf_dir)
-        tiny.train_tokenizer(hf_dir)
-        torch.save({"tokens": tokens, "logits": logits, "loss": loss},
-                   os.path.join(root, name, "reference.pt"))
-        hf_to_megatron(hf_dir, os.path.join(root, name, "mcore"))
 
 
 def _parity(dirs: dict[str, str], layout: zoo.Layout, save_root: str) -> dict[str, dict]:
@@ -128,18 +97,14 @@ GENERATE = [n for n, c in CASES.items() if c.generate]
 
 
 def _greedy_all(dirs: dict[str, str], tp: int) -> dict[str, list[list[int]]]:
-    from test_generation import _greedy_from
-
     from megatron_patch import parallel
 
     parallel.initialize(tp, 1)
-    return {name: _greedy_from(root) for name, root in dirs.items()}
+    return {name: harness.greedy_from(root) for name, root in dirs.items()}
 
 
 def _hf_greedy_all(dirs: dict[str, str]) -> dict[str, list[list[int]]]:
-    from test_generation import _hf_greedy
-
-    return {name: _hf_greedy(root) for name, root in dirs.items()}
+    return {name: harness.hf_greedy(root) for name, root in dirs.items()}
 
 
 def test_greedy_generation_equals_the_oracle(zoo_models):

@@ -2,9 +2,9 @@
 recorded as runs of the input files and written file to file (file_regions).
 
 `row_origins` finds, by running a transform on row numbers, where each output row comes from.
-`gather_from_files` is the engine `gather` that uses it: its outputs are placeholders, tensors
-whose memory is never written (their bytes live only in the input files), which
-file_regions.FileRegions knows how to write and which nothing may read.
+`gather_from_files` is the engine `gather` that uses it: its outputs are placeholders
+(file_regions.Placeholder), tensors whose memory is never written (their bytes live only in the
+input files), which file_regions.FileRegions knows how to write and which refuse to be read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from megatron_patch.convert import engine
-from megatron_patch.convert.file_regions import FileRegions
+from megatron_patch.convert.file_regions import FileRegions, Placeholder
 from megatron_patch.models.weight_rules import Binding
 
 
@@ -71,14 +71,15 @@ def _row_probe(fn: Callable[[list[torch.Tensor]], Any], shapes: list[tuple[int, 
     return origins
 
 
-def gather_from_files(regions: FileRegions, dtype: torch.dtype,
+def gather_from_files(regions: FileRegions, dtype: torch.dtype, direction: str,
                        only: set[str] | None = None) -> engine.Gather:
     """An engine `gather`: where a binding's transform only moves rows (row_origins)
     of inputs that `regions` knows as runs of files, its outputs are left uninitialised and
     recorded in `regions` as those runs, so that writing them copies file to file and nothing
-    is computed. For inputs and outputs of `dtype` only (nothing converts the values), and,
-    with `only`, for those Megatron tensors (the ones saved as they are, never cut into
-    parts from memory)."""
+    is computed: they are Placeholders, named for the tensors they stand for in `direction`
+    ('hf->megatron' or 'megatron->hf'). For inputs and outputs of `dtype` only (nothing
+    converts the values), and, with `only`, for those Megatron tensors (the ones saved as they
+    are, never cut into parts from memory)."""
 
     def gather(b: Binding, fn, inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
         if (only is not None and b.megatron not in only) or any(
@@ -88,14 +89,17 @@ def gather_from_files(regions: FileRegions, dtype: torch.dtype,
         origins = row_origins(fn, [tuple(t.shape) for t in inputs])
         if origins is None:
             return None
+        names = [b.megatron] if direction == "hf->megatron" else list(b.hf)
+        if len(names) != len(origins):  # computed, for the engine to name the mismatch
+            return None
         outputs = []
-        for blocks in origins:
+        for name, blocks in zip(names, origins, strict=True):
             rows = sum(count for *_, count in blocks)
             target = torch.empty((rows, *inputs[0].shape[1:]), dtype=dtype)
             if not regions.add_rows(target, [(None if j is None else inputs[j], first, count)
                                              for j, first, count in blocks]):
                 return None
-            outputs.append(target)
+            outputs.append(Placeholder.of(target, f"tensor {name}"))
         return outputs
 
     return gather

@@ -45,8 +45,77 @@ def address_of(buffer: Any) -> int:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A contiguous tensor's bytes, uncopied (any dtype, bfloat16 included)."""
+    """A contiguous tensor's bytes, uncopied (any dtype, bfloat16 included); a Placeholder's
+    too, for `FileRegions.write`, which sends them from the files."""
+    if isinstance(tensor, Placeholder):
+        tensor = tensor.as_subclass(torch.Tensor)
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+class PlaceholderReadError(RuntimeError):
+    """Something tried to read a Placeholder's values, which exist only in the input files."""
+
+
+# What a Placeholder allows: what a writer asks about its memory (nothing reads a value) ...
+_PLACEHOLDER_METADATA = frozenset({
+    "__get__", "__hash__", "__len__", "data_ptr", "dim", "element_size", "get_device",
+    "is_complex", "is_contiguous", "is_floating_point", "is_pinned", "ndimension", "nelement",
+    "numel", "size", "storage", "storage_offset", "stride", "untyped_storage", "_typed_storage",
+})
+# ... and views, which stay placeholders over the same memory (checked: a view that would copy
+# is refused after the fact, before anything sees the copy).
+_PLACEHOLDER_VIEWS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "squeeze", "unsqueeze", "flatten",
+    "unflatten", "narrow", "select", "split", "chunk", "unbind", "detach", "contiguous", "to",
+    "cpu", "__getitem__", "t", "transpose", "permute", "as_strided",
+})
+
+
+class Placeholder(torch.Tensor):
+    """A tensor whose memory was never written: its bytes exist only in input files, recorded
+    in a FileRegions (`add_rows`), and only the writers that go through FileRegions (the
+    safetensors writer, torch.save into a RegionStream) put them anywhere. Anything else that
+    would read its values (any torch op on them, `.tolist()`, arithmetic, comparison,
+    printing) raises PlaceholderReadError naming it: it would see uninitialised memory.
+    Metadata and views (of the same memory, still placeholders) are allowed; so is pickling,
+    as the plain tensor it stands for (torch.save writes its storage through the stream).
+
+    `name`: the tensor's name in the conversion, for the error."""
+
+    name: str = "a conversion placeholder"
+
+    @staticmethod
+    def of(tensor: torch.Tensor, name: str) -> Placeholder:
+        placeholder = tensor.as_subclass(Placeholder)
+        placeholder.name = name
+        return placeholder
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        what = getattr(func, "__name__", str(func))
+        source = _first_placeholder((*args, *(kwargs or {}).values()))
+        is_view = what in _PLACEHOLDER_VIEWS and bool(args) and isinstance(args[0], Placeholder)
+        if what not in _PLACEHOLDER_METADATA and not is_view:
+            raise PlaceholderReadError(cls._refusal(source, what))
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        if is_view:
+            storage = source.as_subclass(torch.Tensor).untyped_storage().data_ptr()
+            outputs = result if isinstance(result, (tuple, list)) else (result,)
+            for out in outputs:
+                if out.untyped_storage().data_ptr() != storage:
+                    raise PlaceholderReadError(cls._refusal(source, f"{what} (a copy)"))
+                out.name = source.name
+        return result
+
+    @staticmethod
+    def _refusal(source: Placeholder | None, what: str) -> str:
+        name = source.name if source is not None else Placeholder.name
+        return (f"{name} is a conversion placeholder (memory never written; its bytes "
+                f"are runs of the input files, written out by file_regions.FileRegions): "
+                f"{what} would read its values")
 
 
 # A run of a region's bytes: (file descriptor, or ZEROS for zero bytes; file offset; length).
@@ -210,6 +279,18 @@ class FileRegions:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _first_placeholder(values: tuple) -> Placeholder | None:
+    """The first Placeholder among an op's arguments, or in a list of them (torch.cat's)."""
+    for value in values:
+        if isinstance(value, Placeholder):
+            return value
+        if isinstance(value, (list, tuple)):
+            found = _first_placeholder(tuple(value))
+            if found is not None:
+                return found
+    return None
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -5,23 +5,29 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
 from megatron_patch.convert import distcp, engine, fast_path, fp8, hf_io
 from megatron_patch.convert.file_regions import FileRegions
+from megatron_patch.convert.saved_parts import (
+    concatenates,
+    fill_parts,
+    is_whole,
+    parameters,
+    region,
+    saved_state,
+    views_are_pieces,
+)
 from megatron_patch.models import build_stages, family_for, load_hf_config, pad_vocab_size
 from megatron_patch.models.spec import ModelArgs
-from megatron_patch.models.weight_rules import Binding, Concat, Dims, bind
+from megatron_patch.models.weight_rules import Binding, Dims, bind
 
 log = logging.getLogger(__name__)
 
@@ -99,97 +105,6 @@ def _progress(total_bytes: int, desc: str) -> tqdm:
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=1.0)
 
 
-def _parameters(model) -> dict[str, torch.Tensor]:
-    """The model's weights by state-dict name (extra states are not weights)."""
-    return {n: p for n, p in model.state_dict(keep_vars=True).items()
-            if not n.endswith("_extra_state")}
-
-
-def _saved_state(model, params: dict[str, torch.Tensor]) -> tuple[
-        dict[str, Any], dict[str, list[ShardedTensor]]]:
-    """The model's checkpoint state with its factories applied, and the pieces each parameter
-    is saved in (_parts_by_parameter)."""
-    state = checkpoint.model_state(model)
-    apply_factories(state)
-    return state, _parts_by_parameter(params, state)
-
-
-def _parts_by_parameter(params: dict[str, torch.Tensor],
-                        state: dict[str, Any]) -> dict[str, list[ShardedTensor]]:
-    """For each parameter, the ShardedTensors that save it, in storage order: one holding the
-    whole parameter or, where a factory has split it (SwiGLU's linear_fc1 into its gate and up
-    halves), one view per part. Found by storage: a part's data is a view of its parameter."""
-    owner = {p.untyped_storage().data_ptr(): name for name, p in params.items() if p.numel()}
-    parts: dict[str, list[ShardedTensor]] = {name: [] for name in params}
-    for sh in nested_values(state):
-        if isinstance(sh, ShardedTensor) and sh.data is not None:
-            name = owner.get(sh.data.untyped_storage().data_ptr())
-            if name is not None:
-                parts[name].append(sh)
-    if unsaved := sorted(n for n, found in parts.items() if not found and params[n].numel()):
-        raise engine.ConversionError(f"parameters missing from the model's checkpoint state (they "
-                                     f"would be converted, then lost): {unsaved}")
-    for found in parts.values():
-        found.sort(key=lambda sh: sh.data.storage_offset())
-    return parts
-
-
-def _concatenates(b: Binding) -> bool:
-    """Whether `b` stacks its HF tensors along dim 0 into the Megatron tensor (Concat)."""
-    return type(b.transform).to_megatron is Concat.to_megatron
-
-
-def _views_are_pieces(b: Binding, piece_shapes: list[tuple[int, ...]], param: torch.Tensor,
-                      views: list[torch.Tensor]) -> bool:
-    """Whether `b` concatenates its HF tensors (of `piece_shapes`) along dim 0 into a parameter
-    that is saved in exactly those pieces (`views` of it: row blocks of the same sizes, in the
-    same order), so that each piece can go between the two sides as it is, never concatenated
-    (and cut apart again by Megatron-Core)."""
-    if not _concatenates(b):
-        return False
-    if len(views) != len(b.hf) or len(piece_shapes) != len(b.hf) or not param.is_contiguous():
-        return False
-    offset = param.storage_offset()
-    for view, shape in zip(views, piece_shapes, strict=True):
-        if (not view.is_contiguous() or view.storage_offset() != offset
-                or tuple(view.shape) != tuple(shape) or view.shape[1:] != param.shape[1:]):
-            return False
-        offset += view.numel()
-    return offset == param.storage_offset() + param.numel()
-
-
-def _region(whole: torch.Tensor, param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-    """The part of `whole` (laid out like the contiguous `param`, possibly with trailing axes
-    of its own, such as export's byte axis) that `view`, a view of `param`, covers."""
-    tail, tail_strides = whole.shape[param.dim():], whole.stride()[param.dim():]
-    per_element = math.prod(tail)
-    return whole.as_strided(
-        (*view.shape, *tail), (*(s * per_element for s in view.stride()), *tail_strides),
-        whole.storage_offset() + (view.storage_offset() - param.storage_offset()) * per_element)
-
-
-def _is_whole(view: torch.Tensor, param: torch.Tensor) -> bool:
-    """Whether `view`, a view of `param` that saves it, covers the whole parameter."""
-    return view.shape == param.shape and view.storage_offset() == param.storage_offset()
-
-
-def _fill_parts(pieces: list[ShardedTensor], param: torch.Tensor, tensor: torch.Tensor) -> None:
-    """Give each ShardedTensor that saves `param` its part of the converted `tensor`."""
-    dense = None
-    for sh in pieces:
-        view = sh.data
-        if _is_whole(view, param):
-            sh.data = tensor
-            continue
-        # A part: its view's strides and offset are the parameter's, which must be dense too.
-        if not param.is_contiguous():
-            raise engine.ConversionError(f"a part of a non-contiguous parameter: {sh.key}")
-        dense = tensor.contiguous() if dense is None else dense
-        # A copy of its own: Megatron-Core's writer clones every view before writing, all of them
-        # at once, while the whole tensors are still held.
-        sh.data = _region(dense, param, view).clone()
-
-
 def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,
                    tensor_model_parallel_size: int = 1, extra_vocab_size: int = 0,
                    params_dtype: torch.dtype | None = None) -> checkpoint.CheckpointMeta:
@@ -216,13 +131,29 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
 
     model = _single_process_model(hf_config, dtype, padded)
-    params = _parameters(model)
+    params = parameters(model)
     engine.check_names(bindings, source=hf_names, target=params, direction="hf->megatron",
                        ignore=ignore)
+    state = _converted_state(model, params, bindings, reader, _dims(args, padded), dtype)
+    meta = checkpoint.CheckpointMeta(
+        architecture=hf_config["architectures"][0], vocab_size=args.vocab_size,
+        padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
+    )
+    _write_checkpoint(out_dir, hf_dir, state, meta, reader, kept,
+                      hf_config if quant is not None else None)
+    log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
+    return meta
+
+
+def _converted_state(model, params: dict[str, torch.Tensor], bindings: list[Binding],
+                     reader: hf_io.HFCheckpointReader, dims: Dims,
+                     dtype: torch.dtype) -> dict[str, Any]:
+    """The model's sharded state dict for saving, each ShardedTensor given its converted tensor
+    (read from `reader` through `bindings`)."""
     # The checkpoint is written from `state`'s ShardedTensors, not from the model: each is given
     # its converted tensor below, while the model's own parameters stay as allocated, never
     # touched (so they take no memory). Memory-mapped input tensors go to the writer uncopied.
-    state, parts = _saved_state(model, params)
+    state, parts = saved_state(model, params)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     total = sum(p.numel() * dtype.itemsize for p in params.values())
     direct: list[Binding] = []
@@ -230,7 +161,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     for b in bindings:
         pieces = [reader.shape(n) for n in b.hf]
         views = [sh.data for sh in parts[b.megatron]]
-        (direct if _views_are_pieces(b, pieces, params[b.megatron], views) else rest).append(b)
+        (direct if views_are_pieces(b, pieces, params[b.megatron], views) else rest).append(b)
     with _progress(total, "hf->megatron") as bar:
         # Inputs that are exactly the parts a parameter is saved in are saved as they are, never
         # concatenated (and then cut apart again by Megatron-Core's writer).
@@ -240,17 +171,22 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
                 bar.update(sh.data.numel() * dtype.itemsize)
         # Parameters saved whole take their rows from the input files as they are written.
         whole = {n for n, pieces in parts.items()
-                 if len(pieces) == 1 and _is_whole(pieces[0].data, params[n])}
-        gather = fast_path.gather_from_files(reader.regions, dtype, whole)
-        for name, tensor in engine.hf_to_megatron(rest, _dims(args, padded), reader.read, shapes,
+                 if len(pieces) == 1 and is_whole(pieces[0].data, params[n])}
+        gather = fast_path.gather_from_files(reader.regions, dtype, "hf->megatron", whole)
+        for name, tensor in engine.hf_to_megatron(rest, dims, reader.read, shapes,
                                                   gather):
-            _fill_parts(parts[name], params[name], tensor.to(dtype))
+            fill_parts(parts[name], params[name], tensor.to(dtype))
             bar.update(tensor.numel() * dtype.itemsize)
 
-    meta = checkpoint.CheckpointMeta(
-        architecture=hf_config["architectures"][0], vocab_size=args.vocab_size,
-        padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
-    )
+    return state
+
+
+def _write_checkpoint(out_dir: str, hf_dir: str, state: dict[str, Any],
+                      meta: checkpoint.CheckpointMeta, reader: hf_io.HFCheckpointReader,
+                      kept: list[str], dequantised_config: dict[str, Any] | None) -> None:
+    """The converted checkpoint, built in a staging directory (weights first) that appears in
+    one rename: `state`, the HF files of `hf_dir` (the config without its quantisation where
+    `dequantised_config` is given), the HF tensors `kept` beside it, our meta. Closes `reader`."""
     # Everything is built in the staging directory, weights first, and appears in one rename.
     with hf_io.staged(out_dir) as staging:
         staged_hf = os.path.join(staging, checkpoint.HF_DIR)
@@ -264,17 +200,15 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
 
                 log.info("keeping %d HF tensors the Megatron model does not hold in %s/%s",
                          len(kept), checkpoint.HF_DIR, hf_io.UNCONVERTED)
-                read_raw = reader.read_raw if quant is not None else reader.read
+                read_raw = reader.read_raw if dequantised_config is not None else reader.read
                 save_file({n: read_raw(n).contiguous() for n in kept},
                           os.path.join(staged_hf, hf_io.UNCONVERTED), metadata={"format": "pt"})
         finally:
             reader.close()
-        if quant is not None:
+        if dequantised_config is not None:
             with open(os.path.join(staged_hf, "config.json"), "w") as f:
-                json.dump(hf_config, f, indent=2)
+                json.dump(dequantised_config, f, indent=2)
         checkpoint.write_meta(staging, meta)
-    log.info("wrote %s (padded vocab %d, %s)", out_dir, padded, meta.dtype)
-    return meta
 
 
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "5GB",
@@ -295,7 +229,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     dims = _dims(args, meta.padded_vocab_size)
     dtype = meta.torch_dtype
     model = _single_process_model(hf_config, dtype, meta.padded_vocab_size)
-    params = _parameters(model)
+    params = parameters(model)
 
     bindings, expected_hf = export_bindings(family, args, hf_config, params)
 
@@ -345,7 +279,7 @@ def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torc
     """For each parameter, (view of the parameter, its bytes in the mapped checkpoint) for every
     piece it is saved in, where every piece is stored whole; else None."""
     mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for name, pieces in _saved_state(model, params)[1].items():
+    for name, pieces in saved_state(model, params)[1].items():
         mapped[name] = []
         for sh in pieces:
             if sh.flattened_range is not None:
@@ -368,14 +302,14 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
     it is, or a block of rows of one, is never copied, and one whose rows move (q, k and v
     out of the fused qkv) is gathered from the file as it is written (`regions`)."""
     size = dtype.itemsize
-    gather = fast_path.gather_from_files(regions, torch.uint8)
+    gather = fast_path.gather_from_files(regions, torch.uint8, "megatron->hf")
     byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
     for b in bindings:
         param, pieces = params[b.megatron], mapped[b.megatron]
         views = [view for view, _ in pieces]
         hf_shapes = [tuple(t.shape) for t in b.transform.to_hf(param.to("meta"), dims)] if (
-            _concatenates(b)) else []
-        if _views_are_pieces(b, hf_shapes, param, views):
+            concatenates(b)) else []
+        if views_are_pieces(b, hf_shapes, param, views):
             engine.check_shapes(dict(zip(b.hf, hf_shapes, strict=True)), expected_hf or {},
                                 b.megatron)
             outputs = zip(b.hf, (data for _, data in pieces), strict=True)
@@ -393,13 +327,13 @@ def _whole_bytes(param: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Ten
     """The bytes of a whole parameter (shape + (element size,)) from the pieces it is saved
     in: the piece itself where there is one, else the pieces put in their places."""
     size = param.element_size()
-    if len(pieces) == 1 and _is_whole(pieces[0][0], param):
+    if len(pieces) == 1 and is_whole(pieces[0][0], param):
         return pieces[0][1]
     if not param.is_contiguous():
         raise engine.ConversionError("a parameter saved in pieces must be contiguous")
     whole = torch.empty(*param.shape, size, dtype=torch.uint8)
     for view, data in pieces:
-        _region(whole, param, view).copy_(data)
+        region(whole, param, view).copy_(data)
     return whole
 
 

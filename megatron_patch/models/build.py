@@ -191,7 +191,6 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_patch.models import rope
     from megatron_patch.models.layers import block_spec
 
     if pre_process is None:
@@ -216,6 +215,20 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
         rotary_percent=args.rotary_percent,
         vp_stage=vp_stage,
     )
+    _replace_parts(model, args, pre_process, post_process)
+    if not cpu_mode.is_enabled():
+        # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved
+        # with it, as Megatron-LM's get_model does.
+        model.cuda(torch.cuda.current_device())
+    if args.position_embedding_type == "rope" and args.mla is None:
+        _set_rope_frequencies(model, args, hf_config)
+    return model
+
+
+def _replace_parts(model, args: ModelArgs, pre_process: bool, post_process: bool) -> None:
+    """The parts GPTModel's constructor cannot express (megatron-core internals, see
+    docs/architecture.md): the embedding with position offsets, norm or scale; the output
+    layer's NormHead, direct inference matmul and soft-capping."""
     if pre_process and (args.position_offset or args.embedding_norm or args.embedding_scale):
         from megatron_patch.models import embedding
 
@@ -243,25 +256,26 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
             from megatron_patch.models.gemma import SoftcapOutputLinear
 
             SoftcapOutputLinear.adopt(model.output_layer, args.final_logit_softcapping)
-    if not cpu_mode.is_enabled():
-        # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved
-        # with it, as Megatron-LM's get_model does.
-        model.cuda(torch.cuda.current_device())
-    if args.position_embedding_type == "rope" and args.mla is None:
-        # (MLA rotates inside its attention, with Megatron-Core's RoPE / YaRN frequencies.)
-        rotary_dim = int(args.kv_channels * args.rotary_percent)
-        family = family_for(hf_config)
-        params = (family.rope_parameters or rope.rope_parameters)(hf_config)
-        model.rotary_pos_emb.inv_freq = rope.inv_freq(params, rotary_dim).to(
-            model.rotary_pos_emb.inv_freq.device
-        )
-        if args.local_rope_theta is not None:
-            local = rope.inv_freq({"rope_theta": args.local_rope_theta, "rope_type": "default"},
-                                  rotary_dim).to(model.rotary_pos_emb.inv_freq.device)
-            for module in model.modules():
-                if getattr(module, "local", False):
-                    module.local_inv_freq = local
-    return model
+
+
+def _set_rope_frequencies(model, args: ModelArgs, hf_config: dict[str, Any]) -> None:
+    """The family's RoPE frequencies (scaling included) in place of Megatron-Core's, and the
+    local layers' own base where the family has one. (MLA rotates inside its attention, with
+    Megatron-Core's RoPE / YaRN frequencies: not called for it.)"""
+    from megatron_patch.models import rope
+
+    rotary_dim = int(args.kv_channels * args.rotary_percent)
+    family = family_for(hf_config)
+    params = (family.rope_parameters or rope.rope_parameters)(hf_config)
+    model.rotary_pos_emb.inv_freq = rope.inv_freq(params, rotary_dim).to(
+        model.rotary_pos_emb.inv_freq.device
+    )
+    if args.local_rope_theta is not None:
+        local = rope.inv_freq({"rope_theta": args.local_rope_theta, "rope_type": "default"},
+                              rotary_dim).to(model.rotary_pos_emb.inv_freq.device)
+        for module in model.modules():
+            if getattr(module, "local", False):
+                module.local_inv_freq = local
 
 
 @dataclass

@@ -101,23 +101,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
     (models/alibi.py) and parallel attention + MLP (models/parallel_layer.py).
     core_attention: a subclass of SDPADotProductAttention (--use-flash-attn: models/flash.py).
     """
-    core_attention = core_attention or SDPADotProductAttention
-    attention, out_proj, fc2 = CachedRotarySelfAttention, RowParallelLinear, RowParallelLinear
-    if args is not None and args.position_embedding_type == "alibi":
-        from megatron_patch.models.alibi import AlibiDotProductAttention
-
-        core_attention = AlibiDotProductAttention
-    if args is not None and (args.attn_logit_softcapping or args.post_norms
-                             or args.local_rope_theta is not None):
-        from megatron_patch.models import gemma
-
-        if args.attn_logit_softcapping:
-            core_attention = ModuleSpec(module=gemma.SoftcapDotProductAttention,
-                                        params={"softcap": args.attn_logit_softcapping})
-        if args.post_norms:
-            out_proj = fc2 = gemma.PostNormRowParallelLinear
-        if args.local_rope_theta is not None:
-            attention = gemma.LocalRotarySelfAttention
+    attention, core_attention, out_proj, fc2 = _family_modules(args, core_attention)
     keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if num_experts is None:
         keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
@@ -163,6 +147,30 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
 
         spec = parallel_layer_spec(spec, args.parallel_attention_norms)
     return spec
+
+
+def _family_modules(args: ModelArgs | None, core_attention: type | None) -> tuple:
+    """(self-attention, core attention, attention output projection, MLP output projection)
+    of a layer: Megatron-Core's, or the pieces the family's `args` ask for (ALiBi, Gemma's
+    soft-capping, post-norms and local rotary base)."""
+    core_attention = core_attention or SDPADotProductAttention
+    attention, out_proj, fc2 = CachedRotarySelfAttention, RowParallelLinear, RowParallelLinear
+    if args is not None and args.position_embedding_type == "alibi":
+        from megatron_patch.models.alibi import AlibiDotProductAttention
+
+        core_attention = AlibiDotProductAttention
+    if args is not None and (args.attn_logit_softcapping or args.post_norms
+                             or args.local_rope_theta is not None):
+        from megatron_patch.models import gemma
+
+        if args.attn_logit_softcapping:
+            core_attention = ModuleSpec(module=gemma.SoftcapDotProductAttention,
+                                        params={"softcap": args.attn_logit_softcapping})
+        if args.post_norms:
+            out_proj = fc2 = gemma.PostNormRowParallelLinear
+        if args.local_rope_theta is not None:
+            attention = gemma.LocalRotarySelfAttention
+    return attention, core_attention, out_proj, fc2
 
 
 def _mla_spec(core_attention) -> ModuleSpec:

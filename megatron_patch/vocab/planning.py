@@ -28,26 +28,8 @@ def plan_pieces(table: MergeTable, texts: Iterable[str],
 
     spell(text) is the piece's spelling in the model (None: the tokenizer can never produce the
     text as one piece, e.g. a byte-level pre-tokenizer splits it)."""
-    plan = Plan()
-    added: set[str] = set()
-
-    def add(piece: str) -> None:
-        table.add(piece)
-        plan.pieces.append(piece)
-        added.add(piece)
-
-    def ensure(piece: str, cuts: list[int]) -> None:
-        """Make `piece` reachable by merges: two pieces of the vocabulary that make it up, made
-        reachable first (halves, cut at one of `cuts`, the character boundaries, if given)."""
-        if piece in table.vocab:
-            return
-        if len(piece) > 1 and not any(piece[:c] in table.vocab and piece[c:] in table.vocab
-                                      for c in range(1, len(piece))):
-            cut = min(cuts or range(1, len(piece)), key=lambda c: abs(2 * c - len(piece)))
-            ensure(piece[:cut], [c for c in cuts if c < cut])
-            ensure(piece[cut:], [c - cut for c in cuts if c > cut])
-        add(piece)
-
+    planner = _Planner(table)
+    plan = planner.plan
     texts = list(texts)
     for text in tqdm(texts, desc="planning pieces", unit="piece", mininterval=1.0,
                      disable=len(texts) < 1000):
@@ -55,35 +37,70 @@ def plan_pieces(table: MergeTable, texts: Iterable[str],
         if piece is None:
             plan.split += 1
             continue
-        if piece in plan.requested or (piece in table.vocab and piece not in added):
+        if piece in plan.requested or (piece in table.vocab and piece not in planner.added):
             plan.duplicates += 1
             continue
         plan.requested.add(piece)
-        # The characters first: new pieces are built from them (a Chinese character is one
-        # piece in a sentencepiece vocabulary, several bytes in a byte-level one).
+        planner.ensure(piece, [c for c in planner.character_cuts(text, piece, spell)
+                               if 0 < c < len(piece)])
+        if not planner.join_segments(piece):
+            plan.unreachable.append(piece)
+    return plan
+
+
+class _Planner:
+    """The pieces added to a merge table, and the steps that make a new piece reachable."""
+
+    def __init__(self, table: MergeTable) -> None:
+        self.table = table
+        self.plan = Plan()
+        self.added: set[str] = set()
+
+    def add(self, piece: str) -> None:
+        self.table.add(piece)
+        self.plan.pieces.append(piece)
+        self.added.add(piece)
+
+    def ensure(self, piece: str, cuts: list[int]) -> None:
+        """Make `piece` reachable by merges: two pieces of the vocabulary that make it up, made
+        reachable first (halves, cut at one of `cuts`, the character boundaries, if given)."""
+        vocab = self.table.vocab
+        if piece in vocab:
+            return
+        if len(piece) > 1 and not any(piece[:c] in vocab and piece[c:] in vocab
+                                      for c in range(1, len(piece))):
+            cut = min(cuts or range(1, len(piece)), key=lambda c: abs(2 * c - len(piece)))
+            self.ensure(piece[:cut], [c for c in cuts if c < cut])
+            self.ensure(piece[cut:], [c - cut for c in cuts if c > cut])
+        self.add(piece)
+
+    def character_cuts(self, text: str, piece: str,
+                       spell: Callable[[str], str | None]) -> list[int]:
+        """The characters first: new pieces are built from them (a Chinese character is one
+        piece in a sentencepiece vocabulary, several bytes in a byte-level one). Returns the
+        character boundaries within `piece` (none where the spelling hides them)."""
         cuts, offset = [], len(piece) - sum(len(spell(c) or "") for c in text)
         for char in text:
             char_piece = spell(char)
             if char_piece is None or offset < 0:  # no character boundaries to follow
-                cuts = []
-                break
-            ensure(char_piece, [])
+                return []
+            self.ensure(char_piece, [])
             offset += len(char_piece)
             cuts.append(offset)
-        ensure(piece, [c for c in cuts if 0 < c < len(piece)])
-        # Pieces planned before can take this one's characters first: join what they leave,
-        # left to right, with pieces (and merges) of its own.
+        return cuts
+
+    def join_segments(self, piece: str) -> bool:
+        """Pieces planned before can take this one's characters first: join what they leave,
+        left to right, with pieces (and merges) of its own. False if still not reachable."""
         for _ in range(3):
-            segments = table.segment(piece)
+            segments = self.table.segment(piece)
             if len(segments) == 1:
-                break
+                return True
             joined = segments[0]
             for symbol in segments[1:]:
                 joined += symbol
-                if joined in table.vocab:
-                    table.link(joined)
+                if joined in self.table.vocab:
+                    self.table.link(joined)
                 else:
-                    add(joined)
-        else:
-            plan.unreachable.append(piece)
-    return plan
+                    self.add(joined)
+        return False

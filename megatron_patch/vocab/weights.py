@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from megatron_patch.vocab.formats import SP_MODEL, TOKENIZER_JSON
-from megatron_patch.vocab.planning import plan_pieces
+from megatron_patch.vocab.planning import Plan, plan_pieces
 from megatron_patch.vocab.tokenizer_files import TokenizerFiles
 
 if TYPE_CHECKING:
@@ -123,26 +123,43 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
             json.dump(hf_config, f, indent=2)
             f.write("\n")
 
-        reader = hf_io.HFCheckpointReader(src)
-        missing = [n for n in tensor_names if n not in reader.names()]
-        if missing:
-            raise ValueError(f"{src}: no tensor {missing}")
-
-        def tensors():
-            for name in reader.names():
-                tensor = reader.read(name)
-                if name in tensor_names:
-                    if tensor.shape[0] != old_vocab:
-                        raise ValueError(f"{src}: {name} has {tensor.shape[0]} rows, config.json "
-                                         f"{size_key}={old_vocab}")
-                    tensor = grow_rows(tensor, new_vocab, sources, files.size)
-                yield name, tensor
-
         log.info("writing %s (vocab_size %d -> %d)", dst, old_vocab, new_vocab)
-        # Tensors passed on unchanged are copied from the input files (file_regions).
-        hf_io.write_safetensors_shards(staging, tensors(), max_shard_size, regions=reader.regions)
-        reader.close()
+        _write_grown_weights(src, staging, tensor_names, size_key, old_vocab, new_vocab, sources,
+                             files.size, max_shard_size)
+    return _summary(files, plan, texts, sample_texts, old_vocab, new_vocab)
 
+
+def _write_grown_weights(src: str, out_dir: str, tensor_names: list[str], size_key: str,
+                         old_vocab: int, new_vocab: int, sources: dict[int, list[int]],
+                         reference_rows: int, max_shard_size: int | str) -> None:
+    """src's weights into out_dir, the vocabulary matrices `tensor_names` (old_vocab rows, as
+    config.json's `size_key` says) grown to new_vocab rows (grow_rows)."""
+    from megatron_patch.convert import hf_io
+
+    reader = hf_io.HFCheckpointReader(src)
+    missing = [n for n in tensor_names if n not in reader.names()]
+    if missing:
+        raise ValueError(f"{src}: no tensor {missing}")
+
+    def tensors():
+        for name in reader.names():
+            tensor = reader.read(name)
+            if name in tensor_names:
+                if tensor.shape[0] != old_vocab:
+                    raise ValueError(f"{src}: {name} has {tensor.shape[0]} rows, config.json "
+                                     f"{size_key}={old_vocab}")
+                tensor = grow_rows(tensor, new_vocab, sources, reference_rows)
+            yield name, tensor
+
+    # Tensors passed on unchanged are copied from the input files (file_regions).
+    hf_io.write_safetensors_shards(out_dir, tensors(), max_shard_size, regions=reader.regions)
+    reader.close()
+
+
+def _summary(files: TokenizerFiles, plan: Plan, texts: list[str], sample_texts: Iterable[str],
+             old_vocab: int, new_vocab: int) -> ExtensionSummary:
+    """What an extension did, warning about new pieces that do not encode as themselves and
+    texts the two tokenizer files encode differently."""
     requested = [p for p in plan.pieces if p in plan.requested]
     if missed := files.not_single(requested):
         log.warning("%d new pieces are not encoded as themselves by %s, e.g. %s", len(missed),
@@ -152,8 +169,8 @@ def extend_hf(src: str, dst: str, texts: list[str], *, make_vocab_size_divisible
         duplicates=plan.duplicates, split=plan.split,
         unreachable=plan.unreachable + [p for p in missed if p not in plan.unreachable],
         first_new_id=files.size,
-        old_tokenizer_size=files.size, new_tokenizer_size=new_size, old_vocab_size=old_vocab,
-        new_vocab_size=new_vocab,
+        old_tokenizer_size=files.size, new_tokenizer_size=files.table.next_id,
+        old_vocab_size=old_vocab, new_vocab_size=new_vocab,
         inconsistent=files.inconsistencies(
             [t for t in [*texts, *sample_texts] if t.strip()]),
     )

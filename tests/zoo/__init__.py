@@ -12,6 +12,7 @@ here; nothing else in the test suite needs to change.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,3 +94,39 @@ def native(arch: str, seed: int = 0, **config: Any) -> Callable[[], Any]:
         return model
 
     return build
+
+
+# Every case by name (importing the package imports every case module).
+CASES = {c.name: c for c in all_cases()}
+# The oracle's reference batch.
+BATCH, SEQ, TOKENS_SEED = 2, 32, 1234
+
+
+def _logits(output):
+    return output if hasattr(output, "dim") else output.logits
+
+
+def prepare(root: str, names: list[str]) -> None:
+    """In a worker: each case's original-format checkpoint (root/<name>/hf), oracle output
+    (reference.pt) and conversion (mcore/)."""
+    import torch
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+
+    for name in names:
+        case = CASES[name]
+        hf_dir = os.path.join(root, name, "hf")
+        oracle = case.build()
+        gen = torch.Generator().manual_seed(TOKENS_SEED)
+        tokens = torch.randint(0, case.vocab_size, (BATCH, SEQ), generator=gen)
+        with torch.no_grad():
+            logits = _logits(oracle(input_ids=tokens)).float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+        os.makedirs(hf_dir, exist_ok=True)
+        (case.save or (lambda m, d: m.save_pretrained(d)))(oracle, hf_dir)
+        tiny.train_tokenizer(hf_dir)
+        torch.save({"tokens": tokens, "logits": logits, "loss": loss},
+                   os.path.join(root, name, "reference.pt"))
+        hf_to_megatron(hf_dir, os.path.join(root, name, "mcore"))
