@@ -242,7 +242,7 @@ def _replace_parts(model, args: ModelArgs, pre_process: bool, post_process: bool
         # megatron-core internal: GPTModel.output_layer replaced after construction (GPTModel
         # calls it as (hidden_states, weight=, runtime_gather_output=) and saves its `weight`
         # under output_layer.weight).
-        model.output_layer = ScoreHead(config, args.hidden_size)
+        model.output_layer = ScoreHead(model.config, args.hidden_size)
     elif args.norm_head and post_process:
         from megatron_patch.models.norm_head import NormHeadLinear
 
