@@ -53,6 +53,14 @@ def is_rl_checkpoint(root: str) -> bool:
     return RL_STATE in common
 
 
+def _digest(rollouts: list[rollout.Rollout]) -> str:
+    """A fingerprint of this rank's sampled tokens (a resumed run must sample the same)."""
+    import hashlib
+
+    text = ";".join(",".join(map(str, r.completion_ids)) for r in rollouts)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class RLTrainer:
     """GRPO (and the shared machinery) on the trainer's model, optimizer and checkpoints."""
 
@@ -207,6 +215,7 @@ class RLTrainer:
         count = mask.sum()
         metrics = {"policy loss": (loss, "sum"), "clip fraction": (clipped.float(), "sum"),
                    "ratio": (ratio, "sum"), "ratio max": (ratio, "max"),
+                   "ratio deviation max": ((ratio - 1).abs(), "max"),
                    "entropy": (rollout.token_entropy(output, t.vocab_size, a.temperature),
                                "sum")}
         if self.reference is not None:
@@ -306,8 +315,10 @@ class RLTrainer:
             values = [u[key] for u in updates if key in u]
             if values:
                 stats[key] = max(values) if key == "ratio max" else sum(values) / len(values)
-        stats["first ratio"] = first.get("ratio", 1.0)
-        stats["first ratio max"] = first.get("ratio max", 1.0)
+        # Before any update the policy is the one that computed the old log-probs.
+        stats["first ratio deviation"] = first.get("ratio deviation max", 0.0)
+        stats["rollout digest"] = _digest(rollouts)
+        self.last_rollouts = rollouts
         stats.update(generation_s=generated - began, inference_s=prepared - generated,
                      training_s=trained - prepared)
         self.consumed_prompts += a.rollout_batch_size
