@@ -221,13 +221,16 @@ def _crafted_pickle_cases(root: str, ckpt: str, data: str) -> dict:
 
     # A training checkpoint whose RNG state (a pickled object record in the data file, which
     # DCP reads with torch.load(weights_only=False)) is the payload.
+    from unittest import mock
+
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    from megatron_patch.training import checkpointing
+
     save = os.path.join(root, "evil_run")
-    trainer = loop.Trainer(_args(ckpt, data, iters=3, save=save))
-    trainer._rng_state = lambda: ShardedObject("rng_state", _Payload(marker), (1, 1, 1),
-                                               (0, 0, 0), replica_id=0)
-    trainer.train()
+    evil = ShardedObject("rng_state", _Payload(marker), (1, 1, 1), (0, 0, 0), replica_id=0)
+    with mock.patch.object(checkpointing, "_rng_state", lambda trainer: evil):
+        loop.Trainer(_args(ckpt, data, iters=3, save=save)).train()
     r["resume_rng"] = _error(loop.Trainer, _args(save, data, iters=3))
     r["payload_ran"] = os.path.exists(marker)
     return r
@@ -285,6 +288,13 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     r["min_lr"] = refused(iters=4, extra=("--min-lr", "0"))
     r["decay_style"] = refused(iters=4, extra=("--lr-decay-style", "linear"))
     r["seq_length"] = refused(iters=4, extra=("--seq-length", "16"))
+    sft_records = os.path.join(root, "sft.jsonl")
+    with open(sft_records, "w") as f:
+        for i in range(GBS):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    r["train_mode"] = refused(iters=4, extra=("--train-mode", "finetune",
+                                              "--train-data-path", sft_records))
     r["num_layers"] = refused(iters=4, extra=("--num-layers", "3"))
     r["normalization"] = _error(Trainer, _args(ckpt, data, extra=("--normalization",
                                                                    "LayerNorm")))
@@ -372,6 +382,8 @@ def test_resume_refuses_what_contradicts_the_checkpoint(llama_models, tmp_path):
                                         "(--lr-decay-style)")):
         assert r[case].startswith(schedule) and named in r[case], (case, r[case])
         assert "--override-opt-param-scheduler" in r[case], r[case]
+    assert r["train_mode"].startswith(f"ValueError: --train-mode finetune: {run} is a "
+                                      "--train-mode pretrain run"), r["train_mode"]
     assert r["seq_length"].startswith(f"ValueError: --seq-length 16: {run} was trained at "
                                       "--seq-length 32"), r["seq_length"]
     layers = tiny.COMMON["num_hidden_layers"]  # the tiny model's config
