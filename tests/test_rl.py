@@ -97,12 +97,13 @@ def _fixed_rollouts(trainer, lengths=(8, 3, 5, 1)):
 
 
 def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
-    """One GRPO update on fixed rollouts and rewards; the HF weights after it (rank 0)."""
+    """One GRPO update on fixed rollouts and rewards; the HF weights after it (rank 0; with
+    world size 2 and tp 1, two data-parallel ranks)."""
     import torch
     from megatron.core import parallel_state
 
     from megatron_patch.convert import live
-    from megatron_patch.rlhf.loop import RLTrainer
+    from megatron_patch.rlhf.loop import RLTrainer, RolloutShare
 
     # Adam's first step moves a weight by lr * g / (|g| + eps): with the default eps 1e-8, a
     # gradient of ~1e-8 (rounding noise of sums that cancel) moves it by up to lr either way.
@@ -110,8 +111,12 @@ def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
     trainer = RLTrainer(_args(load, prompts, tp=tp, mbs=mbs, extra=("--adam-eps", "1e-5")))
     rollouts = _fixed_rollouts(trainer)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2] * 3 + [0.0, 0.0, 1.0, 1.0])
-    batch = trainer.prepare(rollouts, rewards, torch.ones(16, dtype=torch.bool))
-    stats = trainer.update(batch)
+    # Under data parallelism each rank holds the groups of its share of the prompts.
+    dp, rank = trainer.trainer.dp, trainer.trainer.dp_rank
+    mine = slice(rank * 16 // dp, (rank + 1) * 16 // dp)
+    batch = trainer.prepare(rollouts[mine], rewards[mine],
+                            torch.ones(16 // dp, dtype=torch.bool))
+    stats = trainer.update(RolloutShare(batch, trainer.args.micro_batch_size, dp))
     # numpy: torch tensors would cross the process boundary as shared memory the exiting
     # worker takes with it.
     weights = {name: t.detach().numpy().copy() for name, t in live.export_hf_weights(
@@ -121,7 +126,7 @@ def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
     return {"weights": weights, "stats": stats}
 
 
-def test_one_grpo_update_is_the_same_at_tp2_and_any_micro_batching(llama_models, prompts):
+def test_one_grpo_update_is_the_same_at_tp2_dp2_and_any_micro_batching(llama_models, prompts):
     import torch
     from safetensors.torch import load_file
 
@@ -130,10 +135,12 @@ def test_one_grpo_update_is_the_same_at_tp2_and_any_micro_batching(llama_models,
     (reference,) = harness.run(_one_update, 1, load, prompts, 1, 4)
     (micro1,) = harness.run(_one_update, 1, load, prompts, 1, 1)
     tp2, _ = harness.run(_one_update, 2, load, prompts, 2, 2)
+    dp2, _ = harness.run(_one_update, 2, load, prompts, 1, 4)
     start = load_file(os.path.join(root, "hf", "model.safetensors"))
     moved = max(abs(reference["weights"][k] - start[k].numpy()).max() for k in start)
     assert moved > 1e-4, moved  # the update changed the weights: the comparisons can fail
-    for name, other in (("micro-batch 1 x 4", micro1), ("TP=2, micro-batch 2 x 2", tp2)):
+    for name, other in (("micro-batch 1 x 4", micro1), ("TP=2, micro-batch 2 x 2", tp2),
+                        ("DP=2, micro-batch 4 x 2", dp2)):
         assert other["weights"].keys() == reference["weights"].keys()
         diff = max(abs(other["weights"][k] - reference["weights"][k]).max()
                    for k in reference["weights"])

@@ -16,41 +16,44 @@ One step (`--train-iters` counts them):
    sequences, one optimizer step each; each mini-batch runs in micro-batches of
    `--micro-batch-size` through Megatron-Core's schedule, whose per-token loss mode divides the
    summed loss by the response tokens of the whole mini-batch (all micro-batches and DP ranks).
+
+Iterations in checkpoints count optimizer steps (--train-iters x --ppo-epochs x mini-batches
+per rollout batch); --train-iters, --save-interval and --exit-interval count RL steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import time
 from typing import Any
 
 import torch
 
-from megatron_patch import checkpoint
+from megatron_patch import checkpoint, parallel
 from megatron_patch.generation import SamplingParams
 from megatron_patch.rlhf import advantages as adv
 from megatron_patch.rlhf import rollout
 from megatron_patch.rlhf.rewards import RewardError, load_reward_function
+from megatron_patch.training import checkpointing
+from megatron_patch.training.modes import Datasets, LossOutput, TrainingMode
 
-RL_STATE = "rl_state"
+ALGORITHMS = ("grpo", "ppo")
 
 
-def is_rl_checkpoint(root: str) -> bool:
-    """Whether `root` holds a checkpoint saved by this loop (then --load resumes it)."""
+def is_rl_checkpoint(root: str) -> str | None:
+    """The algorithm of the run `root` holds a checkpoint of (then --load resumes it), else None
+    (a converted or SFT model: the starting policy)."""
     from megatron.core import dist_checkpointing
 
-    try:
-        iteration = checkpoint.latest_iteration(root)
-    except (FileNotFoundError, ValueError):
-        return False
+    iteration = checkpoint.latest_iteration(root)
     if iteration == "release":
-        return False
+        return None
     common = dist_checkpointing.load_common_state_dict(
         checkpoint.existing_iteration_dir(root, iteration))
-    return RL_STATE in common
+    mode = common.get("train_mode")
+    return mode if mode in ALGORITHMS else None
 
 
 def _digest(rollouts: list[rollout.Rollout]) -> str:
@@ -61,12 +64,56 @@ def _digest(rollouts: list[rollout.Rollout]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class RolloutShare:
+    """This data-parallel rank's samples of one rollout batch, indexed as the trainer's
+    micro-batch reader (`training.data.microbatches`) indexes a dataset: sample g of the global
+    batch order lies on DP rank (g // mbs) % dp, and each rank holds its micro-batches in order.
+    The length is the whole rollout batch's, so the reader's running sample count (modulo the
+    length) walks the mini-batches of every PPO epoch."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], micro_batch_size: int, dp: int) -> None:
+        self.batch, self.mbs, self.dp = batch, micro_batch_size, dp
+        self.local = batch["tokens"].shape[0]
+
+    def __len__(self) -> int:
+        return self.local * self.dp
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        row = (g // (self.mbs * self.dp)) * self.mbs + g % self.mbs
+        return {k: v[row] for k, v in self.batch.items()}
+
+
+class PolicyMode(TrainingMode):
+    """The trainer's view of GRPO: the clipped-surrogate loss (+ k3 KL to the reference) on
+    rollout batches, and the RL state saved in checkpoints."""
+
+    loss_name = "policy loss"
+    metric_names = ("policy loss", "kl", "entropy", "clip fraction", "ratio")
+
+    def __init__(self, trainer, rl: RLTrainer) -> None:
+        super().__init__(trainer)
+        self.rl = rl
+        self.name = rl.args.algorithm
+        self.maxima: list[torch.Tensor] = []  # [ratio max, |ratio - 1| max] per micro-batch
+
+    def build_datasets(self) -> Datasets:
+        # Rollout batches are made as training goes; optimizer steps: one per mini-batch.
+        return Datasets(None, None, self.rl.args.train_iters * self.rl.updates_per_step)
+
+    def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
+        return self.rl.policy_loss(batch, output)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rl.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rl.load_state_dict(state)
+
+
 class RLTrainer:
-    """GRPO (and the shared machinery) on the trainer's model, optimizer and checkpoints."""
+    """GRPO on the trainer's model, optimizer, schedule and checkpoints."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from transformers import AutoTokenizer
-
         from megatron_patch.training.loop import Trainer
 
         self.args = a = args
@@ -77,19 +124,12 @@ class RLTrainer:
             raise ValueError("--reward-model is not available yet in this version (it needs "
                              "part 1's reward models); use --reward-function")
         self.reward_function = load_reward_function(a.reward_function)  # before any work
-        resume = is_rl_checkpoint(a.load)
-        # Prompts are read and checked before the model is built.
-        hf_source = os.path.join(a.load, checkpoint.HF_DIR)
-        self.tokenizer = AutoTokenizer.from_pretrained(a.tokenizer_model or hf_source)
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {a.tokenizer_model or hf_source} has no EOS token")
-        self.eos = [self.tokenizer.eos_token_id]
-        self.pad = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                    else self.tokenizer.eos_token_id)
-        limit = a.seq_length - a.max_new_tokens
-        self.prompts = rollout.load_prompts(
-            a.prompt_data_path, a.prompt_format, self.tokenizer, limit, a.skip_long_prompts,
-            f"--seq-length {a.seq_length} minus --max-new-tokens {a.max_new_tokens}")
+        resumed = is_rl_checkpoint(a.load)
+        if resumed not in (None, a.algorithm) and not a.finetune:
+            raise ValueError(f"--algorithm {a.algorithm}: {a.load} is a {resumed} run; resume it "
+                             f"with --algorithm {resumed} (or start from its weights with "
+                             "--finetune)")
+        self._read_prompts()  # checked before the model is built
         self.n = a.num_samples_per_prompt
         samples = a.rollout_batch_size * self.n
         gbs = a.global_batch_size or samples
@@ -97,31 +137,66 @@ class RLTrainer:
             raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} x "
                              f"--num-samples-per-prompt {self.n} = {samples} sequences per step "
                              f"is not a multiple of --global-batch-size {gbs}")
-        self.minibatches = samples // gbs
-        trainer_args = copy.copy(a)
-        trainer_args.global_batch_size = gbs
-        # The learning-rate schedule counts optimizer steps: one per mini-batch.
-        trainer_args.train_iters = a.train_iters * a.ppo_epochs * self.minibatches
-        trainer_args.finetune = a.finetune or not resume  # a starting policy: weights only
-        self.trainer = t = Trainer(trainer_args, datasets=[[], None, None])
-        if a.rollout_batch_size % t.dp:
-            raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} is not a multiple of "
-                             f"the data-parallel size {t.dp}")
+        self.updates_per_step = a.ppo_epochs * samples // gbs
         self.params = SamplingParams(do_sample=True, temperature=a.temperature, top_k=a.top_k,
                                      top_p=a.top_p)
         self.kl_controller = adv.FixedKLController(a.kl_coef)
         self.consumed_prompts = 0
-        self.reference_source = (a.ref_load or a.load, None)
-        if resume:
-            self._load_rl_state()
+        self.reference_source = {"load": os.path.abspath(a.ref_load or a.load),
+                                 "iteration": checkpoint.latest_iteration(a.ref_load or a.load)}
+        trainer_args = copy.copy(a)
+        trainer_args.global_batch_size = gbs
+        trainer_args.train_mode = a.algorithm  # recorded in checkpoints
+        trainer_args.finetune = a.finetune or resumed is None  # a starting policy: weights only
+        self.trainer = t = Trainer(trainer_args, mode=lambda trainer: PolicyMode(trainer, self))
+        if a.rollout_batch_size % t.dp:
+            raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} is not a multiple of "
+                             f"the data-parallel size {t.dp}")
         self.reference = self._build_reference() if a.kl_coef > 0 else None
-        if self._is_logging_rank():
-            print(f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from "
-                  f"{a.prompt_data_path} ({self.prompts.skipped_long} skipped as too long); "
-                  f"{a.rollout_batch_size} prompts x {self.n} samples per step, "
-                  f"{self.minibatches} mini-batch(es) x {a.ppo_epochs} epoch(s); reference "
-                  f"model: {'none (--kl-coef 0)' if self.reference is None else 'held'}",
-                  flush=True)
+        self.last_rollouts: list[rollout.Rollout] = []
+        parallel.print_last_rank(
+            f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from {a.prompt_data_path} "
+            f"({self.prompts.skipped_long} skipped as too long); {a.rollout_batch_size} prompts "
+            f"x {self.n} samples per step, {self.updates_per_step} optimizer step(s) per step; "
+            "reference model: " + ("none (--kl-coef 0)" if self.reference is None else
+                                   f"{self.reference_source['load']} (iteration "
+                                   f"{self.reference_source['iteration']})"))
+
+    def _read_prompts(self) -> None:
+        from transformers import AutoTokenizer
+
+        a = self.args
+        source = a.tokenizer_model or os.path.join(a.load, checkpoint.HF_DIR)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {source} has no EOS token")
+        self.eos = [self.tokenizer.eos_token_id]
+        self.pad = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                    else self.tokenizer.eos_token_id)
+        self.prompts = rollout.load_prompts(
+            a.prompt_data_path, a.prompt_format, self.tokenizer, a.seq_length - a.max_new_tokens,
+            a.skip_long_prompts,
+            f"--seq-length {a.seq_length} minus --max-new-tokens {a.max_new_tokens}")
+
+    # ---- state saved in checkpoints (as the mode's state) ------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_prompts": self.consumed_prompts,
+                "kl_controller": self.kl_controller.state_dict(),
+                "reference": dict(self.reference_source)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed_prompts = int(state["consumed_prompts"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.args.ref_load and os.path.abspath(self.args.ref_load) != state["reference"][
+                "load"]:
+            raise ValueError(f"--ref-load {self.args.ref_load}: {self.args.load} is a run whose "
+                             f"reference is {state['reference']['load']}; a resumed run keeps it "
+                             "(leave --ref-load out)")
+        self.reference_source = dict(state["reference"])
+
+    @property
+    def step_count(self) -> int:
+        return self.trainer.iteration // self.updates_per_step
 
     # ---- models ------------------------------------------------------------------------
     def _build_reference(self) -> torch.nn.Module:
@@ -132,8 +207,8 @@ class RLTrainer:
         built = build_stages(t.hf_config, t.meta.padded_vocab_size,
                              params_dtype=t.config.params_dtype)
         (module,) = built.chunks
-        path, iteration = self.reference_source
-        checkpoint.load_model(path, module, iteration)
+        checkpoint.load_model(self.reference_source["load"], module,
+                              self.reference_source["iteration"])
         module.requires_grad_(False)
         return module
 
@@ -206,64 +281,57 @@ class RLTrainer:
         batch["advantages"] = scores[:, None] * batch["loss_mask"]
         return batch
 
-    def _policy_loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor):
+    def policy_loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
+        """The clipped surrogate (+ KL coefficient x KL to the reference) summed over the
+        micro-batch's response tokens, their count, and the metrics as [sum, count]."""
         a, t = self.args, self.trainer
         logp = rollout.token_logprobs(output, batch["labels"], t.vocab_size, a.temperature)
         mask = batch["loss_mask"]
         loss, ratio, clipped = adv.clipped_surrogate(logp, batch["old_logprobs"],
                                                      batch["advantages"], a.clip_eps)
         count = mask.sum()
-        metrics = {"policy loss": (loss, "sum"), "clip fraction": (clipped.float(), "sum"),
-                   "ratio": (ratio, "sum"), "ratio max": (ratio, "max"),
-                   "ratio deviation max": ((ratio - 1).abs(), "max"),
-                   "entropy": (rollout.token_entropy(output, t.vocab_size, a.temperature),
-                               "sum")}
+        values = {"policy loss": loss, "clip fraction": clipped.float(), "ratio": ratio,
+                  "entropy": rollout.token_entropy(output, t.vocab_size, a.temperature),
+                  "kl": torch.zeros_like(loss)}
         if self.reference is not None:
             kl = adv.kl_estimate(logp, batch["ref_logprobs"], a.kl_estimator)
             loss = loss + self.kl_controller.value * kl
-            metrics["kl"] = (kl, "sum")
-        reported = {}
-        for name, (value, how) in metrics.items():
-            value = value.detach().float()
-            if how == "sum":
-                reported[name] = torch.stack([(value * mask).sum(), count.detach()])
-            else:
-                top = torch.where(mask > 0, value, torch.full_like(value, -math.inf)).max()
-                reported[name] = torch.stack([top, torch.ones_like(top)])
+            values["kl"] = kl
+        reported = {name: torch.stack([(value.detach().float() * mask).sum(), count.detach()])
+                    for name, value in values.items()}
+        counted = mask > 0
+        ratio = ratio.detach()
+        self.trainer.mode.maxima.append(torch.stack([
+            ratio[counted].max() if counted.any() else ratio.new_tensor(1.0),
+            (ratio[counted] - 1).abs().max() if counted.any() else ratio.new_tensor(0.0)]))
         return (loss * mask).sum(), count.to(torch.int), reported
 
-    def _forward_step(self, data_iterator, model):
-        from functools import partial
-
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
-        return output, partial(self._policy_loss, batch)
-
-    def update(self, minibatch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on this rank's share of a mini-batch."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        a, t = self.args, self.trainer
-        mbs = a.micro_batch_size
-        tokens = minibatch["loss_mask"].sum().reshape(1)
-        self._all_reduce(tokens)
-        if tokens.item() == 0:  # every group skipped: nothing to learn, and 0 / 0 gradients
+    def update(self, share: RolloutShare) -> dict[str, float]:
+        """One optimizer step (the trainer's) on the next mini-batch of the rollout batch."""
+        t = self.trainer
+        offset = t.consumed_samples % len(share)
+        if self._tokens(share, offset) == 0:  # every group skipped: the gradients would be 0 / 0
+            t.iteration += 1
+            t.consumed_samples += t.global_batch_size
             return {"skipped": 1.0}
-        micro = [{k: v[m * mbs:(m + 1) * mbs] for k, v in minibatch.items()}
-                 for m in range(t.num_microbatches)]
-        t.model.zero_grad_buffer()
-        t.optimizer.zero_grad()
-        outputs = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter(micro), model=[t.model],
-            num_microbatches=t.num_microbatches, seq_length=a.seq_length, micro_batch_size=mbs,
-            forward_only=False)
-        ok, grad_norm, _ = t.optimizer.step()
-        if ok:
-            t.scheduler.step(increment=t.global_batch_size)
-        t.consumed_samples += t.global_batch_size
-        stats = self._reduce(outputs)
-        stats.update(grad_norm=float(grad_norm or 0.0), skipped=float(not ok))
+        t.mode.maxima = []
+        t.datasets[0] = share  # train_step reads its next mini-batch from the training set
+        stats = t.train_step()
+        maxima = torch.stack(t.mode.maxima).max(dim=0).values
+        self._all_reduce(maxima, torch.distributed.ReduceOp.MAX)
+        stats["ratio max"], stats["ratio deviation max"] = maxima.tolist()
         return stats
+
+    def _tokens(self, share: RolloutShare, offset: int) -> float:
+        """Response tokens in the mini-batch at `offset`, over all data-parallel ranks."""
+        t = self.trainer
+        mbs = self.args.micro_batch_size
+        total = torch.zeros(1)
+        for m in range(t.num_microbatches):
+            start = offset + m * mbs * t.dp + t.dp_rank * mbs
+            for g in range(start, start + mbs):
+                total += share[g]["loss_mask"].sum()
+        return self._all_reduce(total).item()
 
     def _all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
         from megatron.core import parallel_state
@@ -272,24 +340,6 @@ class RLTrainer:
             torch.distributed.all_reduce(x, op=op or torch.distributed.ReduceOp.SUM,
                                          group=parallel_state.get_data_parallel_group())
         return x
-
-    def _reduce(self, outputs: list[dict]) -> dict[str, float]:
-        sums: dict[str, torch.Tensor] = {}
-        maxima: dict[str, torch.Tensor] = {}
-        for out in outputs:
-            for name, value in out.items():
-                if name.endswith(" max"):
-                    maxima[name] = torch.maximum(maxima.get(name, value[0]), value[0])
-                else:
-                    sums[name] = sums.get(name, torch.zeros(2)) + value
-        result = {}
-        for name, value in sums.items():
-            self._all_reduce(value)
-            result[name] = (value[0] / value[1].clamp(min=1)).item()
-        for name, value in maxima.items():
-            self._all_reduce(value.reshape(1), torch.distributed.ReduceOp.MAX)
-            result[name] = value.item()
-        return result
 
     def step(self) -> dict[str, Any]:
         """One RL step: rollouts, rewards, updates. Returns its statistics (also logged)."""
@@ -301,28 +351,24 @@ class RLTrainer:
         batch = self.prepare(rollouts, rewards, valid)
         prepared = time.time()
         stats = self._rollout_stats(rollouts, rewards, valid, batch)
-        local = batch["tokens"].shape[0]
-        per_minibatch = local // self.minibatches
-        updates = []
-        for _ in range(a.ppo_epochs):
-            for m in range(self.minibatches):
-                rows = slice(m * per_minibatch, (m + 1) * per_minibatch)
-                updates.append(self.update({k: v[rows] for k, v in batch.items()}))
+        share = RolloutShare(batch, a.micro_batch_size, t.dp)
+        t.model.train()
+        updates = [self.update(share) for _ in range(self.updates_per_step)]
         trained = time.time()
-        first = updates[0]
-        for key in ("policy loss", "kl", "entropy", "clip fraction", "ratio", "ratio max",
-                    "grad_norm"):
-            values = [u[key] for u in updates if key in u]
-            if values:
-                stats[key] = max(values) if key == "ratio max" else sum(values) / len(values)
-        # Before any update the policy is the one that computed the old log-probs.
-        stats["first ratio deviation"] = first.get("ratio deviation max", 0.0)
+        done = [u for u in updates if "policy loss" in u]
+        for key in PolicyMode.metric_names + ("grad_norm",):
+            if done:
+                stats[key] = sum(u[key] for u in done) / len(done)
+        if done:
+            stats["ratio max"] = max(u["ratio max"] for u in done)
+            # Before any update the policy is the one that computed the old log-probs.
+            stats["first ratio deviation"] = updates[0].get("ratio deviation max", 0.0)
+        stats["skipped updates"] = len(updates) - len(done)
         stats["rollout digest"] = _digest(rollouts)
-        self.last_rollouts = rollouts
         stats.update(generation_s=generated - began, inference_s=prepared - generated,
                      training_s=trained - prepared)
         self.consumed_prompts += a.rollout_batch_size
-        t.iteration += 1
+        self.last_rollouts = rollouts
         return stats
 
     def _rollout_stats(self, rollouts, rewards, valid, batch) -> dict[str, float]:
@@ -335,7 +381,7 @@ class RLTrainer:
                             (~valid).float().sum() / self.n,
                             self._equal_reward_groups(rewards, valid)]).double()
         self._all_reduce(sums)
-        top = diff.max().reshape(1) if diff.numel() else torch.zeros(1)
+        top = diff.max().reshape(1)
         self._all_reduce(top, torch.distributed.ReduceOp.MAX)
         count = sums[2].clamp(min=1)
         mean = sums[0] / count
@@ -353,87 +399,46 @@ class RLTrainer:
         return same.float().sum()
 
     # ---- the run -----------------------------------------------------------------------
-    def _is_logging_rank(self) -> bool:
-        return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-
     def train(self) -> list[dict[str, Any]]:
+        """--train-iters steps (from where a resumed run stopped), saving at --save-interval
+        and stopping at --exit-interval as the trainer does, counted in RL steps."""
         a, t = self.args, self.trainer
         history = []
-        while t.iteration < a.train_iters:
+        while self.step_count < a.train_iters:
             stats = self.step()
             history.append(stats)
             self._log(stats)
+            step = self.step_count
             saved = False
-            if a.save and a.save_interval and t.iteration % a.save_interval == 0:
-                self.save()
+            if a.save and a.save_interval and step % a.save_interval == 0:
+                checkpointing.save(t)
                 saved = True
-            if a.exit_interval and t.iteration % a.exit_interval == 0:
+            if a.exit_interval and step % a.exit_interval == 0:
                 if a.save and not saved:
-                    self.save()
+                    checkpointing.save(t)
                 break
         else:
-            if a.save and (not a.save_interval or t.iteration % a.save_interval):
-                self.save()
+            if a.save and (not a.save_interval or self.step_count % a.save_interval):
+                checkpointing.save(t)
         if t.writer:
             t.writer.close()
         return history
 
     LOGGED = ("reward mean", "reward std", "response length", "kl", "entropy", "policy loss",
               "clip fraction", "ratio", "ratio max", "logprob diff mean", "logprob diff max",
-              "grad_norm")
+              "grad_norm", "skipped groups", "equal-reward groups")
 
     def _log(self, s: dict[str, Any]) -> None:
+        """Every step: one line on the last rank and the same scalars (rl/...) to TensorBoard."""
         t = self.trainer
-        if self._is_logging_rank():
-            parts = [f"step {t.iteration:5d}/{self.args.train_iters}"]
-            parts += [f"{k} {s[k]:.6g}" for k in self.LOGGED if k in s]
-            parts += [f"skipped groups {s['skipped groups']}",
-                      f"equal-reward groups {s['equal-reward groups']}",
-                      f"lr {t.optimizer.param_groups[0]['lr']:.3e}",
-                      f"s gen/inf/train {s['generation_s']:.2f}/{s['inference_s']:.2f}/"
-                      f"{s['training_s']:.2f}"]
-            print(" | ".join(parts), flush=True)
+        step = self.step_count
+        parallel.print_last_rank(" | ".join(
+            [f"step {step:5d}/{self.args.train_iters}"]
+            + [f"{k} {s[k]:.6g}" for k in self.LOGGED if k in s]
+            + [f"lr {t.optimizer.param_groups[0]['lr']:.3e}",
+               f"seconds generation/inference/training {s['generation_s']:.2f}/"
+               f"{s['inference_s']:.2f}/{s['training_s']:.2f}"]))
         if t.writer:
-            for key in self.LOGGED + ("skipped groups", "equal-reward groups"):
+            for key in self.LOGGED:
                 if key in s:
-                    t.writer.add_scalar(f"rl/{key}", s[key], t.iteration)
-
-    # ---- checkpoints -------------------------------------------------------------------
-    def _rl_state(self) -> dict[str, Any]:
-        path, iteration = self.reference_source
-        return {"algorithm": self.args.algorithm, "consumed_prompts": self.consumed_prompts,
-                "kl_controller": self.kl_controller.state_dict(),
-                "reference_load": os.path.abspath(path),
-                "reference_iteration": (iteration if iteration is not None
-                                        else checkpoint.latest_iteration(path))}
-
-    def save(self) -> None:
-        # megatron-core internal: none. Trainer internals (_state, _write_model_files) until
-        # the trainer's checkpointing module offers extra state.
-        a, t = self.args, self.trainer
-        state = t._state(loading=False)
-        state.update(checkpoint_version=3.0, iteration=t.iteration,
-                     consumed_samples=t.consumed_samples, consumed_valid_samples=0,
-                     opt_param_scheduler=t.scheduler.state_dict(),
-                     parallel_layout=[t.tp, t.pp, t.dp], expert_parallel=t.ep,
-                     seq_length=a.seq_length, **{RL_STATE: self._rl_state()})
-        if torch.distributed.get_rank() == 0:
-            t._write_model_files(a.save)
-        checkpoint.save(a.save, t.iteration, state)
-        if torch.distributed.get_rank() == 0:
-            print(f"saved checkpoint at step {t.iteration} to {a.save}", flush=True)
-
-    def _load_rl_state(self) -> None:
-        from megatron.core import dist_checkpointing
-
-        a = self.args
-        common = dist_checkpointing.load_common_state_dict(
-            checkpoint.existing_iteration_dir(a.load, checkpoint.latest_iteration(a.load)))
-        state = common[RL_STATE]
-        if state["algorithm"] != a.algorithm:
-            raise ValueError(f"--load {a.load} is a {state['algorithm']} run; resume it with "
-                             f"--algorithm {state['algorithm']}")
-        self.consumed_prompts = int(state["consumed_prompts"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        if not a.ref_load:
-            self.reference_source = (state["reference_load"], state["reference_iteration"])
+                    t.writer.add_scalar(f"rl/{key}", s[key], step)
