@@ -118,3 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = add_arguments(ArgumentParser(prog="megatron-patch rl"))
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return validate(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from megatron_patch.errors import run_main
+
+    sys.exit(run_main("megatron-patch rl", lambda: run(parse_args())))
