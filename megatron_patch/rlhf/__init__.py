@@ -1,1 +1,1 @@
-"""Reinforcement learning from feedback on Megatron-Core models (reward models, DPO, PPO, GRPO)."""
+"""RLHF on Megatron-Core models: reward models (reward.py) and preference optimisation."""

@@ -56,9 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-scale-rewards", action="store_true",
                    help="GRPO: advantages are reward minus the group mean, not divided by the "
                         "group's std (Dr. GRPO)")
-    g.add_argument("--ref-load", default=None,
-                   help="the reference model's checkpoint (default: the starting --load, also "
-                        "on resume)")
     return parser
 
 

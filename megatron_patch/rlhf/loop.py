@@ -201,12 +201,9 @@ class RLTrainer:
     # ---- models ------------------------------------------------------------------------
     def _build_reference(self) -> torch.nn.Module:
         """A frozen copy of the starting policy (same layout, no gradients, no optimizer)."""
-        from megatron_patch.models import build_stages
-
-        t = self.trainer
-        built = build_stages(t.hf_config, t.meta.padded_vocab_size,
-                             params_dtype=t.config.params_dtype)
-        (module,) = built.chunks
+        # Weights come from the checkpoint: no initialisation (which would also draw from the
+        # RNG streams a resumed run must find as they were saved).
+        _, module = self.trainer.build_module(perform_initialization=False)
         checkpoint.load_model(self.reference_source["load"], module,
                               self.reference_source["iteration"])
         module.requires_grad_(False)
