@@ -26,7 +26,8 @@ def _args(load: str, prompts: str, *, iters: int = 1, tp: int = 1, mbs: int = 4,
 
     return parse_args([
         "--algorithm", "grpo", "--load", load, "--prompt-data-path", prompts,
-        "--reward-function", reward if ":" in reward else f"rl_rewards:{reward}",
+        *(["--reward-function", reward if ":" in reward else f"rl_rewards:{reward}"]
+          if reward else []),
         "--seq-length", "24",
         "--max-new-tokens", "8", "--train-iters", str(iters), "--rollout-batch-size", "4",
         "--num-samples-per-prompt", "4", "--micro-batch-size", str(mbs), "--lr", "5e-3",
@@ -104,6 +105,7 @@ def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
 
     from megatron_patch.convert import live
     from megatron_patch.rlhf.loop import RLTrainer, RolloutShare
+    from megatron_patch.rlhf.rollout import pack
 
     # Adam's first step moves a weight by lr * g / (|g| + eps): with the default eps 1e-8, a
     # gradient of ~1e-8 (rounding noise of sums that cancel) moves it by up to lr either way.
@@ -114,7 +116,7 @@ def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
     # Under data parallelism each rank holds the groups of its share of the prompts.
     dp, rank = trainer.trainer.dp, trainer.trainer.dp_rank
     mine = slice(rank * 16 // dp, (rank + 1) * 16 // dp)
-    batch = trainer.prepare(rollouts[mine], rewards[mine],
+    batch = trainer.prepare(pack(rollouts[mine], 24, trainer.pad), rewards[mine],
                             torch.ones(16 // dp, dtype=torch.bool))
     stats = trainer.update(RolloutShare(batch, trainer.args.micro_batch_size, dp))
     # numpy: torch tensors would cross the process boundary as shared memory the exiting
@@ -150,6 +152,52 @@ def test_one_grpo_update_is_the_same_at_tp2_dp2_and_any_micro_batching(llama_mod
         assert diff <= 1e-5, (name, diff)
         assert abs(other["stats"]["policy loss"] - reference["stats"]["policy loss"]) <= 1e-6
     assert torch.isfinite(torch.tensor(reference["stats"]["grad_norm"]))
+
+
+def _reward_model_step(root: str, model_root: str, prompts: str) -> dict:
+    """A tiny random HF Llama reward model converted, then one GRPO step scored by it: its
+    rewards against transformers' scores of the same prompt + completion; and the refusals of
+    checkpoints of the wrong kind."""
+    import torch
+    import transformers
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+    from megatron_patch.rlhf.loop import RLTrainer
+
+    hf_dir, rm = os.path.join(root, "rm_hf"), os.path.join(root, "rm_mcore")
+    config = transformers.LlamaConfig(**dict(tiny.COMMON, num_key_value_heads=2, num_labels=1,
+                                             pad_token_id=0, tie_word_embeddings=False))
+    torch.manual_seed(3)
+    hf = transformers.LlamaForSequenceClassification(config).eval()
+    hf.save_pretrained(hf_dir)
+    tiny.train_tokenizer(hf_dir)
+    hf_to_megatron(hf_dir, rm)
+    load = os.path.join(model_root, "mcore")
+    errors = {}
+    for name, argv in (("lm as rm", ("--reward-model", load)), ("rm as policy", ())):
+        try:
+            RLTrainer(_args(rm if name == "rm as policy" else load, prompts, extra=argv))
+        except ValueError as e:
+            errors[name] = str(e)
+    trainer = RLTrainer(_args(load, prompts, reward="", extra=("--reward-model", rm)))
+    trainer.step()
+    with torch.no_grad():
+        theirs = torch.stack([hf(input_ids=torch.tensor([r.prompt_ids + r.completion_ids]))
+                              .logits[0, 0] for r in trainer.last_rollouts])
+    diff = (theirs - trainer.last_rewards).abs().max().item()
+    return {"diff": diff, "spread": theirs.std().item(), "errors": errors}
+
+
+def test_reward_model_scores_prompt_and_completion_as_transformers(llama_models, prompts,
+                                                                   tmp_path):
+    (out,) = harness.run(_reward_model_step, 1, str(tmp_path), llama_models["llama2"], prompts)
+    # Sequence-classification scores: fp32 logits tolerance.
+    assert out["diff"] <= harness.LOGITS_ATOL and out["spread"] > 1e-3, out
+    assert "--reward-model" in out["errors"]["lm as rm"], out
+    assert "a language model" in out["errors"]["lm as rm"], out
+    assert "--load" in out["errors"]["rm as policy"], out
+    assert "a reward model" in out["errors"]["rm as policy"], out
 
 
 def _run(load: str, prompts: str, iters: int, extra: tuple = ()) -> list[dict]:

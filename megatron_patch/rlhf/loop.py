@@ -120,10 +120,15 @@ class RLTrainer:
         if a.algorithm == "ppo":
             raise ValueError("--algorithm ppo is not available yet in this version (its critic "
                              "needs the reward-model head of part 1); use --algorithm grpo")
+        # Before any work: the function imports, the reward model is one.
+        self.reward_function = (load_reward_function(a.reward_function) if a.reward_function
+                                else None)
         if a.reward_model:
-            raise ValueError("--reward-model is not available yet in this version (it needs "
-                             "part 1's reward models); use --reward-function")
-        self.reward_function = load_reward_function(a.reward_function)  # before any work
+            from megatron_patch.models import load_hf_config
+            from megatron_patch.models.score_head import check_kind
+
+            check_kind(load_hf_config(os.path.join(a.reward_model, checkpoint.HF_DIR)),
+                       reward=True, source=a.reward_model, flag="--reward-model")
         resumed = is_rl_checkpoint(a.load)
         if resumed not in (None, a.algorithm) and not a.finetune:
             raise ValueError(f"--algorithm {a.algorithm}: {a.load} is a {resumed} run; resume it "
@@ -153,6 +158,9 @@ class RLTrainer:
             raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} is not a multiple of "
                              f"the data-parallel size {t.dp}")
         self.reference = self._build_reference() if a.kl_coef > 0 else None
+        self.reward_model, self.reward_pad = None, None
+        if a.reward_model:
+            self._load_reward_model()
         self.last_rollouts: list[rollout.Rollout] = []
         parallel.print_last_rank(
             f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from {a.prompt_data_path} "
@@ -166,6 +174,11 @@ class RLTrainer:
         from transformers import AutoTokenizer
 
         a = self.args
+        from megatron_patch.models import load_hf_config
+        from megatron_patch.models.score_head import check_kind
+
+        check_kind(load_hf_config(os.path.join(a.load, checkpoint.HF_DIR)), reward=False,
+                   source=a.load, flag="--load")
         source = a.tokenizer_model or os.path.join(a.load, checkpoint.HF_DIR)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if self.tokenizer.eos_token_id is None:
@@ -232,8 +245,39 @@ class RLTrainer:
                               params=self.params, seed=a.seed,
                               batch_size=a.rollout_micro_batch_size)
 
-    def score(self, rollouts: list[rollout.Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards [N] and which samples count ([N] bool: a group with a bad reward is out)."""
+    def _load_reward_model(self) -> None:
+        """The reward model, at the policy's layout; it must read the policy's token ids."""
+        from megatron_patch.rlhf.reward import load_reward_model
+
+        a, t = self.args, self.trainer
+        rm_vocab = checkpoint.read_meta(a.reward_model).vocab_size
+        if rm_vocab != t.vocab_size:
+            raise ValueError(f"--reward-model {a.reward_model} has a vocabulary of {rm_vocab} "
+                             f"tokens, the policy {t.vocab_size}: the reward model scores the "
+                             "policy's token ids, so both need the same tokenizer")
+        self.reward_model, self.reward_pad = load_reward_model(a.reward_model)
+        self.reward_model.requires_grad_(False)
+
+    def score(self, rollouts: list[rollout.Rollout], batch: dict[str, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [N] (the reward model's score of prompt + completion plus the reward
+        function's value, whichever are given) and which samples count ([N] bool: a group with
+        a bad reward is left out)."""
+        rewards = torch.zeros(len(rollouts))
+        if self.reward_model is not None:
+            from megatron_patch.rlhf.reward import score
+
+            lengths = torch.tensor([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts])
+            rewards += score([self.reward_model], batch["tokens"], self.reward_pad, lengths,
+                             micro_batch_size=self.args.micro_batch_size)
+        valid = [True] * len(rollouts)
+        if self.reward_function is not None:
+            values, valid = self._rule_rewards(rollouts)
+            rewards += values
+        groups = torch.tensor(valid).view(-1, self.n).all(dim=1, keepdim=True)
+        return rewards, groups.expand(-1, self.n).reshape(-1)
+
+    def _rule_rewards(self, rollouts: list[rollout.Rollout]) -> tuple[torch.Tensor, list[bool]]:
         rewards, valid = [], []
         for r in rollouts:
             prompt = self.prompts.prompts[r.prompt_index]
@@ -248,8 +292,7 @@ class RLTrainer:
                     raise
                 rewards.append(0.0)
                 valid.append(False)
-        groups = torch.tensor(valid).view(-1, self.n).all(dim=1, keepdim=True)
-        return torch.tensor(rewards), groups.expand(-1, self.n).reshape(-1)
+        return torch.tensor(rewards), valid
 
     def forward_logprobs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
                          ) -> torch.Tensor:
@@ -264,12 +307,11 @@ class RLTrainer:
                                                   a.temperature))
         return torch.cat(out)
 
-    def prepare(self, rollouts: list[rollout.Rollout], rewards: torch.Tensor,
+    def prepare(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
                 valid: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The training tensors of a rollout batch: packed tokens, old and reference log-probs,
+        """The training tensors of a packed rollout batch: old and reference log-probs,
         per-token advantages."""
         a = self.args
-        batch = rollout.pack(rollouts, a.seq_length, self.pad)
         batch["loss_mask"] = batch["loss_mask"] * valid[:, None].float()
         batch["old_logprobs"] = self.forward_logprobs(self.policy, batch)
         if self.reference is not None:
@@ -344,8 +386,9 @@ class RLTrainer:
         began = time.time()
         rollouts = self.make_rollouts()
         generated = time.time()
-        rewards, valid = self.score(rollouts)
-        batch = self.prepare(rollouts, rewards, valid)
+        batch = rollout.pack(rollouts, a.seq_length, self.pad)
+        rewards, valid = self.score(rollouts, batch)
+        batch = self.prepare(batch, rewards, valid)
         prepared = time.time()
         stats = self._rollout_stats(rollouts, rewards, valid, batch)
         share = RolloutShare(batch, a.micro_batch_size, t.dp)
@@ -365,7 +408,7 @@ class RLTrainer:
         stats.update(generation_s=generated - began, inference_s=prepared - generated,
                      training_s=trained - prepared)
         self.consumed_prompts += a.rollout_batch_size
-        self.last_rollouts = rollouts
+        self.last_rollouts, self.last_rewards = rollouts, rewards
         return stats
 
     def _rollout_stats(self, rollouts, rewards, valid, batch) -> dict[str, float]:
