@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,10 @@ def load_reward_function(spec: str) -> RewardFunction:
     if not sep or not module_name or not function_name:
         raise RewardError(f"--reward-function {spec!r}: give it as module:function, e.g. "
                           "my_rewards:contains_answer")
+    # The current directory, as for `python -m`: the `megatron-patch` entry point's sys.path
+    # does not have it.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
