@@ -21,11 +21,11 @@ def prompts(tmp_path_factory) -> str:
 
 
 def _args(load: str, prompts: str, *, iters: int = 1, tp: int = 1, mbs: int = 4,
-          reward: str = "digits", extra: tuple = ()):
+          reward: str = "digits", algorithm: str = "grpo", extra: tuple = ()):
     from megatron_patch.rlhf.cli import parse_args
 
     return parse_args([
-        "--algorithm", "grpo", "--load", load, "--prompt-data-path", prompts,
+        "--algorithm", algorithm, "--load", load, "--prompt-data-path", prompts,
         *(["--reward-function", reward if ":" in reward else f"rl_rewards:{reward}"]
           if reward else []),
         "--seq-length", "24",
@@ -97,7 +97,8 @@ def _fixed_rollouts(trainer, lengths=(8, 3, 5, 1)):
     return out
 
 
-def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
+def _one_update(load: str, prompts: str, tp: int, mbs: int, algorithm: str = "grpo"
+                ) -> dict | None:
     """One GRPO update on fixed rollouts and rewards; the HF weights after it (rank 0; with
     world size 2 and tp 1, two data-parallel ranks)."""
     import torch
@@ -110,7 +111,8 @@ def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
     # Adam's first step moves a weight by lr * g / (|g| + eps): with the default eps 1e-8, a
     # gradient of ~1e-8 (rounding noise of sums that cancel) moves it by up to lr either way.
     # eps 1e-5 keeps such weights still; weights with real gradients move ~lr = 5e-3.
-    trainer = RLTrainer(_args(load, prompts, tp=tp, mbs=mbs, extra=("--adam-eps", "1e-5")))
+    trainer = RLTrainer(_args(load, prompts, tp=tp, mbs=mbs, algorithm=algorithm,
+                              extra=("--adam-eps", "1e-5", "--num-samples-per-prompt", "4")))
     rollouts = _fixed_rollouts(trainer)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2] * 3 + [0.0, 0.0, 1.0, 1.0])
     # Under data parallelism each rank holds the groups of its share of the prompts.
@@ -121,25 +123,30 @@ def _one_update(load: str, prompts: str, tp: int, mbs: int) -> dict | None:
     stats = trainer.update(RolloutShare(batch, trainer.args.micro_batch_size, dp))
     # numpy: torch tensors would cross the process boundary as shared memory the exiting
     # worker takes with it.
-    weights = {name: t.detach().numpy().copy() for name, t in live.export_hf_weights(
-        [trainer.policy], trainer.trainer.hf_config, trainer.trainer.meta.padded_vocab_size)}
+    models = [trainer.trainer] + ([trainer.critic] if trainer.critic else [])
+    weights = {f"{i}/{name}": t.detach().numpy().copy() for i, m in enumerate(models)
+               for name, t in live.export_hf_weights([m.module], m.hf_config,
+                                                     m.meta.padded_vocab_size)}
     if parallel_state.get_tensor_model_parallel_rank() != 0:
         return None
     return {"weights": weights, "stats": stats}
 
 
-def test_one_grpo_update_is_the_same_at_tp2_dp2_and_any_micro_batching(llama_models, prompts):
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_one_update_is_the_same_at_tp2_dp2_and_any_micro_batching(llama_models, prompts,
+                                                                  algorithm):
+    """PPO: the actor's and the critic's weights."""
     import torch
     from safetensors.torch import load_file
 
     root = llama_models["llama2"]
     load = os.path.join(root, "mcore")
-    (reference,) = harness.run(_one_update, 1, load, prompts, 1, 4)
-    (micro1,) = harness.run(_one_update, 1, load, prompts, 1, 1)
-    tp2, _ = harness.run(_one_update, 2, load, prompts, 2, 2)
-    dp2, _ = harness.run(_one_update, 2, load, prompts, 1, 4)
+    (reference,) = harness.run(_one_update, 1, load, prompts, 1, 4, algorithm)
+    (micro1,) = harness.run(_one_update, 1, load, prompts, 1, 1, algorithm)
+    tp2, _ = harness.run(_one_update, 2, load, prompts, 2, 2, algorithm)
+    dp2, _ = harness.run(_one_update, 2, load, prompts, 1, 4, algorithm)
     start = load_file(os.path.join(root, "hf", "model.safetensors"))
-    moved = max(abs(reference["weights"][k] - start[k].numpy()).max() for k in start)
+    moved = max(abs(reference["weights"]["0/" + k] - start[k].numpy()).max() for k in start)
     assert moved > 1e-4, moved  # the update changed the weights: the comparisons can fail
     for name, other in (("micro-batch 1 x 4", micro1), ("TP=2, micro-batch 2 x 2", tp2),
                         ("DP=2, micro-batch 4 x 2", dp2)):
@@ -150,7 +157,12 @@ def test_one_grpo_update_is_the_same_at_tp2_dp2_and_any_micro_batching(llama_mod
         # gradient sums: rounding of ~1e-7 relative in the gradients, far below 1e-5 in
         # the weights after one step of at most lr.
         assert diff <= 1e-5, (name, diff)
-        assert abs(other["stats"]["policy loss"] - reference["stats"]["policy loss"]) <= 1e-6
+        for key in ("policy loss", "value loss"):
+            if key in reference["stats"]:
+                assert abs(other["stats"][key] - reference["stats"][key]) <= 1e-6, (name, key)
+    if algorithm == "ppo":  # the critic was trained too
+        assert any(k.startswith("1/score") for k in reference["weights"]), reference.keys()
+        assert reference["stats"]["value loss"] > 0
     assert torch.isfinite(torch.tensor(reference["stats"]["grad_norm"]))
 
 

@@ -53,6 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "reward, default 0.05)")
     g.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default=None,
                    help="default: k3 for GRPO, k1 for PPO")
+    g.add_argument("--adaptive-kl", action="store_true",
+                   help="PPO: Ziegler et al.'s adaptive KL coefficient towards --kl-target")
+    g.add_argument("--kl-target", type=float, default=6.0,
+                   help="PPO with --adaptive-kl: the target KL per sequence")
+    g.add_argument("--kl-horizon", type=float, default=10000,
+                   help="PPO with --adaptive-kl: samples over which the coefficient adapts")
+    g.add_argument("--gamma", type=float, default=1.0, help="PPO: GAE discount")
+    g.add_argument("--lam", type=float, default=0.95, help="PPO: GAE lambda")
+    g.add_argument("--value-clip-eps", type=float, default=0.2,
+                   help="PPO: clip range of the value around the rollout's value")
+    g.add_argument("--critic-lr", type=float, default=None,
+                   help="PPO: the critic's learning rate (default --lr)")
     g.add_argument("--no-scale-rewards", action="store_true",
                    help="GRPO: advantages are reward minus the group mean, not divided by the "
                         "group's std (Dr. GRPO)")

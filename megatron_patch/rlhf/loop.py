@@ -117,9 +117,7 @@ class RLTrainer:
         from megatron_patch.training.loop import Trainer
 
         self.args = a = args
-        if a.algorithm == "ppo":
-            raise ValueError("--algorithm ppo is not available yet in this version (its critic "
-                             "needs the reward-model head of part 1); use --algorithm grpo")
+        self.ppo = a.algorithm == "ppo"
         # Before any work: the function imports, the reward model is one.
         self.reward_function = (load_reward_function(a.reward_function) if a.reward_function
                                 else None)
@@ -145,7 +143,9 @@ class RLTrainer:
         self.updates_per_step = a.ppo_epochs * samples // gbs
         self.params = SamplingParams(do_sample=True, temperature=a.temperature, top_k=a.top_k,
                                      top_p=a.top_p)
-        self.kl_controller = adv.FixedKLController(a.kl_coef)
+        self.kl_controller = (adv.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+                              if self.ppo and a.adaptive_kl else
+                              adv.FixedKLController(a.kl_coef))
         self.consumed_prompts = 0
         self.reference_source = {"load": os.path.abspath(a.ref_load or a.load),
                                  "iteration": checkpoint.latest_iteration(a.ref_load or a.load)}
@@ -158,6 +158,16 @@ class RLTrainer:
             raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} is not a multiple of "
                              f"the data-parallel size {t.dp}")
         self.reference = self._build_reference() if a.kl_coef > 0 else None
+        self.critic = None
+        if self.ppo:
+            from megatron_patch.rlhf import ppo
+            from megatron_patch.training.loop import Trainer as CriticTrainer
+
+            # A second Trainer: the same process groups (parallel.initialize sets up the same
+            # layout again), its own model, optimizer, schedule and checkpoints.
+            self.critic = CriticTrainer(
+                ppo.critic_args(a, trainer_args, resumed is not None),
+                mode=lambda trainer: ppo.CriticMode(trainer, t.train_iters, a.value_clip_eps))
         self.reward_model, self.reward_pad = None, None
         if a.reward_model:
             self._load_reward_model()
@@ -316,9 +326,31 @@ class RLTrainer:
         batch["old_logprobs"] = self.forward_logprobs(self.policy, batch)
         if self.reference is not None:
             batch["ref_logprobs"] = self.forward_logprobs(self.reference, batch)
-        scores = adv.grpo_advantages(rewards, self.n, scale_by_std=not a.no_scale_rewards)
-        batch["advantages"] = scores[:, None] * batch["loss_mask"]
+        if self.ppo:
+            self._ppo_advantages(batch, rewards)
+        else:
+            scores = adv.grpo_advantages(rewards, self.n, scale_by_std=not a.no_scale_rewards)
+            batch["advantages"] = scores[:, None] * batch["loss_mask"]
         return batch
+
+    def _ppo_advantages(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> None:
+        """Per-token rewards (-coef x KL on each response token, the score on the last), GAE
+        over the critic's values, advantages whitened over the whole rollout batch."""
+        from megatron.core import parallel_state
+
+        from megatron_patch.rlhf import ppo
+
+        a, mask = self.args, batch["loss_mask"]
+        values = ppo.values(self.critic.module, batch, a.micro_batch_size) * mask
+        kl = (adv.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], a.kl_estimator)
+              if self.reference is not None else torch.zeros_like(mask))
+        token_rewards = adv.token_rewards(rewards, kl, mask, self.kl_controller.value)
+        advantages, returns = adv.gae(token_rewards, values, mask, a.gamma, a.lam)
+        group = parallel_state.get_data_parallel_group() if self.trainer.dp > 1 else None
+        batch.update(advantages=adv.whiten(advantages, mask, group=group), returns=returns,
+                     old_values=values)
+        # The KL of each sample (sum over its tokens), for the adaptive controller.
+        self._sequence_kl = torch.stack([(kl * mask).sum(), torch.tensor(float(len(mask)))])
 
     def policy_loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
         """The clipped surrogate (+ KL coefficient x KL to the reference) summed over the
@@ -334,7 +366,8 @@ class RLTrainer:
                   "kl": torch.zeros_like(loss)}
         if self.reference is not None:
             kl = adv.kl_estimate(logp, batch["ref_logprobs"], a.kl_estimator)
-            loss = loss + self.kl_controller.value * kl
+            if not self.ppo:  # PPO has the KL in its rewards
+                loss = loss + self.kl_controller.value * kl
             values["kl"] = kl
         reported = {name: torch.stack([(value.detach().float() * mask).sum(), count.detach()])
                     for name, value in values.items()}
@@ -350,12 +383,18 @@ class RLTrainer:
         t = self.trainer
         offset = t.consumed_samples % len(share)
         if self._tokens(share, offset) == 0:  # every group skipped: the gradients would be 0 / 0
-            t.iteration += 1
-            t.consumed_samples += t.global_batch_size
+            for trainer in (t, self.critic) if self.critic else (t,):
+                trainer.iteration += 1
+                trainer.consumed_samples += trainer.global_batch_size
             return {"skipped": 1.0}
         t.mode.maxima = []
         t.datasets[0] = share  # train_step reads its next mini-batch from the training set
         stats = t.train_step()
+        if self.critic is not None:
+            self.critic.datasets[0] = share
+            critic = self.critic.train_step()
+            stats.update({k: critic[k] for k in self.critic.mode.metric_names},
+                         critic_grad_norm=critic["grad_norm"])
         maxima = torch.stack(t.mode.maxima).max(dim=0).values
         self._all_reduce(maxima, torch.distributed.ReduceOp.MAX)
         stats["ratio max"], stats["ratio deviation max"] = maxima.tolist()
@@ -396,8 +435,8 @@ class RLTrainer:
         updates = [self.update(share) for _ in range(self.updates_per_step)]
         trained = time.time()
         done = [u for u in updates if "policy loss" in u]
-        for key in PolicyMode.metric_names + ("grad_norm",):
-            if done:
+        for key in PolicyMode.metric_names + ("grad_norm", "value loss", "value clip fraction"):
+            if done and key in done[0]:
                 stats[key] = sum(u[key] for u in done) / len(done)
         if done:
             stats["ratio max"] = max(u["ratio max"] for u in done)
@@ -407,6 +446,11 @@ class RLTrainer:
         stats["rollout digest"] = _digest(rollouts)
         stats.update(generation_s=generated - began, inference_s=prepared - generated,
                      training_s=trained - prepared)
+        stats["kl coef"] = self.kl_controller.value
+        if self.ppo:
+            sequence_kl = self._all_reduce(self._sequence_kl.double())
+            self.kl_controller.update((sequence_kl[0] / sequence_kl[1]).item(),
+                                      int(sequence_kl[1].item()))
         self.consumed_prompts += a.rollout_batch_size
         self.last_rollouts, self.last_rewards = rollouts, rewards
         return stats
@@ -451,22 +495,29 @@ class RLTrainer:
             step = self.step_count
             saved = False
             if a.save and a.save_interval and step % a.save_interval == 0:
-                checkpointing.save(t)
+                self.save()
                 saved = True
             if a.exit_interval and step % a.exit_interval == 0:
                 if a.save and not saved:
-                    checkpointing.save(t)
+                    self.save()
                 break
         else:
             if a.save and (not a.save_interval or self.step_count % a.save_interval):
-                checkpointing.save(t)
+                self.save()
         if t.writer:
             t.writer.close()
         return history
 
+    def save(self) -> None:
+        """The critic first: the actor's tracker, written last, marks the step as saved."""
+        if self.critic is not None:
+            checkpointing.save(self.critic)
+        checkpointing.save(self.trainer)
+
     LOGGED = ("reward mean", "reward std", "response length", "kl", "entropy", "policy loss",
               "clip fraction", "ratio", "ratio max", "logprob diff mean", "logprob diff max",
-              "grad_norm", "skipped groups", "equal-reward groups")
+              "grad_norm", "value loss", "value clip fraction", "kl coef", "skipped groups",
+              "equal-reward groups")
 
     def _log(self, s: dict[str, Any]) -> None:
         """Every step: one line on the last rank and the same scalars (rl/...) to TensorBoard."""
