@@ -321,3 +321,43 @@ def test_bad_inputs_are_clear_errors_or_counted_skips(llama_models, prompts, tmp
     # Record 1 (marked bad) is one of the 7 kept prompts; 2 steps x 4 prompts see it at least
     # once in this seeded order; its group is left out, the update stays finite.
     assert out["skipped long"] == 1 and sum(out["skipped"]) >= 1 and out["finite"], out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_grpo_launcher_logs_every_step_to_stdout_and_tensorboard(llama_models, prompts,
+                                                                  tmp_path):
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, ckpt = str(tmp_path / "out"), os.path.join(llama_models["llama2"], "mcore")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))  # rl_rewards
+    env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="1",
+               PYTHONPATH=tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PR TP AC DO
+    # PROMPT_DATASET_PATH REWARD PRETRAIN_CHECKPOINT_PATH TRAIN_ITERS ROLLOUT_BATCH_SIZE
+    # NUM_SAMPLES MAX_NEW_TOKENS SAVE_INTERVAL OUTPUT_BASEPATH [FLAGS]
+    proc = harness.run_command(
+        ["bash", os.path.join(ROOT, "rlhf", "run_grpo_megatron.sh"), "dsw", "", ROOT, "tiny",
+         "4", "1e-3", "1e-3", "24", "fp32", "1", "none", "false", prompts, "rl_rewards:digits",
+         ckpt, "2", "2", "4", "8", "2", out, "--lr-decay-style", "constant"],
+        env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 2, proc.stdout
+    for name in ("reward mean", "reward std", "response length", "kl", "entropy",
+                 "clip fraction", "ratio", "ratio max", "logprob diff mean",
+                 "logprob diff max"):
+        assert f"| {name} " in steps[0], (name, steps[0])
+    (run,) = os.listdir(os.path.join(out, "tensorboard"))
+    events = EventAccumulator(os.path.join(out, "tensorboard", run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"rl/reward mean", "rl/reward std", "rl/response length", "rl/kl", "rl/entropy",
+            "rl/clip fraction", "rl/ratio", "rl/ratio max", "rl/logprob diff mean",
+            "rl/logprob diff max"} <= tags, tags
+    assert [e.step for e in events.Scalars("rl/reward mean")] == [1, 2]
+    (saved,) = os.listdir(os.path.join(out, "checkpoint"))
+    assert os.path.isdir(os.path.join(out, "checkpoint", saved, "iter_0000002")), saved

@@ -111,7 +111,8 @@ class PolicyMode(TrainingMode):
 
 
 class RLTrainer:
-    """GRPO on the trainer's model, optimizer, schedule and checkpoints."""
+    """GRPO and PPO on the trainer's model, optimizer, schedule and checkpoints (PPO's critic:
+    a second Trainer)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from megatron_patch.training.loop import Trainer
@@ -183,10 +184,10 @@ class RLTrainer:
     def _read_prompts(self) -> None:
         from transformers import AutoTokenizer
 
-        a = self.args
         from megatron_patch.models import load_hf_config
         from megatron_patch.models.score_head import check_kind
 
+        a = self.args
         check_kind(load_hf_config(os.path.join(a.load, checkpoint.HF_DIR)), reward=False,
                    source=a.load, flag="--load")
         source = a.tokenizer_model or os.path.join(a.load, checkpoint.HF_DIR)

@@ -33,7 +33,7 @@ class RolloutError(ValueError):
 @dataclass
 class Rollout:
     index: int  # its number in the run: seeds its sampling generator (generation.sample_seed)
-    prompt_index: int  # 0-based position of its prompt in the prompt file
+    prompt_index: int  # its prompt's index in the PromptSet (the file's prompts that fit)
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]  # of each completion token, as sampled
@@ -54,9 +54,13 @@ class PromptSet:
     def take(self, consumed: int, count: int, seed: int) -> list[int]:
         """Indices of the `count` prompts after the first `consumed` of the run."""
         n = len(self.ids)
+        orders: dict[int, list[int]] = {}
         out: list[int] = []
         for position in range(consumed, consumed + count):
-            out.append(self.order(seed, position // n)[position % n])
+            epoch = position // n
+            if epoch not in orders:
+                orders[epoch] = self.order(seed, epoch)
+            out.append(orders[epoch][position % n])
         return out
 
 
