@@ -50,6 +50,12 @@ def _train(args: argparse.Namespace) -> int:
     return loop.run(args)
 
 
+def _rl(args: argparse.Namespace) -> int:
+    from megatron_patch.rlhf import cli as rl_cli
+
+    return rl_cli.run(rl_cli.validate(args))
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from megatron_patch.data import preprocess
 
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_patch import generation, tiny, verify, vocab
     from megatron_patch.convert import megatron_lm
     from megatron_patch.data import preprocess
+    from megatron_patch.rlhf import cli as rl_cli
     from megatron_patch.training import arguments
 
     parser = errors.ArgumentParser(prog="megatron-patch", description=__doc__)
@@ -123,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     arguments.add_arguments(train)
     train.set_defaults(func=_train)
 
+    rl = sub.add_parser(
+        "rl", help="reinforcement learning (GRPO, PPO) with rollouts from the trained model "
+                   "itself; the flags of `train` plus --algorithm, --prompt-data-path, "
+                   "--reward-function / --reward-model")
+    rl_cli.add_arguments(rl)
+    rl.set_defaults(func=_rl)
+
     prep = sub.add_parser("preprocess", help="JSON lines -> Megatron .bin/.idx datasets")
     preprocess.add_arguments(prep)
     prep.set_defaults(func=_preprocess)
@@ -157,7 +171,7 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 # Where each command writes: an OSError without a file name (a full disk) is told against it.
 OUTPUTS = {"convert": "dst", "extend-vocab": "dst", "make-tiny": "out_dir", "train": "save",
-           "preprocess": "output_prefix", "generate": "output_file"}
+           "rl": "save", "preprocess": "output_prefix", "generate": "output_file"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,14 +95,28 @@ def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams
                       for row, generator in enumerate(generators)])
 
 
+def policy_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                    params: SamplingParams) -> torch.Tensor:
+    """log pi(token) of the policy the sampling draws from, before its truncations:
+    log_softmax(logits / temperature) over the whole vocabulary (temperature 1 when greedy).
+    Top-k / top-p only decide which tokens may be drawn; reinforcement learning trains (and
+    recomputes) this distribution, whose log-probs are what the trainer's forward gives."""
+    temperature = params.temperature if params.do_sample else 1.0
+    scores = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
              vocab_size: int, eos_token_ids: list[int], pad_token_id: int,
              params: SamplingParams = SamplingParams(), seed: int = 1234,
-             prompt_indices: Sequence[int] | None = None) -> list[list[int]]:
+             prompt_indices: Sequence[int] | None = None, return_logprobs: bool = False,
+             ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """Complete each prompt (token ids); returns the new tokens of each, EOS included.
 
     prompt_indices: each prompt's index in the run (default 0, 1, ...), which seeds its sampling
-    generator (`sample_seed`); pass the same index for a prompt whatever batch it is in."""
+    generator (`sample_seed`); pass the same index for a prompt whatever batch it is in.
+    return_logprobs: also return each new token's log-probability (`policy_logprobs`), as
+    (tokens, logprobs) lists of the same lengths."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     indices = _checked_indices(prompts, prompt_indices)
@@ -116,6 +130,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
                   for i in indices]
     eos = torch.tensor(eos_token_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     steps = 0
     # inference_mode rather than no_grad: less per-op bookkeeping in the decode loop.
     with torch.inference_mode():
@@ -131,13 +146,19 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
             full = logits[:, -1, :vocab_size]
             chosen = next_tokens(full, seen[:, :length], params, generators)
             chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
+            if return_logprobs:
+                logprobs[:, step] = policy_logprobs(full, chosen, params)
             tokens[:, length] = chosen
             seen[:, length] = chosen
             steps += 1
             done = done | torch.isin(chosen, eos)
             if bool(done.all()):
                 break
-    return _cut_after_eos(tokens[:, longest:longest + steps].tolist(), eos_token_ids)
+    results = _cut_after_eos(tokens[:, longest:longest + steps].tolist(), eos_token_ids)
+    if return_logprobs:
+        return results, [row[:len(kept)] for row, kept in zip(logprobs.tolist(), results,
+                                                               strict=True)]
+    return results
 
 
 def _checked_indices(prompts: list[list[int]],

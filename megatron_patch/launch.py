@@ -35,6 +35,12 @@ GENERATE_FIELDS = (
     "TEMPERATURE REPETITION_PENALTY"
 ).split()
 
+RL_FIELDS = (
+    "ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PR TP AC DO "
+    "PROMPT_DATASET_PATH REWARD PRETRAIN_CHECKPOINT_PATH TRAIN_ITERS ROLLOUT_BATCH_SIZE "
+    "NUM_SAMPLES MAX_NEW_TOKENS SAVE_INTERVAL OUTPUT_BASEPATH"
+).split()
+
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -233,8 +239,31 @@ def generate_command(argv: list[str]) -> list[str]:
             + flags + extra)
 
 
+def rl_command(argv: list[str], algorithm: str) -> list[str]:
+    """PPO / GRPO (`megatron-patch rl`). REWARD: a reward-model checkpoint directory, or a
+    rule-based reward function as module:function. Generation runs on the trained model, so
+    there is no pipeline parallelism (PP 1)."""
+    v, extra = _named(RL_FIELDS, argv, f"run_{algorithm}_megatron.sh")
+    dirs, _ = _run_dirs({**v, "PP": "1"}, algorithm)  # a run resumes from its own checkpoints
+    reward = v["REWARD"]
+    reward_flags = (["--reward-model", reward] if os.path.isdir(reward)
+                    else ["--reward-function", reward])
+    flags = dirs + [
+        "--algorithm", algorithm, "--prompt-data-path", v["PROMPT_DATASET_PATH"], *reward_flags,
+        "--micro-batch-size", v["BATCH_SIZE"], "--seq-length", v["SEQ_LEN"], "--lr", v["LR"],
+        "--min-lr", v["MIN_LR"], "--train-iters", v["TRAIN_ITERS"],
+        "--rollout-batch-size", v["ROLLOUT_BATCH_SIZE"],
+        "--num-samples-per-prompt", v["NUM_SAMPLES"], "--max-new-tokens", v["MAX_NEW_TOKENS"],
+        "--save-interval", v["SAVE_INTERVAL"],
+    ] + parallel_flags({**v, "PP": "1", "FL": "false", "SP": "false"}) + extra
+    return (torchrun_prefix(v["ENV"], int(v["TP"]), 1) + ["-m", "megatron_patch.rlhf.cli"]
+            + flags)
+
+
 COMMANDS = {"pretrain": pretrain_command, "finetune": finetune_command,
-            "generate": generate_command, "rm": rm_command, "dpo": dpo_command}
+            "generate": generate_command, "rm": rm_command, "dpo": dpo_command,
+            "grpo": lambda argv: rl_command(argv, "grpo"),
+            "ppo": lambda argv: rl_command(argv, "ppo")}
 
 # torchrun, through torchrun() below.
 TORCHRUN = [sys.executable, "-m", "megatron_patch.launch", "torchrun"]

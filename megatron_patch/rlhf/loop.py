@@ -1,0 +1,536 @@
+"""The reinforcement-learning loop: rollouts from the policy being trained (same processes, same
+weights: nothing is converted or synchronised), rewards, advantages, then clipped-surrogate
+updates through Megatron-Core's schedule, with the trainer's model, optimizer, scheduler,
+checkpoints and metrics.
+
+One step (`--train-iters` counts them):
+1. `--rollout-batch-size` prompts (in a seeded order, resumable from the count consumed), split
+   over the data-parallel ranks; `--num-samples-per-prompt` completions each, sampled by the
+   policy with their log-probs (rlhf/rollout.py).
+2. Rewards (rlhf/rewards.py), advantages (rlhf/advantages.py).
+3. A forward pass of the policy recomputes each sampled token's log-prob: these are the "old"
+   log-probs of the importance ratio (so the ratio of the first mini-batch is 1), and their
+   difference from the sampled ones is logged (rollout vs train). The reference model's
+   log-probs likewise.
+4. `--ppo-epochs` passes over the rollout batch in mini-batches of `--global-batch-size`
+   sequences, one optimizer step each; each mini-batch runs in micro-batches of
+   `--micro-batch-size` through Megatron-Core's schedule, whose per-token loss mode divides the
+   summed loss by the response tokens of the whole mini-batch (all micro-batches and DP ranks).
+
+Iterations in checkpoints count optimizer steps (--train-iters x --ppo-epochs x mini-batches
+per rollout batch); --train-iters, --save-interval and --exit-interval count RL steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from typing import Any
+
+import torch
+
+from megatron_patch import checkpoint, parallel
+from megatron_patch.generation import SamplingParams
+from megatron_patch.rlhf import advantages as adv
+from megatron_patch.rlhf import rollout
+from megatron_patch.rlhf.rewards import RewardError, load_reward_function
+from megatron_patch.training import checkpointing
+from megatron_patch.training.modes import Datasets, LossOutput, TrainingMode
+
+ALGORITHMS = ("grpo", "ppo")
+
+
+def is_rl_checkpoint(root: str) -> str | None:
+    """The algorithm of the run `root` holds a checkpoint of (then --load resumes it), else None
+    (a converted or SFT model: the starting policy)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = checkpoint.latest_iteration(root)
+    if iteration == "release":
+        return None
+    common = dist_checkpointing.load_common_state_dict(
+        checkpoint.existing_iteration_dir(root, iteration))
+    mode = common.get("train_mode")
+    return mode if mode in ALGORITHMS else None
+
+
+def _digest(rollouts: list[rollout.Rollout]) -> str:
+    """A fingerprint of this rank's sampled tokens (a resumed run must sample the same)."""
+    import hashlib
+
+    text = ";".join(",".join(map(str, r.completion_ids)) for r in rollouts)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RolloutShare:
+    """This data-parallel rank's samples of one rollout batch, indexed as the trainer's
+    micro-batch reader (`training.data.microbatches`) indexes a dataset: sample g of the global
+    batch order lies on DP rank (g // mbs) % dp, and each rank holds its micro-batches in order.
+    The length is the whole rollout batch's, so the reader's running sample count (modulo the
+    length) walks the mini-batches of every PPO epoch."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], micro_batch_size: int, dp: int) -> None:
+        self.batch, self.mbs, self.dp = batch, micro_batch_size, dp
+        self.local = batch["tokens"].shape[0]
+
+    def __len__(self) -> int:
+        return self.local * self.dp
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        row = (g // (self.mbs * self.dp)) * self.mbs + g % self.mbs
+        return {k: v[row] for k, v in self.batch.items()}
+
+
+class PolicyMode(TrainingMode):
+    """The trainer's view of GRPO: the clipped-surrogate loss (+ k3 KL to the reference) on
+    rollout batches, and the RL state saved in checkpoints."""
+
+    loss_name = "policy loss"
+    metric_names = ("policy loss", "kl", "entropy", "clip fraction", "ratio")
+
+    def __init__(self, trainer, rl: RLTrainer) -> None:
+        super().__init__(trainer)
+        self.rl = rl
+        self.name = rl.args.algorithm
+        self.maxima: list[torch.Tensor] = []  # [ratio max, |ratio - 1| max] per micro-batch
+
+    def build_datasets(self) -> Datasets:
+        # Rollout batches are made as training goes; optimizer steps: one per mini-batch.
+        return Datasets(None, None, self.rl.args.train_iters * self.rl.updates_per_step)
+
+    def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
+        return self.rl.policy_loss(batch, output)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rl.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rl.load_state_dict(state)
+
+
+class RLTrainer:
+    """GRPO and PPO on the trainer's model, optimizer, schedule and checkpoints (PPO's critic:
+    a second Trainer)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from megatron_patch.training.loop import Trainer
+
+        self.args = a = args
+        self.ppo = a.algorithm == "ppo"
+        # Before any work: the function imports, the reward model is one.
+        self.reward_function = (load_reward_function(a.reward_function) if a.reward_function
+                                else None)
+        if a.reward_model:
+            from megatron_patch.models import load_hf_config
+            from megatron_patch.models.score_head import check_kind
+
+            check_kind(load_hf_config(os.path.join(a.reward_model, checkpoint.HF_DIR)),
+                       reward=True, source=a.reward_model, flag="--reward-model")
+        resumed = is_rl_checkpoint(a.load)
+        if resumed not in (None, a.algorithm) and not a.finetune:
+            raise ValueError(f"--algorithm {a.algorithm}: {a.load} is a {resumed} run; resume it "
+                             f"with --algorithm {resumed} (or start from its weights with "
+                             "--finetune)")
+        self._read_prompts()  # checked before the model is built
+        self.n = a.num_samples_per_prompt
+        samples = a.rollout_batch_size * self.n
+        gbs = a.global_batch_size or samples
+        if samples % gbs:
+            raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} x "
+                             f"--num-samples-per-prompt {self.n} = {samples} sequences per step "
+                             f"is not a multiple of --global-batch-size {gbs}")
+        self.updates_per_step = a.ppo_epochs * samples // gbs
+        self.params = SamplingParams(do_sample=True, temperature=a.temperature, top_k=a.top_k,
+                                     top_p=a.top_p)
+        self.kl_controller = (adv.AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+                              if self.ppo and a.adaptive_kl else
+                              adv.FixedKLController(a.kl_coef))
+        self.consumed_prompts = 0
+        self.reference_source = {"load": os.path.abspath(a.ref_load or a.load),
+                                 "iteration": checkpoint.latest_iteration(a.ref_load or a.load)}
+        trainer_args = copy.copy(a)
+        trainer_args.global_batch_size = gbs
+        trainer_args.train_mode = a.algorithm  # recorded in checkpoints
+        trainer_args.finetune = a.finetune or resumed is None  # a starting policy: weights only
+        self.trainer = t = Trainer(trainer_args, mode=lambda trainer: PolicyMode(trainer, self))
+        if a.rollout_batch_size % t.dp:
+            raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} is not a multiple of "
+                             f"the data-parallel size {t.dp}")
+        self.reference = self._build_reference() if a.kl_coef > 0 else None
+        self.critic = None
+        if self.ppo:
+            from megatron_patch.rlhf import ppo
+            from megatron_patch.training.loop import Trainer as CriticTrainer
+
+            # A second Trainer: the same process groups (parallel.initialize sets up the same
+            # layout again), its own model, optimizer, schedule and checkpoints.
+            self.critic = CriticTrainer(
+                ppo.critic_args(a, trainer_args, resumed is not None),
+                mode=lambda trainer: ppo.CriticMode(trainer, t.train_iters, a.value_clip_eps))
+        self.reward_model, self.reward_pad = None, None
+        if a.reward_model:
+            self._load_reward_model()
+        self.last_rollouts: list[rollout.Rollout] = []
+        parallel.print_last_rank(
+            f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from {a.prompt_data_path} "
+            f"({self.prompts.skipped_long} skipped as too long); {a.rollout_batch_size} prompts "
+            f"x {self.n} samples per step, {self.updates_per_step} optimizer step(s) per step; "
+            "reference model: " + ("none (--kl-coef 0)" if self.reference is None else
+                                   f"{self.reference_source['load']} (iteration "
+                                   f"{self.reference_source['iteration']})"))
+
+    def _read_prompts(self) -> None:
+        from transformers import AutoTokenizer
+
+        from megatron_patch.models import load_hf_config
+        from megatron_patch.models.score_head import check_kind
+
+        a = self.args
+        check_kind(load_hf_config(os.path.join(a.load, checkpoint.HF_DIR)), reward=False,
+                   source=a.load, flag="--load")
+        source = a.tokenizer_model or os.path.join(a.load, checkpoint.HF_DIR)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {source} has no EOS token")
+        self.eos = [self.tokenizer.eos_token_id]
+        self.pad = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                    else self.tokenizer.eos_token_id)
+        self.prompts = rollout.load_prompts(
+            a.prompt_data_path, a.prompt_format, self.tokenizer, a.seq_length - a.max_new_tokens,
+            a.skip_long_prompts,
+            f"--seq-length {a.seq_length} minus --max-new-tokens {a.max_new_tokens}")
+
+    # ---- state saved in checkpoints (as the mode's state) ------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_prompts": self.consumed_prompts,
+                "kl_controller": self.kl_controller.state_dict(),
+                "reference": dict(self.reference_source)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed_prompts = int(state["consumed_prompts"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.args.ref_load and os.path.abspath(self.args.ref_load) != state["reference"][
+                "load"]:
+            raise ValueError(f"--ref-load {self.args.ref_load}: {self.args.load} is a run whose "
+                             f"reference is {state['reference']['load']}; a resumed run keeps it "
+                             "(leave --ref-load out)")
+        self.reference_source = dict(state["reference"])
+
+    @property
+    def step_count(self) -> int:
+        return self.trainer.iteration // self.updates_per_step
+
+    # ---- models ------------------------------------------------------------------------
+    def _build_reference(self) -> torch.nn.Module:
+        """A frozen copy of the starting policy (same layout, no gradients, no optimizer)."""
+        # Weights come from the checkpoint: no initialisation (which would also draw from the
+        # RNG streams a resumed run must find as they were saved).
+        _, module = self.trainer.build_module(perform_initialization=False)
+        checkpoint.load_model(self.reference_source["load"], module,
+                              self.reference_source["iteration"])
+        module.requires_grad_(False)
+        return module
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.trainer.model.module
+
+    # ---- one step ----------------------------------------------------------------------
+    def _my_prompts(self) -> tuple[list[int], int]:
+        """This DP rank's prompt indices for the step, and its first sample's run-wide index."""
+        a, t = self.args, self.trainer
+        step_prompts = self.prompts.take(self.consumed_prompts, a.rollout_batch_size, a.seed)
+        per_rank = a.rollout_batch_size // t.dp
+        first = t.dp_rank * per_rank
+        return (step_prompts[first:first + per_rank],
+                (self.consumed_prompts + first) * self.n)
+
+    def make_rollouts(self) -> list[rollout.Rollout]:
+        a, t = self.args, self.trainer
+        indices, first_index = self._my_prompts()
+        return rollout.sample(self.policy, [self.prompts.ids[i] for i in indices], indices,
+                              first_index, self.n, max_new_tokens=a.max_new_tokens,
+                              vocab_size=t.vocab_size, eos=self.eos, pad=self.pad,
+                              params=self.params, seed=a.seed,
+                              batch_size=a.rollout_micro_batch_size)
+
+    def _load_reward_model(self) -> None:
+        """The reward model, at the policy's layout; it must read the policy's token ids."""
+        from megatron_patch.rlhf.reward import load_reward_model
+
+        a, t = self.args, self.trainer
+        rm_vocab = checkpoint.read_meta(a.reward_model).vocab_size
+        if rm_vocab != t.vocab_size:
+            raise ValueError(f"--reward-model {a.reward_model} has a vocabulary of {rm_vocab} "
+                             f"tokens, the policy {t.vocab_size}: the reward model scores the "
+                             "policy's token ids, so both need the same tokenizer")
+        self.reward_model, self.reward_pad = load_reward_model(a.reward_model)
+        self.reward_model.requires_grad_(False)
+
+    def score(self, rollouts: list[rollout.Rollout], batch: dict[str, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [N] (the reward model's score of prompt + completion plus the reward
+        function's value, whichever are given) and which samples count ([N] bool: a group with
+        a bad reward is left out)."""
+        rewards = torch.zeros(len(rollouts))
+        if self.reward_model is not None:
+            from megatron_patch.rlhf.reward import score
+
+            lengths = torch.tensor([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts])
+            rewards += score([self.reward_model], batch["tokens"], self.reward_pad, lengths,
+                             micro_batch_size=self.args.micro_batch_size)
+        valid = [True] * len(rollouts)
+        if self.reward_function is not None:
+            values, valid = self._rule_rewards(rollouts)
+            rewards += values
+        groups = torch.tensor(valid).view(-1, self.n).all(dim=1, keepdim=True)
+        return rewards, groups.expand(-1, self.n).reshape(-1)
+
+    def _rule_rewards(self, rollouts: list[rollout.Rollout]) -> tuple[torch.Tensor, list[bool]]:
+        rewards, valid = [], []
+        for r in rollouts:
+            prompt = self.prompts.prompts[r.prompt_index]
+            text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+            prompt_text = self.tokenizer.decode(r.prompt_ids, skip_special_tokens=True)
+            try:
+                rewards.append(self.reward_function(prompt.record, prompt_text, text,
+                                                    prompt.where))
+                valid.append(True)
+            except RewardError:
+                if not self.args.skip_bad_rewards:
+                    raise
+                rewards.append(0.0)
+                valid.append(False)
+        return torch.tensor(rewards), valid
+
+    def forward_logprobs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                         ) -> torch.Tensor:
+        """Log-probs of every label under `model` ([N, S]), in micro-batches, no gradients."""
+        a, t = self.args, self.trainer
+        out = []
+        with torch.no_grad():
+            for start in range(0, batch["tokens"].shape[0], a.micro_batch_size):
+                rows = slice(start, start + a.micro_batch_size)
+                logits = model(batch["tokens"][rows], batch["position_ids"][rows], None)
+                out.append(rollout.token_logprobs(logits, batch["labels"][rows], t.vocab_size,
+                                                  a.temperature))
+        return torch.cat(out)
+
+    def prepare(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
+                valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training tensors of a packed rollout batch: old and reference log-probs,
+        per-token advantages."""
+        a = self.args
+        batch["loss_mask"] = batch["loss_mask"] * valid[:, None].float()
+        batch["old_logprobs"] = self.forward_logprobs(self.policy, batch)
+        if self.reference is not None:
+            batch["ref_logprobs"] = self.forward_logprobs(self.reference, batch)
+        if self.ppo:
+            self._ppo_advantages(batch, rewards)
+        else:
+            scores = adv.grpo_advantages(rewards, self.n, scale_by_std=not a.no_scale_rewards)
+            batch["advantages"] = scores[:, None] * batch["loss_mask"]
+        return batch
+
+    def _ppo_advantages(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> None:
+        """Per-token rewards (-coef x KL on each response token, the score on the last), GAE
+        over the critic's values, advantages whitened over the whole rollout batch."""
+        from megatron.core import parallel_state
+
+        from megatron_patch.rlhf import ppo
+
+        a, mask = self.args, batch["loss_mask"]
+        values = ppo.values(self.critic.module, batch, a.micro_batch_size) * mask
+        kl = (adv.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], a.kl_estimator)
+              if self.reference is not None else torch.zeros_like(mask))
+        token_rewards = adv.token_rewards(rewards, kl, mask, self.kl_controller.value)
+        advantages, returns = adv.gae(token_rewards, values, mask, a.gamma, a.lam)
+        group = parallel_state.get_data_parallel_group() if self.trainer.dp > 1 else None
+        batch.update(advantages=adv.whiten(advantages, mask, group=group), returns=returns,
+                     old_values=values)
+        # The KL of each sample (sum over its tokens), for the adaptive controller.
+        self._sequence_kl = torch.stack([(kl * mask).sum(), torch.tensor(float(len(mask)))])
+
+    def policy_loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
+        """The clipped surrogate (+ KL coefficient x KL to the reference) summed over the
+        micro-batch's response tokens, their count, and the metrics as [sum, count]."""
+        a, t = self.args, self.trainer
+        logp = rollout.token_logprobs(output, batch["labels"], t.vocab_size, a.temperature)
+        mask = batch["loss_mask"]
+        loss, ratio, clipped = adv.clipped_surrogate(logp, batch["old_logprobs"],
+                                                     batch["advantages"], a.clip_eps)
+        count = mask.sum()
+        values = {"policy loss": loss, "clip fraction": clipped.float(), "ratio": ratio,
+                  "entropy": rollout.token_entropy(output, t.vocab_size, a.temperature),
+                  "kl": torch.zeros_like(loss)}
+        if self.reference is not None:
+            kl = adv.kl_estimate(logp, batch["ref_logprobs"], a.kl_estimator)
+            if not self.ppo:  # PPO has the KL in its rewards
+                loss = loss + self.kl_controller.value * kl
+            values["kl"] = kl
+        reported = {name: torch.stack([(value.detach().float() * mask).sum(), count.detach()])
+                    for name, value in values.items()}
+        counted = mask > 0
+        ratio = ratio.detach()
+        self.trainer.mode.maxima.append(torch.stack([
+            ratio[counted].max() if counted.any() else ratio.new_tensor(1.0),
+            (ratio[counted] - 1).abs().max() if counted.any() else ratio.new_tensor(0.0)]))
+        return (loss * mask).sum(), count.to(torch.int), reported
+
+    def update(self, share: RolloutShare) -> dict[str, float]:
+        """One optimizer step (the trainer's) on the next mini-batch of the rollout batch."""
+        t = self.trainer
+        offset = t.consumed_samples % len(share)
+        if self._tokens(share, offset) == 0:  # every group skipped: the gradients would be 0 / 0
+            for trainer in (t, self.critic) if self.critic else (t,):
+                trainer.iteration += 1
+                trainer.consumed_samples += trainer.global_batch_size
+            return {"skipped": 1.0}
+        t.mode.maxima = []
+        t.datasets[0] = share  # train_step reads its next mini-batch from the training set
+        stats = t.train_step()
+        if self.critic is not None:
+            self.critic.datasets[0] = share
+            critic = self.critic.train_step()
+            stats.update({k: critic[k] for k in self.critic.mode.metric_names},
+                         critic_grad_norm=critic["grad_norm"])
+        maxima = torch.stack(t.mode.maxima).max(dim=0).values
+        self._all_reduce(maxima, torch.distributed.ReduceOp.MAX)
+        stats["ratio max"], stats["ratio deviation max"] = maxima.tolist()
+        return stats
+
+    def _tokens(self, share: RolloutShare, offset: int) -> float:
+        """Response tokens in the mini-batch at `offset`, over all data-parallel ranks."""
+        t = self.trainer
+        mbs = self.args.micro_batch_size
+        total = torch.zeros(1)
+        for m in range(t.num_microbatches):
+            start = offset + m * mbs * t.dp + t.dp_rank * mbs
+            for g in range(start, start + mbs):
+                total += share[g]["loss_mask"].sum()
+        return self._all_reduce(total).item()
+
+    def _all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        from megatron.core import parallel_state
+
+        if self.trainer.dp > 1:
+            torch.distributed.all_reduce(x, op=op or torch.distributed.ReduceOp.SUM,
+                                         group=parallel_state.get_data_parallel_group())
+        return x
+
+    def step(self) -> dict[str, Any]:
+        """One RL step: rollouts, rewards, updates. Returns its statistics (also logged)."""
+        a, t = self.args, self.trainer
+        began = time.time()
+        rollouts = self.make_rollouts()
+        generated = time.time()
+        batch = rollout.pack(rollouts, a.seq_length, self.pad)
+        rewards, valid = self.score(rollouts, batch)
+        batch = self.prepare(batch, rewards, valid)
+        prepared = time.time()
+        stats = self._rollout_stats(rollouts, rewards, valid, batch)
+        share = RolloutShare(batch, a.micro_batch_size, t.dp)
+        t.model.train()
+        updates = [self.update(share) for _ in range(self.updates_per_step)]
+        trained = time.time()
+        done = [u for u in updates if "policy loss" in u]
+        for key in PolicyMode.metric_names + ("grad_norm", "value loss", "value clip fraction"):
+            if done and key in done[0]:
+                stats[key] = sum(u[key] for u in done) / len(done)
+        if done:
+            stats["ratio max"] = max(u["ratio max"] for u in done)
+            # Before any update the policy is the one that computed the old log-probs.
+            stats["first ratio deviation"] = updates[0].get("ratio deviation max", 0.0)
+        stats["skipped updates"] = len(updates) - len(done)
+        stats["rollout digest"] = _digest(rollouts)
+        stats.update(generation_s=generated - began, inference_s=prepared - generated,
+                     training_s=trained - prepared)
+        stats["kl coef"] = self.kl_controller.value
+        if self.ppo:
+            sequence_kl = self._all_reduce(self._sequence_kl.double())
+            self.kl_controller.update((sequence_kl[0] / sequence_kl[1]).item(),
+                                      int(sequence_kl[1].item()))
+        self.consumed_prompts += a.rollout_batch_size
+        self.last_rollouts, self.last_rewards = rollouts, rewards
+        return stats
+
+    def _rollout_stats(self, rollouts, rewards, valid, batch) -> dict[str, float]:
+        mask = batch["loss_mask"]
+        counted = valid.float()
+        lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts])
+        diff = (batch["old_logprobs"] - batch["rollout_logprobs"]).abs() * mask
+        sums = torch.stack([(rewards * counted).sum(), (rewards.square() * counted).sum(),
+                            counted.sum(), (lengths * counted).sum(), diff.sum(), mask.sum(),
+                            (~valid).float().sum() / self.n,
+                            self._equal_reward_groups(rewards, valid)]).double()
+        self._all_reduce(sums)
+        top = diff.max().reshape(1)
+        self._all_reduce(top, torch.distributed.ReduceOp.MAX)
+        count = sums[2].clamp(min=1)
+        mean = sums[0] / count
+        return {"reward mean": mean.item(),
+                "reward std": (sums[1] / count - mean.square()).clamp(min=0).sqrt().item(),
+                "response length": (sums[3] / count).item(),
+                "logprob diff mean": (sums[4] / sums[5].clamp(min=1)).item(),
+                "logprob diff max": top.item(),
+                "skipped groups": int(sums[6].item()),
+                "equal-reward groups": int(sums[7].item())}
+
+    def _equal_reward_groups(self, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        grouped, ok = rewards.view(-1, self.n), valid.view(-1, self.n).all(dim=1)
+        same = (grouped == grouped[:, :1]).all(dim=1) & ok
+        return same.float().sum()
+
+    # ---- the run -----------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        """--train-iters steps (from where a resumed run stopped), saving at --save-interval
+        and stopping at --exit-interval as the trainer does, counted in RL steps."""
+        a, t = self.args, self.trainer
+        history = []
+        while self.step_count < a.train_iters:
+            stats = self.step()
+            history.append(stats)
+            self._log(stats)
+            step = self.step_count
+            saved = False
+            if a.save and a.save_interval and step % a.save_interval == 0:
+                self.save()
+                saved = True
+            if a.exit_interval and step % a.exit_interval == 0:
+                if a.save and not saved:
+                    self.save()
+                break
+        else:
+            if a.save and (not a.save_interval or self.step_count % a.save_interval):
+                self.save()
+        if t.writer:
+            t.writer.close()
+        return history
+
+    def save(self) -> None:
+        """The critic first: the actor's tracker, written last, marks the step as saved."""
+        if self.critic is not None:
+            checkpointing.save(self.critic)
+        checkpointing.save(self.trainer)
+
+    LOGGED = ("reward mean", "reward std", "response length", "kl", "entropy", "policy loss",
+              "clip fraction", "ratio", "ratio max", "logprob diff mean", "logprob diff max",
+              "grad_norm", "value loss", "value clip fraction", "kl coef", "skipped groups",
+              "equal-reward groups")
+
+    def _log(self, s: dict[str, Any]) -> None:
+        """Every step: one line on the last rank and the same scalars (rl/...) to TensorBoard."""
+        t = self.trainer
+        step = self.step_count
+        parallel.print_last_rank(" | ".join(
+            [f"step {step:5d}/{self.args.train_iters}"]
+            + [f"{k} {s[k]:.6g}" for k in self.LOGGED if k in s]
+            + [f"lr {t.optimizer.param_groups[0]['lr']:.3e}",
+               f"seconds generation/inference/training {s['generation_s']:.2f}/"
+               f"{s['inference_s']:.2f}/{s['training_s']:.2f}"]))
+        if t.writer:
+            for key in self.LOGGED:
+                if key in s:
+                    t.writer.add_scalar(f"rl/{key}", s[key], step)

@@ -1,0 +1,82 @@
+"""Rule-based rewards: a Python function named `module:function`.
+
+The function is called once per completion as `function(record, prompt, completion)`:
+- record: the prompt's JSON record as read from --prompt-data-path (a dict; a `.txt` prompt file
+  gives {"text": line}), so it can carry an answer key, e.g. {"prompt": ..., "answer": "42"};
+- prompt: the prompt text as the model saw it (chat-rendered where the record is rendered);
+- completion: the sampled completion, decoded without special tokens.
+It returns a number (bool, int or float). The module is imported like any Python module: from
+the current directory, PYTHONPATH, or an installed package.
+
+A function that raises, or returns something that is not a finite number, stops the run with an
+error naming the function and the prompt; with --skip-bad-rewards the prompt's group of samples
+is instead left out of the update and counted (`skipped groups` in the log).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class RewardError(ValueError):
+    pass
+
+
+@dataclass
+class RewardFunction:
+    name: str  # as given: module:function
+    function: Callable[[dict, str, str], Any]
+
+    def __call__(self, record: dict, prompt: str, completion: str, where: str) -> float:
+        """The reward as a float; RewardError naming the function and `where` otherwise."""
+        try:
+            value = self.function(record, prompt, completion)
+        except Exception as e:  # the user's code: any exception is reported the same way
+            raise RewardError(f"reward function {self.name} raised {type(e).__name__}: {e} "
+                              f"(on {where}, completion {completion[:80]!r})") from e
+        try:
+            if isinstance(value, str | bytes):
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward function {self.name} returned {type(value).__name__} "
+                              f"{value!r}, not a number (on {where})") from None
+        if not math.isfinite(number):
+            raise RewardError(f"reward function {self.name} returned {number} (on {where}, "
+                              f"completion {completion[:80]!r}); rewards must be finite numbers")
+        return number
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Import `module:function` (module may be dotted); errors name the flag and what is
+    missing."""
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise RewardError(f"--reward-function {spec!r}: give it as module:function, e.g. "
+                          "my_rewards:contains_answer")
+    # The current directory, as for `python -m`: the `megatron-patch` entry point's sys.path
+    # does not have it.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise RewardError(f"--reward-function {spec}: cannot import module {module_name!r} "
+                          f"({e}); put it in the current directory or on PYTHONPATH") from e
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise RewardError(f"--reward-function {spec}: module {module_name} "
+                          f"({getattr(module, '__file__', '?')}) has no function "
+                          f"{function_name!r}")
+    return RewardFunction(spec, function)
+
+
+def contains_word(record: dict, prompt: str, completion: str) -> float:
+    """Example: 1.0 when the completion contains the record's `word` (default "fox"), else 0."""
+    return float(str(record.get("word", "fox")) in completion)
