@@ -369,6 +369,7 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
     out of the fused qkv) is gathered from the file as it is written (`regions`)."""
     size = dtype.itemsize
     gather = fast_path.gather_from_files(regions, torch.uint8)
+    stacks = engine.ExpertStacks()
     byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
     for b in bindings:
         param, pieces = params[b.megatron], mapped[b.megatron]
@@ -382,10 +383,11 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
         else:
             whole = _whole_bytes(param, pieces)
             outputs = engine.megatron_to_hf([b], dims, lambda _, whole=whole: whole, byte_shapes,
-                                            gather)
+                                            gather, stacks)
         for name, data in outputs:
             # Viewed as its dtype for the writer only, which copies raw bytes (no alignment).
             yield name, data.contiguous().view(dtype).squeeze(-1)
+    stacks.check_complete()
 
 
 def _whole_bytes(param: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> (

@@ -209,7 +209,9 @@ def needs_local_layers(args: ModelArgs | None) -> bool:
                                  or args.parallel_attention or args.post_norms
                                  or args.mla is not None
                                  or bool(args.attn_logit_softcapping)
-                                 or args.local_rope_theta is not None)
+                                 or args.local_rope_theta is not None
+                                 # (tested with Megatron-Core's local softmax with sinks)
+                                 or args.attention_sinks)
 
 
 def transformer_engine_available() -> bool:
@@ -234,8 +236,8 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
     (Transformer Engine when it is importable on a GPU). Both write the same checkpoint keys.
     """
     if transformer_impl == "transformer_engine" and needs_local_layers(args):
-        raise ValueError("ALiBi, parallel attention and Gemma layers exist only as local modules; "
-                         "use transformer_impl='local' (or 'auto')")
+        raise ValueError("ALiBi, parallel attention, Gemma and GPT-OSS layers exist only as local "
+                         "modules; use transformer_impl='local' (or 'auto')")
     use_te = transformer_impl == "transformer_engine" or (
         transformer_impl == "auto" and transformer_engine_available()
         and not needs_local_layers(args))
