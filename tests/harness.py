@@ -159,3 +159,18 @@ def checkpoint_parity(model_dirs: dict[str, str], tp: int, pp: int, sp: bool,
             "loss_diff": abs(out["loss"] - ref["loss"]),
         }
     return report
+
+
+def by_expert_tp(model_dirs: dict[str, str], tp: int) -> list[tuple[int, dict[str, str]]]:
+    """The models (name -> a directory with hf/) grouped by the expert tensor parallel size
+    they run at with tensor parallel size `tp` (models.expert_tensor_parallel_size: 1 for
+    GPT-OSS's biased experts, else TP), TP's group first: a worker initialises its layout once
+    per group."""
+    from megatron_patch.models import expert_tensor_parallel_size, family_for, load_hf_config
+
+    groups: dict[int, dict[str, str]] = {}
+    for name, root in model_dirs.items():
+        cfg = load_hf_config(os.path.join(root, "hf"))
+        etp = expert_tensor_parallel_size(family_for(cfg).model_args(cfg), tp)
+        groups.setdefault(etp, {})[name] = root
+    return sorted(groups.items(), key=lambda group: group[0] != tp)

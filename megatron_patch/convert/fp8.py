@@ -21,14 +21,17 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def quantization(hf_config: dict[str, Any], path: str) -> dict[str, Any] | None:
-    """The checkpoint's FP8 quantization_config, None without one; other methods are refused."""
+    """The checkpoint's quantization_config, None without one: block-scaled FP8 (here) or
+    MXFP4 (convert/mxfp4.py); other methods are refused."""
     quant = hf_config.get("quantization_config")
     if not quant:
         return None
     method = quant.get("quant_method")
+    if method == "mxfp4":
+        return quant
     if method != "fp8":
         raise ValueError(f"{path}/config.json quantization_config.quant_method={method!r} is not "
-                         "supported (block-scaled fp8 only)")
+                         "supported (block-scaled fp8, mxfp4)")
     if len(quant.get("weight_block_size") or []) != 2:
         raise ValueError(f"{path}/config.json quantization_config.weight_block_size="
                          f"{quant.get('weight_block_size')!r}: expected [rows, cols]")

@@ -17,7 +17,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
-from megatron_patch.convert import distcp, engine, fast_path, fp8, hf_io
+from megatron_patch.convert import distcp, engine, fast_path, fp8, hf_io, mxfp4
 from megatron_patch.convert.file_regions import FileRegions
 from megatron_patch.models import build_stages, family_for, load_hf_config, pad_vocab_size
 from megatron_patch.models.spec import ModelArgs
@@ -205,7 +205,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     quant = fp8.quantization(hf_config, hf_dir)
     if quant is not None:
         # Read dequantised; the converted checkpoint (and its config) is unquantised.
-        reader = fp8.DequantizingReader(reader, quant)
+        reader = (mxfp4.DequantizingReader(reader) if quant["quant_method"] == "mxfp4"
+                  else fp8.DequantizingReader(reader, quant))
         hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
