@@ -34,12 +34,14 @@ def gpt_oss(seed: int = 0, **changes):
         model = transformers.GptOssForCausalLM(
             transformers.GptOssConfig(**{**TINY, **changes})).float().eval()
         randomize_norms(model)
+        # Scales at which each of them moves the logits, and greedy generation is not one
+        # token repeated (large input-independent biases would make it so).
+        scales = {"sinks": 1.0, "bias": 0.1, "gate_up_proj": 0.2, "down_proj": 0.2,
+                  "embed_tokens.weight": 0.5, "lm_head.weight": 0.5}
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith(("bias", "sinks")):
-                    p.normal_(0.0, 0.5)
-                elif name.endswith(("gate_up_proj", "down_proj")):
-                    p.normal_(0.0, 0.1)
+                if std := next((v for k, v in scales.items() if name.endswith(k)), None):
+                    p.normal_(0.0, std)
             for layer in model.model.layers:
                 # Initialised router weights give near-tied logits: make the routing decisive.
                 layer.mlp.router.weight.mul_(20)
