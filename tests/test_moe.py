@@ -34,6 +34,10 @@ def _prepare_moe_models(root: str) -> None:
             n_routed_experts=4, moe_intermediate_size=48, n_shared_experts=1, q_lora_rank=32,
             kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
             n_group=2, topk_group=1, first_k_dense_replace=1),
+        # Attention sinks, biases everywhere (router and experts too), the clamped SwiGLU,
+        # sliding-window layers, YaRN; experts stacked in the checkpoint.
+        "gpt_oss": transformers.GptOssConfig(
+            **shape, num_local_experts=4, head_dim=16, sliding_window=8, swiglu_limit=1.0),
     }
     for name, config in configs.items():
         torch.manual_seed(0)
@@ -61,13 +65,14 @@ def _ep_flags(ep: int) -> tuple:
     return ("--expert-model-parallel-size", str(ep))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_moe_loss_goes_down_and_ep_does_not_change_it(moe_models, family):
     """DP=2 with all experts on each rank vs. DP=2 with the experts split over EP=2: routing is
     dropless, so each token meets the same experts and the curves agree (fp32 reduction order
     only, 1e-5 as in test_training). The load-balancing loss (router_aux_loss_coef 0.01) trains
     along in both. Qwen3-MoE's and DeepSeek-V3's dense first layers are data-parallel in both;
-    DeepSeek-V3's expert bias follows the global expert loads in both."""
+    DeepSeek-V3's expert bias follows the global expert loads in both; GPT-OSS's expert biases
+    and attention sinks train."""
     ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     dense = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
     split = harness.run(_train, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
@@ -202,8 +207,9 @@ def test_qwen2_moe_without_qkv_bias():
         assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) is bias
 
 
-# Qwen3-MoE's state is Mixtral's kind; DeepSeek-V3 adds the router's expert bias.
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+# Qwen3-MoE's state is Mixtral's kind; DeepSeek-V3 adds the router's expert bias, GPT-OSS
+# biases on the router and experts and the attention sinks.
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(moe_models, family,
                                                                     tmp_path):
     ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -77,9 +78,24 @@ class Norm(torch.nn.Module):
         return h.to(dtype)
 
 
-def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
+class BiasedExpertRowParallelLinear(tensor_parallel.RowParallelLinear):
+    """An expert's fc2 whose output is a tensor of its own while training.
+
+    Megatron-Core 0.16's expert MLP adds the routing-weighted fc2 bias to fc2's output in place
+    (transformer/mlp.py); that output can be the very tensor the tensor-parallel reduction's
+    autograd Function returned (it passes its input through on one rank), and autograd refuses
+    the in-place change while training. Copied then; only experts with biases (GPT-OSS)."""
+
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        return (output.clone() if torch.is_grad_enabled() else output), bias
+
+
+def _moe_mlp_spec(num_experts: int, biased: bool = False) -> ModuleSpec:
     """Megatron-Core's MoE layer (router, experts, optional shared expert) from its local
     modules: experts run one after the other (SequentialMLP)."""
+    import dataclasses
+
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe import moe_utils
 
@@ -88,7 +104,12 @@ def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
     # only when Transformer Engine imports (NameError without it); None selects its torch.mm path.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    return get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+    spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+    if biased:
+        experts = spec.submodules.experts
+        experts.submodules = dataclasses.replace(experts.submodules,
+                                                 linear_fc2=BiasedExpertRowParallelLinear)
+    return spec
 
 
 def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
@@ -128,7 +149,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
     else:
         # Transformer Engine's MoE layer keeps its own pre_mlp_layernorm (no fused norm+linear
         # in front of the router): same key here.
-        mlp = _moe_mlp_spec(num_experts)
+        mlp = _moe_mlp_spec(num_experts, biased=args is not None and args.add_bias_linear)
     if args is not None and args.mla is not None:
         self_attention = _mla_spec(core_attention)
         keys_map.pop("input_layernorm.")
