@@ -240,13 +240,15 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.models import from_checkpoint
+    from megatron_patch.models import checkpoint_expert_tensor_parallel_size, from_checkpoint
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
-    parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
+    parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed,
+                        expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
+                            args.load, args.tensor_model_parallel_size))
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model, meta = from_checkpoint(args.load, params_dtype=dtype)
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model

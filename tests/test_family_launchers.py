@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("qwen", "baichuan", "chatglm", "starcoder2")
 # Families with launchers but no Pai-Megatron-Patch convertor script to keep compatible.
-LAUNCHER_ONLY = ("qwen3_moe", "gemma", "deepseek")
+LAUNCHER_ONLY = ("qwen3_moe", "gemma", "deepseek", "gpt_oss")
 MODES = {"pretrain": "pretrain", "finetune": "finetune", "text_generation": "generate"}
 
 

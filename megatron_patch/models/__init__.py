@@ -15,6 +15,7 @@ from megatron_patch.models.build import (
     build_model,
     build_stages,
     check_layout,
+    checkpoint_expert_tensor_parallel_size,
     expert_tensor_parallel_size,
     from_checkpoint,
     load_hf_config,
@@ -25,6 +26,7 @@ from megatron_patch.models.spec import FamilySpec, ModelArgs, pad_vocab_size
 
 __all__ = [
     "ACTIVATIONS", "BuiltModel", "FamilySpec", "ModelArgs", "build_model", "build_stages",
-    "check_layout", "expert_tensor_parallel_size", "family_for", "from_checkpoint",
+    "check_layout", "checkpoint_expert_tensor_parallel_size", "expert_tensor_parallel_size",
+    "family_for", "from_checkpoint",
     "load_hf_config", "pad_vocab_size", "supported_architectures", "transformer_config",
 ]

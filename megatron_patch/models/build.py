@@ -43,6 +43,15 @@ def expert_tensor_parallel_size(args: ModelArgs, tp: int) -> int:
     return 1 if args.num_moe_experts is not None and args.add_bias_linear else tp
 
 
+def checkpoint_expert_tensor_parallel_size(ckpt_dir: str, tp: int) -> int:
+    """expert_tensor_parallel_size of the model a converted checkpoint holds (for entry points
+    that set up the parallel layout before building the model)."""
+    from megatron_patch import checkpoint
+
+    hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
+    return expert_tensor_parallel_size(family_for(hf_config).model_args(hf_config), tp)
+
+
 def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
                  vpp: int | None = None, ep: int = 1, etp: int | None = None) -> None:
     """Refuse a parallel layout that cannot split this model, before any work is done.
