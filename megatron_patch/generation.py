@@ -240,7 +240,11 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.models import checkpoint_expert_tensor_parallel_size, from_checkpoint
+    from megatron_patch.models import (
+        checkpoint_expert_tensor_parallel_size,
+        from_checkpoint,
+        params_dtype_from_flags,
+    )
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     if args.pipeline_model_parallel_size > 1:
@@ -249,8 +253,7 @@ def run(args) -> int:
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed,
                         expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
                             args.load, args.tensor_model_parallel_size))
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    model, meta = from_checkpoint(args.load, params_dtype=dtype)
+    model, meta = from_checkpoint(args.load, params_dtype=params_dtype_from_flags(args))
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))
     params = sampling_params(args)

@@ -19,6 +19,7 @@ from megatron_patch.models.build import (
     expert_tensor_parallel_size,
     from_checkpoint,
     load_hf_config,
+    params_dtype_from_flags,
     transformer_config,
 )
 from megatron_patch.models.registry import family_for, supported_architectures
@@ -27,6 +28,6 @@ from megatron_patch.models.spec import FamilySpec, ModelArgs, pad_vocab_size
 __all__ = [
     "ACTIVATIONS", "BuiltModel", "FamilySpec", "ModelArgs", "build_model", "build_stages",
     "check_layout", "checkpoint_expert_tensor_parallel_size", "expert_tensor_parallel_size",
-    "family_for", "from_checkpoint",
-    "load_hf_config", "pad_vocab_size", "supported_architectures", "transformer_config",
+    "family_for", "from_checkpoint", "load_hf_config", "pad_vocab_size",
+    "params_dtype_from_flags", "supported_architectures", "transformer_config",
 ]
