@@ -394,3 +394,27 @@ def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):
     assert r["quantized"] > 10 and not r["config_quantized"], r
     # fp32 on CPU, both sides multiply the same fp8 values by the same scales.
     assert r["max_abs"] <= 1e-4, r
+
+
+def test_gpt_oss_trains_at_tp2_with_whole_experts(moe_models, tmp_path):
+    """GPT-OSS's biased experts run at expert tensor parallel size 1 (models.
+    expert_tensor_parallel_size): at TP=2 + SP the attention is split, each rank holds every
+    expert whole and meets its own slice of the sequence; expert gradients are summed over the
+    TP ranks once, and both ranks clip by the same norm. The loss curve is TP=1's (fp32
+    reduction order only, 1e-5 as in test_training). Without the load-balancing loss, which
+    Megatron-Core computes per sequence slice under SP (for Mixtral too)."""
+    import json
+    import shutil
+
+    ckpt, data = str(tmp_path / "gpt_oss"), os.path.join(moe_models, "tokens")
+    shutil.copytree(os.path.join(moe_models, "gpt_oss", "mcore"), ckpt)
+    config_path = os.path.join(ckpt, "hf", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "router_aux_loss_coef": 0.0}, f)
+    one = harness.run(_train, 1, ckpt, data, iters=8, lr=5e-3)[0]
+    two = harness.run(_train, 2, ckpt, data, iters=8, lr=5e-3, tp=2, sp=True)[0]
+    assert sum(two[-3:]) / 3 < two[0] - 0.5, two
+    diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
+    assert diff <= 1e-5, (diff, one, two)

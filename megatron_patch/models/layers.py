@@ -78,13 +78,47 @@ class Norm(torch.nn.Module):
         return h.to(dtype)
 
 
-class BiasedExpertRowParallelLinear(tensor_parallel.RowParallelLinear):
-    """An expert's fc2 whose output is a tensor of its own while training.
+def _expert_parameters_of_their_own(linear: torch.nn.Module) -> None:
+    """Experts with biases run at expert tensor parallel size 1: at TP > 1 each TP rank holds
+    every expert whole and meets its own tokens (a slice of the sequence), so the experts'
+    gradients must be summed over the expert data parallel group (which holds those TP ranks).
+    Megatron-Core reduces parameters tagged allreduce=False there, but tags experts so only at
+    EP > 1 (at EP = 1 they would be averaged over the dense data-parallel ranks only, and each
+    TP rank's copy would drift)."""
+    for param in linear.parameters():
+        param.allreduce = False
 
-    Megatron-Core 0.16's expert MLP adds the routing-weighted fc2 bias to fc2's output in place
-    (transformer/mlp.py); that output can be the very tensor the tensor-parallel reduction's
-    autograd Function returned (it passes its input through on one rank), and autograd refuses
-    the in-place change while training. Copied then; only experts with biases (GPT-OSS)."""
+
+class BiasedExpertColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """The fc1 of experts with biases (GPT-OSS): see _expert_parameters_of_their_own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _expert_parameters_of_their_own(self)
+
+
+class BiasedExpertRowParallelLinear(tensor_parallel.RowParallelLinear):
+    """The fc2 of experts with biases (GPT-OSS), which run at expert tensor parallel size 1.
+
+    - Its parameters are reduced as experts' (_expert_parameters_of_their_own).
+    - Its output is a tensor of its own while training: Megatron-Core 0.16's expert MLP adds the
+      routing-weighted bias to fc2's output in place (transformer/mlp.py), and that output can
+      be the very tensor the tensor-parallel reduction's autograd Function returned (it passes
+      its input through on one rank), which autograd refuses.
+    - Its bias is not tagged sequence-parallel: megatron tags every row-parallel bias so, and
+      finalize_model_grads would then sum its gradient over the TP ranks once more, after the
+      expert data parallel reduction summed it over them.
+    - Its bias is tagged as a tensor-parallel one, as the experts' other parameters are: the
+      expert optimizer counts untagged parameters in its gradient norm on TP rank 0 only but
+      reduces the norm over the expert tensor/pipeline group (no TP peer in it at expert TP 1),
+      so TP ranks would clip by different norms and their copies drift."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _expert_parameters_of_their_own(self)
+        if self.bias is not None:
+            self.bias.sequence_parallel = False
+            tensor_parallel.set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
 
     def forward(self, input_: torch.Tensor, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
@@ -107,8 +141,9 @@ def _moe_mlp_spec(num_experts: int, biased: bool = False) -> ModuleSpec:
     spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
     if biased:
         experts = spec.submodules.experts
-        experts.submodules = dataclasses.replace(experts.submodules,
-                                                 linear_fc2=BiasedExpertRowParallelLinear)
+        experts.submodules = dataclasses.replace(
+            experts.submodules, linear_fc1=BiasedExpertColumnParallelLinear,
+            linear_fc2=BiasedExpertRowParallelLinear)
     return spec
 
 
