@@ -78,6 +78,9 @@ class Norm(torch.nn.Module):
         return h.to(dtype)
 
 
+# megatron-core internal: the parameter tags DDP, finalize_model_grads and the optimizer read
+# (allreduce, sequence_parallel, tensor_model_parallel), set on biased experts' linears below, and
+# the expert MLP's in-place bias add (test_megatron_core_contract.py).
 def _expert_parameters_of_their_own(linear: torch.nn.Module) -> None:
     """Experts with biases run at expert tensor parallel size 1: at TP > 1 each TP rank holds
     every expert whole and meets its own tokens (a slice of the sequence), so the experts'

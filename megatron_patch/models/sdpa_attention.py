@@ -55,8 +55,9 @@ class SDPADotProductAttention(DotProductAttention):
         self.scale_mask_softmax.window_size = None
         self._sdpa_ok = self.softmax_offset is None
         if isinstance(self.softmax_offset, torch.nn.Parameter):
-            # Learnable offsets (GPT-OSS's sinks) are split over TP by head, but megatron-core
-            # 0.16 leaves them untagged, so the gradient norm would count rank 0's part only.
+            # megatron-core internal: the tensor_model_parallel tag. Learnable offsets (GPT-OSS's
+            # sinks) are split over TP by head, but megatron-core 0.16 leaves them untagged, so
+            # the gradient norm would count rank 0's part only.
             from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
             set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
