@@ -129,15 +129,19 @@ def _scale_mask_softmax() -> str | None:
 
 
 def _parameter_tags() -> str | None:
-    from megatron.core.distributed import distributed_data_parallel, finalize_model_grads
+    import importlib
+
+    from megatron.core.distributed import distributed_data_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.mlp import MLP
 
     problems = []
     if "'allreduce'" not in inspect.getsource(distributed_data_parallel):
         problems.append("DDP no longer tells expert parameters by their `allreduce` tag")
+    # (The package's name finalize_model_grads is the function, not the module.)
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
     if "sequence_parallel" not in inspect.getsource(
-            finalize_model_grads._allreduce_non_tensor_model_parallel_grads):
+            finalize._allreduce_non_tensor_model_parallel_grads):
         problems.append("finalize_model_grads no longer sums `sequence_parallel` gradients")
     if "output += output_bias" not in inspect.getsource(MLP.forward):
         problems.append("the expert MLP no longer adds its bias in place (the copy can go)")
