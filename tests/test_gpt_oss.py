@@ -3,7 +3,6 @@ dequantisation), the released config read into Megatron-Core settings, refusals 
 stacked-experts transforms. (Parity at every layout, round trips and generation: test_zoo.py,
 case zoo/gpt_oss.py; EP training: test_moe.py.)"""
 
-import json
 import math
 import os
 import re
@@ -156,11 +155,6 @@ def _mxfp4_parity(root: str) -> dict:
     from safetensors.torch import load_file, save_file
     from zoo.gpt_oss import gpt_oss
 
-    from megatron_patch import parallel, tiny
-    from megatron_patch.convert.hf_megatron import hf_to_megatron
-    from megatron_patch.forward import forward_logits
-    from megatron_patch.models import from_checkpoint
-
     hf_dir = os.path.join(root, "hf")
     # Every expert input a whole number of 32-value blocks.
     gpt_oss(seed=3, intermediate_size=64, num_hidden_layers=2)().save_pretrained(hf_dir)
@@ -169,32 +163,14 @@ def _mxfp4_parity(root: str) -> dict:
     for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         tensors[name + "_blocks"], tensors[name + "_scales"] = _quantize_mxfp4(tensors.pop(name))
     save_file(tensors, path, metadata={"format": "pt"})
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = GPT_OSS_20B["quantization_config"]
-    with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    tiny.train_tokenizer(hf_dir)
-    oracle = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32,
-        quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
-    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = oracle(input_ids=tokens).logits
-    hf_to_megatron(hf_dir, os.path.join(root, "mcore"), params_dtype=torch.float32)
-    parallel.initialize(1, 1)
-    model, meta = from_checkpoint(os.path.join(root, "mcore"))
-    model.eval()
-    out = forward_logits([model], tokens, meta.vocab_size)
+    r = harness.dequantized_import(hf_dir, root, GPT_OSS_20B["quantization_config"],
+                                   transformers.Mxfp4Config(dequantize=True))
     # The same dequantised expert weights as transformers', bit for bit.
-    ours = model.decoder.layers[1].mlp.experts.local_experts[3].linear_fc2.weight
-    theirs = oracle.model.layers[1].mlp.experts.down_proj[3].T
-    with open(os.path.join(root, "mcore", "hf", "config.json")) as f:
-        converted_config = json.load(f)
-    return {"max_abs": (out["logits"] - expected).abs().max().item(),
-            "same_weights": torch.equal(ours, theirs),
+    ours = r["model"].decoder.layers[1].mlp.experts.local_experts[3].linear_fc2.weight
+    theirs = r["oracle"].model.layers[1].mlp.experts.down_proj[3].T
+    return {"max_abs": r["max_abs"], "same_weights": torch.equal(ours, theirs),
             "quantized": sum(n.endswith("_blocks") for n in tensors),
-            "config_quantized": "quantization_config" in converted_config}
+            "config_quantized": r["config_quantized"]}
 
 
 def test_mxfp4_checkpoint_imports_dequantised(tmp_path):

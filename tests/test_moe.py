@@ -333,16 +333,9 @@ def _fp8_parity(root: str) -> dict:
     """A tiny DeepSeek-V3 quantised as DeepSeek-V3's checkpoints are (float8_e4m3fn linears,
     float32 scale_inv per [16, 16] block, router/norms/embeddings unquantised), against
     transformers' own dequantisation of that checkpoint."""
-    import json
-
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
-
-    from megatron_patch import parallel, tiny
-    from megatron_patch.convert.hf_megatron import hf_to_megatron
-    from megatron_patch.forward import forward_logits
-    from megatron_patch.models import from_checkpoint
 
     torch.manual_seed(0)
     config = transformers.DeepseekV3Config(
@@ -363,30 +356,12 @@ def _fp8_parity(root: str) -> dict:
         tensors[name] = (w / expanded).to(torch.float8_e4m3fn)
         tensors[name + "_scale_inv"] = scale
     save_file(tensors, path, metadata={"format": "pt"})
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                  "activation_scheme": "dynamic",
-                                  "weight_block_size": [block, block]}
-    with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    tiny.train_tokenizer(hf_dir)
-    oracle = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32,
-        quantization_config=transformers.FineGrainedFP8Config(dequantize=True)).eval()
-    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = oracle(input_ids=tokens).logits
-    hf_to_megatron(hf_dir, os.path.join(root, "mcore"), params_dtype=torch.float32)
-    parallel.initialize(1, 1)
-    model, meta = from_checkpoint(os.path.join(root, "mcore"))
-    model.eval()
-    out = forward_logits([model], tokens, meta.vocab_size)
-    with open(os.path.join(root, "mcore", "hf", "config.json")) as f:
-        converted_config = json.load(f)
-    return {"max_abs": (out["logits"] - expected).abs().max().item(),
-            "quantized": sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()),
-            "config_quantized": "quantization_config" in converted_config}
+    r = harness.dequantized_import(
+        hf_dir, root, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [block, block]},
+        transformers.FineGrainedFP8Config(dequantize=True))
+    return {"max_abs": r["max_abs"], "config_quantized": r["config_quantized"],
+            "quantized": sum(t.dtype == torch.float8_e4m3fn for t in tensors.values())}
 
 
 def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):

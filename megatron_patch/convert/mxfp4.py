@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patch.convert.hf_io import HFCheckpointReader
+from megatron_patch.convert.hf_io import HFCheckpointReader, QuantizedReader
 
 BLOCKS, SCALES = "_blocks", "_scales"
 # E2M1 codes 0-15: sign bit 8, then the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
@@ -38,15 +38,12 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return values.flatten(-2).transpose(-1, -2).contiguous()
 
 
-class DequantizingReader:
+class DequantizingReader(QuantizedReader):
     """An HFCheckpointReader where each `W_blocks` / `W_scales` pair reads as the dequantised
     tensor `W`. Everything else is the wrapped reader's."""
 
     def __init__(self, reader: HFCheckpointReader, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.reader = reader
-        self.path = reader.path
-        self.regions = reader.regions
-        self.dtype_of_dequantized = dtype
+        super().__init__(reader, dtype)
         names = set(reader.names())
         self.quantized = {n.removesuffix(BLOCKS) for n in names
                           if n.endswith(BLOCKS) and n.removesuffix(BLOCKS) + SCALES in names}
@@ -57,22 +54,15 @@ class DequantizingReader:
                              f"pair: {unpaired[:5]}")
         if clash := sorted(self.quantized & names):
             raise ValueError(f"{reader.path}: tensors stored both quantised and not: {clash[:5]}")
-        self._names = [n for n in reader.names() if not n.endswith(SCALES)
-                       or n.removesuffix(SCALES) not in self.quantized]
-        self._names = [n.removesuffix(BLOCKS) if n.endswith(BLOCKS)
-                       and n.removesuffix(BLOCKS) in self.quantized else n for n in self._names]
-
-    def names(self) -> list[str]:
-        return list(self._names)
+        self._names = [n.removesuffix(BLOCKS) if n.removesuffix(BLOCKS) in self.quantized else n
+                       for n in reader.names()
+                       if not (n.endswith(SCALES) and n.removesuffix(SCALES) in self.quantized)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.quantized:
             return self.reader.shape(name)
         *prefix, rows, groups, per_block = self.reader.shape(name + BLOCKS)
         return (*prefix, groups * per_block * 2, rows)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.dtype_of_dequantized if name in self.quantized else self.reader.dtype(name)
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self.quantized:
@@ -81,13 +71,3 @@ class DequantizingReader:
             return dequantize(self.reader.read(name + BLOCKS), self.reader.read(name + SCALES))
         except ValueError as e:
             raise ValueError(f"{self.path}: {name}{BLOCKS}/{SCALES}: {e}") from e
-
-    def read_raw(self, name: str) -> torch.Tensor:
-        """A tensor as stored (blocks and scales included)."""
-        return self.reader.read(name)
-
-    def raw_names(self) -> list[str]:
-        return self.reader.names()
-
-    def close(self) -> None:
-        self.reader.close()

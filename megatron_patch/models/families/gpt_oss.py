@@ -26,9 +26,9 @@ from typing import Any
 from megatron_patch.models import rope
 from megatron_patch.models.families.derived import Derived, either
 from megatron_patch.models.families.gemma import _validate, _window_pattern
-from megatron_patch.models.families.llama import LLAMA_WEIGHTS
+from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_WEIGHTS
 from megatron_patch.models.registry import register
-from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings
+from megatron_patch.models.spec import ConfigField, FamilySpec
 from megatron_patch.models.weight_rules import (
     QKV,
     STACKED_DOWN,
@@ -74,18 +74,15 @@ def _check(cfg: dict[str, Any]) -> None:
                          "lengths) is not supported: give factor")
 
 
-GPT_OSS_CONFIG = (
-    ConfigField("num_hidden_layers", "num_layers"),
-    ConfigField("hidden_size", "hidden_size"),
-    ConfigField("intermediate_size", "ffn_hidden_size"),
-    ConfigField("num_attention_heads", "num_attention_heads"),
-    ConfigField("num_key_value_heads", "num_query_groups", lambda c: c["num_attention_heads"]),
+# transformers' GptOssConfig defaults differ from Llama's for these keys.
+_OWN_DEFAULTS = (
     ConfigField("head_dim", "kv_channels", 64),
-    ConfigField("vocab_size", "vocab_size"),
     ConfigField("max_position_embeddings", "max_sequence_length", 131072),
     ConfigField("rms_norm_eps", "layernorm_epsilon", 1e-5),
-    tie_word_embeddings(False),
-    ConfigField("attention_dropout", "attention_dropout", 0.0),
+)
+
+GPT_OSS_CONFIG = tuple(f for f in LLAMA_CONFIG
+                       if f.megatron not in {o.megatron for o in _OWN_DEFAULTS}) + _OWN_DEFAULTS + (
     ConfigField("sliding_window", "sliding_window", 128),
     Derived("layer_types", "window_pattern", _window_pattern(2)),
     Derived("rope_parameters", "softmax_scale", _softmax_scale),
