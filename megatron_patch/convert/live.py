@@ -9,7 +9,9 @@ Memory: the mappings' transforms only move rows (fast_path.row_origins), so load
 tensor at a time from its file (plain reads, no memory map) and each rank copies the rows its
 parts take straight from it into its parameters; export gathers each HF tensor straight from the
 ranks' parts. Either way one tensor is all that is held beyond the model. (A transform that is
-not a row move would be run by the engine on whole tensors.)
+not a row move would be run by the engine on whole tensors. Experts stacked in one HF tensor
+(GPT-OSS): each rank reads it once and slices the experts it holds, so an EP rank converts only
+its own; export stacks every expert's slice, gathered from the ranks that hold it.)
 """
 
 from __future__ import annotations
