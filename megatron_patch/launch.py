@@ -179,16 +179,35 @@ def pretrain_command(argv: list[str]) -> list[str]:
 
 def finetune_command(argv: list[str]) -> list[str]:
     """SFT: samples are padded (or packed) to PAD_LEN, which must not exceed SEQ_LEN."""
-    v, extra = _named(FINETUNE_FIELDS, argv, "run_finetune_*.sh")
+    return _from_model_command(argv, "finetune", "run_finetune_*.sh")
+
+
+def rm_command(argv: list[str]) -> list[str]:
+    """Reward-model training (rlhf/run_rm_megatron.sh): the fine-tuning fields, with preference
+    pairs as TRAIN/VALID_DATASET_PATH, each side padded to PAD_LEN."""
+    return _from_model_command(argv, "rm", "run_rm_megatron.sh")
+
+
+def dpo_command(argv: list[str]) -> list[str]:
+    """DPO (rlhf/run_dpo_megatron.sh): the fine-tuning fields, with preference pairs as
+    TRAIN/VALID_DATASET_PATH, each side padded to PAD_LEN; PRETRAIN_CHECKPOINT_PATH is the
+    policy's start and the frozen reference. DPO's settings (--dpo-beta, --dpo-loss,
+    --dpo-label-smoothing) go among the extra flags."""
+    return _from_model_command(argv, "dpo", "run_dpo_megatron.sh")
+
+
+def _from_model_command(argv: list[str], mode: str, script: str) -> list[str]:
+    """A run of `--train-mode mode` from PRETRAIN_CHECKPOINT_PATH on JSON(L) records."""
+    v, extra = _named(FINETUNE_FIELDS, argv, script)
     if int(v["PAD_LEN"]) > int(v["SEQ_LEN"]):
         raise ValueError(f"PAD_LEN {v['PAD_LEN']} exceeds SEQ_LEN {v['SEQ_LEN']}")
-    dirs, resume = _run_dirs(v, "finetune")
+    dirs, resume = _run_dirs(v, mode)
     if not resume:
         # Starting from a model, not resuming this run: its weights only (a pretraining
         # checkpoint's optimizer state and iteration are not carried over).
         dirs.append("--finetune")
     flags = dirs + [
-        "--train-mode", "finetune", "--train-data-path", v["TRAIN_DATASET_PATH"],
+        "--train-mode", mode, "--train-data-path", v["TRAIN_DATASET_PATH"],
         "--micro-batch-size", v["BATCH_SIZE"], "--seq-length", v["PAD_LEN"],
         "--lr", v["LR"], "--min-lr", v["MIN_LR"], "--epochs", v["EPOCH"],
         "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
@@ -215,7 +234,7 @@ def generate_command(argv: list[str]) -> list[str]:
 
 
 COMMANDS = {"pretrain": pretrain_command, "finetune": finetune_command,
-            "generate": generate_command}
+            "generate": generate_command, "rm": rm_command, "dpo": dpo_command}
 
 # torchrun, through torchrun() below.
 TORCHRUN = [sys.executable, "-m", "megatron_patch.launch", "torchrun"]

@@ -16,6 +16,7 @@ starting at 0.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -49,6 +50,15 @@ def read_records(path: str, skip_bad: bool = False,
     or UTF-8, a lone UTF-16 surrogate, or what `check` objects to: training records by default)
     fails as `file:line: reason` (or, with skip_bad, each is skipped and counted). JSON lines
     are read one line at a time, so one bad byte spoils one record."""
+    located, bad = read_located_records(path, skip_bad, check)
+    return [record for _, record in located], bad
+
+
+def read_located_records(path: str, skip_bad: bool = False,
+                         check: Callable[[Any], str | None] | None = None,
+                         ) -> tuple[list[tuple[str, dict]], int]:
+    """As read_records, each record with where it is (`file:line`, or `file: record N` in a
+    JSON list), for errors found after reading."""
     check = check or validate
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -66,7 +76,7 @@ def read_records(path: str, skip_bad: bool = False,
                 raise BadRecord(f"{where.format(lineno)}: {problem}")
             bad += 1
             continue
-        records.append(record)
+        records.append((where.format(lineno), record))
     return records, bad
 
 
@@ -170,8 +180,10 @@ def render_prompt(tokenizer, record: dict) -> list[int]:
     return tokenizer(_plain_prompt(record, msgs), add_special_tokens=True)["input_ids"]
 
 
-def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[int]]:
-    """(token ids, 1 where the token is part of a response) for one training record."""
+def tokenize_record(tokenizer, record: dict, train_from: int = 0) -> tuple[list[int], list[int]]:
+    """(token ids, 1 where the token is part of a response) for one training record; with
+    `train_from`, only assistant turns from that message on count as responses (preference
+    pairs train the completion after a conversation, not the conversation's earlier turns)."""
     eos = tokenizer.eos_token_id
     if tokenizer.chat_template:
         msgs = to_messages(record)
@@ -186,7 +198,8 @@ def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[int]]:
                                                       return_dict=False))
             if full[:len(ids)] != ids or full[:len(prefix)] != prefix:
                 raise BadRecord("the chat template does not render turns as prefixes")
-            mask += [0] * (len(prefix) - len(ids)) + [1] * (len(full) - len(prefix))
+            mask += [0] * (len(prefix) - len(ids)) + [int(k >= train_from)] * (len(full)
+                                                                            - len(prefix))
             ids = full
         return ids, mask
     if "messages" not in record:
@@ -197,7 +210,7 @@ def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[int]]:
     for k, m in enumerate(record["messages"]):
         if m["role"] == "assistant":
             turn = tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [eos]
-            ids, mask = ids + turn, mask + [1] * len(turn)
+            ids, mask = ids + turn, mask + [int(k >= train_from)] * len(turn)
         else:
             head = f"### {m['role'].capitalize()}:\n{m['content']}\n\n"
             if k + 1 < len(record["messages"]) and record["messages"][k + 1]["role"] == "assistant":
@@ -217,6 +230,20 @@ class SFTSummary:
     extra: dict = field(default_factory=dict)
 
 
+def epoch_position(idx: int, size: int, seed: int) -> int:
+    """Which of `size` samples the idx-th read takes: each pass over the data (epoch) is a
+    fresh shuffle, fixed by the seed, so a resumed run reads the same order."""
+    epoch, pos = divmod(idx, size)
+    return _epoch_order(size, seed, epoch)[pos]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(size))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return tuple(order)
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Fixed-length training sequences built from tokenized samples, shuffled per epoch."""
 
@@ -232,14 +259,8 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.sequences)
 
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.sequences)))
-        random.Random(self.seed * 1000003 + epoch).shuffle(order)
-        return order
-
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        epoch, pos = divmod(idx, len(self.sequences))
-        return self.build(self.sequences[self._order(epoch)[pos]])
+        return self.build(self.sequences[epoch_position(idx, len(self.sequences), self.seed)])
 
     def build(self, parts: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         n = self.seq_length

@@ -99,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("supervised fine-tuning (--train-mode finetune)")
     g.add_argument("--train-mode", choices=list(MODES), default="pretrain",
-                   help="what to train: pretrain (--data-path), finetune (SFT records)")
+                   help="what to train: pretrain (--data-path), finetune (SFT records), dpo "
+                        "(preference pairs; rlhf/README.md)")
     g.add_argument("--train-data-path", help="SFT records: JSON list or JSON lines")
     g.add_argument("--valid-data-path", help="SFT validation records")
     g.add_argument("--epochs", type=float, default=None,
@@ -110,6 +111,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="drop samples longer than --seq-length instead of truncating them")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed SFT records (counted) instead of failing")
+
+    g = p.add_argument_group("direct preference optimisation (--train-mode dpo; TRL's names and "
+                             "defaults)")
+    g.add_argument("--dpo-beta", type=float, default=0.1,
+                   help="how far the policy may move from the reference (TRL's beta; the IPO "
+                        "loss's regularisation tau)")
+    g.add_argument("--dpo-loss", choices=["sigmoid", "ipo"], default="sigmoid",
+                   help="sigmoid: the DPO paper's loss; ipo: Azar et al.'s, on per-token "
+                        "averaged log-probabilities as TRL computes it")
+    g.add_argument("--dpo-label-smoothing", type=float, default=0.0,
+                   help="conservative DPO: the assumed probability that a preference label is "
+                        "flipped, in [0, 0.5) (sigmoid loss)")
+    g.add_argument("--ref-load", default=None,
+                   help="the frozen reference model's checkpoint (default: --load, at the "
+                        "iteration it holds when the run starts); recorded in the run's "
+                        "checkpoints, which a resumed run keeps")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=positive_int, default=10)

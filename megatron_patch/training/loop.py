@@ -100,6 +100,7 @@ class Trainer:
                                     args.make_vocab_size_divisible_by * self.tp)
             self.meta = checkpoint.CheckpointMeta(self.hf_config["architectures"][0], vocab,
                                                   padded, "float32")
+        self.hf_config, self.meta = self.mode.describe_model(self.hf_config, self.meta)
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         if args.load and (conflicts := checkpointing.architecture_conflicts(args,
                                                                             self.model_args)):
@@ -139,17 +140,24 @@ class Trainer:
                 log.info("--use-flash-attn: %s", choice.description)
         return {**options, **self.mode.model_options()}
 
+    def build_module(self, **overrides: Any) -> tuple[Any, torch.nn.Module]:
+        """(TransformerConfig, this rank's GPTModel) of the run's model as the flags build it,
+        with `overrides` for the config (a frozen copy, e.g. a reference model, passes
+        perform_initialization=False); the layout is checked against the model first."""
+        dtype = params_dtype_from_flags(self.args)
+        built = build_stages(self.hf_config, self.meta.padded_vocab_size, params_dtype=dtype,
+                             sequence_parallel=self.args.sequence_parallel,
+                             **self._build_options(dtype), **overrides)
+        (module,) = built.chunks
+        return built.config, module
+
     def _setup_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
         args = self.args
         dtype = params_dtype_from_flags(args)
-        # The layout is checked against the model before it is built.
-        built = build_stages(self.hf_config, self.meta.padded_vocab_size, params_dtype=dtype,
-                             sequence_parallel=args.sequence_parallel,
-                             **self._build_options(dtype))
-        self.config, (self.module,) = built.config, built.chunks
+        self.config, self.module = self.build_module()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=dtype != torch.float32,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -232,7 +240,8 @@ class Trainer:
         return get_forward_backward_func()(
             forward_step_func=forward_step or self.forward_step, data_iterator=batches,
             model=[model or self.model], num_microbatches=self.num_microbatches,
-            seq_length=self.args.seq_length, micro_batch_size=self.args.micro_batch_size,
+            seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size * self.mode.sequences_per_sample,
             forward_only=forward_only,
         )
 
@@ -279,7 +288,7 @@ class Trainer:
         a = self.args
         history = []
         self.model.train()
-        tokens_per_iter = self.global_batch_size * a.seq_length
+        tokens_per_iter = self.global_batch_size * self.mode.sequences_per_sample * a.seq_length
         flops_per_token = metrics.flops_per_token(self.model_args, self.meta.padded_vocab_size,
                                                   a.seq_length)
         start = window_start = time.time()

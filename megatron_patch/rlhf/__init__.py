@@ -1,0 +1,1 @@
+"""RLHF on Megatron-Core models: reward models (reward.py) and preference optimisation."""

@@ -1,0 +1,234 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) with TRL's loss definitions.
+
+For a pair (chosen c, rejected r) with sequence log-probabilities s (sums over response tokens)
+under the policy and the frozen reference, h = (s_pi(c) - s_ref(c)) - (s_pi(r) - s_ref(r)):
+- sigmoid: -log sigmoid(beta h); with label smoothing e (conservative DPO, cDPO):
+  -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+- ipo: (h' - 1 / (2 beta))^2, where h' uses log-probs averaged over each side's response
+  tokens instead of summed (TRL's IPO normalisation).
+Implicit rewards are beta (s_pi - s_ref) for chosen and for rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_patch.training.modes import LossOutput, RecordsMode
+
+log = logging.getLogger("megatron_patch.train")
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def sequence_logps(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
+                   vocab_size: int) -> torch.Tensor:
+    """Sum of the response tokens' log-probabilities of each sequence, [b].
+
+    `logits` [b, s, V_padded / TP] are vocab-parallel: log p = -cross entropy is taken with
+    Megatron-Core's vocab-parallel cross entropy, never gathering the vocabulary. Position t
+    predicts token t+1 (`loss_mask` is aligned with those labels, as in SFT).
+    """
+    from megatron_patch.forward import masked_vocab_parallel_cross_entropy
+
+    labels = torch.roll(tokens, -1, dims=1)  # the last position's label is masked out
+    per_token = masked_vocab_parallel_cross_entropy(logits, labels, vocab_size)
+    return -(per_token * loss_mask).sum(dim=1)
+
+
+@dataclass
+class PairTerms:
+    """Per-pair values of a batch, [b] each."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             reference_chosen: torch.Tensor, reference_rejected: torch.Tensor, *,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> PairTerms:
+    """Per-pair DPO losses and implicit rewards from sequence log-probabilities [b].
+
+    `*_tokens` (response token counts, [b]) are needed by IPO only.
+    """
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    if loss_type == "sigmoid":
+        h = beta * (chosen_ratio - rejected_ratio)
+        losses = -torch.nn.functional.logsigmoid(h)
+        if label_smoothing:
+            losses = (1 - label_smoothing) * losses \
+                - label_smoothing * torch.nn.functional.logsigmoid(-h)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the IPO loss needs the response token counts")
+        h = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(
+            min=1)
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"--dpo-loss {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    return PairTerms(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def pair_metrics(terms: PairTerms, policy_chosen: torch.Tensor,
+                 policy_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's DPO metrics as {name: [sum over pairs, pairs]}, to be summed over micro-batches
+    and data-parallel ranks and reported as sum / count (the mean over the global batch)."""
+    pairs = torch.tensor(float(terms.losses.numel()), device=terms.losses.device)
+    values = {
+        "rewards/chosen": terms.chosen_rewards,
+        "rewards/rejected": terms.rejected_rewards,
+        "rewards/accuracies": (terms.chosen_rewards > terms.rejected_rewards).float(),
+        "rewards/margins": terms.chosen_rewards - terms.rejected_rewards,
+        "logps/chosen": policy_chosen.detach(),
+        "logps/rejected": policy_rejected.detach(),
+    }
+    return {name: torch.stack([v.float().sum(), pairs]) for name, v in values.items()}
+
+
+# ---- the training mode (megatron-patch train --train-mode dpo) -------------------------------
+
+METRIC_NAMES = ("dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def pair_tokens(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward's tokens [2n, s] (the n chosen sequences, then the n rejected) and their
+    loss masks, from a micro-batch of preference items (data/preference.py)."""
+    return (torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]]),
+            torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
+
+
+class DPOMode(RecordsMode):
+    """DPO on preference pairs: the policy is the trained model; the reference is a frozen copy
+    of the starting weights, whose log-probabilities of each global batch are computed by a
+    forward-only schedule before the policy's step (see rlhf/README.md for why).
+
+    The reference is the checkpoint --ref-load (default: --load) at the iteration it held when
+    the run started; checkpoints record it, so a resumed run keeps the same reference.
+    """
+
+    name = "dpo"
+    loss_name = "dpo loss"
+    metric_names = METRIC_NAMES
+    sequences_per_sample = 2  # chosen and rejected go through the model together
+
+    def __init__(self, trainer) -> None:
+        super().__init__(trainer)
+        a = trainer.args
+        from megatron_patch import checkpoint
+
+        source = a.ref_load or a.load
+        try:
+            iteration = checkpoint.latest_iteration(source)
+        except FileNotFoundError as e:
+            flag = "--ref-load" if a.ref_load else "--load"
+            raise ValueError(f"{flag} {source}: not a checkpoint ({e})") from e
+        self.reference_source = {"load": source, "iteration": iteration}
+        self.reference: torch.nn.Module | None = None
+        self._reference_logps: deque[torch.Tensor] = deque()
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        super().check_args(args)
+        if not args.load:
+            raise ValueError("--train-mode dpo needs --load: the policy's starting weights, "
+                             "which are also the frozen reference (or give that as --ref-load)")
+        if args.dpo_beta <= 0:
+            raise ValueError(f"--dpo-beta {args.dpo_beta}: must be positive")
+        if not 0 <= args.dpo_label_smoothing < 0.5:
+            raise ValueError(f"--dpo-label-smoothing {args.dpo_label_smoothing}: must be in "
+                             "[0, 0.5) (the probability that a preference label is flipped)")
+        if args.dpo_label_smoothing and args.dpo_loss != "sigmoid":
+            raise ValueError("--dpo-label-smoothing applies to --dpo-loss sigmoid only")
+
+    def build_dataset(self, path: str) -> Any:
+        from megatron_patch import parallel
+        from megatron_patch.data.preference import build_preference_dataset
+
+        a = self.trainer.args
+        dataset, summary = build_preference_dataset(
+            path, self.trainer.tokenizer(), a.seq_length, skip_long=a.skip_long_samples,
+            skip_bad=a.skip_bad_lines, seed=a.seed)
+        parallel.print_rank0(summary.line(path))
+        return dataset
+
+    # ---- reference ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": dict(self.reference_source)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("reference")
+        if saved is None:
+            return
+        given = self.trainer.args.ref_load
+        if given and os.path.abspath(given) != os.path.abspath(saved["load"]):
+            raise ValueError(f"--ref-load {given}: {self.trainer.args.load} is a DPO run whose "
+                             f"reference is {saved['load']} (iteration {saved['iteration']}); "
+                             "a resumed run keeps it (leave --ref-load out)")
+        self.reference_source = saved
+
+    def _build_reference(self) -> torch.nn.Module:
+        from megatron_patch import checkpoint
+
+        t, source = self.trainer, self.reference_source
+        # Weights come from the checkpoint: no initialisation (which would also draw from the
+        # RNG streams a resumed run must find as they were saved).
+        _, model = t.build_module(perform_initialization=False)
+        checkpoint.load_model(source["load"], model, source["iteration"])
+        model.requires_grad_(False)
+        model.eval()
+        log.info("DPO reference: %s (iteration %s)", source["load"], source["iteration"])
+        return model
+
+    def before_schedule(self, dataset: Any, consumed: int, forward_only: bool) -> None:
+        """The reference log-probabilities of this global batch's micro-batches, in order."""
+        if self.reference is None:
+            self.reference = self._build_reference()
+
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            output = self.forward(model, batch)
+
+            def logps(output: torch.Tensor):
+                values = sequence_logps(output, *pair_tokens(batch), self.trainer.vocab_size)
+                return values.sum() * 0, torch.tensor(1, dtype=torch.int), {"logps": values}
+
+            return output, logps
+
+        with torch.no_grad():
+            outputs = self.trainer.run_schedule(dataset, consumed, True, forward_step=step,
+                                                model=self.reference)
+        self._reference_logps = deque(out["logps"] for out in outputs)
+
+    # ---- policy -------------------------------------------------------------------------
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens, _ = pair_tokens(batch)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return model(tokens, positions, None)
+
+    def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
+        a = self.trainer.args
+        tokens, loss_mask = pair_tokens(batch)
+        policy_chosen, policy_rejected = sequence_logps(
+            output, tokens, loss_mask, self.trainer.vocab_size).chunk(2)
+        reference_chosen, reference_rejected = self._reference_logps.popleft().chunk(2)
+        terms = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                         beta=a.dpo_beta, loss_type=a.dpo_loss,
+                         label_smoothing=a.dpo_label_smoothing,
+                         chosen_tokens=batch["chosen_loss_mask"].sum(1),
+                         rejected_tokens=batch["rejected_loss_mask"].sum(1))
+        loss_sum = terms.losses.sum()
+        pairs = torch.tensor(terms.losses.numel(), dtype=torch.int, device=loss_sum.device)
+        metrics = pair_metrics(terms, policy_chosen, policy_rejected)
+        metrics["dpo loss"] = torch.stack([loss_sum.detach().clone(), pairs.float()])
+        return loss_sum, pairs, metrics
