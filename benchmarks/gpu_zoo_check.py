@@ -3,8 +3,8 @@
 The CPU test suite checks each family at several parallel layouts; this runs the same cases,
 oracles and conversions on a GPU (TP=PP=1, NCCL, CUDA kernels), where the custom pieces (NormHead,
 ALiBi, parallel attention, MoE, DeepSeek's MLA and routing, Gemma's post-norms, soft-capping and
-local RoPE, ...) meet CUDA tensors. Prints one JSON line per case and a
-summary. Not part of CI.
+local RoPE, GPT-OSS's attention sinks, biased experts and clamped SwiGLU, ...) meet CUDA
+tensors. Prints one JSON line per case and a summary. Not part of CI.
 
     python benchmarks/gpu_zoo_check.py [-k substring]
 """

@@ -284,7 +284,12 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.models import from_checkpoint, load_hf_config, params_dtype_from_flags
+    from megatron_patch.models import (
+        checkpoint_expert_tensor_parallel_size,
+        from_checkpoint,
+        load_hf_config,
+        params_dtype_from_flags,
+    )
     from megatron_patch.models.score_head import check_kind
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
@@ -293,7 +298,9 @@ def run(args) -> int:
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     check_kind(load_hf_config(os.path.join(args.load, checkpoint.HF_DIR)), reward=False,
                source=args.load, flag="--load")
-    parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
+    parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed,
+                        expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
+                            args.load, args.tensor_model_parallel_size))
     model, meta = from_checkpoint(args.load, params_dtype=params_dtype_from_flags(args))
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))

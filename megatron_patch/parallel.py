@@ -18,12 +18,15 @@ def free_port() -> int:
 
 def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                virtual_pipeline_model_parallel_size: int | None = None,
-               expert_model_parallel_size: int = 1, seed: int = 1234) -> None:
+               expert_model_parallel_size: int = 1, seed: int = 1234,
+               expert_tensor_parallel_size: int | None = None) -> None:
     """Join (or create, for a lone process) the process group and set up Megatron's layout.
 
     Without CUDA (or with MEGATRON_PATCH_CPU=1) this first switches CPU mode on. Under torchrun
     the usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables are used;
-    a process started without them becomes a world of one.
+    a process started without them becomes a world of one. expert_tensor_parallel_size:
+    Megatron-Core's (default: TP); a model with expert biases (GPT-OSS) needs 1
+    (models.expert_tensor_parallel_size).
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -57,6 +60,7 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

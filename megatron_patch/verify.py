@@ -42,9 +42,11 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from megatron_patch import parallel
     from megatron_patch.forward import forward_logits
-    from megatron_patch.models import from_checkpoint
+    from megatron_patch.models import checkpoint_expert_tensor_parallel_size, from_checkpoint
 
-    parallel.initialize(args.tp, args.pp, seed=args.seed)
+    parallel.initialize(args.tp, args.pp, seed=args.seed,
+                        expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
+                            args.ckpt_dir, args.tp))
     model, meta = from_checkpoint(args.ckpt_dir, sequence_parallel=args.sp,
                                   params_dtype=torch.float32)
     model.eval()

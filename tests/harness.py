@@ -287,3 +287,59 @@ def hf_greedy(model_root: str, max_new: int = MAX_NEW, eos: int | None = 2) -> l
                 break
         results.append(kept)
     return results
+
+
+def by_expert_tp(model_dirs: dict[str, str], tp: int) -> list[tuple[int, dict[str, str]]]:
+    """The models (name -> a directory with hf/) grouped by the expert tensor parallel size
+    they run at with tensor parallel size `tp` (models.expert_tensor_parallel_size: 1 for
+    GPT-OSS's biased experts, else TP), TP's group first: a worker initialises its layout once
+    per group."""
+    from megatron_patch.models import expert_tensor_parallel_size, family_for, load_hf_config
+
+    groups: dict[int, dict[str, str]] = {}
+    for name, root in model_dirs.items():
+        cfg = load_hf_config(os.path.join(root, "hf"))
+        etp = expert_tensor_parallel_size(family_for(cfg).model_args(cfg), tp)
+        groups.setdefault(etp, {})[name] = root
+    return sorted(groups.items(), key=lambda group: group[0] != tp)
+
+
+def dequantized_import(hf_dir: str, root: str, quantization_config: dict[str, Any],
+                       oracle_quantization: Any) -> dict[str, Any]:
+    """In a worker: a quantised checkpoint (hf_dir's weights already quantised) gets its
+    config.json `quantization_config` and a tokenizer, is converted (fp32) into root/mcore and
+    loaded at TP=1; its logits against those of transformers' model of the same checkpoint
+    dequantised by `oracle_quantization` (e.g. FineGrainedFP8Config(dequantize=True)).
+    Returns max_abs, config_quantized (the converted config.json still says quantised), and
+    the two models."""
+    import json
+
+    import torch
+    import transformers
+
+    from megatron_patch import parallel, tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import from_checkpoint
+
+    config_path = os.path.join(hf_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "quantization_config": quantization_config}, f, indent=2)
+    tiny.train_tokenizer(hf_dir)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, quantization_config=oracle_quantization).eval()
+    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = oracle(input_ids=tokens).logits
+    hf_to_megatron(hf_dir, os.path.join(root, "mcore"), params_dtype=torch.float32)
+    parallel.initialize(1, 1)
+    model, meta = from_checkpoint(os.path.join(root, "mcore"))
+    model.eval()
+    out = forward_logits([model], tokens, meta.vocab_size)
+    with open(os.path.join(root, "mcore", "hf", "config.json")) as f:
+        converted_config = json.load(f)
+    return {"max_abs": (out["logits"] - expected).abs().max().item(),
+            "config_quantized": "quantization_config" in converted_config,
+            "oracle": oracle, "model": model}

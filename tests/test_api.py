@@ -83,10 +83,14 @@ def _api_parity(dirs: dict[str, str]) -> dict[str, list[str]]:
     problems: dict[str, list[str]] = {}
     for tp, pp, ep, sp, vpp in LAYOUTS:
         layout = f"tp{tp}pp{pp}ep{ep}{'sp' if sp else ''}{f'vpp{vpp}' if vpp else ''}"
-        api.initialize_parallel(tp, pp, vpp, expert_model_parallel_size=ep)
-        for name, root in dirs.items():
-            if not _runs_at(CASES[name], (tp, pp, ep, sp, vpp)):
-                continue
+        here = {n: r for n, r in dirs.items() if _runs_at(CASES[n], (tp, pp, ep, sp, vpp))}
+        current_etp = None
+        for name, root, etp in [(n, r, etp) for etp, group in harness.by_expert_tp(here, tp)
+                                for n, r in group.items()]:
+            if etp != current_etp:
+                api.initialize_parallel(tp, pp, vpp, expert_model_parallel_size=ep,
+                                        expert_tensor_parallel_size=etp)
+                current_etp = etp
             key = f"{name}/{layout}"
             problems[key] = []
             ref = torch.load(os.path.join(root, "reference.pt"))

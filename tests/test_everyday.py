@@ -349,6 +349,8 @@ def test_use_flash_attn_selection_and_refusals(monkeypatch):
 
     with pytest.raises(ValueError, match="--use-flash-attn: ALiBi"):
         flash.select(replace(llama, position_embedding_type="alibi"), 1, torch.float32, False)
+    with pytest.raises(ValueError, match="--use-flash-attn: attention sinks"):
+        flash.select(replace(llama, attention_sinks=True), 1, torch.float32, False)
     # Where the probe finds no flash kernel, the refusal names the device, dtype and reason.
     monkeypatch.setattr(flash, "_flash_sdpa_problem", lambda *a: "kernel says no")
     with pytest.raises(ValueError, match="no flash attention kernel for this model on cpu in "

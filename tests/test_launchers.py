@@ -109,7 +109,7 @@ def test_convertor_round_trip_is_bit_exact(tmp_path):
 
 FAMILIES = ("qwen", "baichuan", "chatglm", "starcoder2")
 # Families with launchers but no Pai-Megatron-Patch convertor script to keep compatible.
-LAUNCHER_ONLY = ("qwen3_moe", "gemma", "deepseek")
+LAUNCHER_ONLY = ("qwen3_moe", "gemma", "deepseek", "gpt_oss")
 MODES = {"pretrain": "pretrain", "finetune": "finetune", "text_generation": "generate"}
 
 

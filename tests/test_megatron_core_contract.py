@@ -128,6 +128,31 @@ def _scale_mask_softmax() -> str | None:
     return f"FusedScaleMaskSoftmax no longer sets {missing}" if missing else None
 
 
+def _parameter_tags() -> str | None:
+    import importlib
+
+    from megatron.core.distributed import distributed_data_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.mlp import MLP
+
+    problems = []
+    if "'allreduce'" not in inspect.getsource(distributed_data_parallel):
+        problems.append("DDP no longer tells expert parameters by their `allreduce` tag")
+    # (The package's name finalize_model_grads is the function, not the module.)
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    if "sequence_parallel" not in inspect.getsource(
+            finalize._allreduce_non_tensor_model_parallel_grads):
+        problems.append("finalize_model_grads no longer sums `sequence_parallel` gradients")
+    if "output += output_bias" not in inspect.getsource(MLP.forward):
+        problems.append("the expert MLP no longer adds its bias in place (the copy can go)")
+    init = inspect.getsource(DotProductAttention.__init__)
+    if "softmax_offset" not in init:
+        problems.append("DotProductAttention has no softmax_offset")
+    if "set_tensor_model_parallel_attributes" in init:
+        problems.append("DotProductAttention tags softmax_offset itself (ours would fail)")
+    return "; ".join(problems) or None
+
+
 def _torch_device_constructors() -> str | None:
     import torch.utils._device
 
@@ -155,6 +180,9 @@ TOUCH_POINTS = [
                "construction", "models/build.py, models/embedding.py", _gpt_model_attributes),
     TouchPoint("torch.utils._device._device_constructors (torch)", "cpu_mode.py",
                _torch_device_constructors),
+    TouchPoint("param.allreduce/sequence_parallel/tensor_model_parallel (tags set on biased "
+               "experts' linears and on learnable softmax offsets)",
+               "models/layers.py, models/sdpa_attention.py", _parameter_tags),
 ]
 
 

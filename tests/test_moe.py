@@ -34,6 +34,10 @@ def _prepare_moe_models(root: str) -> None:
             n_routed_experts=4, moe_intermediate_size=48, n_shared_experts=1, q_lora_rank=32,
             kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
             n_group=2, topk_group=1, first_k_dense_replace=1),
+        # Attention sinks, biases everywhere (router and experts too), the clamped SwiGLU,
+        # sliding-window layers, YaRN; experts stacked in the checkpoint.
+        "gpt_oss": transformers.GptOssConfig(
+            **shape, num_local_experts=4, head_dim=16, sliding_window=8, swiglu_limit=1.0),
     }
     for name, config in configs.items():
         torch.manual_seed(0)
@@ -61,13 +65,14 @@ def _ep_flags(ep: int) -> tuple:
     return ("--expert-model-parallel-size", str(ep))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_moe_loss_goes_down_and_ep_does_not_change_it(moe_models, family):
     """DP=2 with all experts on each rank vs. DP=2 with the experts split over EP=2: routing is
     dropless, so each token meets the same experts and the curves agree (fp32 reduction order
     only, 1e-5 as in test_training). The load-balancing loss (router_aux_loss_coef 0.01) trains
     along in both. Qwen3-MoE's and DeepSeek-V3's dense first layers are data-parallel in both;
-    DeepSeek-V3's expert bias follows the global expert loads in both."""
+    DeepSeek-V3's expert bias follows the global expert loads in both; GPT-OSS's expert biases
+    and attention sinks train."""
     ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     dense = harness.run(train_losses, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
     split = harness.run(train_losses, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
@@ -200,8 +205,9 @@ def test_qwen2_moe_without_qkv_bias():
         assert ("decoder.layers.0.self_attention.linear_qkv.bias" in names) is bias
 
 
-# Qwen3-MoE's state is Mixtral's kind; DeepSeek-V3 adds the router's expert bias.
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+# Qwen3-MoE's state is Mixtral's kind; DeepSeek-V3 adds the router's expert bias, GPT-OSS
+# biases on the router and experts and the attention sinks.
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_moe_resume_is_exact_at_the_same_ep_and_refused_at_another(moe_models, family,
                                                                     tmp_path):
     ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
@@ -325,16 +331,9 @@ def _fp8_parity(root: str) -> dict:
     """A tiny DeepSeek-V3 quantised as DeepSeek-V3's checkpoints are (float8_e4m3fn linears,
     float32 scale_inv per [16, 16] block, router/norms/embeddings unquantised), against
     transformers' own dequantisation of that checkpoint."""
-    import json
-
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
-
-    from megatron_patch import parallel, tiny
-    from megatron_patch.convert.hf_megatron import hf_to_megatron
-    from megatron_patch.forward import forward_logits
-    from megatron_patch.models import from_checkpoint
 
     torch.manual_seed(0)
     config = transformers.DeepseekV3Config(
@@ -355,30 +354,12 @@ def _fp8_parity(root: str) -> dict:
         tensors[name] = (w / expanded).to(torch.float8_e4m3fn)
         tensors[name + "_scale_inv"] = scale
     save_file(tensors, path, metadata={"format": "pt"})
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                  "activation_scheme": "dynamic",
-                                  "weight_block_size": [block, block]}
-    with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    tiny.train_tokenizer(hf_dir)
-    oracle = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32,
-        quantization_config=transformers.FineGrainedFP8Config(dequantize=True)).eval()
-    tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = oracle(input_ids=tokens).logits
-    hf_to_megatron(hf_dir, os.path.join(root, "mcore"), params_dtype=torch.float32)
-    parallel.initialize(1, 1)
-    model, meta = from_checkpoint(os.path.join(root, "mcore"))
-    model.eval()
-    out = forward_logits([model], tokens, meta.vocab_size)
-    with open(os.path.join(root, "mcore", "hf", "config.json")) as f:
-        converted_config = json.load(f)
-    return {"max_abs": (out["logits"] - expected).abs().max().item(),
-            "quantized": sum(t.dtype == torch.float8_e4m3fn for t in tensors.values()),
-            "config_quantized": "quantization_config" in converted_config}
+    r = harness.dequantized_import(
+        hf_dir, root, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [block, block]},
+        transformers.FineGrainedFP8Config(dequantize=True))
+    return {"max_abs": r["max_abs"], "config_quantized": r["config_quantized"],
+            "quantized": sum(t.dtype == torch.float8_e4m3fn for t in tensors.values())}
 
 
 def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):
@@ -386,3 +367,27 @@ def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):
     assert r["quantized"] > 10 and not r["config_quantized"], r
     # fp32 on CPU, both sides multiply the same fp8 values by the same scales.
     assert r["max_abs"] <= harness.LOGITS_ATOL, r
+
+
+def test_gpt_oss_trains_at_tp2_with_whole_experts(moe_models, tmp_path):
+    """GPT-OSS's biased experts run at expert tensor parallel size 1 (models.
+    expert_tensor_parallel_size): at TP=2 + SP the attention is split, each rank holds every
+    expert whole and meets its own slice of the sequence; expert gradients are summed over the
+    TP ranks once, and both ranks clip by the same norm. The loss curve is TP=1's (fp32
+    reduction order only, 1e-5 as in test_training). Without the load-balancing loss, which
+    Megatron-Core computes per sequence slice under SP (for Mixtral too)."""
+    import json
+    import shutil
+
+    ckpt, data = str(tmp_path / "gpt_oss"), os.path.join(moe_models, "tokens")
+    shutil.copytree(os.path.join(moe_models, "gpt_oss", "mcore"), ckpt)
+    config_path = os.path.join(ckpt, "hf", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "router_aux_loss_coef": 0.0}, f)
+    one = harness.run(train_losses, 1, ckpt, data, iters=8, lr=5e-3)[0]
+    two = harness.run(train_losses, 2, ckpt, data, iters=8, lr=5e-3, tp=2, sp=True)[0]
+    assert sum(two[-3:]) / 3 < two[0] - 0.5, two
+    diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
+    assert diff <= 1e-5, (diff, one, two)

@@ -26,20 +26,24 @@ def _parity(dirs: dict[str, str], layout: zoo.Layout, save_root: str) -> dict[st
     from megatron_patch.forward import forward_logits
     from megatron_patch.models import from_checkpoint
 
-    parallel.initialize(layout.tp, layout.pp, expert_model_parallel_size=layout.ep)
     report = {}
-    for name, root in dirs.items():
-        ref = torch.load(os.path.join(root, "reference.pt"))
-        model, meta = from_checkpoint(os.path.join(root, "mcore"), sequence_parallel=layout.sp)
-        model.eval()
-        out = forward_logits([model], ref["tokens"], meta.vocab_size)
-        checkpoint.save(os.path.join(save_root, name), 7, checkpoint.model_state(model))
-        if out is None or parallel_state.get_tensor_model_parallel_rank() != 0:
-            continue
-        delta = (out["logits"] - ref["logits"]).abs()
-        report[name] = {"max_abs": delta.max().item(), "loss_diff": abs(out["loss"] - ref["loss"]),
-                        "argmax_agree": (out["logits"].argmax(-1) == ref["logits"].argmax(-1))
-                        .float().mean().item()}
+    for etp, group in harness.by_expert_tp(dirs, layout.tp):
+        parallel.initialize(layout.tp, layout.pp, expert_model_parallel_size=layout.ep,
+                            expert_tensor_parallel_size=etp)
+        for name, root in group.items():
+            ref = torch.load(os.path.join(root, "reference.pt"))
+            model, meta = from_checkpoint(os.path.join(root, "mcore"),
+                                          sequence_parallel=layout.sp)
+            model.eval()
+            out = forward_logits([model], ref["tokens"], meta.vocab_size)
+            checkpoint.save(os.path.join(save_root, name), 7, checkpoint.model_state(model))
+            if out is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+                continue
+            delta = (out["logits"] - ref["logits"]).abs()
+            report[name] = {"max_abs": delta.max().item(),
+                            "loss_diff": abs(out["loss"] - ref["loss"]),
+                            "argmax_agree": (out["logits"].argmax(-1)
+                                             == ref["logits"].argmax(-1)).float().mean().item()}
     return report
 
 
@@ -99,8 +103,11 @@ GENERATE = [n for n, c in CASES.items() if c.generate]
 def _greedy_all(dirs: dict[str, str], tp: int) -> dict[str, list[list[int]]]:
     from megatron_patch import parallel
 
-    parallel.initialize(tp, 1)
-    return {name: harness.greedy_from(root) for name, root in dirs.items()}
+    results = {}
+    for etp, group in harness.by_expert_tp(dirs, tp):
+        parallel.initialize(tp, 1, expert_tensor_parallel_size=etp)
+        results.update({name: harness.greedy_from(root) for name, root in group.items()})
+    return results
 
 
 def _hf_greedy_all(dirs: dict[str, str]) -> dict[str, list[list[int]]]:

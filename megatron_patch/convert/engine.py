@@ -29,14 +29,21 @@ def check_names(bindings: list[Binding], *, source: Iterable[str], target: Itera
                 direction: str, ignore: tuple[str, ...] = ()) -> None:
     """Name-level accounting for `direction` 'hf->megatron' or 'megatron->hf'."""
     to_megatron = direction == "hf->megatron"
-    consumed = [n for b in bindings for n in (b.hf if to_megatron else (b.megatron,))]
+    # A stacked HF tensor is consumed once per expert, each binding taking its own slice.
+    consumed_slices = [(n, b.expert) for b in bindings
+                       for n in (b.hf if to_megatron else (b.megatron,))]
+    consumed = [n for n, _ in consumed_slices]
     produced = [n for b in bindings for n in ((b.megatron,) if to_megatron else b.hf)]
     ignored = [re.compile(p) for p in ignore]
     source = {n for n in source if not any(p.fullmatch(n) for p in ignored)}
     target = set(target)
 
     problems = []
-    duplicated = {n for n in consumed if consumed.count(n) > 1}
+    counts: dict[str, list[int | None]] = {}
+    for n, expert in consumed_slices:
+        counts.setdefault(n, []).append(expert)
+    duplicated = {n for n, experts in counts.items()
+                  if len(experts) > 1 and (None in experts or len(set(experts)) < len(experts))}
     if duplicated:
         problems.append(f"source tensors used by more than one rule: {_names(duplicated)}")
     if missing := set(consumed) - source:
@@ -86,11 +93,21 @@ def _apply(b: Binding, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
 def hf_to_megatron(bindings: list[Binding], dims: Dims, read: Callable[[str], torch.Tensor],
                    expected_shapes: Mapping[str, tuple[int, ...]],
                    gather: Gather | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (megatron name, tensor), reading HF tensors on demand through `read`."""
+    """Yield (megatron name, tensor), reading HF tensors on demand through `read`. The stacked
+    HF tensors of consecutive per-expert bindings are read once and held while their experts
+    are sliced from them."""
+    stacked: dict[str, torch.Tensor] = {}
     for b in bindings:
+        if b.expert is not None and set(stacked) != set(b.hf):
+            stacked.clear()  # before the next one is read
+            stacked.update({n: read(n) for n in b.hf})
         try:
-            (tensor,) = _apply(b, lambda ts, b=b: [b.transform.to_megatron(ts, dims)],
-                               [read(n) for n in b.hf], gather)
+            if b.expert is None:
+                inputs = [read(n) for n in b.hf]
+            else:
+                inputs = [_expert_slice(n, stacked[n], b) for n in b.hf]
+            (tensor,) = _apply(b, lambda ts, b=b: [b.transform.to_megatron(ts, dims)], inputs,
+                               gather if b.expert is None else None)
         except (RuntimeError, ValueError) as e:
             raise ConversionError(f"tensor {b.megatron} from {list(b.hf)}: {e}") from e
         _check_shape(b.megatron, tensor, expected_shapes.get(b.megatron))
@@ -99,15 +116,52 @@ def hf_to_megatron(bindings: list[Binding], dims: Dims, read: Callable[[str], to
         del tensor
 
 
+def _expert_slice(name: str, tensor: torch.Tensor, b: Binding) -> torch.Tensor:
+    if tensor.dim() == 0 or tensor.shape[0] != b.num_experts:
+        raise ConversionError(f"tensor {name}: shape {tuple(tensor.shape)} does not stack "
+                              f"{b.num_experts} experts along dim 0")
+    return tensor[b.expert]
+
+
+class ExpertStacks:
+    """Export of StackedExperts bindings: collects each expert's slice of a stacked HF tensor
+    and gives the whole tensor once every expert's slice is in."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[torch.Tensor | None]] = {}
+
+    def add(self, b: Binding, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        slices = self.pending.setdefault(name, [None] * b.num_experts)
+        if slices[b.expert] is not None:
+            raise ConversionError(f"tensor {name}: expert {b.expert} given twice")
+        slices[b.expert] = tensor
+        if any(s is None for s in slices):
+            return None
+        del self.pending[name]
+        return torch.stack(slices)  # type: ignore[arg-type]
+
+    def check_complete(self) -> None:
+        if self.pending:
+            missing = {n: [i for i, s in enumerate(v) if s is None]
+                       for n, v in self.pending.items()}
+            raise ConversionError(f"stacked expert tensors left incomplete: {missing}")
+
+
 def megatron_to_hf(bindings: list[Binding], dims: Dims, read: Callable[[str], torch.Tensor],
                    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                   gather: Gather | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor), reading Megatron tensors on demand through `read`."""
+                   gather: Gather | None = None, stacks: ExpertStacks | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor), reading Megatron tensors on demand through `read`. A stacked HF
+    tensor (StackedExperts) is yielded once its last expert's binding is done: pass one
+    `stacks` to several calls that share such tensors (it is checked complete when a call
+    makes its own)."""
     expected_shapes = expected_shapes or {}
+    own_stacks = stacks is None
+    stacks = stacks or ExpertStacks()
     for b in bindings:
         try:
             parts = _apply(b, lambda ts, b=b: b.transform.to_hf(ts[0], dims), [read(b.megatron)],
-                           gather)
+                           gather if b.expert is None else None)
         except (RuntimeError, ValueError) as e:
             raise ConversionError(f"tensor {b.megatron} to {list(b.hf)}: {e}") from e
         if len(parts) != len(b.hf):
@@ -115,5 +169,9 @@ def megatron_to_hf(bindings: list[Binding], dims: Dims, read: Callable[[str], to
                 f"tensor {b.megatron}: transform gave {len(parts)} tensors for {list(b.hf)}"
             )
         for name, tensor in zip(b.hf, parts, strict=True):
+            if b.expert is not None and (tensor := stacks.add(b, name, tensor)) is None:
+                continue
             _check_shape(name, tensor, expected_shapes.get(name))
             yield name, tensor
+    if own_stacks:
+        stacks.check_complete()

@@ -14,21 +14,24 @@ from typing import Any
 
 import torch
 
-from megatron_patch.convert.hf_io import HFCheckpointReader
+from megatron_patch.convert.hf_io import HFCheckpointReader, QuantizedReader
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def quantization(hf_config: dict[str, Any], path: str) -> dict[str, Any] | None:
-    """The checkpoint's FP8 quantization_config, None without one; other methods are refused."""
+    """The checkpoint's quantization_config, None without one: block-scaled FP8 (here) or
+    MXFP4 (convert/mxfp4.py); other methods are refused."""
     quant = hf_config.get("quantization_config")
     if not quant:
         return None
     method = quant.get("quant_method")
+    if method == "mxfp4":
+        return quant
     if method != "fp8":
         raise ValueError(f"{path}/config.json quantization_config.quant_method={method!r} is not "
-                         "supported (block-scaled fp8 only)")
+                         "supported (block-scaled fp8, mxfp4)")
     if len(quant.get("weight_block_size") or []) != 2:
         raise ValueError(f"{path}/config.json quantization_config.weight_block_size="
                          f"{quant.get('weight_block_size')!r}: expected [rows, cols]")
@@ -46,17 +49,14 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor,
     return weight.float() * scale[:rows, :cols]
 
 
-class DequantizingReader:
+class DequantizingReader(QuantizedReader):
     """An HFCheckpointReader whose fp8 weights read as dequantised tensors and whose scales are
     not tensors of their own. Everything else is the wrapped reader's."""
 
     def __init__(self, reader: HFCheckpointReader, quant: dict[str, Any],
                  dtype: torch.dtype = torch.bfloat16) -> None:
-        self.reader = reader
-        self.path = reader.path
-        self.regions = reader.regions
+        super().__init__(reader, dtype)
         self.block = tuple(quant["weight_block_size"])
-        self.dtype_of_dequantized = dtype
         names = set(reader.names())
         self.quantized = {n for n in names
                           if n + SCALE_SUFFIX in names and reader.dtype(n) in FP8_DTYPES}
@@ -68,27 +68,8 @@ class DequantizingReader:
                        if not (n.endswith(SCALE_SUFFIX)
                                and n.removesuffix(SCALE_SUFFIX) in self.quantized)]
 
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def shape(self, name: str):
-        return self.reader.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.dtype_of_dequantized if name in self.quantized else self.reader.dtype(name)
-
     def read(self, name: str) -> torch.Tensor:
         if name not in self.quantized:
             return self.reader.read(name)
         return dequantize(self.reader.read(name), self.reader.read(name + SCALE_SUFFIX),
                           self.block)
-
-    def read_raw(self, name: str) -> torch.Tensor:
-        """A tensor as stored (fp8 weights and their scales included)."""
-        return self.reader.read(name)
-
-    def raw_names(self) -> list[str]:
-        return self.reader.names()
-
-    def close(self) -> None:
-        self.reader.close()

@@ -158,6 +158,43 @@ class HFCheckpointReader:
         self.regions.close()
 
 
+class QuantizedReader:
+    """Base of the readers that present a quantised checkpoint's weights dequantised
+    (convert/fp8.py, convert/mxfp4.py). Subclasses set `quantized` (the names that read
+    dequantised), `_names` (what `names()` lists) and implement `read` (and `shape` where it
+    changes); everything else is the wrapped HFCheckpointReader's."""
+
+    def __init__(self, reader: HFCheckpointReader, dtype: torch.dtype) -> None:
+        self.reader = reader
+        self.path = reader.path
+        self.regions = reader.regions
+        self.dtype_of_dequantized = dtype
+        self.quantized: set[str] = set()
+        self._names: list[str] = reader.names()
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.dtype_of_dequantized if name in self.quantized else self.reader.dtype(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_raw(self, name: str) -> torch.Tensor:
+        """A tensor as stored (quantised weights and their scales included)."""
+        return self.reader.read(name)
+
+    def raw_names(self) -> list[str]:
+        return self.reader.names()
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 def parse_size(size: int | str) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as transformers' max_shard_size)."""
     if isinstance(size, int):

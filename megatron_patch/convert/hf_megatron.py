@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_patch import checkpoint, parallel
-from megatron_patch.convert import distcp, engine, fast_path, fp8, hf_io
+from megatron_patch.convert import distcp, engine, fast_path, fp8, hf_io, mxfp4
 from megatron_patch.convert.file_regions import FileRegions
 from megatron_patch.convert.saved_parts import (
     concatenates,
@@ -120,7 +120,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     quant = fp8.quantization(hf_config, hf_dir)
     if quant is not None:
         # Read dequantised; the converted checkpoint (and its config) is unquantised.
-        reader = fp8.DequantizingReader(reader, quant)
+        reader = (mxfp4.DequantizingReader(reader) if quant["quant_method"] == "mxfp4"
+                  else fp8.DequantizingReader(reader, quant))
         hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     hf_names = reader.names()
@@ -303,6 +304,7 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
     out of the fused qkv) is gathered from the file as it is written (`regions`)."""
     size = dtype.itemsize
     gather = fast_path.gather_from_files(regions, torch.uint8, "megatron->hf")
+    stacks = engine.ExpertStacks()
     byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
     for b in bindings:
         param, pieces = params[b.megatron], mapped[b.megatron]
@@ -316,10 +318,11 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
         else:
             whole = _whole_bytes(param, pieces)
             outputs = engine.megatron_to_hf([b], dims, lambda _, whole=whole: whole, byte_shapes,
-                                            gather)
+                                            gather, stacks)
         for name, data in outputs:
             # Viewed as its dtype for the writer only, which copies raw bytes (no alignment).
             yield name, data.contiguous().view(dtype).squeeze(-1)
+    stacks.check_complete()
 
 
 def _whole_bytes(param: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> (

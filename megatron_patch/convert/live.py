@@ -9,7 +9,9 @@ Memory: the mappings' transforms only move rows (fast_path.row_origins), so load
 tensor at a time from its file (plain reads, no memory map) and each rank copies the rows its
 parts take straight from it into its parameters; export gathers each HF tensor straight from the
 ranks' parts. Either way one tensor is all that is held beyond the model. (A transform that is
-not a row move would be run by the engine on whole tensors.)
+not a row move would be run by the engine on whole tensors. Experts stacked in one HF tensor
+(GPT-OSS): each rank reads it once and slices the experts it holds, so an EP rank converts only
+its own; export stacks every expert's slice, gathered from the ranks that hold it.)
 """
 
 from __future__ import annotations
@@ -190,15 +192,21 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf
         expected = {n: shape for n, (shape, _) in schema.items()}
 
         offsets: dict[str, dict[str, tuple[int, int]]] = {}
+        # The last tensor read: a stacked experts tensor serves this rank's experts one by one.
+        last: dict[str, torch.Tensor] = {}
 
         def read(name: str) -> torch.Tensor:
-            return _read_file_tensor(reader, name, offsets)
+            if name not in last:
+                last.clear()  # before the next one is read
+                last[name] = _read_file_tensor(reader, name, offsets)
+            return last[name]
 
         with torch.no_grad():
             for b in mine:
                 shapes = [reader.shape(n) for n in b.hf]
                 origins = row_origins(lambda ts, b=b: [b.transform.to_megatron(ts, dims)],
-                                      shapes) if len({s[1:] for s in shapes}) == 1 else None
+                                      shapes) if (len({s[1:] for s in shapes}) == 1
+                                                  and b.expert is None) else None
                 rows = None if origins is None else sum(count for *_, count in origins[0])
                 if origins is not None and (rows, *shapes[0][1:]) == expected[b.megatron]:
                     _fill_rows(b, shards[b.megatron], origins[0], read)
@@ -252,18 +260,20 @@ def export_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any],
     target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
     engine.check_names(bindings, source=schema, target=target, direction="megatron->hf")
     origins_cache: dict[tuple[int, tuple[int, ...]], Any] = {}
+    stacks = engine.ExpertStacks()
     for b in _in_save_order(bindings, None if expected_hf is None else list(expected_hf)):
         shape, dtype = schema[b.megatron]
         key = (id(b.transform), shape)
         if key not in origins_cache:
             origins_cache[key] = row_origins(
                 lambda ts, b=b: b.transform.to_hf(ts[0], dims), [shape])
-        origins = origins_cache[key]
+        # (An expert's slice of a stacked HF tensor is stacked whole with the others.)
+        origins = origins_cache[key] if b.expert is None else None
         parts = shards.get(b.megatron, [])
         if origins is None:  # not a row move (KV copies are checked equal): the whole tensor
             whole = _gather_rows(parts, [(0, 0, shape[0])], shape, dtype)
             yield from engine.megatron_to_hf([b], dims, lambda _, whole=whole: whole,
-                                             expected_hf)
+                                             expected_hf, stacks=stacks)
             del whole
             continue
         for hf_name, blocks in zip(b.hf, origins, strict=True):
@@ -271,4 +281,5 @@ def export_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any],
             engine.check_shapes({hf_name: tuple(tensor.shape)}, expected_hf or {}, b.megatron)
             yield hf_name, tensor
             del tensor  # the consumer may have let it go: hold nothing while making the next
+    stacks.check_complete()
 

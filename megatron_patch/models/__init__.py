@@ -15,6 +15,8 @@ from megatron_patch.models.build import (
     build_model,
     build_stages,
     check_layout,
+    checkpoint_expert_tensor_parallel_size,
+    expert_tensor_parallel_size,
     from_checkpoint,
     load_hf_config,
     params_dtype_from_flags,
@@ -25,6 +27,7 @@ from megatron_patch.models.spec import FamilySpec, ModelArgs, pad_vocab_size
 
 __all__ = [
     "ACTIVATIONS", "BuiltModel", "FamilySpec", "ModelArgs", "build_model", "build_stages",
-    "check_layout", "family_for", "from_checkpoint", "load_hf_config", "pad_vocab_size",
+    "check_layout", "checkpoint_expert_tensor_parallel_size", "expert_tensor_parallel_size",
+    "family_for", "from_checkpoint", "load_hf_config", "pad_vocab_size",
     "params_dtype_from_flags", "supported_architectures", "transformer_config",
 ]

@@ -20,6 +20,8 @@ ACTIVATIONS = {
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
     "relu": torch.nn.functional.relu,
+    # GPT-OSS's experts: x * sigmoid(1.702 x) (Megatron-Core's quick_gelu).
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 
@@ -39,9 +41,27 @@ def load_hf_config(path: str) -> dict[str, Any]:
     raise FileNotFoundError(f"no config.json in {path} (nor in {path}/hf)")
 
 
+def expert_tensor_parallel_size(args: ModelArgs, tp: int) -> int:
+    """The expert tensor parallel size a model runs at with tensor parallel size `tp`:
+    Megatron-Core's default (= TP), except that experts with biases (GPT-OSS) are kept whole
+    (1: Megatron-Core supports expert biases only so, MoE 'parallel folding')."""
+    return 1 if args.num_moe_experts is not None and args.add_bias_linear else tp
+
+
+def checkpoint_expert_tensor_parallel_size(ckpt_dir: str, tp: int) -> int:
+    """expert_tensor_parallel_size of the model a converted checkpoint holds (for entry points
+    that set up the parallel layout before building the model)."""
+    from megatron_patch import checkpoint
+
+    hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
+    return expert_tensor_parallel_size(family_for(hf_config).model_args(hf_config), tp)
+
+
 def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
-                 vpp: int | None = None, ep: int = 1) -> None:
-    """Refuse a parallel layout that cannot split this model, before any work is done."""
+                 vpp: int | None = None, ep: int = 1, etp: int | None = None) -> None:
+    """Refuse a parallel layout that cannot split this model, before any work is done.
+    `etp`: the expert tensor parallel size (default: TP)."""
+    etp = tp if etp is None else etp
     problems = []
     sizes = [("num_attention_heads", args.num_attention_heads),
              ("query groups", args.megatron_query_groups),
@@ -49,9 +69,18 @@ def check_layout(args: ModelArgs, padded_vocab_size: int, tp: int, pp: int,
     if args.num_moe_experts is None or args.moe_layer_freq is not None:
         sizes.append(("intermediate_size", args.ffn_hidden_size))
     if args.num_moe_experts is not None:
-        # Experts are split over TP too (expert tensor parallel size = TP).
-        sizes.append(("expert intermediate size (moe_intermediate_size; Mixtral: "
-                      "intermediate_size)", args.moe_ffn_hidden_size))
+        if etp != expert_tensor_parallel_size(args, tp):
+            problems.append(
+                f"experts with biases are supported at expert tensor parallel size 1 only, not "
+                f"{etp} (initialise with parallel.initialize(..., expert_tensor_parallel_size="
+                f"{expert_tensor_parallel_size(args, tp)}), models.expert_tensor_parallel_size)"
+                if args.add_bias_linear else
+                f"expert tensor parallel size {etp} differs from TP={tp}")
+        # Experts are split over the expert tensor parallel ranks (ETP: TP unless biased).
+        if args.moe_ffn_hidden_size % etp:
+            problems.append(f"expert intermediate size (moe_intermediate_size; Mixtral: "
+                            f"intermediate_size)={args.moe_ffn_hidden_size} is not divisible by "
+                            f"expert tensor parallel size {etp}")
         if args.moe_shared_expert_intermediate_size:
             sizes.append(("shared expert intermediate size",
                           args.moe_shared_expert_intermediate_size))
@@ -119,6 +148,9 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
         layernorm_zero_centered_gamma=args.zero_centered_norms,
         softmax_scale=args.softmax_scale,
         rotary_interleaved=args.rotary_interleaved,
+        softmax_type="learnable" if args.attention_sinks else "vanilla",
+        activation_func_clamp_value=args.activation_clamp,
+        glu_linear_offset=args.glu_linear_offset,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel and tp > 1,
@@ -304,7 +336,8 @@ def build_stages(hf_config: dict[str, Any], padded_vocab_size: int, *,
                  parallel_state.get_tensor_model_parallel_world_size(),
                  parallel_state.get_pipeline_model_parallel_world_size(),
                  parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-                 ep=parallel_state.get_expert_model_parallel_world_size())
+                 ep=parallel_state.get_expert_model_parallel_world_size(),
+                 etp=parallel_state.get_expert_tensor_parallel_world_size())
     config = transformer_config(args, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel, **config_overrides)
     chunks = [build_model(args, config, hf_config, padded_vocab_size=padded_vocab_size,

@@ -137,6 +137,10 @@ def select(args: ModelArgs, tp: int, dtype: torch.dtype, transformer_engine: boo
         raise ValueError("--use-flash-attn: attention logit soft-capping (Gemma 2, "
                          "attn_logit_softcapping) changes the scores inside the softmax, which "
                          "no flash kernel here takes; leave the flag off")
+    if args.attention_sinks:
+        raise ValueError("--use-flash-attn: attention sinks (GPT-OSS) add a learned logit to "
+                         "every softmax's denominator, which no flash kernel here takes; leave "
+                         "the flag off")
     if args.mla is not None:
         raise ValueError("--use-flash-attn: multi-latent attention (DeepSeek) runs Megatron-Core's "
                          "MLA core attention, not ours; leave the flag off")

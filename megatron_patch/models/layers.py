@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -77,9 +78,61 @@ class Norm(torch.nn.Module):
         return h.to(dtype)
 
 
-def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
+# megatron-core internal: the parameter tags DDP, finalize_model_grads and the optimizer read
+# (allreduce, sequence_parallel, tensor_model_parallel), set on biased experts' linears below, and
+# the expert MLP's in-place bias add (test_megatron_core_contract.py).
+def _expert_parameters_of_their_own(linear: torch.nn.Module) -> None:
+    """Experts with biases run at expert tensor parallel size 1: at TP > 1 each TP rank holds
+    every expert whole and meets its own tokens (a slice of the sequence), so the experts'
+    gradients must be summed over the expert data parallel group (which holds those TP ranks).
+    Megatron-Core reduces parameters tagged allreduce=False there, but tags experts so only at
+    EP > 1 (at EP = 1 they would be averaged over the dense data-parallel ranks only, and each
+    TP rank's copy would drift)."""
+    for param in linear.parameters():
+        param.allreduce = False
+
+
+class BiasedExpertColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """The fc1 of experts with biases (GPT-OSS): see _expert_parameters_of_their_own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _expert_parameters_of_their_own(self)
+
+
+class BiasedExpertRowParallelLinear(tensor_parallel.RowParallelLinear):
+    """The fc2 of experts with biases (GPT-OSS), which run at expert tensor parallel size 1.
+
+    - Its parameters are reduced as experts' (_expert_parameters_of_their_own).
+    - Its output is a tensor of its own while training: Megatron-Core 0.16's expert MLP adds the
+      routing-weighted bias to fc2's output in place (transformer/mlp.py), and that output can
+      be the very tensor the tensor-parallel reduction's autograd Function returned (it passes
+      its input through on one rank), which autograd refuses.
+    - Its bias is not tagged sequence-parallel: megatron tags every row-parallel bias so, and
+      finalize_model_grads would then sum its gradient over the TP ranks once more, after the
+      expert data parallel reduction summed it over them.
+    - Its bias is tagged as a tensor-parallel one, as the experts' other parameters are: the
+      expert optimizer counts untagged parameters in its gradient norm on TP rank 0 only but
+      reduces the norm over the expert tensor/pipeline group (no TP peer in it at expert TP 1),
+      so TP ranks would clip by different norms and their copies drift."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _expert_parameters_of_their_own(self)
+        if self.bias is not None:
+            self.bias.sequence_parallel = False
+            tensor_parallel.set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
+
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        return (output.clone() if torch.is_grad_enabled() else output), bias
+
+
+def _moe_mlp_spec(num_experts: int, biased: bool = False) -> ModuleSpec:
     """Megatron-Core's MoE layer (router, experts, optional shared expert) from its local
     modules: experts run one after the other (SequentialMLP)."""
+    import dataclasses
+
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe import moe_utils
 
@@ -88,7 +141,13 @@ def _moe_mlp_spec(num_experts: int) -> ModuleSpec:
     # only when Transformer Engine imports (NameError without it); None selects its torch.mm path.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    return get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+    spec = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+    if biased:
+        experts = spec.submodules.experts
+        experts.submodules = dataclasses.replace(
+            experts.submodules, linear_fc1=BiasedExpertColumnParallelLinear,
+            linear_fc2=BiasedExpertRowParallelLinear)
+    return spec
 
 
 def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
@@ -112,7 +171,7 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
     else:
         # Transformer Engine's MoE layer keeps its own pre_mlp_layernorm (no fused norm+linear
         # in front of the router): same key here.
-        mlp = _moe_mlp_spec(num_experts)
+        mlp = _moe_mlp_spec(num_experts, biased=args is not None and args.add_bias_linear)
     if args is not None and args.mla is not None:
         self_attention = _mla_spec(core_attention)
         keys_map.pop("input_layernorm.")
@@ -217,7 +276,9 @@ def needs_local_layers(args: ModelArgs | None) -> bool:
                                  or args.parallel_attention or args.post_norms
                                  or args.mla is not None
                                  or bool(args.attn_logit_softcapping)
-                                 or args.local_rope_theta is not None)
+                                 or args.local_rope_theta is not None
+                                 # (tested with Megatron-Core's local softmax with sinks)
+                                 or args.attention_sinks)
 
 
 def transformer_engine_available() -> bool:
@@ -242,8 +303,8 @@ def block_spec(config: TransformerConfig, qk_layernorm: bool = False,
     (Transformer Engine when it is importable on a GPU). Both write the same checkpoint keys.
     """
     if transformer_impl == "transformer_engine" and needs_local_layers(args):
-        raise ValueError("ALiBi, parallel attention and Gemma layers exist only as local modules; "
-                         "use transformer_impl='local' (or 'auto')")
+        raise ValueError("ALiBi, parallel attention, Gemma and GPT-OSS layers exist only as local "
+                         "modules; use transformer_impl='local' (or 'auto')")
     use_te = transformer_impl == "transformer_engine" or (
         transformer_impl == "auto" and transformer_engine_available()
         and not needs_local_layers(args))

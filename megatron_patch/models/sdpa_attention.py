@@ -16,8 +16,9 @@ megatron's own forward:
 - softmax scale: `softmax_scale` times the query-key-layer-scaling coefficient, i.e. the net scale
   megatron applies.
 - Megatron's path is kept (super().forward) for: attention dropout while training (so dropout
-  draws from megatron's RNG tracker as before), off-by-one / learnable softmax offsets, packed
-  sequences and attention biases (which the parent refuses).
+  draws from megatron's RNG tracker as before), off-by-one / learnable softmax offsets (GPT-OSS's
+  attention sinks; the learnable one is tagged as split over TP by head, which megatron-core
+  0.16 omits), packed sequences and attention biases (which the parent refuses).
 - Sliding-window layers: megatron's softmax replaces the given mask by its window mask, which
   drops the padding mask of a left-padded batch (padded keys inside the window are attended).
   Here the window mask is added to the given mask instead, on both paths.
@@ -53,6 +54,13 @@ class SDPADotProductAttention(DotProductAttention):
         self._window = self.scale_mask_softmax.window_size
         self.scale_mask_softmax.window_size = None
         self._sdpa_ok = self.softmax_offset is None
+        if isinstance(self.softmax_offset, torch.nn.Parameter):
+            # megatron-core internal: the tensor_model_parallel tag. Learnable offsets (GPT-OSS's
+            # sinks) are split over TP by head, but megatron-core 0.16 leaves them untagged, so
+            # the gradient norm would count rank 0's part only.
+            from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+            set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
 
     def _dropout_in_kernel(self) -> bool:
         """Whether attention dropout may run inside the SDPA call (subclasses); here it stays

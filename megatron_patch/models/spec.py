@@ -88,6 +88,12 @@ class ModelArgs:
     window_pattern: tuple[int, ...] | None = None
     # RoPE base of the sliding-window layers where it differs from the global one (Gemma 3).
     local_rope_theta: float | None = None
+    # GPT-OSS: a learned per-head logit in every attention softmax's denominator (attention
+    # sinks, Megatron-Core's softmax_type="learnable"); the GLU's inputs clamped (gate above,
+    # linear half both sides) and an offset added to its linear half.
+    attention_sinks: bool = False
+    activation_clamp: float | None = None
+    glu_linear_offset: float = 0.0
     # Mixture of experts (Megatron-Core's MoE layer); None: a dense MLP.
     num_moe_experts: int | None = None
     moe_router_topk: int = 2
@@ -149,6 +155,8 @@ class FamilySpec:
     hf_kept: Callable[[dict[str, Any], str], bool] | None = None
     # Checks `requires` cannot state (several keys, absent keys): raises ValueError naming them.
     validate: Callable[[dict[str, Any]], None] | None = None
+    # The rope types this family's model reproduces (rope.check_supported).
+    rope_types: tuple[str, ...] = rope.SUPPORTED_TYPES
 
     def kept_names(self, hf_config: dict[str, Any], names: Iterable[str]) -> list[str]:
         """The HF tensors among `names` that conversion keeps byte for byte (`hf_kept`)."""
@@ -170,7 +178,7 @@ class FamilySpec:
         # family.)
         if args.position_embedding_type == "rope" and args.mla is None:
             params = (self.rope_parameters or rope.rope_parameters)(hf_config)
-            rope.check_supported(params, hf_config, self.name)
+            rope.check_supported(params, hf_config, self.name, self.rope_types)
         return replace(args, kv_replicas=kv_replicas(args.num_attention_heads,
                                                      args.num_query_groups))
 

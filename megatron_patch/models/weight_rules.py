@@ -4,9 +4,11 @@ This is how a family describes its weights (the language of `models/families/`);
 engine (`convert/`) applies it. A family lists `Rule`s: a Megatron-Core name pattern, the HF name
 pattern(s) it comes from, and the named transform between them (`COPY`, `VOCAB`, `QKV`, ...).
 `{layer}` in a pattern stands for the decoder layer index and `{expert}` for the (global) expert
-index of a mixture-of-experts layer. Rules describe the unsharded (TP=1, PP=1) model; sharding
-for any TP/PP/EP is left to Megatron-Core's own `sharded_state_dict`, so a mapping can never
-disagree with how megatron splits a tensor.
+index of a mixture-of-experts layer. Where an HF tensor holds every expert of a layer stacked
+along dim 0 (GPT-OSS's fused experts), the rule's transform is a `StackedExperts` and `{expert}`
+appears on the Megatron side only: each expert's binding maps its slice. Rules describe the
+unsharded (TP=1, PP=1) model; sharding for any TP/PP/EP is left to Megatron-Core's own
+`sharded_state_dict`, so a mapping can never disagree with how megatron splits a tensor.
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ def merge_kv(fused: torch.Tensor, dims: Dims) -> torch.Tensor:
 
 
 class Transform:
-    """Turns the HF tensors of one rule into the Megatron tensor, and back. Transforms only
-    move whole rows (dim 0) and add zero rows; the conversion fast path (convert/fast_path.py,
-    `row_origins`) relies on it."""
+    """Turns the HF tensors of one rule into the Megatron tensor, and back. Transforms keep
+    trailing dimensions they do not name as they find them (export runs them on byte views).
+    Most only move whole rows (dim 0) and add zero rows, which the conversion fast path
+    (convert/fast_path.py, `row_origins`) detects by running them on row numbers; the others
+    (`Transposed`) give it no row numbers back and are computed."""
 
     def to_megatron(self, hf: list[torch.Tensor], dims: Dims) -> torch.Tensor:
         raise NotImplementedError
@@ -199,6 +203,48 @@ class GateUp(Concat):
         return [gate.contiguous(), up.contiguous()]
 
 
+class InterleavedGateUp(Transform):
+    """SwiGLU's gate and up rows interleaved (gate 0, up 0, gate 1, up 1, ...: GPT-OSS's fused
+    experts) <-> Megatron's [gate; up] in linear_fc1."""
+
+    def to_megatron(self, hf, dims):
+        (tensor,) = hf
+        return torch.cat([tensor[0::2], tensor[1::2]])
+
+    def to_hf(self, megatron, dims):
+        gate, up = megatron.chunk(2, dim=0)
+        return [torch.stack([gate, up], dim=1).reshape(megatron.shape)]
+
+
+class Transposed(Transform):
+    """An HF weight stored as x @ W ([in, out], GPT-OSS's experts) <-> Megatron's [out, in]
+    linear weight, with `inner` applied to the [out, in] form."""
+
+    def __init__(self, inner: Transform | None = None) -> None:
+        self.inner = inner or Copy()
+
+    def to_megatron(self, hf, dims):
+        return self.inner.to_megatron([t.transpose(0, 1) for t in hf], dims).contiguous()
+
+    def to_hf(self, megatron, dims):
+        return [t.transpose(0, 1).contiguous() for t in self.inner.to_hf(megatron, dims)]
+
+
+class StackedExperts(Transform):
+    """A rule's HF tensors hold every expert of the layer stacked along dim 0 ([experts, ...]);
+    `inner` maps one expert's slice to that expert's Megatron tensor. `bind` makes one binding
+    per expert (Binding.expert); the engine slices on import and stacks the experts' slices
+    again on export."""
+
+    def __init__(self, inner: Transform) -> None:
+        self.inner = inner
+
+    def to_megatron(self, hf, dims):
+        raise TypeError("StackedExperts is bound per expert: apply its `inner` to a slice")
+
+    to_hf = to_megatron
+
+
 # The transforms a family's rules name.
 COPY = Copy()
 VOCAB = Vocab()
@@ -206,6 +252,12 @@ QKV = FuseQKV()  # separate q, k, v
 QKV_CONCAT = ConcatQKV()  # one HF tensor [all q; all k; all v]
 QKV_GROUPED = GroupedQKV()  # one HF tensor already grouped per KV group
 GATE_UP = GateUp()  # separate gate and up projections
+# Experts stacked in one HF tensor per layer (GPT-OSS): x @ W weights [E, in, out], gate and up
+# interleaved in the fused one; biases [E, out].
+STACKED_GATE_UP = StackedExperts(Transposed(InterleavedGateUp()))
+STACKED_GATE_UP_BIAS = StackedExperts(InterleavedGateUp())
+STACKED_DOWN = StackedExperts(Transposed())
+STACKED_DOWN_BIAS = StackedExperts(COPY)
 
 
 @dataclass(frozen=True)
@@ -236,13 +288,17 @@ class Binding:
     megatron: str
     hf: tuple[str, ...]
     transform: Transform
+    # Of a StackedExperts rule: this expert's slice (dim 0) of the HF tensors, of num_experts.
+    expert: int | None = None
+    num_experts: int = 0
 
 
 def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
          num_experts: int | None = None) -> list[Binding]:
     """Expand each applicable rule over its placeholders: `{layer}` over the decoder layers
     (those `on_layer` accepts), `{expert}` over all `num_experts` experts (every one of them:
-    none may be left behind)."""
+    none may be left behind). A StackedExperts rule has `{expert}` on the Megatron side only:
+    each expert's binding takes its slice of the stacked HF tensors, by the inner transform."""
     ranges = {"layer": range(num_layers), "expert": range(num_experts or 0)}
     bindings = []
     for rule in rules:
@@ -252,8 +308,13 @@ def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
         if rule.when is not None and not rule.when(hf_config):
             continue
         keys = [k for k in ranges if "{" + k + "}" in rule.megatron]
+        stacked = isinstance(rule.transform, StackedExperts)
+        if stacked and "expert" not in keys:
+            raise ValueError(f"rule {rule.megatron}: stacked experts need an {{expert}} "
+                             "placeholder on the Megatron side")
         for name in rule.hf_names():
-            if unmatched := [k for k in ranges if ("{" + k + "}" in name) != (k in keys)]:
+            if unmatched := [k for k in ranges if ("{" + k + "}" in name)
+                             != (k in keys and not (stacked and k == "expert"))]:
                 raise ValueError(f"rule {rule.megatron} <- {name}: placeholders {unmatched} "
                                  "appear on one side only")
         if rule.on_layer is not None and "layer" not in keys:
@@ -269,7 +330,9 @@ def bind(rules: tuple[Rule, ...], hf_config: dict[str, Any], num_layers: int,
                 Binding(
                     megatron=rule.megatron.format(**fmt),
                     hf=tuple(name.format(**fmt) for name in rule.hf_names()),
-                    transform=rule.transform,
+                    transform=rule.transform.inner if stacked else rule.transform,
+                    expert=fmt["expert"] if stacked else None,
+                    num_experts=num_experts or 0 if stacked else 0,
                 )
             )
     return bindings

@@ -17,6 +17,7 @@ import torch
 from megatron_patch import checkpoint, logs, parallel
 from megatron_patch.models import (
     build_stages,
+    checkpoint_expert_tensor_parallel_size,
     family_for,
     load_hf_config,
     pad_vocab_size,
@@ -47,7 +48,11 @@ class Trainer:
                              "wired up in this version; use --bf16")
         parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             expert_model_parallel_size=args.expert_model_parallel_size,
-                            seed=args.seed)
+                            seed=args.seed,
+                            # (Models made from architecture flags have no biased experts.)
+                            expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
+                                args.load, args.tensor_model_parallel_size) if args.load
+                            else None)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.ep = parallel_state.get_expert_model_parallel_world_size()
