@@ -1,0 +1,120 @@
+"""LoRA (issue 17): adapters on Megatron-Core's linears that round-trip through Hugging Face
+PEFT exactly. Oracles: peft on the transformers model (logits, merged weights), and hand
+formulas. fp32 on CPU: logits within harness.LOGITS_ATOL of peft's (the base model's own
+tolerance: megatron and transformers order their reductions differently); tensors that only
+move between layouts are compared bit for bit."""
+
+import json
+import os
+
+import harness
+import pytest
+
+RANK, ALPHA = 4, 8.0
+
+
+def _peft_adapter(hf_dir: str, out: str, targets: list[str], rslora: bool = False) -> None:
+    """A PEFT adapter made by peft on the HF model, with random (non-zero) A and B, and
+    (out/peft.pt) peft's logits for the conftest reference tokens and its merged weights."""
+    import peft
+    import torch
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=targets, use_rslora=rslora,
+        init_lora_weights=False, task_type="CAUSAL_LM"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft's init_lora_weights=False leaves B small
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    ref = torch.load(os.path.join(os.path.dirname(hf_dir), "reference.pt"))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["tokens"]).logits
+        merged = model.merge_and_unload().state_dict()
+    torch.save({"logits": logits, "merged": merged}, os.path.join(out, "peft.pt"))
+
+
+def _import_eval(model_root: str, adapter: str, tp: int, export_to: str | None) -> dict:
+    """In a worker: the converted base at TP=tp with the PEFT adapter imported; its logits,
+    and (TP=1) the adapter exported again and the merged model saved as HF."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_patch import api, lora, parallel
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.lora import peft
+    from megatron_patch.models import family_for
+
+    parallel.initialize(tp, 1)
+    model, meta = api.from_checkpoint(os.path.join(model_root, "mcore"))
+    info = api.model_info(model)
+    args = family_for(info.hf_config).model_args(info.hf_config)
+    config = lora.load_peft(model, info.hf_config, args, meta.padded_vocab_size, adapter)
+    model.eval()
+    ref = torch.load(os.path.join(model_root, "reference.pt"))
+    out = forward_logits([model], ref["tokens"], meta.vocab_size)
+    result = {"trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}
+    if parallel_state.get_tensor_model_parallel_rank() == 0:  # as numbers: see harness
+        result["logits"] = out["logits"].numpy()
+    if export_to is not None:
+        targets = sorted({n.rsplit(".", 1)[-1] for n in lora.targets.hf_modules(
+            info.hf_config, args)} & set(config.target_modules))
+        peft.write_adapter(os.path.join(export_to, "adapter"), peft.adapter_tensors(model),
+                           peft.adapter_config(config, targets, "base"))
+        lora.merge(model)
+        api.save_hf_pretrained(model, os.path.join(export_to, "merged"))
+    return result
+
+
+@pytest.fixture(scope="module")
+def peft_qv(llama_models, tmp_path_factory):
+    import torch
+
+    """llama2 (GQA) with a peft adapter on q_proj, v_proj, o_proj and up_proj only: fused
+    linears where only some projections are adapted."""
+    root = tmp_path_factory.mktemp("peft_qv")
+    adapter = str(root / "adapter")
+    harness.run(_peft_adapter, 1, os.path.join(llama_models["llama2"], "hf"), adapter,
+                ["q_proj", "v_proj", "o_proj", "up_proj"])
+    return adapter, torch.load(os.path.join(adapter, "peft.pt")), root
+
+
+def test_peft_adapter_imports_at_tp2_with_peft_logits(llama_models, peft_qv):
+    import torch
+
+    adapter, ref, _ = peft_qv
+    results = harness.run(_import_eval, 2, llama_models["llama2"], adapter, 2, None)
+    delta = (torch.from_numpy(results[0]["logits"]) - ref["logits"]).abs().max().item()
+    assert delta <= harness.LOGITS_ATOL, delta
+    # Only adapters train: 4 layers x (q, v parts of linear_qkv; o; up part of fc1) = 3 sites.
+    assert results[0]["trainable"] == sorted(
+        f"module.decoder.layers.{i}.{m}.lora_{ab}"[len("module."):]
+        for i in range(4) for m in ("self_attention.linear_qkv", "self_attention.linear_proj",
+                                    "mlp.linear_fc1") for ab in "AB")
+
+
+def test_export_splits_fused_adapters_exactly_and_merges(llama_models, peft_qv):
+    """Imported at TP=1 and exported again: the same tensors bit for bit (q and v rows of the
+    fused qkv, up rows of fc1 come back as they went in, untouched k and gate rows are not
+    written); the merged export equals peft's merge_and_unload (base + scale * B @ A)."""
+    import torch
+    from safetensors.torch import load_file
+
+    adapter, ref, root = peft_qv
+    out = str(root / "export")
+    harness.run(_import_eval, 1, llama_models["llama2"], adapter, 1, out)
+    theirs = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    ours = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    config = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    assert config["target_modules"] == ["o_proj", "q_proj", "up_proj", "v_proj"], config
+    merged = load_file(os.path.join(out, "merged", "model.safetensors"))
+    assert sorted(merged) == sorted(ref["merged"])
+    worst = max((merged[k] - ref["merged"][k]).abs().max().item() for k in merged)
+    # W + scale * B @ A in fp32: peft's matmul and ours may round the r-term sums apart.
+    assert worst <= 1e-6, worst
