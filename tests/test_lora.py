@@ -118,3 +118,104 @@ def test_export_splits_fused_adapters_exactly_and_merges(llama_models, peft_qv):
     worst = max((merged[k] - ref["merged"][k]).abs().max().item() for k in merged)
     # W + scale * B @ A in fp32: peft's matmul and ours may round the r-term sums apart.
     assert worst <= 1e-6, worst
+
+
+def _bad_inputs(models: dict, adapter: str) -> dict:
+    """In a worker: the errors that bad LoRA settings and adapters give."""
+    from megatron_patch import lora, parallel
+    from megatron_patch.models import family_for, from_checkpoint, load_hf_config
+
+    parallel.initialize(1, 1)
+    errors = {}
+
+    def attempt(what, fn):
+        try:
+            fn()
+            errors[what] = None
+        except ValueError as e:
+            errors[what] = str(e)
+
+    def adapt(variant, config=None, peft_dir=None):
+        model, meta = from_checkpoint(os.path.join(models[variant], "mcore"))
+        hf_config = load_hf_config(os.path.join(models[variant], "mcore"))
+        args = family_for(hf_config).model_args(hf_config)
+        if peft_dir is not None:
+            return lora.load_peft(model, hf_config, args, meta.padded_vocab_size, peft_dir)
+        return lora.apply(model, hf_config, args, meta.padded_vocab_size, config)
+
+    attempt("unknown target", lambda: adapt("llama2", lora.LoRAConfig(
+        8, 8.0, target_modules=("q_proj", "qkv_proj"))))
+    attempt("rank 0", lambda: lora.LoRAConfig(0, 8.0))
+    attempt("rank -2", lambda: lora.LoRAConfig(-2, 8.0))
+    # llama1_tied has 4 KV heads where llama2 has 2: its k_proj/v_proj are twice as wide.
+    attempt("other base", lambda: adapt("llama1_tied", peft_dir=adapter))
+    return errors
+
+
+def test_bad_lora_inputs_are_refused_clearly(llama_models, peft_qv, tmp_path):
+    import shutil
+
+    adapter, _, _ = peft_qv
+    (errors,) = harness.run(_bad_inputs, 1, llama_models, adapter)
+    assert "unknown module name(s) ['qkv_proj']" in errors["unknown target"], errors
+    assert "q_proj" in errors["unknown target"] and "linear_qkv" in errors["unknown target"]
+    assert "--lora-rank 0" in errors["rank 0"] and "positive" in errors["rank 0"], errors
+    assert "--lora-rank -2" in errors["rank -2"], errors
+    assert "v_proj.lora_B has shape (32, 4), this model needs (64, 4)" in errors["other base"], (
+        errors)
+    assert adapter in errors["other base"]
+    # A DoRA adapter (peft can make it; this LoRA cannot express it) is refused by name.
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter, dora)
+    config = json.load(open(dora / "adapter_config.json"))
+    config["use_dora"] = True
+    json.dump(config, open(dora / "adapter_config.json", "w"))
+    from megatron_patch.lora import peft
+
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        peft.read_adapter(str(dora))
+
+
+def _save_imported(model_root: str, adapter: str, tp: int, save: str) -> None:
+    """In a worker: a LoRA checkpoint (adapter tensors + lora.json) written at TP=tp from an
+    imported peft adapter, as training writes one."""
+    from megatron_patch import checkpoint, lora, parallel
+    from megatron_patch.lora import checkpoint as lora_checkpoint
+    from megatron_patch.models import family_for, from_checkpoint, load_hf_config
+
+    parallel.initialize(tp, 1)
+    base = os.path.join(model_root, "mcore")
+    model, meta = from_checkpoint(base)
+    hf_config = load_hf_config(base)
+    config = lora.load_peft(model, hf_config, family_for(hf_config).model_args(hf_config),
+                            meta.padded_vocab_size, adapter)
+    import torch
+
+    if torch.distributed.get_rank() == 0:
+        checkpoint.copy_metadata(base, save)
+        lora_checkpoint.write_reference(save, config, base, "release")
+    checkpoint.save(save, 3, {"model": lora_checkpoint.adapter_state(model)})
+
+
+def test_lora_checkpoint_saved_at_tp2_exports_as_the_peft_adapter(llama_models, peft_qv,
+                                                                   tmp_path):
+    """Saved at TP=2 (fc1's B stored as gate and up halves, like the weight), exported in one
+    process: the adapter peft made, bit for bit; --merge-lora: peft's merged weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron_patch.cli import main
+
+    adapter, ref, _ = peft_qv
+    save = str(tmp_path / "lora_ckpt")
+    harness.run(_save_imported, 2, llama_models["llama2"], adapter, 2, save)
+    assert main(["convert", "megatron-to-hf", save, str(tmp_path / "adapter")]) == 0
+    theirs = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    ours = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert main(["convert", "megatron-to-hf", save, str(tmp_path / "merged"),
+                 "--merge-lora"]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    worst = max((merged[k] - ref["merged"][k]).abs().max().item() for k in ref["merged"])
+    assert sorted(merged) == sorted(ref["merged"]) and worst <= 1e-6, worst
