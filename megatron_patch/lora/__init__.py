@@ -34,11 +34,6 @@ def apply(model, hf_config: dict[str, Any], args, padded_vocab_size: int, config
     if not chosen:
         raise ValueError(f"--lora-target-modules {','.join(config.target_modules)} selects no "
                          "linear of this model")
-    if args.kv_replicas > 1 and any(n.endswith("linear_qkv") for n in chosen):
-        raise ValueError(f"LoRA on q/k/v: this model's {args.num_query_groups} KV head(s) are "
-                         f"built as {args.kv_replicas} copies each, whose adapters would train "
-                         "apart and could not be exported as one HF k/v adapter; adapt "
-                         "linear_proj and the MLP, or train at a TP that needs no copies")
     for param in model.parameters():
         param.requires_grad_(False)
     names: list[str] = []

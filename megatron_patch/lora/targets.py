@@ -11,6 +11,7 @@ adapter's B splits into per-projection PEFT adapters exactly as the weight does.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from megatron_patch.models.weight_rules import Binding, Dims, bind
 MEGATRON_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 ALL_LINEAR = "all-linear"
 COLUMN, ROW = "column", "row"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Site:
     parts: tuple[str, ...]  # HF module paths, e.g. model.layers.3.self_attn.q_proj
     rows: tuple[torch.Tensor, ...]  # per part: its rows of the whole (TP=1) fused output
     swiglu: bool  # a gated linear_fc1: TP splits its gate and up halves separately
+    refusal: str | None = None  # why this linear cannot carry an adapter (then no parts)
 
     def short(self, part: int) -> str:
         return self.parts[part].rsplit(".", 1)[-1]
@@ -72,18 +75,20 @@ def _global_names(model) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def _part_rows(b: Binding, dims: Dims, out_rows: int, name: str) -> tuple[torch.Tensor, ...]:
+def _part_rows(b: Binding, dims: Dims, out_rows: int) -> tuple[torch.Tensor, ...] | str:
     """The rows of the fused output each HF module of `b` holds: the rule's transform applied
-    to row numbers (transforms only move whole rows)."""
+    to row numbers (transforms only move whole rows); or why they cannot be told apart."""
+    if dims.kv_replicas > 1 and b.megatron.endswith("linear_qkv.weight"):
+        return (f"the model's KV head(s) are built as {dims.kv_replicas} copies each (multi-query "
+                "attention, see the README), whose adapters would train apart and could not be "
+                "exported as one HF adapter")
     try:
         rows = b.transform.to_hf(torch.arange(out_rows), dims)
     except (NotImplementedError, ValueError) as e:
-        raise ValueError(f"{name}: its HF weights {list(b.hf)} cannot be told apart row by row "
-                         f"({e}), so no PEFT adapter can express a LoRA on it") from e
+        return f"its HF weights cannot be told apart row by row ({e})"
     if len(rows) != len(b.hf) or not torch.equal(torch.cat(rows).sort().values,
                                                   torch.arange(out_rows)):
-        raise ValueError(f"{name}: its rows do not split into the HF modules {list(b.hf)} "
-                         "one to one, so no PEFT adapter can express a LoRA on it")
+        return f"its rows do not split into the HF modules {list(b.hf)} one to one"
     return tuple(rows)
 
 
@@ -100,13 +105,23 @@ def sites(model, hf_config: dict[str, Any], args, padded_vocab_size: int) -> lis
     for name, module in _global_names(model):
         binding = bindings.get(name + ".weight")
         kind = classes.get(type(module))
-        if binding is None or kind is None or any(not h.endswith(".weight") for h in binding.hf):
-            found.append(Site(name, module, "", (), (), False))  # refused if targeted
+        if binding is None or any(not h.endswith(".weight") for h in binding.hf):
+            found.append(Site(name, module, "", (), (), False, "it has no Hugging Face "
+                              "counterpart that peft could adapt"))
+            continue
+        parts = tuple(h.removesuffix(".weight") for h in binding.hf)
+        if kind is None:
+            found.append(Site(name, module, "", parts, (), False, f"its forward "
+                              f"({type(module).__name__}) does more than the linear (a fused or "
+                              "following norm), so an adapter beside it would not be peft's"))
             continue
         out_rows = module.weight.shape[0] * (1 if kind == ROW else _tp_size(module))
         swiglu = name.endswith("linear_fc1") and module.config.gated_linear_unit
-        found.append(Site(name, module, kind, tuple(h.removesuffix(".weight") for h in binding.hf),
-                          _part_rows(binding, dims, out_rows, name), swiglu))
+        rows = _part_rows(binding, dims, out_rows)
+        if isinstance(rows, str):
+            found.append(Site(name, module, "", parts, (), swiglu, rows))
+        else:
+            found.append(Site(name, module, kind, parts, rows, swiglu))
     return found
 
 
@@ -117,34 +132,40 @@ def _tp_size(module: torch.nn.Module) -> int:
 
 
 def known_names(all_sites: list[Site]) -> list[str]:
+    present = {s.name.rsplit(".", 1)[-1] for s in all_sites}
     hf = sorted({s.short(i) for s in all_sites for i in range(len(s.parts))})
-    return [ALL_LINEAR, *MEGATRON_LINEARS, *hf]
+    return [ALL_LINEAR, *(n for n in MEGATRON_LINEARS if n in present), *hf]
 
 
 def select(all_sites: list[Site], targets: list[str]) -> dict[str, tuple[int, ...]]:
     """site name -> the indices of its parts the target names select (sites with none are
     left out). Megatron names select every part of a fused linear (linear_qkv = q, k and v:
     one adapter each, as peft's q_proj, k_proj, v_proj); HF names select one part; all-linear
-    selects every part of every site (peft: all linears but the output layer)."""
+    selects every part of every site that can carry an adapter (peft: all linears but the
+    output layer; the others are logged). Naming a linear that cannot is refused."""
     known = known_names(all_sites)
     if unknown := [t for t in targets if t not in known]:
         raise ValueError(f"--lora-target-modules: unknown module name(s) {unknown}; this model "
                          f"has {', '.join(known)}")
     chosen: dict[str, tuple[int, ...]] = {}
+    skipped = []
     for s in all_sites:
         last = s.name.rsplit(".", 1)[-1]
+        named = last in targets or any(s.short(i) in targets for i in range(len(s.parts)))
+        if s.refusal is not None:
+            if named:
+                raise ValueError(f"--lora-target-modules: {s.name} cannot carry an adapter: "
+                                 f"{s.refusal}; leave it out of the targets")
+            if ALL_LINEAR in targets:
+                skipped.append(f"{s.name} ({s.refusal})")
+            continue
         if ALL_LINEAR in targets or last in targets:
-            picked = tuple(range(len(s.parts)))
-        else:
-            picked = tuple(i for i in range(len(s.parts)) if s.short(i) in targets)
-        if (picked or last in targets) and not s.kind:
-            cls = type(s.module).__name__
-            raise ValueError(f"--lora-target-modules: {s.name} ({cls}) cannot carry an adapter: "
-                             "either it has no Hugging Face counterpart that peft could adapt, "
-                             "or its forward does more than the linear (a fused norm or "
-                             "post-norm); leave it out of the targets")
-        if picked:
+            chosen[s.name] = tuple(range(len(s.parts)))
+        elif picked := tuple(i for i in range(len(s.parts)) if s.short(i) in targets):
             chosen[s.name] = picked
+    if skipped:
+        log.warning("all-linear leaves out %d linear(s) that cannot carry an adapter, e.g. %s",
+                    len(skipped), skipped[0])
     return chosen
 
 
