@@ -140,6 +140,15 @@ def main() -> None:
     from megatron_patch import cpu_mode, parallel
     from megatron_patch.training.arguments import parse_args
     from megatron_patch.training.loop import Trainer
+    from megatron_patch.training.modes import Datasets, LanguageModelMode
+
+    class SharedRows(LanguageModelMode):
+        """The LM loss on the token rows both sides read."""
+
+        name = "pretrain"
+
+        def build_datasets(self) -> Datasets:
+            return Datasets(_Samples(rows), None, args.steps)
 
     torch.set_num_threads(args.threads)
     parallel.initialize(args.tp, 1)
@@ -185,7 +194,7 @@ def main() -> None:
         *(["--bf16"] if args.bf16 else []),
         # torch DDP overlaps its gradient all-reduce with the backward pass; so does ours here.
         *(["--overlap-grad-reduce"] if dp > 1 else [])])
-    ours = Trainer(ours_args, datasets=[_Samples(rows), None, None])
+    ours = Trainer(ours_args, mode=SharedRows)
     ours.model.train()
     theirs = _HFTrainer(hf_dir, rows, args, device)
 

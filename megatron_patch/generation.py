@@ -240,15 +240,14 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.models import from_checkpoint
+    from megatron_patch.models import from_checkpoint, params_dtype_from_flags
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    model, meta = from_checkpoint(args.load, params_dtype=dtype)
+    model, meta = from_checkpoint(args.load, params_dtype=params_dtype_from_flags(args))
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model
                                         or os.path.join(args.load, checkpoint.HF_DIR))
     params = sampling_params(args)

@@ -62,6 +62,22 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def is_last_rank() -> bool:
+    """The rank that prints and logs results: under pipeline parallelism the last stage is the
+    one that has the loss and the logits."""
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def print_last_rank(message: str) -> None:
+    if is_last_rank():
+        print(message, flush=True)
+
+
+def print_rank0(message: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
 def destroy() -> None:
     from megatron.core import parallel_state
 

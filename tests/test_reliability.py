@@ -221,13 +221,16 @@ def _crafted_pickle_cases(root: str, ckpt: str, data: str) -> dict:
 
     # A training checkpoint whose RNG state (a pickled object record in the data file, which
     # DCP reads with torch.load(weights_only=False)) is the payload.
+    from unittest import mock
+
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    from megatron_patch.training import checkpointing
+
     save = os.path.join(root, "evil_run")
-    trainer = loop.Trainer(_args(ckpt, data, iters=3, save=save))
-    trainer._rng_state = lambda: ShardedObject("rng_state", _Payload(marker), (1, 1, 1),
-                                               (0, 0, 0), replica_id=0)
-    trainer.train()
+    evil = ShardedObject("rng_state", _Payload(marker), (1, 1, 1), (0, 0, 0), replica_id=0)
+    with mock.patch.object(checkpointing, "_rng_state", lambda trainer: evil):
+        loop.Trainer(_args(ckpt, data, iters=3, save=save)).train()
     r["resume_rng"] = _error(loop.Trainer, _args(save, data, iters=3))
     r["payload_ran"] = os.path.exists(marker)
     return r

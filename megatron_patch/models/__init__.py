@@ -17,6 +17,7 @@ from megatron_patch.models.build import (
     check_layout,
     from_checkpoint,
     load_hf_config,
+    params_dtype_from_flags,
     transformer_config,
 )
 from megatron_patch.models.registry import family_for, supported_architectures
@@ -25,5 +26,5 @@ from megatron_patch.models.spec import FamilySpec, ModelArgs, pad_vocab_size
 __all__ = [
     "ACTIVATIONS", "BuiltModel", "FamilySpec", "ModelArgs", "build_model", "build_stages",
     "check_layout", "family_for", "from_checkpoint", "load_hf_config", "pad_vocab_size",
-    "supported_architectures", "transformer_config",
+    "params_dtype_from_flags", "supported_architectures", "transformer_config",
 ]

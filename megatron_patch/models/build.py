@@ -23,6 +23,11 @@ ACTIVATIONS = {
 }
 
 
+def params_dtype_from_flags(args: Any) -> torch.dtype:
+    """Megatron-LM's precision flags (--bf16, --fp16; fp32 without either) as a dtype."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
 def load_hf_config(path: str) -> dict[str, Any]:
     """config.json of an HF model directory, or of the HF files a converted checkpoint carries."""
     for candidate in (os.path.join(path, "config.json"), os.path.join(path, "hf", "config.json")):

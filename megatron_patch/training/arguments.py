@@ -7,6 +7,7 @@ import argparse
 from megatron_patch import logs
 from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int
 from megatron_patch.training import metrics
+from megatron_patch.training.modes import MODES, mode_class
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -97,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="HF tokenizer directory (default: the one the checkpoint carries)")
 
     g = p.add_argument_group("supervised fine-tuning (--train-mode finetune)")
-    g.add_argument("--train-mode", choices=["pretrain", "finetune"], default="pretrain")
+    g.add_argument("--train-mode", choices=list(MODES), default="pretrain",
+                   help="what to train: pretrain (--data-path), finetune (SFT records)")
     g.add_argument("--train-data-path", help="SFT records: JSON list or JSON lines")
     g.add_argument("--valid-data-path", help="SFT validation records")
     g.add_argument("--epochs", type=float, default=None,
@@ -184,10 +186,5 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--bf16 and --fp16 are exclusive")
     if args.seq_length is None:
         raise ValueError("--seq-length is required")
-    finetune = args.train_mode == "finetune"
-    if args.train_iters is None and args.train_tokens is None and not (finetune and args.epochs):
-        raise ValueError("give --train-iters or --train-tokens"
-                         + (" or --epochs" if finetune else ""))
-    if finetune and not args.train_data_path:
-        raise ValueError("--train-mode finetune needs --train-data-path")
+    mode_class(args.train_mode).check_args(args)
     return args

@@ -1,4 +1,5 @@
-"""Where training scalars go: TensorBoard (`--tensorboard-dir`) and Weights & Biases
+"""The training log: the iteration line, FLOPs, metrics reduced over the global batch, and where
+the scalars go: TensorBoard (`--tensorboard-dir`) and Weights & Biases
 (`--wandb-project`), with Megatron-LM's flags. Both get the same scalars, from the last rank.
 
 wandb is optional: it is imported only when `--wandb-project` is given, and its absence is then
@@ -83,3 +84,76 @@ def open_writer(args: argparse.Namespace, is_last_rank: bool,
                                entity=args.wandb_entity or None, dir=save_dir,
                                config=config if config is not None else vars(args))
     return MetricsWriter(tensorboard, wandb_run)
+
+
+def flops_per_token(m: Any, padded_vocab_size: int, seq_length: int) -> float:
+    """Approximate training FLOPs per token of the model args `m` (forward + backward: 6N plus
+    attention)."""
+    attn = m.hidden_size * (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
+    attn += m.num_attention_heads * m.kv_channels * m.hidden_size
+    mlp = (3 if m.gated_linear_unit else 2) * m.hidden_size * m.ffn_hidden_size
+    params = m.num_layers * (attn + mlp) + padded_vocab_size * m.hidden_size
+    attention_scores = 2 * m.num_layers * seq_length * m.num_attention_heads * m.kv_channels
+    return 6 * params + 6 * attention_scores
+
+
+def reduce_metrics(outputs: list[dict[str, Any]], names: tuple[str, ...], dp: int,
+                   pp: int) -> dict[str, float]:
+    """Each metric's sum / count over the global batch (the [sum, count] pairs a mode's loss
+    reports per micro-batch), made known to every rank."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_patch import cpu_mode
+
+    total = torch.zeros(len(names), 2, device=cpu_mode.device())
+    for out in outputs:  # empty except on the last pipeline stage
+        for i, name in enumerate(names):
+            total[i] += out[name].float()
+    # Collectives over one rank are skipped: on a busy CPU each costs a thread hand-off.
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and dp > 1:
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if pp > 1:
+        torch.distributed.broadcast(
+            total, parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group())
+    means = total[:, 0] / total[:, 1].clamp(min=1)
+    return dict(zip(names, means.tolist(), strict=True))
+
+
+def log_iteration(writer: MetricsWriter | None, stats: dict[str, float], *, iteration: int,
+                  train_iters: int, consumed_tokens: int, metric_names: tuple[str, ...],
+                  eta: float) -> None:
+    """Megatron-LM's iteration line (on the last rank) and the same scalars to the writer."""
+    from megatron_patch import parallel
+
+    shown = " | ".join(f"{name} {stats[name]:.6f}" for name in metric_names)
+    parallel.print_last_rank(
+        f"iteration {iteration:6d}/{train_iters} | consumed tokens {consumed_tokens} | {shown} | "
+        f"lr {stats['lr']:.3e} | grad norm {stats['grad_norm']:.4f} | loss scale "
+        f"{stats['loss_scale']:g} | tokens/s {stats['tokens_per_sec']:.1f} | TFLOP/s/device "
+        f"{stats['tflops']:.4f} | ETA {eta:.0f}s")
+    if writer is None:
+        return
+    for name in metric_names:
+        writer.add_scalar(name, stats[name], iteration)
+    for key, name in (("lr", "learning-rate"), ("grad_norm", "grad-norm"),
+                      ("loss_scale", "loss-scale"), ("tokens_per_sec", "tokens-per-sec"),
+                      ("tflops", "tflops-per-device")):
+        writer.add_scalar(name, stats[key], iteration)
+    writer.add_scalar(f"{metric_names[0]} vs tokens", stats[metric_names[0]], consumed_tokens)
+
+
+def log_validation(writer: MetricsWriter | None, values: dict[str, float], *, iteration: int,
+                   loss_name: str) -> None:
+    import math
+
+    from megatron_patch import parallel
+
+    shown = " | ".join(f"{name} {value:.6f}" for name, value in values.items())
+    ppl = (f" | ppl {math.exp(min(values[loss_name], 20)):.3f}" if loss_name == "lm loss"
+           else "")
+    parallel.print_last_rank(f"validation at iteration {iteration} | {shown}{ppl}")
+    if writer is not None:
+        for name, value in values.items():
+            writer.add_scalar(f"validation {name}", value, iteration)

@@ -1,0 +1,190 @@
+"""Training modes: what pretraining, SFT and the RLHF modes each supply to the one Trainer.
+
+A mode supplies its data (`build_datasets`), its forward pass over one micro-batch (`forward`)
+and its loss (`loss`); the Trainer does the rest (model, optimizer, Megatron-Core's schedules,
+checkpoints, logging). A new mode is a `TrainingMode` subclass and one line in `MODES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from megatron_patch import parallel
+from megatron_patch.forward import masked_vocab_parallel_cross_entropy
+from megatron_patch.training import data
+
+if TYPE_CHECKING:
+    from megatron_patch.training.loop import Trainer
+
+# --train-mode NAME -> "module:Class", imported when chosen.
+MODES = {
+    "pretrain": "megatron_patch.training.modes:PretrainMode",
+    "finetune": "megatron_patch.training.modes:FinetuneMode",
+}
+
+
+def mode_class(name: str) -> type[TrainingMode]:
+    module, _, cls = MODES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+@dataclass
+class Datasets:
+    """The training data of a run and how many iterations it trains for."""
+
+    train: Any
+    valid: Any | None
+    train_iters: int
+
+
+# (loss summed over this micro-batch, the count that sum is divided by once summed over the
+# global batch, {metric name: tensor([sum, count])})
+LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+class TrainingMode:
+    """A way of training: its data, forward pass and loss.
+
+    `loss` returns sums and counts, never means: the schedule divides the loss sum by the count
+    of the whole global batch (Megatron-Core's `calculate_per_token_loss`) and the Trainer reduces
+    each metric's [sum, count] over micro-batches and data-parallel ranks, so that no result
+    depends on how the global batch is split.
+    """
+
+    name: ClassVar[str]
+    loss_name: ClassVar[str] = "lm loss"
+    # Every metric `loss` reports, the loss first (all ranks must know them: under pipeline
+    # parallelism only the last stage computes them).
+    metric_names: ClassVar[tuple[str, ...]] = ("lm loss",)
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Refuse flags this mode cannot use, before any work is done."""
+        if args.train_iters is None and args.train_tokens is None:
+            raise ValueError("give --train-iters or --train-tokens")
+
+    def model_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for `models.build_stages` (e.g. a different output head)."""
+        return {}
+
+    def build_datasets(self) -> Datasets:
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+
+    def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this mode must save to resume exactly (kept in the checkpoint's common state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` on resume."""
+
+    def before_schedule(self, dataset: Any, consumed: int, forward_only: bool) -> None:
+        """Runs before each training or evaluation schedule over the global batch that starts at
+        sample `consumed` of `dataset` (e.g. to compute a frozen reference model's outputs)."""
+
+
+def lm_loss(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int,
+            output: torch.Tensor) -> LossOutput:
+    """Sum of next-token losses over unmasked tokens, and their count."""
+    per_token = masked_vocab_parallel_cross_entropy(output, labels, vocab_size)
+    mask = loss_mask.float()
+    loss_sum = (per_token * mask).sum()
+    tokens = mask.sum()
+    return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack([loss_sum.detach().clone(),
+                                                                    tokens.detach().clone()])}
+
+
+def train_iterations(args: argparse.Namespace, global_batch_size: int,
+                     train_samples: int | None = None) -> int:
+    """--train-iters, else --train-tokens in whole global batches, else --epochs over
+    `train_samples` samples."""
+    if args.train_iters:
+        return args.train_iters
+    if args.train_tokens:
+        return -(-args.train_tokens // (global_batch_size * args.seq_length))
+    from megatron_patch.data.sft import epochs_to_iters
+
+    return epochs_to_iters(train_samples, args.epochs, global_batch_size)
+
+
+class LanguageModelMode(TrainingMode):
+    """Next-token prediction over the tokens the batch's loss mask keeps."""
+
+    def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
+        return lm_loss(batch["labels"], batch["loss_mask"], self.trainer.vocab_size, output)
+
+
+class PretrainMode(LanguageModelMode):
+    """Pretraining on mmap datasets made by `megatron-patch preprocess` (--data-path)."""
+
+    name = "pretrain"
+
+    def build_datasets(self) -> Datasets:
+        t, a = self.trainer, self.trainer.args
+        if not a.data_path:
+            raise ValueError("give --data-path (datasets made by `megatron-patch preprocess`)")
+        tok = t.tokenizer()
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer {a.tokenizer_model or t.hf_source} has no EOS token")
+        iters = train_iterations(a, t.global_batch_size)
+        evals = (iters // a.eval_interval + 1) * a.eval_iters
+        train, valid, _ = data.build_gpt_datasets(
+            a.data_path, a.split, a.seq_length, a.seed,
+            data.DatasetTokenizer(eod=tok.eos_token_id, vocab_size=t.vocab_size),
+            [iters * t.global_batch_size, evals * t.global_batch_size, 0], a.data_cache_path)
+        return Datasets(train, valid, iters)
+
+
+class RecordsMode(TrainingMode):
+    """A mode trained on records files (--train-data-path, --valid-data-path), which may run
+    for --epochs."""
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        if args.train_iters is None and args.train_tokens is None and not args.epochs:
+            raise ValueError("give --train-iters or --train-tokens or --epochs")
+        if not args.train_data_path:
+            raise ValueError(f"--train-mode {cls.name} needs --train-data-path")
+
+    def build_dataset(self, path: str) -> Any:
+        """The dataset of one records file."""
+        raise NotImplementedError
+
+    def build_datasets(self) -> Datasets:
+        a = self.trainer.args
+        train = self.build_dataset(a.train_data_path)
+        valid = self.build_dataset(a.valid_data_path) if a.valid_data_path else None
+        return Datasets(train, valid,
+                        train_iterations(a, self.trainer.global_batch_size, len(train)))
+
+
+class FinetuneMode(RecordsMode, LanguageModelMode):
+    """Supervised fine-tuning on prompt/response records (`data/sft.py`)."""
+
+    name = "finetune"
+
+    def build_dataset(self, path: str) -> Any:
+        from megatron_patch.data.sft import build_sft_dataset
+
+        a = self.trainer.args
+        dataset, summary = build_sft_dataset(
+            path, self.trainer.tokenizer(), a.seq_length, pack=a.pack_sequences,
+            skip_long=a.skip_long_samples, skip_bad=a.skip_bad_lines, seed=a.seed)
+        parallel.print_rank0(
+            f"SFT data {path}: {summary.samples} samples in {summary.sequences} sequences; "
+            f"truncated {summary.truncated}, skipped as too long {summary.skipped_long}, bad "
+            f"records skipped {summary.bad_records}")
+        return dataset
