@@ -70,6 +70,56 @@ def _import_eval(model_root: str, adapter: str, tp: int, export_to: str | None) 
     return result
 
 
+def _convert(argv: list[str]) -> int:
+    """In a worker: the `megatron-patch` command (conversion initialises a process group of
+    one, which forked workers must not inherit)."""
+    from megatron_patch.cli import main
+
+    return main(argv)
+
+
+def _export_and_check(model_root: str, save: str, out: str, ours, merge: bool) -> dict:
+    """In a worker: export a LoRA checkpoint (adapter, and merged with `merge`), load it with
+    peft / transformers on the HF base, and compare with our logits `ours` (numpy)."""
+    import peft
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from megatron_patch.cli import main
+
+    report = {}
+    assert main(["convert", "megatron-to-hf", save, os.path.join(out, "adapter")]) == 0
+    tokens = torch.load(os.path.join(model_root, "reference.pt"))["tokens"]
+    ours = torch.from_numpy(ours)
+
+    def delta(m):
+        with torch.no_grad():
+            return (m.eval()(input_ids=tokens).logits - ours).abs().max().item()
+
+    base_dir = os.path.join(model_root, "hf")
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    report["peft"] = delta(peft.PeftModel.from_pretrained(base, os.path.join(out, "adapter")))
+    if not merge:
+        return report
+    assert main(["convert", "megatron-to-hf", save, os.path.join(out, "merged"),
+                 "--merge-lora"]) == 0
+    report["merged"] = delta(transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.join(out, "merged"), dtype=torch.float32))
+    adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    merged = load_file(os.path.join(out, "merged", "model.safetensors"))
+    original = load_file(os.path.join(base_dir, "model.safetensors"))
+    scale = ALPHA / RANK
+    report["merge_formula"] = 0.0
+    for key, w in original.items():
+        prefix = f"base_model.model.{key.removesuffix('.weight')}"
+        if f"{prefix}.lora_A.weight" in adapter:
+            w = w + scale * adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
+        report["merge_formula"] = max(report["merge_formula"], (merged[key] - w).abs().max().item())
+    report["adapted_modules"] = sum(".lora_A." in k for k in adapter)
+    return report
+
+
 @pytest.fixture(scope="module")
 def peft_qv(llama_models, tmp_path_factory):
     import torch
@@ -204,18 +254,17 @@ def test_lora_checkpoint_saved_at_tp2_exports_as_the_peft_adapter(llama_models, 
     import torch
     from safetensors.torch import load_file
 
-    from megatron_patch.cli import main
-
     adapter, ref, _ = peft_qv
     save = str(tmp_path / "lora_ckpt")
     harness.run(_save_imported, 2, llama_models["llama2"], adapter, 2, save)
-    assert main(["convert", "megatron-to-hf", save, str(tmp_path / "adapter")]) == 0
+    assert harness.run(_convert, 1, ["convert", "megatron-to-hf", save,
+                                     str(tmp_path / "adapter")]) == [0]
     theirs = load_file(os.path.join(adapter, "adapter_model.safetensors"))
     ours = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert main(["convert", "megatron-to-hf", save, str(tmp_path / "merged"),
-                 "--merge-lora"]) == 0
+    assert harness.run(_convert, 1, ["convert", "megatron-to-hf", save,
+                                     str(tmp_path / "merged"), "--merge-lora"]) == [0]
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     worst = max((merged[k] - ref["merged"][k]).abs().max().item() for k in ref["merged"])
     assert sorted(merged) == sorted(ref["merged"]) and worst <= 1e-6, worst
@@ -308,3 +357,134 @@ def test_every_family_exports_adapters_peft_loads(zoo_models, tmp_path):
     worst = {n: float(np.abs(theirs[n] - ours[n]["logits"]).max()) for n in native}
     assert max(worst.values()) <= harness.LOGITS_ATOL, worst
     assert "o_proj" not in ours["gemma2"]["targets"], ours["gemma2"]["targets"]  # post-normed
+
+
+# ---- training --------------------------------------------------------------------------------
+LORA_FLAGS = ("--lora-rank", str(RANK), "--lora-alpha", str(ALPHA))
+
+
+def _lora_sft(model_root: str, train: str, tp: int = 1, pp: int = 1, mbs: int = 4,
+              iters: int = 4, extra: tuple = (), inspect: bool = False) -> dict:
+    """In a worker: LoRA SFT at this layout; the loss curve, and with `inspect` what the run
+    trains and keeps (optimizer tensors, base weights before/after, our logits after)."""
+    import torch
+    from megatron.core import parallel_state
+    from test_sft import _sft_args
+
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.training.loop import Trainer
+
+    args = _sft_args(os.path.join(model_root, "mcore"), train, iters=iters, mbs=mbs, gbs=4,
+                     lr=1e-2, extra=(*LORA_FLAGS, "--tensor-model-parallel-size", str(tp),
+                                     "--pipeline-model-parallel-size", str(pp), *extra))
+    trainer = Trainer(args)
+    module = trainer.module
+    base = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    result = {"losses": [s["loss"] for s in trainer.train()]}
+    if not inspect:
+        return result
+    in_optimizer = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in module.named_parameters()}
+    result.update(
+        optimizer_names=sorted(names[id(p)] for p in in_optimizer),
+        optimizer_numel=sum(p.numel() for p in in_optimizer),
+        base_unchanged=all(torch.equal(p, base[n]) for n, p in module.named_parameters()
+                           if n in base),
+        base_count=len(base),
+        # Megatron's DDP gives trainable parameters a main_grad in its buffers; frozen ones none.
+        base_with_grads=[n for n, p in module.named_parameters() if n in base
+                         and (p.grad is not None or hasattr(p, "main_grad"))],
+        ddp_buffer_numel=sum(b.grad_data.numel() for b in trainer.model.buffers),
+    )
+    module.eval()
+    ref = torch.load(os.path.join(model_root, "reference.pt"))
+    out = forward_logits([module], ref["tokens"], trainer.vocab_size)
+    if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        result["logits"] = out["logits"].numpy()
+    return result
+
+
+def _peft_trainable(hf_dir: str) -> int:
+    """peft's count of trainable parameters for the same LoRA on the HF model (the oracle)."""
+    import peft
+    import transformers
+
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(hf_dir),
+                                peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
+                                                target_modules="all-linear"))
+    return model.get_nb_trainable_parameters()[0]
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> str:
+    from test_sft import _write_records
+
+    train = str(tmp_path_factory.mktemp("lora_sft") / "train.jsonl")
+    _write_records(train)
+    return train
+
+
+def test_lora_loss_curves_are_layout_and_microbatch_invariant(llama_models, sft_data):
+    """LoRA SFT at TP=2, TP=2 with sequence parallelism, PP=2, DP=2 and with micro batches of
+    1 gives the TP=PP=DP=1 loss curve within harness.LOSS_ATOL (fp32 reduction order only)."""
+    model = llama_models["llama2"]
+    (ref,) = harness.run(_lora_sft, 1, model, sft_data)
+    assert ref["losses"][-1] < ref["losses"][0] - 0.1, ref  # the adapters train
+    curves = {
+        "mbs1": harness.run(_lora_sft, 1, model, sft_data, mbs=1)[0],
+        "tp2": harness.run(_lora_sft, 2, model, sft_data, tp=2)[0],
+        "tp2+sp": harness.run(_lora_sft, 2, model, sft_data, tp=2,
+                              extra=("--sequence-parallel",))[0],
+        "pp2": harness.run(_lora_sft, 2, model, sft_data, pp=2)[-1],
+        "dp2": harness.run(_lora_sft, 2, model, sft_data, mbs=2)[0],
+    }
+    worst = {k: max(abs(a - b) for a, b in zip(c["losses"], ref["losses"], strict=True))
+             for k, c in curves.items()}
+    assert max(worst.values()) <= harness.LOSS_ATOL, (worst, ref["losses"])
+
+
+def test_lora_trains_adapters_only_and_exports_to_peft(llama_models, sft_data, tmp_path):
+    """TP=1 LoRA SFT (all-linear): the optimizer holds the adapters only, as many parameters as
+    peft counts for the same LoRA; frozen weights get no gradient buffers and stay bit-
+    identical; the checkpoint stores adapters only. Exported, peft on the HF base gives our
+    logits (1e-4); merged, the weights are base + scale * B @ A and give them too."""
+    from megatron_patch import checkpoint
+
+    model = llama_models["llama2"]
+    save = str(tmp_path / "ckpt")
+    (r,) = harness.run(_lora_sft, 1, model, sft_data, extra=("--save", save), inspect=True)
+    (expected,) = harness.run(_peft_trainable, 1, os.path.join(model, "hf"))
+    assert r["optimizer_numel"] == expected == r["ddp_buffer_numel"], (r["optimizer_numel"],
+                                                                      expected)
+    assert r["optimizer_names"] == sorted(
+        f"decoder.layers.{i}.{m}.lora_{ab}" for i in range(4) for ab in "AB"
+        for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+                  "mlp.linear_fc2")), r["optimizer_names"]
+    assert r["base_unchanged"] and r["base_count"] > 0 and not r["base_with_grads"], r
+    metadata = checkpoint.read_dcp_metadata(checkpoint.iteration_dir(save, 4))
+    weights = {k for k in metadata.state_dict_metadata if not k.startswith(("optimizer",
+                                                                            "rng_state"))}
+    assert weights and all(".lora_" in k for k in weights), sorted(weights)[:5]
+
+    (check,) = harness.run(_export_and_check, 1, model, save, str(tmp_path), r["logits"], True)
+    assert check["peft"] <= harness.LOGITS_ATOL and check["merged"] <= harness.LOGITS_ATOL, check
+    # Merged = base + scale * B @ A: one fp32 rounding of the r-term sum apart at most.
+    assert check["merge_formula"] <= 1e-6, check
+    assert check["adapted_modules"] == 4 * 7, check  # q k v o gate up down in each layer
+
+
+def test_lora_resumes_exactly_at_tp2_and_exports(llama_models, sft_data, tmp_path):
+    """TP=2: two iterations, saved, resumed for two more: the uninterrupted curve exactly;
+    exported from the TP=2 checkpoint, peft's logits are ours (1e-4)."""
+    model = llama_models["llama2"]
+    save = str(tmp_path / "ckpt")
+    whole = harness.run(_lora_sft, 2, model, sft_data, tp=2)[0]
+    first = harness.run(_lora_sft, 2, model, sft_data, tp=2,
+                        extra=("--save", save, "--exit-interval", "2"))[0]
+    assert first["losses"] == whole["losses"][:2], (first, whole)
+    again = harness.run(_lora_sft, 2, model, sft_data, tp=2, inspect=True,
+                        extra=("--save", save, "--load", save))[0]
+    assert again["losses"] == whole["losses"][2:], (again["losses"], whole["losses"])
+    (check,) = harness.run(_export_and_check, 1, model, save, str(tmp_path), again["logits"],
+                           False)
+    assert check["peft"] <= harness.LOGITS_ATOL, check

@@ -57,6 +57,10 @@ def read_reference(root: str) -> tuple[LoRAConfig, str, int | str]:
     return config, base, base_iteration
 
 
+def adapter_keys(keys: list[str]) -> list[str]:
+    return [k for k in keys if k.endswith(_ADAPTER_KEYS)]
+
+
 def adapter_state(model) -> dict[str, Any]:
     """The model chunk's sharded state restricted to its adapters."""
     return {k: v for k, v in model.sharded_state_dict().items() if k.endswith(_ADAPTER_KEYS)}

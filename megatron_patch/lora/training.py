@@ -69,6 +69,8 @@ def validate(args: argparse.Namespace) -> None:
     if (args.lora_rank or args.lora_load) and args.transformer_impl == "transformer_engine":
         raise ValueError("LoRA needs --transformer-impl local (Transformer Engine fuses the "
                          "norm into the linear, in front of where the adapter reads its input)")
+    if args.lora_rank or args.lora_load:
+        args.transformer_impl = "local"
 
 
 @dataclass
@@ -104,6 +106,9 @@ def setup(t: Any) -> TrainingAdapters | None:
                              f"{config}; leave them out to resume")
     else:
         base, base_iteration = a.load, checkpoint.latest_iteration(a.load)
+    if a.save and os.path.abspath(a.save) == os.path.abspath(base):
+        raise ValueError(f"--save {a.save} is the base checkpoint the adapters belong to: save "
+                         "the LoRA checkpoint elsewhere (it refers to the base by path)")
     checkpoint.load_model(base, t.module, base_iteration)
     if a.lora_load:
         config = lora.load_peft(t.module, t.hf_config, t.model_args, t.meta.padded_vocab_size,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from megatron_patch import checkpoint, logs, parallel
+from megatron_patch.lora import training as lora_training
 from megatron_patch.models import (
     build_stages,
     family_for,
@@ -145,6 +146,8 @@ class Trainer:
                              sequence_parallel=args.sequence_parallel,
                              **self._build_options(dtype))
         self.config, (self.module,) = built.config, built.chunks
+        # LoRA: the base weights loaded and frozen, adapters added (None without LoRA).
+        self.lora = lora_training.setup(self)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=dtype != torch.float32,
             overlap_grad_reduce=args.overlap_grad_reduce,
