@@ -488,3 +488,107 @@ def test_lora_resumes_exactly_at_tp2_and_exports(llama_models, sft_data, tmp_pat
     (check,) = harness.run(_export_and_check, 1, model, save, str(tmp_path), again["logits"],
                            False)
     assert check["peft"] <= harness.LOGITS_ATOL, check
+
+
+def _wide_tiny(root: str) -> None:
+    """In a worker: the tiny llama2 with initializer_range 0.2, converted. With transformers'
+    default 0.02 the random output layer caps every logit near +-1, which nothing inside the
+    layers can lift (peft's LoRA would meet the same wall); with 0.2 it is the output layer of
+    a model that could have been trained."""
+    import torch
+    import transformers
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+
+    spec = dict(tiny.COMMON, **tiny.LLAMA_VARIANTS["llama2"])
+    spec.pop("architecture")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec,
+                                                                  initializer_range=0.2))
+    model.save_pretrained(os.path.join(root, "hf"))
+    tiny.train_tokenizer(os.path.join(root, "hf"))
+    hf_to_megatron(os.path.join(root, "hf"), os.path.join(root, "mcore"))
+
+
+def _learn_and_answer(model_root: str, train: str, extra: tuple) -> dict:
+    import transformers
+    from test_sft import _sft_args
+
+    from megatron_patch.data.sft import render_prompt
+    from megatron_patch.generation import generate
+    from megatron_patch.tiny import QA
+    from megatron_patch.training.loop import Trainer
+
+    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=40, mbs=6, gbs=6,
+                                seq=64, lr=1e-2, extra=extra))
+    losses = [s["loss"] for s in trainer.train()]
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    prompts = [render_prompt(tok, {"instruction": q}) for q, _ in QA]
+    out = generate(trainer.model.module, prompts, max_new_tokens=12,
+                   vocab_size=trainer.vocab_size, eos_token_ids=[tok.eos_token_id],
+                   pad_token_id=tok.pad_token_id)
+    trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
+    return {"answers": [tok.decode(ids, skip_special_tokens=True) for ids in out],
+            "first": losses[0], "last": losses[-1], "trainable": len(trainable)}
+
+
+def test_lora_sft_reproduces_the_answers(sft_data, tmp_path):
+    """LoRA SFT (rank 16, all linears) memorises the QA pairs, as full SFT does, with the
+    base frozen (only the 32 adapter tensors train)."""
+    from megatron_patch.tiny import QA
+
+    root = str(tmp_path / "wide")
+    harness.run(_wide_tiny, 1, root)
+    (r,) = harness.run(_learn_and_answer, 1, root, sft_data,
+                       ("--lora-rank", "16", "--lora-alpha", "32"))
+    assert r["answers"] == [a for _, a in QA] and r["trainable"] == 32, r
+
+
+def test_peft_adapter_continues_training(llama_models, peft_qv, sft_data):
+    """--lora-load: training starts from the peft adapter (its rank and targets; its first loss
+    is the adapted model's, not the base's) and trains only its adapters."""
+    adapter, _, _ = peft_qv
+    model = llama_models["llama2"]
+    plain = harness.run(_lora_sft, 1, model, sft_data, iters=2)[0]
+    loaded = harness.run(_lora_sft, 2, model, sft_data, tp=2, iters=2, inspect=True,
+                         extra=("--lora-load", adapter))[0]
+    assert abs(loaded["losses"][0] - plain["losses"][0]) > 1e-3, (loaded, plain)
+    assert loaded["optimizer_names"] == sorted(
+        f"decoder.layers.{i}.{m}.lora_{ab}" for i in range(4) for ab in "AB"
+        for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1"))
+
+
+def test_readme_launcher_lines_pass_lora_flags(tmp_path, monkeypatch):
+    """The README's LoRA launcher examples (one per family group): each script hands its LoRA
+    flags to the trainer, whose parser and checks accept them."""
+    import re
+    import shlex
+    import subprocess
+
+    from megatron_patch import launch
+    from megatron_patch.training import arguments
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    lines = [line for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
+             for line in block.splitlines() if line.startswith("bash examples/")]
+    assert len(lines) >= 6, lines
+    recorder = tmp_path / "record.sh"
+    recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\n')
+    recorder.chmod(0o755)
+    monkeypatch.setenv("NPROC_PER_NODE", "1")  # no device query for torchrun's process count
+    for line in lines:
+        record = str(tmp_path / "argv.txt")
+        proc = subprocess.run(shlex.split(line), cwd=root, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHON=str(recorder), RECORD=record),
+                              timeout=60)
+        assert proc.returncode == 0, (line, proc.stderr)
+        built = open(record).read().splitlines()
+        assert built[:3] == ["-m", "megatron_patch.launch", "finetune"], built
+        command = launch.finetune_command(built[3:])
+        flags = command[command.index("megatron_patch.training.loop") + 1:]
+        args = arguments.add_arguments(arguments.ArgumentParser()).parse_args(flags)
+        arguments.validate(args)
+        assert args.lora_rank is not None and args.transformer_impl == "local", (line, flags)
+        assert line.split("--lora-target-modules ")[1] == args.lora_target_modules
