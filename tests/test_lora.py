@@ -592,3 +592,17 @@ def test_readme_launcher_lines_pass_lora_flags(tmp_path, monkeypatch):
         arguments.validate(args)
         assert args.lora_rank is not None and args.transformer_impl == "local", (line, flags)
         assert line.split("--lora-target-modules ")[1] == args.lora_target_modules
+
+
+def test_lora_on_moe_experts_trains_alike_at_ep2(zoo_models, sft_data):
+    """Mixtral with adapters on attention and every expert's w1/w3/w2: the EP=2 loss curve
+    equals EP=1's (harness.LOSS_ATOL); experts split over TP are refused by name."""
+    model = zoo_models["mixtral"]
+    (ep1,) = harness.run(_lora_sft, 1, model, sft_data, mbs=2)
+    ep2 = harness.run(_lora_sft, 2, model, sft_data, mbs=2,
+                      extra=("--expert-model-parallel-size", "2"))[0]
+    assert ep1["losses"][-1] < ep1["losses"][0], ep1
+    assert max(abs(a - b) for a, b in zip(ep1["losses"], ep2["losses"], strict=True)) <= (
+        harness.LOSS_ATOL), (ep1, ep2)
+    with pytest.raises(AssertionError, match="experts split over tensor-parallel ranks"):
+        harness.run(_lora_sft, 2, model, sft_data, tp=2, iters=1)
