@@ -27,7 +27,8 @@ setup(
         "tensorboard>=2.10",
     ],
     # accelerate: transformers needs it to load (and dequantise) an FP8 checkpoint, the oracle
-    # of tests/test_moe.py's FP8 import test. wandb: the offline W&B logging test.
+    # of tests/test_moe.py's FP8 import test. wandb: the offline W&B logging test. peft: the
+    # oracle of tests/test_lora.py (the runtime writes and reads PEFT adapters without it).
     extras_require={"test": ["pytest>=8", "ruff>=0.5", "accelerate>=1.0", "wandb>=0.16",
                              "peft>=0.13"]},
     entry_points={"console_scripts": ["megatron-patch=megatron_patch.cli:main"]},
