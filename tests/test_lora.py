@@ -512,25 +512,16 @@ def _wide_tiny(root: str) -> None:
 
 
 def _learn_and_answer(model_root: str, train: str, extra: tuple) -> dict:
-    import transformers
-    from test_sft import _sft_args
+    from test_sft import _sft_args, answers
 
-    from megatron_patch.data.sft import render_prompt
-    from megatron_patch.generation import generate
-    from megatron_patch.tiny import QA
     from megatron_patch.training.loop import Trainer
 
     trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=40, mbs=6, gbs=6,
                                 seq=64, lr=1e-2, extra=extra))
     losses = [s["loss"] for s in trainer.train()]
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
-    prompts = [render_prompt(tok, {"instruction": q}) for q, _ in QA]
-    out = generate(trainer.model.module, prompts, max_new_tokens=12,
-                   vocab_size=trainer.vocab_size, eos_token_ids=[tok.eos_token_id],
-                   pad_token_id=tok.pad_token_id)
     trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
-    return {"answers": [tok.decode(ids, skip_special_tokens=True) for ids in out],
-            "first": losses[0], "last": losses[-1], "trainable": len(trainable)}
+    return {"answers": answers(trainer, model_root), "first": losses[0], "last": losses[-1],
+            "trainable": len(trainable)}
 
 
 def test_lora_sft_reproduces_the_answers(sft_data, tmp_path):

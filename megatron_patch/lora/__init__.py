@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_patch.lora.layers import LoRAConfig, adapted, merge
-from megatron_patch.lora.targets import Site, select, sites
+from megatron_patch.lora.targets import select, sites
 
 __all__ = ["LoRAConfig", "adapted", "apply", "merge", "select", "sites"]
 
@@ -42,10 +42,6 @@ def apply(model, hf_config: dict[str, Any], args, padded_vocab_size: int, config
             adopt(site, chosen[site.name], config, seed)
             names += [site.parts[p] for p in chosen[site.name]]
     return names
-
-
-def site_of(module) -> Site:
-    return module.lora_site
 
 
 def load_peft(model, hf_config: dict[str, Any], args, padded_vocab_size: int,
