@@ -268,6 +268,21 @@ def test_lora_checkpoint_saved_at_tp2_exports_as_the_peft_adapter(llama_models, 
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     worst = max((merged[k] - ref["merged"][k]).abs().max().item() for k in ref["merged"])
     assert sorted(merged) == sorted(ref["merged"]) and worst <= 1e-6, worst
+    # Loading it as a full model (generation, verify, the API) is refused with what to do.
+    (error,) = harness.run(_load_error, 1, save)
+    assert "is a LoRA checkpoint (adapters only" in error and "--merge-lora" in error, error
+
+
+def _load_error(root: str) -> str:
+    from megatron_patch import parallel
+    from megatron_patch.models import from_checkpoint
+
+    parallel.initialize(1, 1)
+    try:
+        from_checkpoint(root)
+    except ValueError as e:
+        return str(e)
+    return "loaded"
 
 
 # MoE cases adapt attention only in the peft check: transformers 5 holds experts as fused 3-D

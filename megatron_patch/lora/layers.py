@@ -69,11 +69,12 @@ class LoRALinear:
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.lora_dropout == 0.0:
             return x
-        if self.lora_kind == ROW and self.lora_tp > 1:
+        if self.lora_tp > 1 and (self.lora_kind == ROW or self.sequence_parallel):
             from megatron.core import tensor_parallel
 
-            # Each rank holds other input columns: independent masks, as for megatron's own
-            # dropout inside tensor-parallel regions.
+            # Each rank holds other input columns (row-parallel) or other tokens (sequence
+            # parallelism): independent masks, from megatron's tensor-parallel RNG. A column-
+            # parallel input without it is the same on every rank, and so is its mask.
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return torch.nn.functional.dropout(x, self.lora_dropout, True)
         return torch.nn.functional.dropout(x, self.lora_dropout, True)

@@ -69,7 +69,8 @@ def validate(args: argparse.Namespace) -> None:
     if (args.lora_rank or args.lora_load) and args.transformer_impl == "transformer_engine":
         raise ValueError("LoRA needs --transformer-impl local (Transformer Engine fuses the "
                          "norm into the linear, in front of where the adapter reads its input)")
-    if args.lora_rank or args.lora_load:
+    if args.lora_rank or args.lora_load or (
+            args.load and lora_checkpoint.is_lora_checkpoint(args.load)):
         args.transformer_impl = "local"
 
 
