@@ -28,8 +28,9 @@ setup(
     ],
     # accelerate: transformers needs it to load (and dequantise) an FP8 checkpoint, the oracle
     # of tests/test_moe.py's FP8 import test. wandb: the offline W&B logging test. trl: the
-    # oracle of the DPO losses (tests/test_dpo.py) and benchmarks/dpo_bench.py's baseline.
+    # oracle of the DPO losses (tests/test_dpo.py) and benchmarks/dpo_bench.py's baseline. peft:
+    # the oracle of tests/test_lora.py (the runtime writes and reads PEFT adapters without it).
     extras_require={"test": ["pytest>=8", "ruff>=0.5", "accelerate>=1.0", "wandb>=0.16",
-                             "trl>=1.0"]},
+                             "trl>=1.0", "peft>=0.13"]},
     entry_points={"console_scripts": ["megatron-patch=megatron_patch.cli:main"]},
 )

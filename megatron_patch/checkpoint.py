@@ -374,6 +374,12 @@ def load_model(root: str, model, iteration: int | str | None = None, *,
     """
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
+    from megatron_patch.lora.checkpoint import LORA_FILE
+
+    if os.path.isfile(os.path.join(root, LORA_FILE)):
+        raise ValueError(f"{root} is a LoRA checkpoint (adapters only, see its {LORA_FILE}): "
+                         f"`megatron-patch convert megatron-to-hf {root} OUT --merge-lora` "
+                         "writes the full model; training resumes it with --load")
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith(exclude)}
     apply_factories(sharded)
     # Recorded before loading: the loader replaces the ShardedTensors with what it read.

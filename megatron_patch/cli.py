@@ -12,7 +12,18 @@ from megatron_patch import errors
 
 def _convert(args: argparse.Namespace) -> int:
     from megatron_patch.convert import hf_megatron, megatron_lm
+    from megatron_patch.lora import checkpoint as lora_checkpoint
 
+    lora = args.direction == "megatron-to-hf" and lora_checkpoint.is_lora_checkpoint(args.src)
+    if args.merge_lora and not lora:
+        raise ValueError(f"--merge-lora: {args.src} is not a LoRA training checkpoint (it has "
+                         f"no {lora_checkpoint.LORA_FILE}); only megatron-to-hf of one merges")
+    if lora:
+        files = lora_checkpoint.export(args.src, args.dst, iteration=args.iteration,
+                                       merge=args.merge_lora, max_shard_size=args.max_shard_size)
+        what = "merged HF model" if args.merge_lora else "PEFT adapter"
+        print(f"{args.dst}: {what} ({', '.join(files)})")
+        return 0
     if args.direction == "import-megatron" or (
             args.direction == "megatron-to-hf" and megatron_lm.is_megatron_lm_checkpoint(args.src)):
         return megatron_lm.run(args)
@@ -116,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "transformers 4.x's save_pretrained default; 5.x uses 50GB)")
     convert.add_argument("--iteration", default=None,
                          help="export this iteration instead of the latest")
+    convert.add_argument("--merge-lora", action="store_true",
+                         help="megatron-to-hf of a LoRA training checkpoint: write the full HF "
+                              "model with the adapters merged into its weights (default: a PEFT "
+                              "adapter directory, adapter_config.json + adapter_model.safetensors)")
     megatron_lm.add_arguments(convert)
     convert.set_defaults(func=_convert)
 

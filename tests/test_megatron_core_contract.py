@@ -161,6 +161,29 @@ def _torch_device_constructors() -> str | None:
     return None
 
 
+def _parallel_linear_communication() -> str | None:
+    """lora/layers.py joins an adapter's output where megatron's linears communicate: a
+    column-parallel linear's output is this rank's rows of the whole input's product; a
+    row-parallel one reduces (all-reduce, or reduce-scatter with sequence parallelism) before
+    adding its bias, and experts communicate outside (explicit_expert_comm)."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer import mlp
+
+    row = inspect.getsource(layers.RowParallelLinear.forward)
+    column = inspect.getsource(layers.ColumnParallelLinear.forward)
+    wanted = {"RowParallelLinear.forward": (row, ("explicit_expert_comm",
+                                                  "reduce_scatter_to_sequence_parallel_region",
+                                                  "reduce_from_tensor_model_parallel_region")),
+              "ColumnParallelLinear.forward": (column, ("explicit_expert_comm",
+                                                        "sequence_parallel"))}
+    for where, (source, names) in wanted.items():
+        if missing := [n for n in names if n not in source]:
+            return f"{where} no longer refers to {missing}"
+    if not callable(getattr(mlp, "apply_swiglu_sharded_factory", None)):
+        return "mlp.apply_swiglu_sharded_factory is gone (fc1's adapter B is saved as gate/up)"
+    return None
+
+
 TOUCH_POINTS = [
     TouchPoint("SelfAttention._adjust_key_value_for_inference", "models/cached_rotary.py",
                _adjust_key_value_for_inference),
@@ -183,6 +206,8 @@ TOUCH_POINTS = [
     TouchPoint("param.allreduce/sequence_parallel/tensor_model_parallel (tags set on biased "
                "experts' linears and on learnable softmax offsets)",
                "models/layers.py, models/sdpa_attention.py", _parameter_tags),
+    TouchPoint("ColumnParallelLinear/RowParallelLinear (class swapped in place by LoRA's adopt; "
+               "their communication points)", "lora/layers.py", _parallel_linear_communication),
 ]
 
 

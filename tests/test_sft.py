@@ -110,23 +110,28 @@ def test_microbatch_split_does_not_change_the_loss(llama_models, tmp_path):
     assert diff <= harness.LOSS_ATOL, (one_by_four, four_by_one)
 
 
-def _learn_and_answer(model_root: str, train: str, save: str) -> dict:
+def answers(trainer, model_root: str) -> list[str]:
+    """The trained model's greedy answers to the QA questions."""
     import transformers
 
     from megatron_patch.data.sft import render_prompt
     from megatron_patch.generation import generate
-    from megatron_patch.training.loop import Trainer
 
-    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=120,
-                                mbs=6, gbs=6, seq=64, lr=3e-3))
-    losses = [s["loss"] for s in trainer.train()]
     tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
     prompts = [render_prompt(tok, {"instruction": q}) for q, _ in QA]
     out = generate(trainer.model.module, prompts, max_new_tokens=12,
                    vocab_size=trainer.vocab_size, eos_token_ids=[tok.eos_token_id],
                    pad_token_id=tok.pad_token_id)
-    answers = [tok.decode(ids, skip_special_tokens=True) for ids in out]
-    return {"answers": answers, "first": losses[0], "last": losses[-1]}
+    return [tok.decode(ids, skip_special_tokens=True) for ids in out]
+
+
+def _learn_and_answer(model_root: str, train: str, save: str) -> dict:
+    from megatron_patch.training.loop import Trainer
+
+    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=120,
+                                mbs=6, gbs=6, seq=64, lr=3e-3))
+    losses = [s["loss"] for s in trainer.train()]
+    return {"answers": answers(trainer, model_root), "first": losses[0], "last": losses[-1]}
 
 
 def test_finetuned_model_reproduces_the_answers(llama_models, tmp_path):

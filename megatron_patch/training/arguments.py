@@ -6,6 +6,7 @@ import argparse
 
 from megatron_patch import logs
 from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int
+from megatron_patch.lora import training as lora_training
 from megatron_patch.training import metrics
 from megatron_patch.training.modes import MODES, mode_class
 
@@ -164,6 +165,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
     g.add_argument("--extra-vocab-size", type=nonnegative_int, default=0)
     g.add_argument("--init-method-std", type=float, default=0.02)
+    lora_training.add_arguments(p)
     return p
 
 
@@ -204,4 +206,5 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.seq_length is None:
         raise ValueError("--seq-length is required")
     mode_class(args.train_mode).check_args(args)
+    lora_training.validate(args)
     return args

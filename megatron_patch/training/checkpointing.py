@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from megatron_patch import checkpoint
+from megatron_patch.lora import checkpoint as lora_checkpoint
 from megatron_patch.models import family_for, load_hf_config
 from megatron_patch.training import optim_state
 
@@ -90,7 +91,9 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
 def sharded_state(t: Trainer, loading: bool, optimizer: bool = True,
                   rng: bool = True) -> dict[str, Any]:
     """The sharded part of a checkpoint: model, optimizer and this rank's RNG state."""
-    model_sd = t.model.module.sharded_state_dict()
+    # A LoRA run saves and resumes its adapters only; the base stays where lora.json says.
+    model_sd = (t.model.module.sharded_state_dict() if t.lora is None
+                else lora_checkpoint.adapter_state(t.model.module))
     state: dict[str, Any] = {"model": model_sd}
     if optimizer:
         optim_state.ensure_adam_state(t.optimizer)
@@ -114,6 +117,8 @@ def save(t: Trainer) -> None:
     )
     if torch.distributed.get_rank() == 0:
         _write_model_files(t, a.save)
+        if t.lora is not None:
+            t.lora.write_reference(a.save)
     checkpoint.save(a.save, t.iteration, state)
     if torch.distributed.get_rank() == 0:
         print(f"saved checkpoint at iteration {t.iteration} to {a.save}", flush=True)
@@ -228,9 +233,14 @@ def load(t: Trainer) -> None:
     iteration = checkpoint.latest_iteration(a.load)
     common = dist_checkpointing.load_common_state_dict(
         checkpoint.existing_iteration_dir(a.load, iteration))  # pickles verified first
+    if t.lora is not None and not t.lora.resumed:
+        return  # --load is the base, loaded before the adapters were added
     if a.finetune or iteration == "release" or "iteration" not in common:
-        checkpoint.load_model(a.load, t.model.module, iteration,
-                              exclude=t.mode.unloaded_weights())
+        if t.lora is not None:
+            lora_checkpoint.load_adapter(a.load, t.model.module, iteration)
+        else:
+            checkpoint.load_model(a.load, t.model.module, iteration,
+                                  exclude=t.mode.unloaded_weights())
         log.info("loaded weights from %s (%s): fresh run", a.load, iteration)
         return
     _check_resumable(t, common)
@@ -238,7 +248,9 @@ def load(t: Trainer) -> None:
     load_rng = same_layout and not a.no_load_rng
     state = checkpoint.load(a.load, sharded_state(t, True, not a.no_load_optim, load_rng),
                             iteration)
-    t.model.module.load_state_dict(state["model"])
+    loaded = t.model.module.load_state_dict(state["model"], strict=t.lora is None)
+    if t.lora is not None and (missing := lora_checkpoint.adapter_keys(loaded.missing_keys)):
+        raise ValueError(f"{a.load}: no saved adapter for {missing[:4]}")
     if not a.no_load_optim:
         optim_state.load(t.optimizer, state["optimizer"])
         t.scheduler.load_state_dict(state["opt_param_scheduler"])

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from megatron_patch import checkpoint, logs, parallel
+from megatron_patch.lora import training as lora_training
 from megatron_patch.models import (
     build_stages,
     checkpoint_expert_tensor_parallel_size,
@@ -158,6 +159,8 @@ class Trainer:
         args = self.args
         dtype = params_dtype_from_flags(args)
         self.config, self.module = self.build_module()
+        # LoRA: the base weights loaded and frozen, adapters added (None without LoRA).
+        self.lora = lora_training.setup(self)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=dtype != torch.float32,
             overlap_grad_reduce=args.overlap_grad_reduce,
