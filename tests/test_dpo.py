@@ -359,6 +359,27 @@ def _bad_data(model_root: str, train: str) -> str:
     return "no error"
 
 
+def _other_reference(model_root: str, other_root: str, train: str) -> str:
+    from megatron_patch.training.loop import Trainer
+
+    reference = os.path.join(other_root, "mcore")
+    try:
+        Trainer(_args(os.path.join(model_root, "mcore"), train,
+                      extra=("--ref-load", reference))).train()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_reference_of_another_model_is_refused(llama_models, tmp_path):
+    train = _write(str(tmp_path / "train.jsonl"), PAIRS)
+    (message,) = harness.run(_other_reference, 1, llama_models["llama2"],
+                             llama_models["llama1_tied"], train)
+    other = os.path.join(llama_models["llama1_tied"], "mcore")
+    assert message.startswith(f"--ref-load {other} holds another model than the policy"), message
+    assert "num_query_groups 4 there, 2 here" in message, message
+
+
 def test_bad_pairs_name_file_and_line(llama_models, tmp_path):
     train = _write(str(tmp_path / "train.jsonl"),
                    [PAIRS[0], {"prompt": "q", "chosen": "", "rejected": "b"}])
