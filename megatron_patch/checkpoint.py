@@ -357,7 +357,8 @@ def _sharded_tensors(tree: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]
             yield from _sharded_tensors(value, (*path, i))
 
 
-def load_model(root: str, model, iteration: int | str | None = None) -> None:
+def load_model(root: str, model, iteration: int | str | None = None, *,
+               exclude: tuple[str, ...] = ()) -> None:
     """Load weights straight into one model chunk's own tensors, at whatever TP/PP it was built
     for.
 
@@ -367,14 +368,17 @@ def load_model(root: str, model, iteration: int | str | None = None) -> None:
     first, so that each part is a view of the model's parameter and dist_checkpointing reads into
     the model directly; a tensor is copied only where the loader did not fill the target itself.
     Extra states (ShardedObjects) are not applied: only weights are.
+
+    exclude: prefixes of state names left as they are, not read (a reward model's new score head
+    where `root` holds a language model).
     """
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    sharded = model.sharded_state_dict()
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.startswith(exclude)}
     apply_factories(sharded)
     # Recorded before loading: the loader replaces the ShardedTensors with what it read.
     targets = [(path, sh.data) for path, sh in _sharded_tensors(sharded)]
-    check_targets_cover(model, [t for _, t in targets], root)
+    check_targets_cover(model, [t for _, t in targets], root, exclude)
     loaded = load(root, {"model": sharded}, iteration)["model"]
     with torch.no_grad():
         for path, target in targets:
@@ -389,10 +393,11 @@ def load_model(root: str, model, iteration: int | str | None = None) -> None:
                 target.copy_(value)
 
 
-def check_targets_cover(model, targets: list[torch.Tensor], root: str) -> None:
-    """Every tensor of the model's state must be loaded into: the memory of each is covered by
-    the targets (views of the model's parameters, each contiguous) taken together. `root`: the
-    source named in the error."""
+def check_targets_cover(model, targets: list[torch.Tensor], root: str,
+                        exclude: tuple[str, ...] = ()) -> None:
+    """Every tensor of the model's state (but those named with an `exclude` prefix) must be
+    loaded into: the memory of each is covered by the targets (views of the model's parameters,
+    each contiguous) taken together. `root`: the source named in the error."""
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
                    for t in targets if t.is_contiguous())
 
@@ -405,6 +410,7 @@ def check_targets_cover(model, targets: list[torch.Tensor], root: str) -> None:
 
     missing = [name for name, t in model.state_dict(keep_vars=True).items()
                if isinstance(t, torch.Tensor) and not name.endswith("_extra_state") and t.numel()
+               and not name.startswith(exclude)
                and not covered(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())]
     if missing:
         raise RuntimeError(f"checkpoint {root} cannot be loaded into the model in place: the "

@@ -240,12 +240,15 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_patch import checkpoint, parallel
-    from megatron_patch.models import from_checkpoint, params_dtype_from_flags
+    from megatron_patch.models import from_checkpoint, load_hf_config, params_dtype_from_flags
+    from megatron_patch.models.score_head import check_kind
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
+    check_kind(load_hf_config(os.path.join(args.load, checkpoint.HF_DIR)), reward=False,
+               source=args.load, flag="--load")
     parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed)
     model, meta = from_checkpoint(args.load, params_dtype=params_dtype_from_flags(args))
     tok = AutoTokenizer.from_pretrained(args.tokenizer_model

@@ -182,6 +182,12 @@ def finetune_command(argv: list[str]) -> list[str]:
     return _from_model_command(argv, "finetune", "run_finetune_*.sh")
 
 
+def rm_command(argv: list[str]) -> list[str]:
+    """Reward-model training (rlhf/run_rm_megatron.sh): the fine-tuning fields, with preference
+    pairs as TRAIN/VALID_DATASET_PATH, each side padded to PAD_LEN."""
+    return _from_model_command(argv, "rm", "run_rm_megatron.sh")
+
+
 def dpo_command(argv: list[str]) -> list[str]:
     """DPO (rlhf/run_dpo_megatron.sh): the fine-tuning fields, with preference pairs as
     TRAIN/VALID_DATASET_PATH, each side padded to PAD_LEN; PRETRAIN_CHECKPOINT_PATH is the
@@ -228,7 +234,7 @@ def generate_command(argv: list[str]) -> list[str]:
 
 
 COMMANDS = {"pretrain": pretrain_command, "finetune": finetune_command,
-            "generate": generate_command, "dpo": dpo_command}
+            "generate": generate_command, "rm": rm_command, "dpo": dpo_command}
 
 # torchrun, through torchrun() below.
 TORCHRUN = [sys.executable, "-m", "megatron_patch.launch", "torchrun"]

@@ -223,7 +223,14 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
                           position_embedding_type=args.position_embedding_type,
                           position_offset=args.position_offset, norm=args.embedding_norm,
                           scale=args.embedding_scale)
-    if args.norm_head and post_process:
+    if args.score_head and post_process:
+        from megatron_patch.models.score_head import ScoreHead
+
+        # megatron-core internal: GPTModel.output_layer replaced after construction (GPTModel
+        # calls it as (hidden_states, weight=, runtime_gather_output=) and saves its `weight`
+        # under output_layer.weight).
+        model.output_layer = ScoreHead(config, args.hidden_size)
+    elif args.norm_head and post_process:
         from megatron_patch.models.norm_head import NormHeadLinear
 
         NormHeadLinear.adopt(model.output_layer)

@@ -36,9 +36,15 @@ def supported_architectures() -> list[str]:
 
 
 def family_for(hf_config: dict[str, Any]) -> FamilySpec:
-    """The family of an HF config.json, by its `architectures` entry."""
+    """The family of an HF config.json, by its `architectures` entry (a reward model's
+    *ForSequenceClassification: its causal LM's family with a score head, models/score_head.py).
+    """
     _load()
     archs = hf_config.get("architectures") or []
+    from megatron_patch.models import score_head
+
+    if score_head.is_reward_config(hf_config):
+        return score_head.reward_family(hf_config)
     for arch in archs:
         if arch in _FAMILIES:
             specs = [s for s in _FAMILIES[arch] if s.applies is None or s.applies(hf_config)]

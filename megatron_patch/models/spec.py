@@ -72,6 +72,8 @@ class ModelArgs:
     parallel_attention: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) (Falcon)
     parallel_attention_norms: int = 1  # 1: attention and MLP share the input norm; 2: one each
     norm_head: bool = False  # output-layer rows L2-normalised in every forward (Baichuan2)
+    # A reward model: the output layer is a scalar score head (models/score_head.py).
+    score_head: bool = False
     # Gemma (models/gemma.py): norms computing x_hat * (1 + weight); embeddings times
     # sqrt(hidden_size); norms after attention and MLP too; cap * tanh(x / cap) on attention
     # scores and final logits; a softmax scale other than 1/sqrt(kv_channels).

@@ -167,7 +167,9 @@ def _write_model_files(t: Trainer, root: str) -> None:
         return
     hf_dir = os.path.join(root, checkpoint.HF_DIR)
     copy_non_weight_files(t.hf_source, hf_dir)
-    if not t.args.load:
+    # A model made from flags, or one the training mode describes differently from --load's
+    # (a reward model started from a language model).
+    if not t.args.load or t.hf_config != load_hf_config(t.hf_source):
         with open(os.path.join(hf_dir, "config.json"), "w") as f:
             json.dump(t.hf_config, f, indent=2)
     checkpoint.write_meta(root, t.meta)
@@ -230,7 +232,8 @@ def load(t: Trainer) -> None:
     common = dist_checkpointing.load_common_state_dict(
         checkpoint.existing_iteration_dir(a.load, iteration))  # pickles verified first
     if a.finetune or iteration == "release" or "iteration" not in common:
-        checkpoint.load_model(a.load, t.model.module, iteration)
+        checkpoint.load_model(a.load, t.model.module, iteration,
+                              exclude=t.mode.unloaded_weights())
         log.info("loaded weights from %s (%s): fresh run", a.load, iteration)
         return
     _check_resumable(t, common)

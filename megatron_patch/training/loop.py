@@ -95,6 +95,7 @@ class Trainer:
                                     args.make_vocab_size_divisible_by * self.tp)
             self.meta = checkpoint.CheckpointMeta(self.hf_config["architectures"][0], vocab,
                                                   padded, "float32")
+        self.hf_config, self.meta = self.mode.describe_model(self.hf_config, self.meta)
         self.model_args = family_for(self.hf_config).model_args(self.hf_config)
         if args.load and (conflicts := checkpointing.architecture_conflicts(args,
                                                                             self.model_args)):

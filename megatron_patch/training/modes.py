@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from megatron_patch import parallel
+from megatron_patch.checkpoint import CheckpointMeta
 from megatron_patch.forward import masked_vocab_parallel_cross_entropy
+from megatron_patch.models.score_head import check_kind
 from megatron_patch.training import data
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 MODES = {
     "pretrain": "megatron_patch.training.modes:PretrainMode",
     "finetune": "megatron_patch.training.modes:FinetuneMode",
+    "rm": "megatron_patch.rlhf.reward:RewardMode",
     "dpo": "megatron_patch.rlhf.dpo:DPOMode",
 }
 
@@ -75,6 +78,19 @@ class TrainingMode:
         """Refuse flags this mode cannot use, before any work is done."""
         if args.train_iters is None and args.train_tokens is None:
             raise ValueError("give --train-iters or --train-tokens")
+
+    def describe_model(self, hf_config: dict[str, Any], meta: CheckpointMeta) -> tuple[
+            dict[str, Any], CheckpointMeta]:
+        """The HF config and checkpoint meta of the model this mode trains, given those of
+        --load (or of the model the architecture flags make). Default: a language model, as
+        given; a reward model's checkpoint is refused."""
+        check_kind(hf_config, reward=False, source=self.trainer.args.load, flag="--load")
+        return hf_config, meta
+
+    def unloaded_weights(self) -> tuple[str, ...]:
+        """Prefixes of model state names a fresh run does not take from --load, but keeps as
+        built (a reward model's new score head, where --load holds a language model)."""
+        return ()
 
     def model_options(self) -> dict[str, Any]:
         """Extra keyword arguments for `models.build_stages` (e.g. a different output head)."""
