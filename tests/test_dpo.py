@@ -218,11 +218,12 @@ def runs(llama_models, tmp_path_factory) -> dict:
     for layout in ("tp1", "tp2"):
         out[layout]["hf"] = harness.run(_transformers_metrics, 1, root, str(tmp / layout),
                                         valid)[0]
+    # Killed while saving iteration 3 (written, not published), then resumed from its own
+    # iteration-2 checkpoint (--load points there, not at the start model): the reference must
+    # still be the starting weights, which the checkpoint names.
     stopped = str(tmp / "stopped")
-    out["first_part"] = harness.run(_dpo_run, 1, root, train, valid, stopped,
-                                    extra=("--exit-interval", "2"))[0]
-    # Resumed from the stopped run's checkpoint (--load points there, not at the start model):
-    # the reference must still be the starting weights, which the checkpoint names.
+    out["killed_exit"] = harness.run_killed_in_save(3, _dpo_run, root, train, valid, stopped,
+                                                    extra=("--save-interval", "1"))
     out["resumed"] = harness.run(_resume, 1, stopped, train, valid)[0]
     out["ref_load_changed"] = harness.run(_resume, 1, stopped, train, valid,
                                           ref_load=str(tmp / "tp1"))[0]
@@ -239,7 +240,8 @@ def _resume(save: str, train: str, valid: str, ref_load: str | None = None) -> d
         trainer = Trainer(_args(save, train, valid=valid, save=save, extra=extra))
     except ValueError as e:
         return str(e)
-    return {"history": trainer.train(), "valid": trainer.evaluate_metrics()}
+    start = trainer.iteration
+    return {"start": start, "history": trainer.train(), "valid": trainer.evaluate_metrics()}
 
 
 def test_first_step_is_ln2_with_zero_rewards(runs):
@@ -273,11 +275,13 @@ def test_losses_do_not_depend_on_the_layout(runs, layout):
         assert abs(runs[layout]["valid"][name] - value) <= 1e-5, (layout, name)
 
 
-def test_resume_reproduces_the_uninterrupted_run(runs):
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(runs):
+    assert runs["killed_exit"] == -9  # really killed
     straight = [s["dpo loss"] for s in runs["tp1"]["history"]]
-    first = [s["dpo loss"] for s in runs["first_part"]["history"]]
-    second = [s["dpo loss"] for s in runs["resumed"]["history"]]
-    assert first + second == straight, (first, second, straight)
+    resumed = runs["resumed"]
+    assert resumed["start"] == 2, resumed
+    # Same layout: bit-exact.
+    assert [s["dpo loss"] for s in resumed["history"]] == straight[2:], (resumed, straight)
     assert runs["resumed"]["valid"] == runs["tp1"]["valid"]
     assert "a resumed run keeps it" in runs["ref_load_changed"], runs["ref_load_changed"]
     assert runs["ref_load_missing"].startswith("--ref-load ") and (
