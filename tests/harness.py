@@ -92,6 +92,39 @@ def run(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
     return [results[r] for r in range(world_size)]
 
 
+def _save_then_die(nth_save: int, fn: Callable, args: tuple, kwargs: dict) -> None:
+    import signal
+
+    from megatron.core import dist_checkpointing
+
+    real_save = dist_checkpointing.save
+    calls = []
+
+    def save_then_die(*save_args, **save_kwargs):
+        calls.append(1)
+        real_save(*save_args, **save_kwargs)
+        if len(calls) == nth_save:  # this checkpoint is written, not yet published
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    dist_checkpointing.save = save_then_die
+    fn(*args, **kwargs)
+
+
+def run_killed_in_save(nth_save: int, fn: Callable, *args: Any, timeout: float = 300,
+                       **kwargs: Any) -> int:
+    """fn(*args, **kwargs) on one forked rank, killed (SIGKILL) inside its nth checkpoint save,
+    once the files are written and before the checkpoint is published; returns the exit code
+    (-9 when killed)."""
+    proc = _CTX.Process(target=_worker, args=(0, 1, _free_port(), _save_then_die,
+                                              (nth_save, fn, args, kwargs), _CTX.Queue()))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    return proc.exitcode
+
+
 def run_command(cmd: list[str], *, timeout: float = 600, env: dict | None = None,
                 check: bool = False):
     """subprocess.run in its own process group, all of which is killed on timeout (a torchrun

@@ -153,12 +153,18 @@ def _sequence_logps_hf(model, tok, pairs: list[dict]):
 
 def _dpo_run(model_root: str, train: str, valid: str, save: str | None, *, tp: int = 1,
              pp: int = 1, mbs: int = 2, extra: tuple = ()) -> dict:
-    """Three DPO steps, then the validation metrics (one global batch)."""
+    """Three DPO steps, then the validation metrics (one global batch); and what it printed."""
+    import contextlib
+    import io
+
     from megatron_patch.training.loop import Trainer
 
     trainer = Trainer(_args(os.path.join(model_root, "mcore"), train, valid=valid, tp=tp, pp=pp,
                             mbs=mbs, save=save, extra=extra))
-    return {"history": trainer.train(), "valid": trainer.evaluate_metrics()}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        history = trainer.train()
+    return {"history": history, "valid": trainer.evaluate_metrics(), "stdout": printed.getvalue()}
 
 
 def _transformers_metrics(model_root: str, save: str, valid: str) -> dict:
@@ -204,15 +210,20 @@ def runs(llama_models, tmp_path_factory) -> dict:
            "dp2": harness.run(_dpo_run, 2, root, train, valid, None,
                               extra=("--use-distributed-optimizer",))[0],
            "mbs1": harness.run(_dpo_run, 1, root, train, valid, None, mbs=1)[0],
-           "mbs4": harness.run(_dpo_run, 1, root, train, valid, None, mbs=4)[0]}
+           # Also logged every iteration, validated at 3 and written to TensorBoard.
+           "mbs4": harness.run(_dpo_run, 1, root, train, valid, None, mbs=4, extra=(
+               "--log-interval", "1", "--eval-interval", "3", "--tensorboard-dir",
+               str(tmp / "tensorboard")))[0]}
+    out["tensorboard"] = str(tmp / "tensorboard")
     for layout in ("tp1", "tp2"):
         out[layout]["hf"] = harness.run(_transformers_metrics, 1, root, str(tmp / layout),
                                         valid)[0]
+    # Killed while saving iteration 3 (written, not published), then resumed from its own
+    # iteration-2 checkpoint (--load points there, not at the start model): the reference must
+    # still be the starting weights, which the checkpoint names.
     stopped = str(tmp / "stopped")
-    out["first_part"] = harness.run(_dpo_run, 1, root, train, valid, stopped,
-                                    extra=("--exit-interval", "2"))[0]
-    # Resumed from the stopped run's checkpoint (--load points there, not at the start model):
-    # the reference must still be the starting weights, which the checkpoint names.
+    out["killed_exit"] = harness.run_killed_in_save(3, _dpo_run, root, train, valid, stopped,
+                                                    extra=("--save-interval", "1"))
     out["resumed"] = harness.run(_resume, 1, stopped, train, valid)[0]
     out["ref_load_changed"] = harness.run(_resume, 1, stopped, train, valid,
                                           ref_load=str(tmp / "tp1"))[0]
@@ -229,7 +240,8 @@ def _resume(save: str, train: str, valid: str, ref_load: str | None = None) -> d
         trainer = Trainer(_args(save, train, valid=valid, save=save, extra=extra))
     except ValueError as e:
         return str(e)
-    return {"history": trainer.train(), "valid": trainer.evaluate_metrics()}
+    start = trainer.iteration
+    return {"start": start, "history": trainer.train(), "valid": trainer.evaluate_metrics()}
 
 
 def test_first_step_is_ln2_with_zero_rewards(runs):
@@ -263,11 +275,13 @@ def test_losses_do_not_depend_on_the_layout(runs, layout):
         assert abs(runs[layout]["valid"][name] - value) <= 1e-5, (layout, name)
 
 
-def test_resume_reproduces_the_uninterrupted_run(runs):
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(runs):
+    assert runs["killed_exit"] == -9  # really killed
     straight = [s["dpo loss"] for s in runs["tp1"]["history"]]
-    first = [s["dpo loss"] for s in runs["first_part"]["history"]]
-    second = [s["dpo loss"] for s in runs["resumed"]["history"]]
-    assert first + second == straight, (first, second, straight)
+    resumed = runs["resumed"]
+    assert resumed["start"] == 2, resumed
+    # Same layout: bit-exact.
+    assert [s["dpo loss"] for s in resumed["history"]] == straight[2:], (resumed, straight)
     assert runs["resumed"]["valid"] == runs["tp1"]["valid"]
     assert "a resumed run keeps it" in runs["ref_load_changed"], runs["ref_load_changed"]
     assert runs["ref_load_missing"].startswith("--ref-load ") and (
@@ -359,6 +373,27 @@ def _bad_data(model_root: str, train: str) -> str:
     return "no error"
 
 
+def _other_reference(model_root: str, other_root: str, train: str) -> str:
+    from megatron_patch.training.loop import Trainer
+
+    reference = os.path.join(other_root, "mcore")
+    try:
+        Trainer(_args(os.path.join(model_root, "mcore"), train,
+                      extra=("--ref-load", reference))).train()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_reference_of_another_model_is_refused(llama_models, tmp_path):
+    train = _write(str(tmp_path / "train.jsonl"), PAIRS)
+    (message,) = harness.run(_other_reference, 1, llama_models["llama2"],
+                             llama_models["llama1_tied"], train)
+    other = os.path.join(llama_models["llama1_tied"], "mcore")
+    assert message.startswith(f"--ref-load {other} holds another model than the policy"), message
+    assert "num_query_groups 4 there, 2 here" in message, message
+
+
 def test_bad_pairs_name_file_and_line(llama_models, tmp_path):
     train = _write(str(tmp_path / "train.jsonl"),
                    [PAIRS[0], {"prompt": "q", "chosen": "", "rejected": "b"}])
@@ -366,39 +401,59 @@ def test_bad_pairs_name_file_and_line(llama_models, tmp_path):
     assert message == f"{train}:2: 'chosen' is empty", message
 
 
-# ---- the launcher and the CLI -----------------------------------------------------------------
+# ---- the log line, TensorBoard and the launcher ------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_launcher_trains_and_logs_trl_metric_names(llama_models, tmp_path):
-    import sys
-
+def test_trl_metric_names_in_the_log_line_and_tensorboard(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train, out = _write(str(tmp_path / "train.jsonl"), PAIRS), str(tmp_path / "out")
-    ckpt = os.path.join(llama_models["llama2"], "mcore")
-    env = dict(os.environ, PYTHON=sys.executable, NPROC_PER_NODE="1")
-    # ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN
-    # EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TRAIN VALID CKPT EPOCH OUTPUT_BASEPATH [FLAGS]
-    proc = harness.run_command(
-        ["bash", os.path.join(ROOT, "rlhf", "run_dpo_megatron.sh"), "dsw", "", ROOT, "tiny",
-         "2", "1e-3", "1e-4", "96", "96", "0", "fp32", "1", "1", "none", "false", "false",
-         "false", train, "none", ckpt, "1", out, "--dpo-beta", "0.2",
-         "--valid-data-path", train, "--eval-interval", "3", "--eval-iters", "1"],
-        env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    iterations = [line for line in proc.stdout.splitlines() if line.startswith("iteration")]
-    assert len(iterations) == 3, proc.stdout  # 6 pairs, 1 epoch, 2 pairs a step
+    iterations = [line for line in runs["mbs4"]["stdout"].splitlines()
+                  if line.startswith("iteration")]
+    assert len(iterations) == 3, runs["mbs4"]["stdout"]
     assert "| dpo loss 0.693147 | rewards/chosen 0.000000 | rewards/rejected 0.000000 | " \
            "rewards/accuracies 0.000000 | rewards/margins 0.000000 | logps/chosen " \
            in iterations[0], iterations[0]
-    assert "validation at iteration 3 | dpo loss " in proc.stdout, proc.stdout
-    (run,) = os.listdir(os.path.join(out, "tensorboard"))
-    events = EventAccumulator(os.path.join(out, "tensorboard", run))
+    assert "validation at iteration 3 | dpo loss " in runs["mbs4"]["stdout"]
+    events = EventAccumulator(runs["tensorboard"])
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
             "rewards/margins", "logps/chosen", "logps/rejected",
             "validation rewards/accuracies"} <= tags, tags
-    assert [e.step for e in events.Scalars("rewards/margins")] == [1, 2, 3]
+    margins = events.Scalars("rewards/margins")
+    assert [e.step for e in margins] == [1, 2, 3]
+    assert [e.value for e in margins] == pytest.approx(
+        [s["rewards/margins"] for s in runs["mbs4"]["history"]], abs=1e-6)
+
+
+def test_launcher_builds_the_dpo_command(tmp_path):
+    """rlhf/run_dpo_megatron.sh with a PYTHON that records what it is given (no training: the
+    command it builds is that of the fine-tuning launcher, which test_sft_launchers runs)."""
+    import subprocess
+
+    from megatron_patch import launch
+
+    recorder = tmp_path / "record.sh"
+    recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\n')
+    recorder.chmod(0o755)
+    record = str(tmp_path / "argv.txt")
+    # ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN
+    # EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TRAIN VALID CKPT EPOCH OUTPUT_BASEPATH [FLAGS]
+    positional = ["dsw", "", ROOT, "tiny", "2", "1e-6", "1e-7", "512", "512", "0", "bf16", "2",
+                  "1", "sel", "true", "false", "true", "pairs.jsonl", "valid.jsonl", "ckpt/sft",
+                  "1", str(tmp_path / "out"), "--dpo-beta", "0.2"]
+    proc = subprocess.run(["bash", os.path.join(ROOT, "rlhf", "run_dpo_megatron.sh"),
+                           *positional], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHON=str(recorder), RECORD=record))
+    assert proc.returncode == 0, proc.stderr
+    with open(record) as f:
+        assert f.read().splitlines() == ["-m", "megatron_patch.launch", "dpo", *positional]
+    cmd = launch.dpo_command(positional)
+    flags = cmd[cmd.index("megatron_patch.training.loop") + 1:]
+    joined = " ".join(flags)
+    assert "--train-mode dpo --train-data-path pairs.jsonl" in joined, joined
+    assert "--load ckpt/sft" in joined and "--finetune" in flags, joined
+    assert "--valid-data-path valid.jsonl" in joined and "--bf16" in flags, joined
+    assert flags[flags.index("--dpo-beta") + 1] == "0.2", joined

@@ -179,8 +179,14 @@ class DPOMode(RecordsMode):
 
     def _build_reference(self) -> torch.nn.Module:
         from megatron_patch import checkpoint
+        from megatron_patch.training import checkpointing
 
         t, source = self.trainer, self.reference_source
+        flag = "--ref-load" if t.args.ref_load else "the recorded reference"
+        if differ := checkpointing.model_differences(t, source["load"]):
+            raise ValueError(f"{flag} {source['load']} holds another model than the policy "
+                             f"(--load {t.args.load}): {'; '.join(differ[:6])}; the reference "
+                             "must be the policy's model (its starting weights)")
         # Weights come from the checkpoint: no initialisation (which would also draw from the
         # RNG streams a resumed run must find as they were saved).
         _, model = t.build_module(perform_initialization=False)

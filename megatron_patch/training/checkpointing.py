@@ -128,6 +128,18 @@ def _listdir(path: str) -> list[str]:
     return os.listdir(path) if os.path.isdir(path) else []
 
 
+def model_differences(t: Trainer, root: str) -> list[str]:
+    """How the model of the checkpoint directory `root` (its megatron_patch.json and hf/)
+    differs from the run's: architecture, padded vocabulary, model args (empty: the same)."""
+    saved = checkpoint.read_meta(root)
+    saved_hf = load_hf_config(os.path.join(root, checkpoint.HF_DIR))
+    theirs = {"architecture": saved.architecture, "padded_vocab_size": saved.padded_vocab_size,
+              **dataclasses.asdict(family_for(saved_hf).model_args(saved_hf))}
+    ours = {"architecture": t.meta.architecture, "padded_vocab_size": t.meta.padded_vocab_size,
+            **dataclasses.asdict(t.model_args)}
+    return [f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k]]
+
+
 def check_save_dir(t: Trainer) -> None:
     """Refuse a --save directory that holds another model's checkpoints (saving would mix the
     two; its megatron_patch.json and hf/ would describe this model's iterations), or iterations
@@ -135,16 +147,7 @@ def check_save_dir(t: Trainer) -> None:
     unless --overwrite-checkpoints."""
     a = t.args
     if os.path.isfile(os.path.join(a.save, checkpoint.META)):
-        saved = checkpoint.read_meta(a.save)
-        saved_hf = load_hf_config(os.path.join(a.save, checkpoint.HF_DIR))
-        theirs = {"architecture": saved.architecture,
-                  "padded_vocab_size": saved.padded_vocab_size,
-                  **dataclasses.asdict(family_for(saved_hf).model_args(saved_hf))}
-        ours = {"architecture": t.meta.architecture,
-                "padded_vocab_size": t.meta.padded_vocab_size,
-                **dataclasses.asdict(t.model_args)}
-        if differ := [f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours
-                      if theirs.get(k) != ours[k]]:
+        if differ := model_differences(t, a.save):
             raise ValueError(f"--save {a.save} holds checkpoints of another model "
                              f"({os.path.join(a.save, checkpoint.META)}, "
                              f"{os.path.join(a.save, checkpoint.HF_DIR, 'config.json')}): "
