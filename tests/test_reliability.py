@@ -288,6 +288,13 @@ def _resume_cases(root: str, ckpt: str, other_model: str, data: str) -> dict:
     r["min_lr"] = refused(iters=4, extra=("--min-lr", "0"))
     r["decay_style"] = refused(iters=4, extra=("--lr-decay-style", "linear"))
     r["seq_length"] = refused(iters=4, extra=("--seq-length", "16"))
+    sft_records = os.path.join(root, "sft.jsonl")
+    with open(sft_records, "w") as f:
+        for i in range(GBS):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    r["train_mode"] = refused(iters=4, extra=("--train-mode", "finetune",
+                                              "--train-data-path", sft_records))
     r["num_layers"] = refused(iters=4, extra=("--num-layers", "3"))
     r["normalization"] = _error(Trainer, _args(ckpt, data, extra=("--normalization",
                                                                    "LayerNorm")))
@@ -375,6 +382,8 @@ def test_resume_refuses_what_contradicts_the_checkpoint(llama_models, tmp_path):
                                         "(--lr-decay-style)")):
         assert r[case].startswith(schedule) and named in r[case], (case, r[case])
         assert "--override-opt-param-scheduler" in r[case], r[case]
+    assert r["train_mode"].startswith(f"ValueError: --train-mode finetune: {run} is a "
+                                      "--train-mode pretrain run"), r["train_mode"]
     assert r["seq_length"].startswith(f"ValueError: --seq-length 16: {run} was trained at "
                                       "--seq-length 32"), r["seq_length"]
     layers = tiny.COMMON["num_hidden_layers"]  # the tiny model's config
