@@ -8,6 +8,10 @@ runs the transformers model and prints one JSON line:
      "loss_megatron": ..., "loss_diff": ..., "tp": T, "pp": P, "sp": bool, "ok": bool}
 
 and exits 1 when a difference is above --atol (logits) or --loss-atol.
+
+A reward model (`*ForSequenceClassification`) is compared by its scores instead, against
+transformers' AutoModelForSequenceClassification: {"max_abs_diff" (scores), "tp", "pp", "sp",
+"ok"}, with --atol.
 """
 
 from __future__ import annotations
@@ -40,9 +44,15 @@ def run_worker(args: argparse.Namespace) -> int:
     import torch
     from megatron.core import parallel_state
 
-    from megatron_patch import parallel
+    from megatron_patch import checkpoint, parallel
     from megatron_patch.forward import forward_logits
-    from megatron_patch.models import checkpoint_expert_tensor_parallel_size, from_checkpoint
+    from megatron_patch.models import (
+        checkpoint_expert_tensor_parallel_size,
+        from_checkpoint,
+        load_hf_config,
+    )
+    from megatron_patch.models.score_head import is_reward_config
+    from megatron_patch.rlhf.reward import pad_token_id, score
 
     parallel.initialize(args.tp, args.pp, seed=args.seed,
                         expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
@@ -52,10 +62,18 @@ def run_worker(args: argparse.Namespace) -> int:
     model.eval()
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, meta.vocab_size, (args.batch_size, args.seq_length), generator=gen)
-    out = forward_logits([model], tokens, meta.vocab_size)
     code = 0
-    if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-        code = _compare_with_transformers(args, tokens, out)
+    hf_config = load_hf_config(os.path.join(args.ckpt_dir, checkpoint.HF_DIR))
+    if is_reward_config(hf_config):
+        # Pooled as transformers pools: by the config's pad token id.
+        scores = score([model], tokens, pad_token_id(hf_config),
+                       torch.full((args.batch_size,), args.seq_length))
+        if torch.distributed.get_rank() == 0:
+            code = _compare_scores(args, tokens, scores)
+    else:
+        out = forward_logits([model], tokens, meta.vocab_size)
+        if out is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            code = _compare_with_transformers(args, tokens, out)
     # Every rank leaves the process group together: a rank exiting while another still uses
     # gloo can abort ("terminate called without an active exception").
     torch.distributed.barrier()
@@ -83,6 +101,23 @@ def _compare_with_transformers(args: argparse.Namespace, tokens, out: dict) -> i
         "tp": args.tp, "pp": args.pp, "sp": args.sp,
     }
     report["ok"] = report["max_abs_diff"] <= args.atol and report["loss_diff"] <= args.loss_atol
+    print(json.dumps(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
+def _compare_scores(args: argparse.Namespace, tokens, scores) -> int:
+    """A reward model's scores against AutoModelForSequenceClassification's on the same tokens:
+    print the JSON report, 0 if within --atol."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(args.hf_dir,
+                                                                        dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=tokens).logits[:, 0]
+    report = {"max_abs_diff": (scores - ref).abs().max().item(),
+              "tp": args.tp, "pp": args.pp, "sp": args.sp}
+    report["ok"] = report["max_abs_diff"] <= args.atol
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
 

@@ -271,3 +271,30 @@ def test_checkpoint_of_the_wrong_kind_is_refused_naming_flag_and_directory(rm_mo
     (message,) = harness.run(_load_reward_error, 1, lm)
     assert message.startswith(f"--reward-model {lm}: a language model (LlamaForCausalLM), "
                               "not a reward model"), message
+
+
+def _verify(root: str, hf: str, ckpt: str) -> tuple[int, dict]:
+    """In a worker: `megatron-patch verify` at PP=2 of the reward model `ckpt` against the HF
+    model `hf` (run_worker leaves the process group: one call per launch)."""
+    import contextlib
+    import io
+
+    from megatron_patch import verify
+    from megatron_patch.errors import ArgumentParser
+
+    parser = ArgumentParser()
+    verify.add_arguments(parser)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = verify.run_worker(parser.parse_args(
+            [os.path.join(root, hf, "hf"), os.path.join(root, ckpt, "mcore"), "--pp", "2"]))
+    lines = out.getvalue().splitlines()
+    return code, json.loads(lines[-1]) if lines else {}
+
+
+def test_verify_compares_reward_model_scores_with_transformers(rm_models):
+    root, _ = rm_models
+    same = harness.run(_verify, 2, root, "qwen2", "qwen2", timeout=120)[0]
+    assert same[0] == 0 and same[1]["ok"] and same[1]["max_abs_diff"] <= 1e-4, same
+    other = harness.run(_verify, 2, root, "llama", "llama_pad_eos", timeout=120)[0]
+    assert other[0] == 1 and not other[1]["ok"], other

@@ -291,3 +291,28 @@ def test_rm_launcher_maps_positional_arguments(tmp_path):
     assert "--valid-data-path" not in line
     with pytest.raises(ValueError, match="usage: run_rm_megatron.sh"):
         launch.rm_command(args[:5])
+
+
+def test_rlhf_readme_reward_model_commands_parse():
+    """The `megatron-patch` command lines of rlhf/README.md's reward-model section are what
+    the parser (and, for train, its validation) accepts."""
+    import re
+    import shlex
+
+    from megatron_patch import cli
+    from megatron_patch.training import arguments
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "rlhf", "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Reward models")[1].split("\n## ")[0]
+    commands = [" ".join(line.replace("\\\n", " ").split())
+                for block in re.findall(r"```\n(.*?)```", section, re.S)
+                for line in block.replace("\\\n", " ").splitlines()
+                if line.startswith("megatron-patch ")]
+    assert len(commands) == 3 and any("--train-mode rm" in c for c in commands), commands
+    for command in commands:
+        args = cli.build_parser().parse_args(shlex.split(command)[1:])
+        if args.command == "train":
+            arguments.validate(args)
+            assert args.train_mode == "rm"
