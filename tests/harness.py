@@ -376,3 +376,45 @@ def dequantized_import(hf_dir: str, root: str, quantization_config: dict[str, An
     return {"max_abs": (out["logits"] - expected).abs().max().item(),
             "config_quantized": "quantization_config" in converted_config,
             "oracle": oracle, "model": model}
+
+
+def cli_error(argv: list[str]) -> tuple[int, str]:
+    """In a worker: a megatron-patch command line's exit code and stderr."""
+    import contextlib
+    import io
+
+    from megatron_patch import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = cli.main(argv)
+    return rc, err.getvalue()
+
+
+def sft_args(load: str, train: str, *, iters: int = 3, mbs: int = 4, gbs: int = 4,
+              seq: int = 96, lr: float = 1e-3, extra: tuple = ()):
+    """The parsed flags of a short SFT run from `load` on the records file `train`."""
+    from megatron_patch.training.arguments import parse_args
+
+    return parse_args(["--train-mode", "finetune", "--load", load, "--train-data-path", train,
+                       "--seq-length", str(seq), "--micro-batch-size", str(mbs),
+                       "--global-batch-size", str(gbs), "--train-iters", str(iters),
+                       "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-warmup-iters", "1",
+                       "--eval-interval", "100000", "--log-interval", "100", "--seed", "3",
+                       *extra])
+
+
+def qa_answers(trainer, model_root: str) -> list[str]:
+    """The trained model's greedy answers to megatron_patch.tiny's QA questions."""
+    import transformers
+
+    from megatron_patch.data.sft import render_prompt
+    from megatron_patch.generation import generate
+    from megatron_patch.tiny import QA
+
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    prompts = [render_prompt(tok, {"instruction": q}) for q, _ in QA]
+    out = generate(trainer.model.module, prompts, max_new_tokens=12,
+                   vocab_size=trainer.vocab_size, eos_token_ids=[tok.eos_token_id],
+                   pad_token_id=tok.pad_token_id)
+    return [tok.decode(ids, skip_special_tokens=True) for ids in out]

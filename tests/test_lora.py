@@ -362,7 +362,7 @@ def test_every_family_exports_adapters_peft_loads(zoo_models, tmp_path):
     same logits bit for bit (fused c_attn / W_pack / query_key_value, experts included), and
     where the checkpoint is transformers' own format, peft on it gives our logits (1e-4)."""
     import numpy as np
-    from test_zoo import CASES
+    from zoo import CASES
 
     ours = harness.run(_zoo_adapt, 1, zoo_models, str(tmp_path))[0]
     assert not [n for n, r in ours.items() if not r["round_trip"]], ours.keys()
@@ -384,14 +384,14 @@ def _lora_sft(model_root: str, train: str, tp: int = 1, pp: int = 1, mbs: int = 
     trains and keeps (optimizer tensors, base weights before/after, our logits after)."""
     import torch
     from megatron.core import parallel_state
-    from test_sft import _sft_args
 
     from megatron_patch.forward import forward_logits
     from megatron_patch.training.loop import Trainer
 
-    args = _sft_args(os.path.join(model_root, "mcore"), train, iters=iters, mbs=mbs, gbs=4,
-                     lr=1e-2, extra=(*LORA_FLAGS, "--tensor-model-parallel-size", str(tp),
-                                     "--pipeline-model-parallel-size", str(pp), *extra))
+    args = harness.sft_args(os.path.join(model_root, "mcore"), train, iters=iters, mbs=mbs,
+                            gbs=4, lr=1e-2,
+                            extra=(*LORA_FLAGS, "--tensor-model-parallel-size", str(tp),
+                                   "--pipeline-model-parallel-size", str(pp), *extra))
     trainer = Trainer(args)
     module = trainer.module
     base = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
@@ -432,10 +432,9 @@ def _peft_trainable(hf_dir: str) -> int:
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory) -> str:
-    from test_sft import _write_records
 
     train = str(tmp_path_factory.mktemp("lora_sft") / "train.jsonl")
-    _write_records(train)
+    harness.write_sft_records(train)
     return train
 
 
@@ -527,16 +526,15 @@ def _wide_tiny(root: str) -> None:
 
 
 def _learn_and_answer(model_root: str, train: str, extra: tuple) -> dict:
-    from test_sft import _sft_args, answers
 
     from megatron_patch.training.loop import Trainer
 
-    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=40, mbs=6, gbs=6,
-                                seq=64, lr=1e-2, extra=extra))
+    trainer = Trainer(harness.sft_args(os.path.join(model_root, "mcore"), train, iters=40, mbs=6,
+                                       gbs=6, seq=64, lr=1e-2, extra=extra))
     losses = [s["loss"] for s in trainer.train()]
     trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
-    return {"answers": answers(trainer, model_root), "first": losses[0], "last": losses[-1],
-            "trainable": len(trainable)}
+    return {"answers": harness.qa_answers(trainer, model_root), "first": losses[0],
+            "last": losses[-1], "trainable": len(trainable)}
 
 
 def test_lora_sft_reproduces_the_answers(sft_data, tmp_path):

@@ -14,24 +14,7 @@ import os
 
 import harness
 import pytest
-
-from megatron_patch import tiny
-
-PAD, EOS = 0, 2
-LENGTHS = (16, 11, 7, 3)
-QWEN2 = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=96, vocab_size=1000, max_position_embeddings=256,
-             rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=True, bos_token_id=1,
-             eos_token_id=EOS)
-# name -> (architecture, config, pad_token_id). "llama_pad_eos": pad == EOS, so a sequence's
-# closing EOS is padding to transformers, which scores the token before it.
-MODELS = {
-    "llama": ("LlamaForSequenceClassification",
-              dict(tiny.COMMON, **tiny.LLAMA_VARIANTS["llama2"]), PAD),
-    "qwen2": ("Qwen2ForSequenceClassification", QWEN2, PAD),
-    "llama_pad_eos": ("LlamaForSequenceClassification",
-                      dict(tiny.COMMON, **tiny.LLAMA_VARIANTS["llama1_tied"]), EOS),
-}
+from reward_models import EOS, LENGTHS, MODELS, PAD, save_hf_reward_model
 
 
 def _tokens(pad: int):
@@ -44,22 +27,6 @@ def _tokens(pad: int):
         tokens[row, length - 1] = EOS
         tokens[row, length:] = pad
     return tokens
-
-
-def save_hf_reward_model(out_dir: str, arch: str, config: dict, pad: int, seed: int = 0):
-    """A random tiny HF reward model (score head included) and the tiny tokenizer."""
-    import torch
-    import transformers
-    from zoo import randomize_norms
-
-    cls = getattr(transformers, arch)
-    config = {k: v for k, v in config.items() if k != "architecture"}
-    torch.manual_seed(seed)
-    model = cls(cls.config_class(**config, num_labels=1, pad_token_id=pad)).float().eval()
-    randomize_norms(model)
-    model.save_pretrained(out_dir)
-    tiny.train_tokenizer(out_dir)
-    return model
 
 
 def _prepare(root: str) -> dict[str, dict]:
@@ -229,19 +196,6 @@ def test_hf_classifier_with_several_labels_is_refused(tmp_path):
         family_for(config)
 
 
-def _cli_error(argv: list[str]) -> tuple[int, str]:
-    """In a worker: a megatron-patch command line's exit code and stderr."""
-    import contextlib
-    import io
-
-    from megatron_patch import cli
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = cli.main(argv)
-    return rc, err.getvalue()
-
-
 def _load_reward_error(ckpt: str) -> str:
     from megatron_patch import parallel
     from megatron_patch.rlhf.reward import load_reward_model
@@ -261,8 +215,9 @@ def test_checkpoint_of_the_wrong_kind_is_refused_naming_flag_and_directory(rm_mo
     rm = os.path.join(root, "llama", "mcore")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
-    rc, err = harness.run(_cli_error, 1, ["generate", "--load", rm, "--input-file", str(prompts),
-                                          "--output-file", str(tmp_path / "out.jsonl")])[0]
+    rc, err = harness.run(harness.cli_error, 1, [
+        "generate", "--load", rm, "--input-file", str(prompts),
+        "--output-file", str(tmp_path / "out.jsonl")])[0]
     (line,) = [x for x in err.splitlines() if ": error:" in x]
     assert rc != 0 and "Traceback" not in err
     assert f"--load {rm}: a reward model (LlamaForSequenceClassification)" in line, line

@@ -185,24 +185,6 @@ def test_rm_learns_a_style_preference_and_exports_to_transformers(rm_run):
     assert r["max_abs"] <= harness.LOGITS_ATOL, r
 
 
-def _killed_during_third_save(root: str, save: str) -> None:
-    import signal
-
-    from megatron.core import dist_checkpointing
-
-    real_save = dist_checkpointing.save
-    calls = []
-
-    def save_then_die(*args, **kwargs):
-        calls.append(1)
-        real_save(*args, **kwargs)
-        if len(calls) == 3:  # iteration 6 written, not yet published
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    dist_checkpointing.save = save_then_die
-    _curve(root, save=save)
-
-
 def _resume(root: str, save: str) -> dict:
     from megatron_patch.training.loop import Trainer
 
@@ -213,16 +195,9 @@ def _resume(root: str, save: str) -> dict:
 
 
 def test_rm_resume_after_a_kill_reproduces_the_losses_exactly(rm_run, reference, tmp_path):
-    import multiprocessing
-
     save = str(tmp_path / "run")
-    fork = multiprocessing.get_context("fork")
-    proc = fork.Process(target=harness._worker,
-                        args=(0, 1, harness._free_port(), _killed_during_third_save,
-                              (rm_run, save), fork.Queue()))
-    proc.start()
-    proc.join(300)
-    assert proc.exitcode == -9  # really killed
+    # Killed inside the third save (iteration 6 written, not yet published).
+    assert harness.run_killed_in_save(3, _curve, rm_run, save=save) == -9  # really killed
     with open(os.path.join(save, "hf", "config.json")) as f:
         assert json.load(f)["architectures"] == ["LlamaForSequenceClassification"]
     (r,) = harness.run(_resume, 1, rm_run, save)
@@ -230,13 +205,11 @@ def test_rm_resume_after_a_kill_reproduces_the_losses_exactly(rm_run, reference,
 
 
 def _train_error(argv: list[str]) -> tuple[int, str]:
-    from test_reward_model import _cli_error
-
-    return _cli_error(["train", *argv])
+    return harness.cli_error(["train", *argv])
 
 
 def _convert_rm(root: str) -> None:
-    from test_reward_model import MODELS, save_hf_reward_model
+    from reward_models import MODELS, save_hf_reward_model
 
     from megatron_patch.convert.hf_megatron import hf_to_megatron
 

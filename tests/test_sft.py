@@ -9,18 +9,6 @@ import pytest
 from megatron_patch.tiny import QA
 
 
-def _sft_args(load: str, train: str, *, iters: int = 3, mbs: int = 4, gbs: int = 4,
-              seq: int = 96, lr: float = 1e-3, extra: tuple = ()):
-    from megatron_patch.training.arguments import parse_args
-
-    return parse_args(["--train-mode", "finetune", "--load", load, "--train-data-path", train,
-                       "--seq-length", str(seq), "--micro-batch-size", str(mbs),
-                       "--global-batch-size", str(gbs), "--train-iters", str(iters),
-                       "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-warmup-iters", "1",
-                       "--eval-interval", "100000", "--log-interval", "100", "--seed", "3",
-                       *extra])
-
-
 def _first_loss_vs_hand(model_root: str, train: str) -> dict:
     import torch
     import transformers
@@ -28,7 +16,7 @@ def _first_loss_vs_hand(model_root: str, train: str) -> dict:
     from megatron_patch.data.sft import ALPACA_PROMPT
     from megatron_patch.training.loop import Trainer
 
-    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=2))
+    trainer = Trainer(harness.sft_args(os.path.join(model_root, "mcore"), train, iters=2))
     tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(model_root, "hf"),
                                                            dtype=torch.float32).eval()
@@ -97,7 +85,7 @@ def test_packed_sequences_give_the_same_per_sample_losses(llama_models, tmp_path
 def _curve(model_root: str, train: str, mbs: int) -> list[float]:
     from megatron_patch.training.loop import Trainer
 
-    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, mbs=mbs))
+    trainer = Trainer(harness.sft_args(os.path.join(model_root, "mcore"), train, mbs=mbs))
     return [s["loss"] for s in trainer.train()]
 
 
@@ -110,28 +98,14 @@ def test_microbatch_split_does_not_change_the_loss(llama_models, tmp_path):
     assert diff <= harness.LOSS_ATOL, (one_by_four, four_by_one)
 
 
-def answers(trainer, model_root: str) -> list[str]:
-    """The trained model's greedy answers to the QA questions."""
-    import transformers
-
-    from megatron_patch.data.sft import render_prompt
-    from megatron_patch.generation import generate
-
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
-    prompts = [render_prompt(tok, {"instruction": q}) for q, _ in QA]
-    out = generate(trainer.model.module, prompts, max_new_tokens=12,
-                   vocab_size=trainer.vocab_size, eos_token_ids=[tok.eos_token_id],
-                   pad_token_id=tok.pad_token_id)
-    return [tok.decode(ids, skip_special_tokens=True) for ids in out]
-
-
 def _learn_and_answer(model_root: str, train: str, save: str) -> dict:
     from megatron_patch.training.loop import Trainer
 
-    trainer = Trainer(_sft_args(os.path.join(model_root, "mcore"), train, iters=120,
-                                mbs=6, gbs=6, seq=64, lr=3e-3))
+    trainer = Trainer(harness.sft_args(os.path.join(model_root, "mcore"), train, iters=120,
+                                       mbs=6, gbs=6, seq=64, lr=3e-3))
     losses = [s["loss"] for s in trainer.train()]
-    return {"answers": answers(trainer, model_root), "first": losses[0], "last": losses[-1]}
+    return {"answers": harness.qa_answers(trainer, model_root), "first": losses[0],
+            "last": losses[-1]}
 
 
 def test_finetuned_model_reproduces_the_answers(llama_models, tmp_path):
