@@ -35,7 +35,8 @@ from megatron_patch import checkpoint, parallel
 from megatron_patch.generation import SamplingParams
 from megatron_patch.rlhf import advantages as adv
 from megatron_patch.rlhf import rollout
-from megatron_patch.rlhf.rewards import RewardError, load_reward_function
+from megatron_patch.rlhf.rewards import Rewards, load_reward_function
+from megatron_patch.rlhf.rollout import RolloutShare
 from megatron_patch.training import checkpointing
 from megatron_patch.training.modes import Datasets, LossOutput, TrainingMode
 
@@ -54,33 +55,6 @@ def is_rl_checkpoint(root: str) -> str | None:
         checkpoint.existing_iteration_dir(root, iteration))
     mode = common.get("train_mode")
     return mode if mode in ALGORITHMS else None
-
-
-def _digest(rollouts: list[rollout.Rollout]) -> str:
-    """A fingerprint of this rank's sampled tokens (a resumed run must sample the same)."""
-    import hashlib
-
-    text = ";".join(",".join(map(str, r.completion_ids)) for r in rollouts)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class RolloutShare:
-    """This data-parallel rank's samples of one rollout batch, indexed as the trainer's
-    micro-batch reader (`training.data.microbatches`) indexes a dataset: sample g of the global
-    batch order lies on DP rank (g // mbs) % dp, and each rank holds its micro-batches in order.
-    The length is the whole rollout batch's, so the reader's running sample count (modulo the
-    length) walks the mini-batches of every PPO epoch."""
-
-    def __init__(self, batch: dict[str, torch.Tensor], micro_batch_size: int, dp: int) -> None:
-        self.batch, self.mbs, self.dp = batch, micro_batch_size, dp
-        self.local = batch["tokens"].shape[0]
-
-    def __len__(self) -> int:
-        return self.local * self.dp
-
-    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
-        row = (g // (self.mbs * self.dp)) * self.mbs + g % self.mbs
-        return {k: v[row] for k, v in self.batch.items()}
 
 
 class PolicyMode(TrainingMode):
@@ -169,9 +143,8 @@ class RLTrainer:
             self.critic = CriticTrainer(
                 ppo.critic_args(a, trainer_args, resumed is not None),
                 mode=lambda trainer: ppo.CriticMode(trainer, t.train_iters, a.value_clip_eps))
-        self.reward_model, self.reward_pad = None, None
-        if a.reward_model:
-            self._load_reward_model()
+        self.rewards = Rewards(a, t, self.prompts, self.tokenizer, self.n,
+                               self.reward_function)
         self.last_rollouts: list[rollout.Rollout] = []
         parallel.print_last_rank(
             f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from {a.prompt_data_path} "
@@ -255,55 +228,6 @@ class RLTrainer:
                               vocab_size=t.vocab_size, eos=self.eos, pad=self.pad,
                               params=self.params, seed=a.seed,
                               batch_size=a.rollout_micro_batch_size)
-
-    def _load_reward_model(self) -> None:
-        """The reward model, at the policy's layout; it must read the policy's token ids."""
-        from megatron_patch.rlhf.reward import load_reward_model
-
-        a, t = self.args, self.trainer
-        rm_vocab = checkpoint.read_meta(a.reward_model).vocab_size
-        if rm_vocab != t.vocab_size:
-            raise ValueError(f"--reward-model {a.reward_model} has a vocabulary of {rm_vocab} "
-                             f"tokens, the policy {t.vocab_size}: the reward model scores the "
-                             "policy's token ids, so both need the same tokenizer")
-        self.reward_model, self.reward_pad = load_reward_model(a.reward_model)
-        self.reward_model.requires_grad_(False)
-
-    def score(self, rollouts: list[rollout.Rollout], batch: dict[str, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards [N] (the reward model's score of prompt + completion plus the reward
-        function's value, whichever are given) and which samples count ([N] bool: a group with
-        a bad reward is left out)."""
-        rewards = torch.zeros(len(rollouts))
-        if self.reward_model is not None:
-            from megatron_patch.rlhf.reward import score
-
-            lengths = torch.tensor([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts])
-            rewards += score([self.reward_model], batch["tokens"], self.reward_pad, lengths,
-                             micro_batch_size=self.args.micro_batch_size)
-        valid = [True] * len(rollouts)
-        if self.reward_function is not None:
-            values, valid = self._rule_rewards(rollouts)
-            rewards += values
-        groups = torch.tensor(valid).view(-1, self.n).all(dim=1, keepdim=True)
-        return rewards, groups.expand(-1, self.n).reshape(-1)
-
-    def _rule_rewards(self, rollouts: list[rollout.Rollout]) -> tuple[torch.Tensor, list[bool]]:
-        rewards, valid = [], []
-        for r in rollouts:
-            prompt = self.prompts.prompts[r.prompt_index]
-            text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
-            prompt_text = self.tokenizer.decode(r.prompt_ids, skip_special_tokens=True)
-            try:
-                rewards.append(self.reward_function(prompt.record, prompt_text, text,
-                                                    prompt.where))
-                valid.append(True)
-            except RewardError:
-                if not self.args.skip_bad_rewards:
-                    raise
-                rewards.append(0.0)
-                valid.append(False)
-        return torch.tensor(rewards), valid
 
     def forward_logprobs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
                          ) -> torch.Tensor:
@@ -427,10 +351,10 @@ class RLTrainer:
         rollouts = self.make_rollouts()
         generated = time.time()
         batch = rollout.pack(rollouts, a.seq_length, self.pad)
-        rewards, valid = self.score(rollouts, batch)
+        rewards, valid = self.rewards(rollouts, batch)
         batch = self.prepare(batch, rewards, valid)
         prepared = time.time()
-        stats = self._rollout_stats(rollouts, rewards, valid, batch)
+        stats = rollout.rollout_stats(rollouts, rewards, valid, batch, self.n, self._all_reduce)
         share = RolloutShare(batch, a.micro_batch_size, t.dp)
         t.model.train()
         updates = [self.update(share) for _ in range(self.updates_per_step)]
@@ -444,7 +368,7 @@ class RLTrainer:
             # Before any update the policy is the one that computed the old log-probs.
             stats["first ratio deviation"] = updates[0].get("ratio deviation max", 0.0)
         stats["skipped updates"] = len(updates) - len(done)
-        stats["rollout digest"] = _digest(rollouts)
+        stats["rollout digest"] = rollout.digest(rollouts)
         stats.update(generation_s=generated - began, inference_s=prepared - generated,
                      training_s=trained - prepared)
         stats["kl coef"] = self.kl_controller.value
@@ -455,33 +379,6 @@ class RLTrainer:
         self.consumed_prompts += a.rollout_batch_size
         self.last_rollouts, self.last_rewards = rollouts, rewards
         return stats
-
-    def _rollout_stats(self, rollouts, rewards, valid, batch) -> dict[str, float]:
-        mask = batch["loss_mask"]
-        counted = valid.float()
-        lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts])
-        diff = (batch["old_logprobs"] - batch["rollout_logprobs"]).abs() * mask
-        sums = torch.stack([(rewards * counted).sum(), (rewards.square() * counted).sum(),
-                            counted.sum(), (lengths * counted).sum(), diff.sum(), mask.sum(),
-                            (~valid).float().sum() / self.n,
-                            self._equal_reward_groups(rewards, valid)]).double()
-        self._all_reduce(sums)
-        top = diff.max().reshape(1)
-        self._all_reduce(top, torch.distributed.ReduceOp.MAX)
-        count = sums[2].clamp(min=1)
-        mean = sums[0] / count
-        return {"reward mean": mean.item(),
-                "reward std": (sums[1] / count - mean.square()).clamp(min=0).sqrt().item(),
-                "response length": (sums[3] / count).item(),
-                "logprob diff mean": (sums[4] / sums[5].clamp(min=1)).item(),
-                "logprob diff max": top.item(),
-                "skipped groups": int(sums[6].item()),
-                "equal-reward groups": int(sums[7].item())}
-
-    def _equal_reward_groups(self, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        grouped, ok = rewards.view(-1, self.n), valid.view(-1, self.n).all(dim=1)
-        same = (grouped == grouped[:, :1]).all(dim=1) & ok
-        return same.float().sum()
 
     # ---- the run -----------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 
 class RewardError(ValueError):
     pass
@@ -80,3 +82,64 @@ def load_reward_function(spec: str) -> RewardFunction:
 def contains_word(record: dict, prompt: str, completion: str) -> float:
     """Example: 1.0 when the completion contains the record's `word` (default "fox"), else 0."""
     return float(str(record.get("word", "fox")) in completion)
+
+
+class Rewards:
+    """The rewards of a rollout batch: a reward model's score of prompt + completion and/or a
+    reward function's value, whichever the run was given."""
+
+    def __init__(self, args: Any, trainer: Any, prompts: Any, tokenizer: Any, n: int,
+                 function: RewardFunction | None) -> None:
+        self.args, self.prompts, self.tokenizer, self.n = args, prompts, tokenizer, n
+        self.function = function
+        self.model, self.pad = None, None
+        if args.reward_model:
+            self._load_model(trainer.vocab_size)
+
+    def _load_model(self, policy_vocab: int) -> None:
+        """The reward model, at the policy's layout; it must read the policy's token ids."""
+        from megatron_patch import checkpoint
+        from megatron_patch.rlhf.reward import load_reward_model
+
+        path = self.args.reward_model
+        rm_vocab = checkpoint.read_meta(path).vocab_size
+        if rm_vocab != policy_vocab:
+            raise ValueError(f"--reward-model {path} has a vocabulary of {rm_vocab} tokens, the "
+                             f"policy {policy_vocab}: the reward model scores the policy's token "
+                             "ids, so both need the same tokenizer")
+        self.model, self.pad = load_reward_model(path)
+        self.model.requires_grad_(False)
+
+    def __call__(self, rollouts: list, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [N] and which samples count ([N] bool: a group with a bad reward is left
+        out)."""
+        rewards = torch.zeros(len(rollouts))
+        if self.model is not None:
+            from megatron_patch.rlhf.reward import score
+
+            lengths = torch.tensor([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts])
+            rewards += score([self.model], batch["tokens"], self.pad, lengths,
+                             micro_batch_size=self.args.micro_batch_size)
+        valid = [True] * len(rollouts)
+        if self.function is not None:
+            values, valid = self._function_rewards(rollouts)
+            rewards += values
+        groups = torch.tensor(valid).view(-1, self.n).all(dim=1, keepdim=True)
+        return rewards, groups.expand(-1, self.n).reshape(-1)
+
+    def _function_rewards(self, rollouts: list) -> tuple[torch.Tensor, list[bool]]:
+        rewards, valid = [], []
+        for r in rollouts:
+            prompt = self.prompts.prompts[r.prompt_index]
+            text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+            prompt_text = self.tokenizer.decode(r.prompt_ids, skip_special_tokens=True)
+            try:
+                rewards.append(self.function(prompt.record, prompt_text, text, prompt.where))
+                valid.append(True)
+            except RewardError:
+                if not self.args.skip_bad_rewards:
+                    raise
+                rewards.append(0.0)
+                valid.append(False)
+        return torch.tensor(rewards), valid

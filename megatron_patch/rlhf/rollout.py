@@ -17,6 +17,7 @@ loss mask covers the positions that predict completion tokens, EOS included.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,3 +169,58 @@ def token_entropy(logits: torch.Tensor, vocab_size: int, temperature: float) -> 
     if tp > 1:
         torch.distributed.all_reduce(sums, group=group)
     return sums[0].log() - sums[1] / sums[0]
+
+
+def digest(rollouts: list[Rollout]) -> str:
+    """A fingerprint of this rank's sampled tokens (a resumed run must sample the same)."""
+    import hashlib
+
+    text = ";".join(",".join(map(str, r.completion_ids)) for r in rollouts)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RolloutShare:
+    """This data-parallel rank's samples of one rollout batch, indexed as the trainer's
+    micro-batch reader (`training.data.microbatches`) indexes a dataset: sample g of the global
+    batch order lies on DP rank (g // mbs) % dp, and each rank holds its micro-batches in order.
+    The length is the whole rollout batch's, so the reader's running sample count (modulo the
+    length) walks the mini-batches of every PPO epoch."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], micro_batch_size: int, dp: int) -> None:
+        self.batch, self.mbs, self.dp = batch, micro_batch_size, dp
+        self.local = batch["tokens"].shape[0]
+
+    def __len__(self) -> int:
+        return self.local * self.dp
+
+    def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
+        row = (g // (self.mbs * self.dp)) * self.mbs + g % self.mbs
+        return {k: v[row] for k, v in self.batch.items()}
+
+
+def rollout_stats(rollouts: list[Rollout], rewards: torch.Tensor, valid: torch.Tensor,
+                  batch: dict[str, torch.Tensor], n: int,
+                  all_reduce: Callable[..., torch.Tensor]) -> dict[str, float]:
+    """Reward mean/std, response length, rollout-vs-train log-prob difference and skipped or
+    equal-reward groups of a rollout batch, over every data-parallel rank (`all_reduce`)."""
+    mask = batch["loss_mask"]
+    counted = valid.float()
+    lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts])
+    diff = (batch["old_logprobs"] - batch["rollout_logprobs"]).abs() * mask
+    grouped, whole = rewards.view(-1, n), valid.view(-1, n).all(dim=1)
+    equal_groups = ((grouped == grouped[:, :1]).all(dim=1) & whole).float().sum()
+    sums = torch.stack([(rewards * counted).sum(), (rewards.square() * counted).sum(),
+                        counted.sum(), (lengths * counted).sum(), diff.sum(), mask.sum(),
+                        (~valid).float().sum() / n, equal_groups]).double()
+    all_reduce(sums)
+    top = diff.max().reshape(1)
+    all_reduce(top, torch.distributed.ReduceOp.MAX)
+    count = sums[2].clamp(min=1)
+    mean = sums[0] / count
+    return {"reward mean": mean.item(),
+            "reward std": (sums[1] / count - mean.square()).clamp(min=0).sqrt().item(),
+            "response length": (sums[3] / count).item(),
+            "logprob diff mean": (sums[4] / sums[5].clamp(min=1)).item(),
+            "logprob diff max": top.item(),
+            "skipped groups": int(sums[6].item()),
+            "equal-reward groups": int(sums[7].item())}
