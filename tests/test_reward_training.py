@@ -136,7 +136,8 @@ def _learn_export_and_score(root: str) -> dict:
     from megatron_patch import checkpoint
     from megatron_patch.convert.hf_megatron import megatron_to_hf
     from megatron_patch.data.preference import build_preference_dataset
-    from megatron_patch.rlhf.reward import pair_batch, score
+    from megatron_patch.rlhf.pairs import pair_tensors
+    from megatron_patch.rlhf.reward import score
     from megatron_patch.training.loop import Trainer
 
     save = os.path.join(root, "rm")
@@ -146,7 +147,7 @@ def _learn_export_and_score(root: str) -> dict:
     assert summary.truncated == 0  # every sequence keeps its closing EOS
     items = [held_out[i] for i in range(len(held_out))]
     batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-    tokens, lengths = pair_batch(batch)
+    tokens, lengths = pair_tensors(batch, "tokens"), pair_tensors(batch, "length")
     pairs = len(items)
 
     def scores():

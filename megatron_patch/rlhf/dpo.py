@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from megatron_patch.training.modes import LossOutput, RecordsMode
+from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
+from megatron_patch.training.modes import LossOutput
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -101,14 +102,7 @@ METRIC_NAMES = ("dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accur
                 "rewards/margins", "logps/chosen", "logps/rejected")
 
 
-def pair_tokens(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward's tokens [2n, s] (the n chosen sequences, then the n rejected) and their
-    loss masks, from a micro-batch of preference items (data/preference.py)."""
-    return (torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]]),
-            torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]))
-
-
-class DPOMode(RecordsMode):
+class DPOMode(PreferencePairsMode):
     """DPO on preference pairs: the policy is the trained model; the reference is a frozen copy
     of the starting weights, whose log-probabilities of each global batch are computed by a
     forward-only schedule before the policy's step (see rlhf/README.md for why).
@@ -120,7 +114,6 @@ class DPOMode(RecordsMode):
     name = "dpo"
     loss_name = "dpo loss"
     metric_names = METRIC_NAMES
-    sequences_per_sample = 2  # chosen and rejected go through the model together
 
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
@@ -150,17 +143,6 @@ class DPOMode(RecordsMode):
                              "[0, 0.5) (the probability that a preference label is flipped)")
         if args.dpo_label_smoothing and args.dpo_loss != "sigmoid":
             raise ValueError("--dpo-label-smoothing applies to --dpo-loss sigmoid only")
-
-    def build_dataset(self, path: str) -> Any:
-        from megatron_patch import parallel
-        from megatron_patch.data.preference import build_preference_dataset
-
-        a = self.trainer.args
-        dataset, summary = build_preference_dataset(
-            path, self.trainer.tokenizer(), a.seq_length, skip_long=a.skip_long_samples,
-            skip_bad=a.skip_bad_lines, seed=a.seed)
-        parallel.print_rank0(summary.line(path))
-        return dataset
 
     # ---- reference ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -206,7 +188,8 @@ class DPOMode(RecordsMode):
             output = self.forward(model, batch)
 
             def logps(output: torch.Tensor):
-                values = sequence_logps(output, *pair_tokens(batch), self.trainer.vocab_size)
+                values = sequence_logps(output, pair_tensors(batch, "tokens"),
+                                        pair_tensors(batch, "loss_mask"), self.trainer.vocab_size)
                 return values.sum() * 0, torch.tensor(1, dtype=torch.int), {"logps": values}
 
             return output, logps
@@ -217,14 +200,9 @@ class DPOMode(RecordsMode):
         self._reference_logps = deque(out["logps"] for out in outputs)
 
     # ---- policy -------------------------------------------------------------------------
-    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens, _ = pair_tokens(batch)
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return model(tokens, positions, None)
-
     def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
         a = self.trainer.args
-        tokens, loss_mask = pair_tokens(batch)
+        tokens, loss_mask = pair_tensors(batch, "tokens"), pair_tensors(batch, "loss_mask")
         policy_chosen, policy_rejected = sequence_logps(
             output, tokens, loss_mask, self.trainer.vocab_size).chunk(2)
         reference_chosen, reference_rejected = self._reference_logps.popleft().chunk(2)

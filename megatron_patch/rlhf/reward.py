@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from megatron_patch import parallel
 from megatron_patch.checkpoint import CheckpointMeta
 from megatron_patch.models.score_head import check_kind, is_reward_config, reward_hf_config
-from megatron_patch.training.modes import RecordsMode
+from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
 
 LOSS_NAME = "rm loss"
 
@@ -138,15 +137,7 @@ def load_reward_model(ckpt_dir: str, *, flag: str = "--reward-model",
     return model, pad_token_id(hf_config)
 
 
-def pair_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward's tokens [2n, s] (the n chosen sequences, then the n rejected) and their
-    lengths [2n], from a micro-batch of preference items (data/preference.py)."""
-    tokens = torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]])
-    lengths = torch.cat([batch["chosen_length"], batch["rejected_length"]])
-    return tokens, lengths
-
-
-class RewardMode(RecordsMode):
+class RewardMode(PreferencePairsMode):
     """`--train-mode rm`: a reward model trained on preference pairs (data/preference.py) with
     the Bradley-Terry loss. From a language model (--load of an SFT or converted checkpoint)
     the model becomes its *ForSequenceClassification: the LM head is dropped and a score head
@@ -155,7 +146,6 @@ class RewardMode(RecordsMode):
     name = "rm"
     loss_name = LOSS_NAME
     metric_names = (LOSS_NAME, "accuracy", "margin")
-    sequences_per_sample = 2  # chosen and rejected, one forward
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -183,24 +173,9 @@ class RewardMode(RecordsMode):
     def unloaded_weights(self) -> tuple[str, ...]:
         return ("output_layer.",) if self.new_head else ()
 
-    def build_dataset(self, path: str) -> Any:
-        from megatron_patch.data.preference import build_preference_dataset
-
-        a = self.trainer.args
-        dataset, summary = build_preference_dataset(
-            path, self.trainer.tokenizer(), a.seq_length, skip_long=a.skip_long_samples,
-            skip_bad=a.skip_bad_lines, seed=a.seed)
-        parallel.print_rank0(summary.line(path))
-        return dataset
-
-    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens, _ = pair_batch(batch)
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return model(tokens, positions, None)
-
     def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        tokens, lengths = pair_batch(batch)
+        tokens, lengths = pair_tensors(batch, "tokens"), pair_tensors(batch, "length")
         scores = pooled_scores(output, score_positions(tokens, self.pad_token_id, lengths))
         pairs = batch["chosen_tokens"].shape[0]
         return bradley_terry(scores[:pairs], scores[pairs:], batch["margin"])
