@@ -138,6 +138,22 @@ def test_launchers_delegate_to_the_common_launcher(family, fake_python, tmp_path
         assert r.stdout == f"ARGS=-m megatron_patch.launch {command} dsw  {ROOT} 7B 1\n", r
 
 
+def test_every_family_with_sft_launchers_has_rm_and_dpo_launchers(fake_python, tmp_path):
+    """rlhf/run_{rm,dpo}_megatron.sh per family, beside each family's SFT launcher."""
+    import glob
+
+    finetune = sorted(glob.glob(os.path.join(ROOT, "examples", "*",
+                                             "run_finetune_megatron_*.sh")))
+    assert len(finetune) >= 18, finetune
+    for path in finetune:
+        for mode in ("rm", "dpo"):
+            script = path.replace("run_finetune_", f"run_{mode}_")
+            assert os.path.isfile(script), f"{script} is missing"
+            r = _run(script, ["dsw", "", ROOT, "7B", "1"], fake_python, str(tmp_path))
+            assert r.returncode == 0, r
+            assert r.stdout == f"ARGS=-m megatron_patch.launch {mode} dsw  {ROOT} 7B 1\n", r
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_convertor_delegates_to_the_common_convertor(family, fake_python, tmp_path):
     script = os.path.join(ROOT, "toolkits", "model_checkpoints_convertor", family,
