@@ -10,28 +10,31 @@ and only then does the tracker file move: a save killed half-way leaves the prev
 loadable and pointed to. Such staging directories carry a marker file (STAGING_MARKER): one
 without it is somebody else's and is never deleted.
 
-A checkpoint's pickles are read only after `verify_pickles` has read each one with a restricted
-unpickler: PyTorch DCP and Megatron-Core unpickle `.metadata` and the records of non-tensor
-objects (RNG states) with plain pickle, which runs whatever code a crafted file names.
+A checkpoint's pickles are read only after `verify_pickles` (checkpoint_pickles.py) has read each
+one with a restricted unpickler: PyTorch DCP and Megatron-Core unpickle `.metadata` and the
+records of non-tensor objects (RNG states) with plain pickle, which runs whatever code a crafted
+file names.
 """
 
 from __future__ import annotations
 
-import enum
-import importlib
-import io
 import json
 import logging
 import os
-import pickle
-import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from megatron_patch.checkpoint_pickles import (  # noqa: F401 (the names callers import from here)
+    UnsafePickleError,
+    check_storage_files,
+    read_dcp_metadata,
+    refused_pickle,
+    verify_pickles,
+)
 from megatron_patch.errors import read_json
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -219,123 +222,6 @@ def existing_iteration_dir(root: str, iteration: int | str | None = None) -> str
     check_storage_files(path)
     verify_pickles(path)
     return path
-
-
-# What a torch_dist checkpoint's .metadata may name: PyTorch DCP's metadata records (the
-# dataclasses and enums of these modules: Megatron-Core's save also stores its save plans) and
-# the torch types their fields hold. Anything else (os.system, builtins.eval, ...) is refused.
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"), ("torch", "Size"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-}
-
-
-class UnsafePickleError(ValueError):
-    """A checkpoint file names a class or function outside what its format holds."""
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, path: str) -> None:
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_MODULES:
-            value = getattr(importlib.import_module(module), name, None)
-            if isinstance(value, type) and value.__module__ == module and (
-                    is_dataclass(value) or issubclass(value, enum.Enum)):
-                return value
-        elif (module, name) in _METADATA_GLOBALS:
-            return super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafePickleError(f"{self.path}: refusing to unpickle {module}.{name}: a "
-                                "torch_dist .metadata holds only PyTorch DCP metadata (a crafted "
-                                "file can run code when read)")
-
-
-def read_dcp_metadata(iteration_path: str) -> Any:
-    """PyTorch DCP's Metadata of a torch_dist checkpoint directory, read safely."""
-    path = os.path.join(iteration_path, ".metadata")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {iteration_path} is not a torch_dist "
-                                "checkpoint")
-    with open(path, "rb") as f:
-        try:
-            return _MetadataUnpickler(f, path).load()
-        except (EOFError, pickle.UnpicklingError) as e:
-            raise ValueError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from e
-
-
-def check_storage_files(iteration_path: str, metadata: Any = None) -> None:
-    """Refuse a torch_dist checkpoint directory whose .distcp files are missing or shorter than
-    its .metadata says (a truncated copy), naming the file."""
-    if metadata is None:
-        metadata = read_dcp_metadata(iteration_path)
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
-                                         info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        full = os.path.join(iteration_path, name)
-        if not os.path.isfile(full):
-            raise FileNotFoundError(f"{full}: missing (named by {iteration_path}/.metadata)")
-        held = os.path.getsize(full)
-        if held < size:
-            raise ValueError(f"{full}: truncated: {held} bytes, the checkpoint's .metadata "
-                             f"needs {size}")
-
-
-def _numpy_globals() -> list[Any]:
-    """What torch.load's weights-only unpickler needs for NumPy's RNG state (an array)."""
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # NumPy 1
-    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
-
-
-def refused_pickle(path: str, what: str, error: pickle.UnpicklingError) -> UnsafePickleError:
-    """The error for a file that torch.load(weights_only=True) refused, naming what it names."""
-    named = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return UnsafePickleError(f"{path}: refusing {what}: it names "
-                             f"{named.group(1) if named else 'something'} that torch.load's "
-                             "weights-only unpickler does not allow (a crafted file can run code "
-                             "when read)")
-
-
-def _weights_only_load(data: Any, path: str, what: str) -> None:
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            torch.load(data, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise refused_pickle(path, what, e) from None
-
-
-def verify_pickles(iteration_path: str) -> None:
-    """Read every pickle of a torch_dist checkpoint directory the way nothing can run code:
-    `.metadata` (DCP's, which DCP itself reads with plain pickle), `common.pt`, and each record
-    of a non-tensor object in the data files (DCP reads those with torch.load(weights_only=
-    False)). Refuses the directory, naming the file and what it names, otherwise. (Tensor
-    records are read by DCP with weights_only=True already.)"""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    metadata = read_dcp_metadata(iteration_path)
-    common = os.path.join(iteration_path, "common.pt")
-    if os.path.isfile(common):
-        _weights_only_load(common, common, "the common state")
-    byte_keys = {key for key, item in metadata.state_dict_metadata.items()
-                 if isinstance(item, BytesStorageMetadata)}
-    for index, info in (metadata.storage_data or {}).items():
-        if index.fqn not in byte_keys:
-            continue
-        path = os.path.join(iteration_path, info.relative_path)
-        with open(path, "rb") as f:
-            f.seek(info.offset)
-            record = f.read(info.length)
-        _weights_only_load(io.BytesIO(record), path, f"the record of {index.fqn}")
 
 
 def model_state(model) -> dict[str, Any]:
