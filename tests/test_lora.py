@@ -21,10 +21,10 @@ def _peft_adapter(hf_dir: str, out: str, targets: list[str], rslora: bool = Fals
     import transformers
 
     base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    torch.manual_seed(5)  # peft draws A when it adds the adapters: the same adapter every run
     model = peft.get_peft_model(base, peft.LoraConfig(
         r=RANK, lora_alpha=ALPHA, target_modules=targets, use_rslora=rslora,
         init_lora_weights=False, task_type="CAUSAL_LM"))
-    torch.manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:  # peft's init_lora_weights=False leaves B small
@@ -557,7 +557,9 @@ def test_peft_adapter_continues_training(llama_models, peft_qv, sft_data):
     plain = harness.run(_lora_sft, 1, model, sft_data, iters=2)[0]
     loaded = harness.run(_lora_sft, 2, model, sft_data, tp=2, iters=2, inspect=True,
                          extra=("--lora-load", adapter))[0]
-    assert abs(loaded["losses"][0] - plain["losses"][0]) > 1e-3, (loaded, plain)
+    # The adapter's effect on the first loss, against the base's (plain LoRA starts with B = 0):
+    # ten times the 1e-5 within which one model's loss agrees across layouts.
+    assert abs(loaded["losses"][0] - plain["losses"][0]) > 10 * harness.LOSS_ATOL, (loaded, plain)
     assert loaded["optimizer_names"] == sorted(
         f"decoder.layers.{i}.{m}.lora_{ab}" for i in range(4) for ab in "AB"
         for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1"))
