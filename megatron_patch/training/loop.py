@@ -43,6 +43,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         self.args = args
+        self._tokenizer = None
         metrics.check(args)
         if args.fp8_format is not None:
             raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
@@ -213,16 +214,18 @@ class Trainer:
     def tokenizer(self) -> Any:
         """The run's HF tokenizer (--tokenizer-model, else the checkpoint's), refused when it
         has ids past the model's vocabulary (they would index padding rows, whose logits the
-        loss masks out)."""
+        loss masks out). Read once: the training and validation data both tokenize with it."""
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.args.tokenizer_model or self.hf_source)
-        if len(tok) > self.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(tok)} tokens, the model {self.vocab_size}: grow the "
-                "model with `megatron-patch extend-vocab` (EXTRA_VOCAB_SIZE only adds "
-                "padding rows, which are not trained and not exported)")
-        return tok
+        if self._tokenizer is None:
+            tok = AutoTokenizer.from_pretrained(self.args.tokenizer_model or self.hf_source)
+            if len(tok) > self.vocab_size:
+                raise ValueError(
+                    f"the tokenizer has {len(tok)} tokens, the model {self.vocab_size}: grow "
+                    "the model with `megatron-patch extend-vocab` (EXTRA_VOCAB_SIZE only adds "
+                    "padding rows, which are not trained and not exported)")
+            self._tokenizer = tok
+        return self._tokenizer
 
     # ---- steps -------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
