@@ -1,13 +1,14 @@
 """GRPO on Megatron-Core with rollouts from the model itself (megatron_patch.rlhf): sampled
 log-probs equal the trainer's and transformers', one update is the same at TP=2 as at TP=1 and
-for any micro-batching, the policy learns a rule-based reward, resume is exact, and bad inputs
-are clear errors or counted skips."""
+for any micro-batching, the policy learns a rule-based reward and raises a trained reward
+model's score, resume is exact, and bad inputs are clear errors or counted skips."""
 
 import json
 import os
 
 import harness
 import pytest
+from rl_rewards import digits
 
 PROMPTS = ["Numbers:", "The quick brown", "A converted model", "def add(a, b):",
            "Megatron-Core trains", "Round trips from", "The lazy dog", "Below is"]
@@ -243,6 +244,69 @@ def test_learns_a_rule_based_reward_with_bounded_kl(llama_models, prompts, algor
     assert start < 0.1, rewards
     assert end >= LEARN_THRESHOLD, rewards
     assert max(abs(s["kl"]) for s in history) < KL_BOUND, [s["kl"] for s in history]
+
+
+# PPO against a part-1 reward model. The reward model is trained (--train-mode rm, 40 steps,
+# from the starting policy) on pairs where a list of numbers is preferred to a list of words
+# after the same prompt; its training margin (chosen minus rejected score) ends near 5. PPO with
+# LEARN_FLAGS["ppo"] on the same prompts, rendered as chat like the pairs, then raises that
+# model's mean score (mean of the last 3 steps against the first 3; it starts near -2.4) by at
+# least a quarter of the margin within 20 steps (on this seed: by 2.1, a margin of 5.2), while the
+# digit share of the completions (the preference the reward model learned, measured by
+# rl_rewards.digits) rises from under 0.1 to over 0.25 (0.34) and the KL to the reference stays
+# below RM_KL_BOUND (it reaches 2.0: the score is worth more than the rule-based reward, so the
+# policy moves further; left to run, it saturates near +2.3 by step 26 while the KL grows to 4).
+RM_STEPS, RM_KL_BOUND = 20, 2.5
+WORDS = "the fox dog model tensor pipeline answer sky code cat language is a of and".split()
+
+
+def _ppo_with_a_trained_reward_model(load: str, root: str) -> dict:
+    import random
+
+    from megatron_patch.rlhf.loop import RLTrainer
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.loop import Trainer
+
+    pairs, chat_prompts = os.path.join(root, "pairs.jsonl"), os.path.join(root, "prompts.jsonl")
+    rng = random.Random(0)
+    with open(pairs, "w") as f:
+        for _ in range(128):
+            n = rng.randint(2, 6)
+            f.write(json.dumps({
+                "prompt": rng.choice(PROMPTS),
+                "chosen": " ".join(str(rng.randint(0, 99)) for _ in range(n)),
+                "rejected": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
+    with open(chat_prompts, "w") as f:
+        f.write("".join(json.dumps({"prompt": t}) + "\n" for t in PROMPTS))
+    rm = os.path.join(root, "rm")
+    rm_history = Trainer(parse_args([
+        "--train-mode", "rm", "--load", load, "--train-data-path", pairs, "--seq-length", "96",
+        "--micro-batch-size", "8", "--global-batch-size", "8", "--train-iters", "40",
+        "--lr", "2e-3", "--min-lr", "1e-5", "--lr-warmup-iters", "1", "--eval-interval", "1000",
+        "--log-interval", "100", "--seed", "7", "--save", rm])).train()
+    trainer = RLTrainer(_args(load, chat_prompts, iters=RM_STEPS, reward="", extra=(
+        *LEARN_FLAGS["ppo"], "--seq-length", "96", "--reward-model", rm)))
+    tokenizer = trainer.tokenizer
+    history, digit_shares = [], []
+    for _ in range(RM_STEPS):
+        history.append(trainer.step())
+        texts = [tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+                 for r in trainer.last_rollouts]
+        digit_shares.append(sum(digits(None, "", t) for t in texts) / len(texts))
+    return {"margin": rm_history[-1]["margin"], "accuracy": rm_history[-1]["accuracy"],
+            "scores": [s["reward mean"] for s in history], "kl": [s["kl"] for s in history],
+            "digits": digit_shares}
+
+
+def test_ppo_raises_a_trained_reward_models_score(llama_models, tmp_path):
+    load = os.path.join(llama_models["llama2"], "mcore")
+    (out,) = harness.run(_ppo_with_a_trained_reward_model, 1, load, str(tmp_path))
+    assert out["accuracy"] == 1.0 and out["margin"] > 3, out  # the reward model learned
+    scores, shares = out["scores"], out["digits"]
+    rise = sum(scores[-3:]) / 3 - sum(scores[:3]) / 3
+    assert rise >= out["margin"] / 4, (rise, out)
+    assert sum(shares[:3]) / 3 < 0.1 and sum(shares[-3:]) / 3 > 0.25, out
+    assert max(abs(k) for k in out["kl"]) < RM_KL_BOUND, out
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
