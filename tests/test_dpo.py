@@ -164,7 +164,8 @@ def _dpo_run(model_root: str, train: str, valid: str, save: str | None, *, tp: i
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         history = trainer.train()
-    return {"history": history, "valid": trainer.evaluate_metrics(), "stdout": printed.getvalue()}
+    return {"history": history, "valid": trainer.evaluate_metrics(), "stdout": printed.getvalue(),
+            "reference copy": trainer.mode.reference is not None}
 
 
 def _transformers_metrics(model_root: str, save: str, valid: str) -> dict:
@@ -174,9 +175,13 @@ def _transformers_metrics(model_root: str, save: str, valid: str) -> dict:
     import transformers
 
     from megatron_patch.convert.hf_megatron import megatron_to_hf
+    from megatron_patch.lora import checkpoint as lora_checkpoint
 
     exported = save + "_hf"
-    megatron_to_hf(save, exported)
+    if lora_checkpoint.is_lora_checkpoint(save):  # the policy: base + adapters, merged
+        lora_checkpoint.export(save, exported, merge=True)
+    else:
+        megatron_to_hf(save, exported)
     tok = transformers.AutoTokenizer.from_pretrained(exported)
     with open(valid) as f:
         pairs = [json.loads(line) for line in f]
@@ -286,6 +291,27 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(runs):
     assert "a resumed run keeps it" in runs["ref_load_changed"], runs["ref_load_changed"]
     assert runs["ref_load_missing"].startswith("--ref-load ") and (
         "not a checkpoint" in runs["ref_load_missing"]), runs["ref_load_missing"]
+
+
+# LoRA (rank 4, alpha 8, all linears): the reference is the policy with its adapters off, so no
+# second model is built; its log-probs are still the base model's (transformers on the original
+# HF model is the reference in _transformers_metrics), and the policy's the merged export's.
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lora_dpo_uses_the_base_as_reference_without_a_copy(llama_models, tmp_path, tp):
+    train = _write(str(tmp_path / "train.jsonl"), PAIRS)
+    valid = _write(str(tmp_path / "valid.jsonl"), PAIRS[:4])
+    root, save = llama_models["llama2"], str(tmp_path / "lora")
+    flags = ("--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2",
+             *(("--sequence-parallel",) if tp > 1 else ()))
+    run = harness.run(_dpo_run, tp, root, train, valid, save, tp=tp, extra=flags)[0]
+    (hf,) = harness.run(_transformers_metrics, 1, root, save, valid)
+    assert not run["reference copy"], run["history"]
+    # B starts at zero: the adapted policy is the base, so the first loss is ln 2.
+    assert abs(run["history"][0]["dpo loss"] - math.log(2)) <= 1e-6, run["history"]
+    assert abs(hf["dpo loss"] - math.log(2)) > 1e-3, hf  # the adapters moved the policy
+    # fp32, as test_loss_and_logps_equal_transformers_on_the_exported_policy.
+    for name, value in hf.items():
+        assert abs(run["valid"][name] - value) <= 1e-5, (name, run["valid"][name], value)
 
 
 # ---- learning a preference -------------------------------------------------------------------

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.lora.layers import LoRAConfig, adapted, merge
+from megatron_patch.lora.layers import LoRAConfig, adapted, disabled, merge
 from megatron_patch.lora.targets import select, sites
 
-__all__ = ["LoRAConfig", "adapted", "apply", "merge", "select", "sites"]
+__all__ = ["LoRAConfig", "adapted", "apply", "disabled", "merge", "select", "sites"]
 
 
 def apply(model, hf_config: dict[str, Any], args, padded_vocab_size: int, config: LoRAConfig,

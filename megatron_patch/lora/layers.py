@@ -22,8 +22,10 @@ Tensor parallelism (Megatron's sharding of the base weight, applied to the adapt
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,9 +63,12 @@ class LoRALinear:
     lora_A: torch.nn.Parameter
     lora_B: torch.nn.Parameter
     lora_mask: torch.Tensor
+    lora_enabled = True  # `disabled` turns it off: the base linear alone
 
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
+        if not self.lora_enabled:
+            return output, bias
         return output + self.lora_delta(input_).to(output.dtype), bias
 
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +220,20 @@ def adopt(site: Site, parts: tuple[int, ...], config: LoRAConfig, seed: int) -> 
 def adapted(model) -> list[LoRALinear]:
     """The adapted linears of a model chunk (or of a wrapper of it), in module order."""
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def disabled(model) -> Iterator[None]:
+    """The base model for the duration, every adapter of `model` off (peft's
+    `disable_adapter`): a LoRA run's frozen base serves as a reference model without a copy."""
+    modules = adapted(model)
+    for module in modules:
+        module.lora_enabled = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.lora_enabled  # the class's default again
 
 
 def remove(module: LoRALinear) -> None:

@@ -12,6 +12,7 @@ Implicit rewards are beta (s_pi - s_ref) for chosen and for rejected.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from collections import deque
@@ -104,8 +105,9 @@ METRIC_NAMES = ("dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accur
 
 class DPOMode(PreferencePairsMode):
     """DPO on preference pairs: the policy is the trained model; the reference is a frozen copy
-    of the starting weights, whose log-probabilities of each global batch are computed by a
-    forward-only schedule before the policy's step (see rlhf/README.md for why).
+    of the starting weights (under LoRA: the policy with its adapters off), whose
+    log-probabilities of each global batch are computed by a forward-only schedule before the
+    policy's step (see rlhf/README.md for why).
 
     The reference is the checkpoint --ref-load (default: --load) at the iteration it held when
     the run started; checkpoints record it, so a resumed run keeps the same reference.
@@ -178,10 +180,26 @@ class DPOMode(PreferencePairsMode):
         log.info("DPO reference: %s (iteration %s)", source["load"], source["iteration"])
         return model
 
-    def before_schedule(self, dataset: Any, consumed: int, forward_only: bool) -> None:
-        """The reference log-probabilities of this global batch's micro-batches, in order."""
+    def shares_the_policy(self) -> bool:
+        """Under LoRA a reference that is the adapters' base is the policy with its adapters
+        off (peft's `disable_adapter`, as TRL does): no second copy of the model is held."""
+        lora, source = self.trainer.lora, self.reference_source
+        return (lora is not None and os.path.abspath(source["load"]) == lora.base
+                and str(source["iteration"]) == str(lora.base_iteration))
+
+    def _reference_model(self) -> tuple[torch.nn.Module, Any]:
+        """The model that computes the reference log-probabilities and the context it runs in."""
+        if self.shares_the_policy():
+            from megatron_patch import lora
+
+            return self.trainer.model, lora.disabled(self.trainer.model)
         if self.reference is None:
             self.reference = self._build_reference()
+        return self.reference, contextlib.nullcontext()
+
+    def before_schedule(self, dataset: Any, consumed: int, forward_only: bool) -> None:
+        """The reference log-probabilities of this global batch's micro-batches, in order."""
+        model, context = self._reference_model()
 
         def step(data_iterator, model):
             batch = next(data_iterator)
@@ -194,9 +212,12 @@ class DPOMode(PreferencePairsMode):
 
             return output, logps
 
-        with torch.no_grad():
+        was_training = model.training
+        model.eval()  # no dropout: the reference is the frozen model
+        with torch.no_grad(), context:
             outputs = self.trainer.run_schedule(dataset, consumed, True, forward_step=step,
-                                                model=self.reference)
+                                                model=model)
+        model.train(was_training)
         self._reference_logps = deque(out["logps"] for out in outputs)
 
     # ---- policy -------------------------------------------------------------------------
