@@ -144,6 +144,45 @@ def test_bradley_terry_loss_and_metrics_by_hand():
     assert metrics["margin"].tolist() == pytest.approx([1.0 + 0.0 - 3.0, 3])
 
 
+def _trl_reward_loss(chosen, rejected, margin, center: float | None) -> tuple[float, dict]:
+    """TRL's RewardTrainer.compute_loss on given scores: a stand-in model returns them as its
+    logits (chosen rows first, as TRL's collator stacks them)."""
+    import collections
+    import types
+
+    import torch
+    from trl import RewardTrainer
+
+    outputs = types.SimpleNamespace(logits=torch.cat([chosen, rejected])[:, None])
+    accelerator = types.SimpleNamespace(gather=lambda t: t, gather_for_metrics=lambda t: t)
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), accelerator=accelerator,
+        args=types.SimpleNamespace(center_rewards_coefficient=center),
+        _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"attention_mask": torch.ones(2 * chosen.numel(), 4), "margin": margin}
+    loss = RewardTrainer.compute_loss(trainer, lambda **kwargs: outputs, inputs)
+    return loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("center", [None, 0.01, 0.5])
+def test_bradley_terry_loss_and_metrics_equal_trl(center):
+    import torch
+
+    from megatron_patch.rlhf.reward import bradley_terry
+
+    gen = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(6, generator=gen) + 1.0, torch.randn(6, generator=gen)
+    margin = torch.rand(6, generator=gen)
+    loss_sum, pairs, metrics = bradley_terry(chosen, rejected, margin, center or 0.0)
+    theirs, their_metrics = _trl_reward_loss(chosen, rejected, margin, center)
+    # Both are fp32 sums of six terms.
+    assert abs(loss_sum.item() / pairs.item() - theirs) <= 1e-6, (loss_sum, theirs)
+    assert abs(metrics["rm loss"][0].item() / pairs.item() - theirs) <= 1e-6
+    for name in ("accuracy", "margin"):
+        ours = (metrics[name][0] / metrics[name][1]).item()
+        assert abs(ours - their_metrics[name]) <= 1e-6, (name, ours, their_metrics)
+
+
 def test_every_family_maps_its_score_head_or_is_refused_with_the_reason():
     """For each zoo family with a native transformers class: the reward family's rules produce
     exactly the tensors transformers' *ForSequenceClassification holds (LM head dropped, score

@@ -94,8 +94,11 @@ def _curve(*args, **kwargs) -> list[dict[str, float]]:
 
 
 def _single_rank_curves(root: str) -> dict[str, list]:
-    """In a worker: micro-batches 2 x 2 (the reference), 1 x 4 and 4 x 1."""
-    return {f"mbs{mbs}": _curve(root, mbs=mbs) for mbs in (2, 1, 4)}
+    """In a worker: micro-batches 2 x 2 (the reference), 1 x 4 and 4 x 1; and the reference
+    with TRL's centring term (--center-rewards-coefficient 1)."""
+    curves = {f"mbs{mbs}": _curve(root, mbs=mbs) for mbs in (2, 1, 4)}
+    curves["centred"] = _curve(root, extra=("--center-rewards-coefficient", "1"))
+    return curves
 
 
 def _four_rank_curves(root: str) -> dict[str, list]:
@@ -120,7 +123,12 @@ def test_rm_losses_and_metrics_agree_across_layouts_and_micro_batching(rm_run, r
     ref = reference["mbs2"]
     # The score head is new (random), so the first loss is near ln 2, not at it; it learns.
     assert 0.6 < ref[0]["loss"] < 0.8 and ref[-1]["loss"] < ref[0]["loss"], ref
-    curves = {name: c for name, c in reference.items() if name != "mbs2"}
+    # The centring term is added at equal weights on the first step (the unit tests check its
+    # value against TRL's); then it changes the path.
+    centred = reference["centred"]
+    assert centred[0]["loss"] > ref[0]["loss"] + 1e-4 and centred[0]["margin"] == ref[0][
+        "margin"], (centred, ref)
+    curves = {name: c for name, c in reference.items() if name not in ("mbs2", "centred")}
     for rank_curves in harness.run(_four_rank_curves, 4, rm_run):
         curves.update(rank_curves)
     for name, curve in curves.items():
@@ -228,6 +236,12 @@ def test_rm_checkpoint_refused_by_lm_modes_and_rm_flags_checked(rm_run, tmp_path
                      f"--load {rm}: a reward model (LlamaForSequenceClassification)"),
         "pack": (["--train-mode", "rm", "--load", rm, "--pack-sequences", *common],
                  "--pack-sequences: a reward model scores whole sequences"),
+        "center in sft": (["--train-mode", "finetune", "--load", rm, *common,
+                           "--center-rewards-coefficient", "0.01"],
+                          "--center-rewards-coefficient applies to --train-mode rm, not finetune"),
+        "negative center": (["--train-mode", "rm", "--load", rm, *common,
+                             "--center-rewards-coefficient", "-1"],
+                            "--center-rewards-coefficient -1.0: must be >= 0"),
     }
     for name, (argv, needle) in cases.items():
         ((rc, err),) = harness.run(_train_error, 1, argv)

@@ -12,7 +12,9 @@ length where one is given.
     rewards = score([model], tokens, pad_token_id, lengths)     # [b] on every rank
 
 Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - margin) per pair, with `margin` a
-per-pair offset (0 without one, TRL's `margin` column); reported with the accuracy (the share of
+per-pair offset (0 without one, TRL's `margin` column), plus with
+--center-rewards-coefficient c TRL's centring term c * (r_chosen + r_rejected)^2, which keeps
+the scores near zero mean; reported with the accuracy (the share of
 pairs with r_chosen > r_rejected; ties count as wrong) and the mean margin r_chosen - r_rejected.
 """
 
@@ -56,13 +58,17 @@ def pooled_scores(output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
 
 
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor,
-                  margin: torch.Tensor | None = None) -> tuple[
+                  margin: torch.Tensor | None = None, center_coefficient: float = 0.0) -> tuple[
                       torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of per-pair losses, number of pairs, metrics {name: [sum, count]}) for the
-    rewards [n] of n pairs; the caller divides the sums by the pairs of the whole batch."""
+    rewards [n] of n pairs; the caller divides the sums by the pairs of the whole batch.
+    `center_coefficient` c adds TRL's centring term c * (r_chosen + r_rejected)^2 per pair."""
     difference = chosen - rejected
     shifted = difference if margin is None else difference - margin.to(difference)
-    loss_sum = -torch.nn.functional.logsigmoid(shifted).sum()
+    losses = -torch.nn.functional.logsigmoid(shifted)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen + rejected) ** 2
+    loss_sum = losses.sum()
     pairs = torch.tensor(chosen.shape[0], device=chosen.device, dtype=torch.int)
     count = pairs.float()
     metrics = {
@@ -153,6 +159,9 @@ class RewardMode(PreferencePairsMode):
         if args.pack_sequences:
             raise ValueError("--pack-sequences: a reward model scores whole sequences, one per "
                              "row (pairs are padded, not packed)")
+        if (args.center_rewards_coefficient or 0) < 0:
+            raise ValueError(f"--center-rewards-coefficient {args.center_rewards_coefficient}: "
+                             "must be >= 0")
 
     def describe_model(self, hf_config: dict[str, Any], meta: CheckpointMeta) -> tuple[
             dict[str, Any], CheckpointMeta]:
@@ -178,4 +187,5 @@ class RewardMode(PreferencePairsMode):
         tokens, lengths = pair_tensors(batch, "tokens"), pair_tensors(batch, "length")
         scores = pooled_scores(output, score_positions(tokens, self.pad_token_id, lengths))
         pairs = batch["chosen_tokens"].shape[0]
-        return bradley_terry(scores[:pairs], scores[pairs:], batch["margin"])
+        return bradley_terry(scores[:pairs], scores[pairs:], batch["margin"],
+                             self.trainer.args.center_rewards_coefficient or 0.0)

@@ -113,6 +113,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed SFT records (counted) instead of failing")
 
+    g = p.add_argument_group("reward models (--train-mode rm; TRL's names)")
+    g.add_argument("--center-rewards-coefficient", type=float, default=None,
+                   help="add c * (r_chosen + r_rejected)^2 per pair to the loss, pulling the "
+                        "scores towards zero mean (TRL's RewardConfig; e.g. 0.01)")
+
     g = p.add_argument_group("direct preference optimisation (--train-mode dpo; TRL's names and "
                              "defaults)")
     g.add_argument("--dpo-beta", type=float, default=0.1,
@@ -205,6 +210,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--bf16 and --fp16 are exclusive")
     if args.seq_length is None:
         raise ValueError("--seq-length is required")
+    if args.center_rewards_coefficient is not None and args.train_mode != "rm":
+        raise ValueError(f"--center-rewards-coefficient applies to --train-mode rm, not "
+                         f"{args.train_mode}")
     mode_class(args.train_mode).check_args(args)
     lora_training.validate(args)
     return args
