@@ -268,21 +268,28 @@ def test_lora_checkpoint_saved_at_tp2_exports_as_the_peft_adapter(llama_models, 
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     worst = max((merged[k] - ref["merged"][k]).abs().max().item() for k in ref["merged"])
     assert sorted(merged) == sorted(ref["merged"]) and worst <= 1e-6, worst
-    # Loading it as a full model (generation, verify, the API) is refused with what to do.
-    (error,) = harness.run(_load_error, 1, save)
-    assert "is a LoRA checkpoint (adapters only" in error and "--merge-lora" in error, error
+    # Loaded as a full model (generation, verify, the API): the base with the adapters merged,
+    # at TP=1 and TP=2; peft's logits (fp32 tolerance).
+    for tp in (1, 2):
+        out = harness.run(_loaded_logits, tp, llama_models["llama2"], save, tp)[0]
+        assert out["adapted"] == 0, out
+        worst = abs(out["logits"] - ref["logits"].numpy()).max()
+        assert worst <= harness.LOGITS_ATOL, (tp, worst)
 
 
-def _load_error(root: str) -> str:
-    from megatron_patch import parallel
+def _loaded_logits(model_root: str, root: str, tp: int) -> dict:
+    import torch
+
+    from megatron_patch import lora, parallel
+    from megatron_patch.forward import forward_logits
     from megatron_patch.models import from_checkpoint
 
-    parallel.initialize(1, 1)
-    try:
-        from_checkpoint(root)
-    except ValueError as e:
-        return str(e)
-    return "loaded"
+    parallel.initialize(tp, 1)
+    model, meta = from_checkpoint(root)
+    model.eval()
+    tokens = torch.load(os.path.join(model_root, "reference.pt"))["tokens"]
+    out = forward_logits([model], tokens, meta.vocab_size)
+    return {"logits": out["logits"].numpy(), "adapted": len(lora.adapted(model))}
 
 
 # MoE cases adapt attention only in the peft check: transformers 5 holds experts as fused 3-D

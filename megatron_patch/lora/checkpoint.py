@@ -85,21 +85,42 @@ def load_adapter(root: str, model, iteration: int | str | None = None) -> None:
             target.copy_(loaded[key])
 
 
+def load_adapted(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_size: int,
+                 iteration: int | str | None = None) -> LoRAConfig:
+    """Into a built model chunk (any layout): the LoRA checkpoint's base weights, then its
+    adapters. Returns the adapters' settings."""
+    from megatron_patch import lora
+    from megatron_patch.models import family_for
+
+    config, base, base_iteration = read_reference(ckpt_dir)
+    checkpoint.load_model(base, model, base_iteration)
+    args = family_for(hf_config).model_args(hf_config)
+    lora.apply(model, hf_config, args, padded_vocab_size, config)
+    load_adapter(ckpt_dir, model, iteration)
+    return config
+
+
+def load_merged(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_size: int,
+                iteration: int | str | None = None) -> None:
+    """`load_adapted`, then every adapter merged into its weight: the plain model that
+    generation, verification and the Python API use."""
+    from megatron_patch import lora
+
+    load_adapted(ckpt_dir, model, hf_config, padded_vocab_size, iteration)
+    lora.merge(model)
+
+
 def build_adapted(ckpt_dir: str, iteration: int | str | None = None):
     """The single-process (TP=1) model of a LoRA checkpoint: its base loaded, adapted, and the
     adapter loaded. Returns (model, LoRAConfig, base path, hf_config, meta)."""
-    from megatron_patch import lora
     from megatron_patch.convert.hf_megatron import _single_process_model
-    from megatron_patch.models import family_for, load_hf_config
+    from megatron_patch.models import load_hf_config
 
-    config, base, base_iteration = read_reference(ckpt_dir)
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     model = _single_process_model(hf_config, meta.torch_dtype, meta.padded_vocab_size)
-    checkpoint.load_model(base, model, base_iteration)
-    args = family_for(hf_config).model_args(hf_config)
-    lora.apply(model, hf_config, args, meta.padded_vocab_size, config)
-    load_adapter(ckpt_dir, model, iteration)
+    config = load_adapted(ckpt_dir, model, hf_config, meta.padded_vocab_size, iteration)
+    _, base, _ = read_reference(ckpt_dir)
     return model, config, base, hf_config, meta
 
 

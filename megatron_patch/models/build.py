@@ -351,15 +351,23 @@ def build_stages(hf_config: dict[str, Any], padded_vocab_size: int, *,
 def from_checkpoint(ckpt_dir: str, *, sequence_parallel: bool = False,
                     params_dtype: torch.dtype | None = None, **config_overrides: Any):
     """Build this rank's model for the current parallel layout and load a converted checkpoint.
+    A LoRA training checkpoint loads as its base with the adapters merged into the weights.
 
     Returns (model, meta) where meta is the checkpoint's CheckpointMeta.
     """
     from megatron_patch import checkpoint
+    from megatron_patch.lora import checkpoint as lora_checkpoint
 
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
+    lora = lora_checkpoint.is_lora_checkpoint(ckpt_dir)
+    if lora:  # the adapters attach to the local linears (TE fuses the norm in front of them)
+        config_overrides["transformer_impl"] = "local"
     (model,) = build_stages(hf_config, meta.padded_vocab_size,
                             params_dtype=params_dtype or meta.torch_dtype,
                             sequence_parallel=sequence_parallel, **config_overrides).chunks
-    checkpoint.load_model(ckpt_dir, model)
+    if lora:
+        lora_checkpoint.load_merged(ckpt_dir, model, hf_config, meta.padded_vocab_size)
+    else:
+        checkpoint.load_model(ckpt_dir, model)
     return model, meta
