@@ -331,6 +331,66 @@ def test_resume_after_a_stop_continues_with_the_same_rollouts_and_losses(llama_m
         assert straight[-1]["kl coef"] != straight[0]["kl coef"]
 
 
+LORA = ("--lora-rank", "4", "--lora-alpha", "8")
+LORA_KEYS = ["rollout digest", "reward mean", "policy loss", "kl", "grad_norm", "entropy"]
+
+
+def _lora_runs(load: str, prompts: str, root: str) -> dict:
+    """GRPO with LoRA: 3 steps with the reference shared (the policy with its adapters off),
+    against 3 steps with a full reference copy (--ref-load names the same base through a link,
+    so it is another checkpoint to the run); a run stopped after 2 and resumed; the adapter
+    exported; one PPO step with a LoRA actor."""
+    import torch
+
+    from megatron_patch import lora
+    from megatron_patch.lora import checkpoint as lora_checkpoint
+    from megatron_patch.rlhf.loop import RLTrainer
+
+    def run(*extra, iters=3, source=load):
+        trainer = RLTrainer(_args(source, prompts, iters=iters, extra=(*LORA, *extra)))
+        return trainer, [{k: s[k] for k in LORA_KEYS} for s in trainer.train()]
+
+    link = os.path.join(root, "base_link")
+    os.symlink(load, link)
+    shared, shared_history = run()
+    copied, copied_history = run("--ref-load", link)
+    save = os.path.join(root, "run")
+    _, first = run("--save", save, "--save-interval", "1", "--exit-interval", "2")
+    _, second = run("--save", save, source=save)
+    adapter = os.path.join(root, "adapter")
+    files = lora_checkpoint.export(save, adapter)
+    ppo, ppo_history = run("--algorithm", "ppo", iters=1)
+    return {"shared": shared_history, "copied": copied_history, "resumed": first + second,
+            "shared holds a copy": shared.reference is not None,
+            "copy holds a copy": copied.reference is not None,
+            "adapted": len(lora.adapted(shared.policy)),
+            "frozen base": not any(p.requires_grad for n, p in shared.policy.named_parameters()
+                                   if "lora_" not in n),
+            "exported": sorted(files), "resume is lora": lora_checkpoint.is_lora_checkpoint(save),
+            "ppo finite": all(torch.isfinite(torch.tensor(v)) for v in ppo_history[0].values()
+                              if isinstance(v, float)),
+            "critic adapted": len(lora.adapted(ppo.critic.module)),
+            "critic trains": all(p.requires_grad for p in ppo.critic.module.parameters())}
+
+
+def test_lora_rl_uses_the_base_as_reference_resumes_and_exports(llama_models, prompts,
+                                                                tmp_path):
+    load = os.path.join(llama_models["llama2"], "mcore")
+    (out,) = harness.run(_lora_runs, 1, load, prompts, str(tmp_path))
+    assert not out["shared holds a copy"] and out["copy holds a copy"], out
+    assert out["adapted"] > 0 and out["frozen base"], out
+    # The adapters moved the policy from the base, so the KL is not zero after the first step,
+    # and the shared reference gives what the copy gives, bit for bit (the base linears' own
+    # forward, the adapters skipped).
+    assert out["shared"][-1]["kl"] > 0, out["shared"]
+    assert out["shared"] == out["copied"], (out["shared"], out["copied"])
+    assert out["resumed"] == out["shared"], (out["resumed"], out["shared"])
+    assert out["resume is lora"] and out["exported"] == ["adapter_config.json",
+                                                          "adapter_model.safetensors"], out
+    # PPO: the actor has the adapters, the critic (a new score head) is trained whole.
+    assert out["ppo finite"] and out["critic adapted"] == 0 and out["critic trains"], out
+
+
 def _errors(load: str, prompts: str, long_prompts: str) -> dict:
     """The error (or the skip counts) of each bad input."""
     import torch

@@ -83,6 +83,12 @@ class TrainingAdapters:
     base_iteration: int | str
     resumed: bool  # --load is a LoRA checkpoint: its adapters (and state) load from it
 
+    def adapts(self, load: str, iteration: int | str) -> bool:
+        """Whether checkpoint `load` at `iteration` is the base: a frozen reference model that
+        is the base is the trained model with its adapters off (`lora.disabled`), no copy."""
+        return (os.path.abspath(load) == self.base
+                and str(iteration) == str(self.base_iteration))
+
     def write_reference(self, root: str) -> None:
         lora_checkpoint.write_reference(root, self.config, self.base, self.base_iteration)
 

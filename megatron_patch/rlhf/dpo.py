@@ -183,9 +183,8 @@ class DPOMode(PreferencePairsMode):
     def shares_the_policy(self) -> bool:
         """Under LoRA a reference that is the adapters' base is the policy with its adapters
         off (peft's `disable_adapter`, as TRL does): no second copy of the model is held."""
-        lora, source = self.trainer.lora, self.reference_source
-        return (lora is not None and os.path.abspath(source["load"]) == lora.base
-                and str(source["iteration"]) == str(lora.base_iteration))
+        lora = self.trainer.lora
+        return lora is not None and lora.adapts(**self.reference_source)
 
     def _reference_model(self) -> tuple[torch.nn.Module, Any]:
         """The model that computes the reference log-probabilities and the context it runs in."""

@@ -132,7 +132,11 @@ class RLTrainer:
         if a.rollout_batch_size % t.dp:
             raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} is not a multiple of "
                              f"the data-parallel size {t.dp}")
-        self.reference = self._build_reference() if a.kl_coef > 0 else None
+        # Under LoRA a reference that is the adapters' base is the policy with its adapters off.
+        self.reference_is_base = (a.kl_coef > 0 and t.lora is not None
+                                  and t.lora.adapts(**self.reference_source))
+        self.reference = (self._build_reference()
+                          if a.kl_coef > 0 and not self.reference_is_base else None)
         self.critic = None
         if self.ppo:
             from megatron_patch.rlhf import ppo
@@ -150,9 +154,11 @@ class RLTrainer:
             f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from {a.prompt_data_path} "
             f"({self.prompts.skipped_long} skipped as too long); {a.rollout_batch_size} prompts "
             f"x {self.n} samples per step, {self.updates_per_step} optimizer step(s) per step; "
-            "reference model: " + ("none (--kl-coef 0)" if self.reference is None else
+            "reference model: " + ("none (--kl-coef 0)" if not self.has_reference else
                                    f"{self.reference_source['load']} (iteration "
-                                   f"{self.reference_source['iteration']})"))
+                                   f"{self.reference_source['iteration']})"
+                                   + (", the policy with its LoRA adapters off"
+                                      if self.reference_is_base else "")))
 
     def _read_prompts(self) -> None:
         from transformers import AutoTokenizer
@@ -207,6 +213,18 @@ class RLTrainer:
         return module
 
     @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self.reference_is_base
+
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.reference_is_base:
+            from megatron_patch import lora
+
+            with lora.disabled(self.policy):
+                return self.forward_logprobs(self.policy, batch)
+        return self.forward_logprobs(self.reference, batch)
+
+    @property
     def policy(self) -> torch.nn.Module:
         return self.trainer.model.module
 
@@ -249,8 +267,8 @@ class RLTrainer:
         a = self.args
         batch["loss_mask"] = batch["loss_mask"] * valid[:, None].float()
         batch["old_logprobs"] = self.forward_logprobs(self.policy, batch)
-        if self.reference is not None:
-            batch["ref_logprobs"] = self.forward_logprobs(self.reference, batch)
+        if self.has_reference:
+            batch["ref_logprobs"] = self.reference_logprobs(batch)
         if self.ppo:
             self._ppo_advantages(batch, rewards)
         else:
@@ -268,7 +286,7 @@ class RLTrainer:
         a, mask = self.args, batch["loss_mask"]
         values = ppo.values(self.critic.module, batch, a.micro_batch_size) * mask
         kl = (adv.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], a.kl_estimator)
-              if self.reference is not None else torch.zeros_like(mask))
+              if self.has_reference else torch.zeros_like(mask))
         token_rewards = adv.token_rewards(rewards, kl, mask, self.kl_controller.value)
         advantages, returns = adv.gae(token_rewards, values, mask, a.gamma, a.lam)
         group = parallel_state.get_data_parallel_group() if self.trainer.dp > 1 else None
@@ -289,7 +307,7 @@ class RLTrainer:
         values = {"policy loss": loss, "clip fraction": clipped.float(), "ratio": ratio,
                   "entropy": rollout.token_entropy(output, t.vocab_size, a.temperature),
                   "kl": torch.zeros_like(loss)}
-        if self.reference is not None:
+        if self.has_reference:
             kl = adv.kl_estimate(logp, batch["ref_logprobs"], a.kl_estimator)
             if not self.ppo:  # PPO has the KL in its rewards
                 loss = loss + self.kl_controller.value * kl

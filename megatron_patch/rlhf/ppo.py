@@ -64,6 +64,10 @@ def critic_args(args: argparse.Namespace, trainer_args: argparse.Namespace, resu
     c.save = os.path.join(args.save, CRITIC_DIR) if args.save else None
     c.lr = args.critic_lr if args.critic_lr is not None else args.lr
     c.tensorboard_dir = None  # the actor's writer logs the critic's scalars
+    # A LoRA actor's critic is trained whole: its new score head must learn, and a LoRA
+    # checkpoint keeps the adapters only.
+    c.lora_rank = c.lora_load = c.lora_alpha = None
+    c.lora_dropout, c.lora_use_rslora = 0.0, False
     c.wandb_project = ""
     return c
 
