@@ -89,19 +89,9 @@ class RLTrainer:
     a second Trainer)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from megatron_patch.training.loop import Trainer
-
         self.args = a = args
         self.ppo = a.algorithm == "ppo"
-        # Before any work: the function imports, the reward model is one.
-        self.reward_function = (load_reward_function(a.reward_function) if a.reward_function
-                                else None)
-        if a.reward_model:
-            from megatron_patch.models import load_hf_config
-            from megatron_patch.models.score_head import check_kind
-
-            check_kind(load_hf_config(os.path.join(a.reward_model, checkpoint.HF_DIR)),
-                       reward=True, source=a.reward_model, flag="--reward-model")
+        self._check_rewards()  # before any work: the function imports, the RM is one
         resumed = is_rl_checkpoint(a.load)
         if resumed not in (None, a.algorithm) and not a.finetune:
             raise ValueError(f"--algorithm {a.algorithm}: {a.load} is a {resumed} run; resume it "
@@ -124,8 +114,39 @@ class RLTrainer:
         self.consumed_prompts = 0
         self.reference_source = {"load": os.path.abspath(a.ref_load or a.load),
                                  "iteration": checkpoint.latest_iteration(a.ref_load or a.load)}
+        self._build_models(gbs, resumed)
+        self.rewards = Rewards(a, self.trainer, self.prompts, self.tokenizer, self.n,
+                               self.reward_function)
+        self.last_rollouts: list[rollout.Rollout] = []
+        parallel.print_last_rank(
+            f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from {a.prompt_data_path} "
+            f"({self.prompts.skipped_long} skipped as too long); {a.rollout_batch_size} prompts "
+            f"x {self.n} samples per step, {self.updates_per_step} optimizer step(s) per step; "
+            "reference model: " + ("none (--kl-coef 0)" if not self.has_reference else
+                                   f"{self.reference_source['load']} (iteration "
+                                   f"{self.reference_source['iteration']})"
+                                   + (", the policy with its LoRA adapters off"
+                                      if self.reference_is_base else "")))
+
+    def _check_rewards(self) -> None:
+        a = self.args
+        self.reward_function = (load_reward_function(a.reward_function) if a.reward_function
+                                else None)
+        if a.reward_model:
+            from megatron_patch.models import load_hf_config
+            from megatron_patch.models.score_head import check_kind
+
+            check_kind(load_hf_config(os.path.join(a.reward_model, checkpoint.HF_DIR)),
+                       reward=True, source=a.reward_model, flag="--reward-model")
+
+    def _build_models(self, global_batch_size: int, resumed: str | None) -> None:
+        """The actor's Trainer (its model, optimizer, checkpoints; resumed state loaded), the
+        frozen reference, and PPO's critic Trainer."""
+        from megatron_patch.training.loop import Trainer
+
+        a = self.args
         trainer_args = copy.copy(a)
-        trainer_args.global_batch_size = gbs
+        trainer_args.global_batch_size = global_batch_size
         trainer_args.train_mode = a.algorithm  # recorded in checkpoints
         trainer_args.finetune = a.finetune or resumed is None  # a starting policy: weights only
         self.trainer = t = Trainer(trainer_args, mode=lambda trainer: PolicyMode(trainer, self))
@@ -140,25 +161,12 @@ class RLTrainer:
         self.critic = None
         if self.ppo:
             from megatron_patch.rlhf import ppo
-            from megatron_patch.training.loop import Trainer as CriticTrainer
 
             # A second Trainer: the same process groups (parallel.initialize sets up the same
             # layout again), its own model, optimizer, schedule and checkpoints.
-            self.critic = CriticTrainer(
+            self.critic = Trainer(
                 ppo.critic_args(a, trainer_args, resumed is not None),
                 mode=lambda trainer: ppo.CriticMode(trainer, t.train_iters, a.value_clip_eps))
-        self.rewards = Rewards(a, t, self.prompts, self.tokenizer, self.n,
-                               self.reward_function)
-        self.last_rollouts: list[rollout.Rollout] = []
-        parallel.print_last_rank(
-            f"RL ({a.algorithm}): {len(self.prompts.ids)} prompts from {a.prompt_data_path} "
-            f"({self.prompts.skipped_long} skipped as too long); {a.rollout_batch_size} prompts "
-            f"x {self.n} samples per step, {self.updates_per_step} optimizer step(s) per step; "
-            "reference model: " + ("none (--kl-coef 0)" if not self.has_reference else
-                                   f"{self.reference_source['load']} (iteration "
-                                   f"{self.reference_source['iteration']})"
-                                   + (", the policy with its LoRA adapters off"
-                                      if self.reference_is_base else "")))
 
     def _read_prompts(self) -> None:
         from transformers import AutoTokenizer
