@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,3 +92,39 @@ def forward_logits(model: list[torch.nn.Module], tokens: torch.Tensor, vocab_siz
         return None
     (out,) = results
     return {"logits": out["logits"], "loss": (out["loss_sum"] / out["tokens"]).item()}
+
+
+def pipelined(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+              mask: torch.Tensor | None, on_last: Callable[[torch.Tensor], torch.Tensor],
+              result_like: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """`on_last(model(tokens, positions, mask, **kwargs))` on every pipeline stage, for one
+    model chunk per stage (no virtual stages), forward only and without a schedule (generation
+    steps through its KV cache one call at a time, which a schedule cannot): each stage runs
+    its layers on the previous stage's hidden states and sends its own on; the last stage
+    applies `on_last` to the logits, and its result (shaped and typed like `result_like`)
+    is broadcast to every stage, so all of them continue with the same numbers."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return on_last(model(tokens, positions, mask, **kwargs))
+    config = get_attr_wrapped_model(model, "config")
+    if config.sequence_parallel:
+        raise ValueError("a pipelined forward without a schedule needs --sequence-parallel off")
+    if not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        # Sequence-first hidden states, as megatron's stages pass them.
+        hidden = torch.empty((tokens.shape[1], tokens.shape[0], config.hidden_size),
+                             dtype=config.pipeline_dtype or config.params_dtype,
+                             device=tokens.device)
+        torch.distributed.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        get_attr_wrapped_model(model, "set_input_tensor")(hidden)
+    output = model(tokens, positions, mask, **kwargs)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        result = on_last(output).contiguous()
+    else:
+        torch.distributed.send(output.contiguous(),
+                               dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        result = torch.empty_like(result_like)
+    torch.distributed.broadcast(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return result

@@ -4,7 +4,9 @@ Prompts of different lengths are left-padded into one batch; padded key position
 RoPE and ALiBi make attention depend only on relative positions, and learned position
 embeddings are read at positions counted from each row's first real token, so a left-padded
 prompt computes what it computes alone. Runs at any TP (every TP rank draws the same token: the
-logits are gathered and the generators are seeded alike); pipeline parallelism is refused.
+logits are gathered and the generators are seeded alike) and PP (stages pass hidden states
+along for each step, and the last stage's tokens are broadcast to the others:
+`forward.pipelined`); virtual pipeline stages are refused.
 
 A prompt's completion does not depend on the other prompts in its batch: the repetition penalty
 counts only the prompt and the tokens generated so far (never the left padding, which is EOS for
@@ -16,6 +18,7 @@ prompt file), not its place in the batch. Prompt i samples as transformers' `gen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_patch.errors import nonnegative_int, positive_int
+from megatron_patch.forward import pipelined
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,18 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     steps = 0
+
+    def choose(logits: torch.Tensor, length: int, done: torch.Tensor) -> torch.Tensor:
+        """[b, 2] float64 (exact for token ids and fp32 log-probs): each row's next token and
+        its log-probability, computed on the last pipeline stage."""
+        full = logits[:, -1, :vocab_size]
+        chosen = next_tokens(full, seen[:, :length], params, generators)
+        chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
+        logprob = (policy_logprobs(full, chosen, params) if return_logprobs
+                   else torch.zeros(batch, device=device))
+        return torch.stack([chosen.double(), logprob.double()], dim=1)
+
+    picked_like = torch.empty((batch, 2), dtype=torch.float64, device=device)
     # inference_mode rather than no_grad: less per-op bookkeeping in the decode loop.
     with torch.inference_mode():
         for step in range(max_new_tokens):
@@ -139,15 +155,15 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens
             query = longest if step == 0 else 1
             if step > 0:
                 context.enable_decode_mode()
-            logits = model(tokens[:, length - query:length], positions[:, length - query:length],
-                           _step_mask(padded_keys, length, step == 0),
-                           inference_context=context, runtime_gather_output=True)
+            picked = pipelined(model, tokens[:, length - query:length],
+                               positions[:, length - query:length],
+                               _step_mask(padded_keys, length, step == 0),
+                               functools.partial(choose, length=length, done=done), picked_like,
+                               inference_context=context, runtime_gather_output=True)
             context.sequence_len_offset += query
-            full = logits[:, -1, :vocab_size]
-            chosen = next_tokens(full, seen[:, :length], params, generators)
-            chosen = torch.where(done, torch.full_like(chosen, pad_token_id), chosen)
+            chosen = picked[:, 0].long()
             if return_logprobs:
-                logprobs[:, step] = policy_logprobs(full, chosen, params)
+                logprobs[:, step] = picked[:, 1].float()
             tokens[:, length] = chosen
             seen[:, length] = chosen
             steps += 1
@@ -166,8 +182,9 @@ def _checked_indices(prompts: list[list[int]],
     """Each prompt's index in the run; ValueError for what generation cannot do."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
+        raise ValueError("generation does not support virtual pipeline stages; build the model "
+                         "with one chunk per stage")
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     indices = list(range(len(prompts)) if prompt_indices is None else prompt_indices)
@@ -293,12 +310,11 @@ def run(args) -> int:
     from megatron_patch.models.score_head import check_kind
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
-    if args.pipeline_model_parallel_size > 1:
-        raise ValueError("generation does not support pipeline parallelism; use PP=1 (TP works)")
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     check_kind(load_hf_config(os.path.join(args.load, checkpoint.HF_DIR)), reward=False,
                source=args.load, flag="--load")
-    parallel.initialize(args.tensor_model_parallel_size, 1, seed=args.seed,
+    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                        seed=args.seed,
                         expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
                             args.load, args.tensor_model_parallel_size))
     model, meta = from_checkpoint(args.load, params_dtype=params_dtype_from_flags(args))

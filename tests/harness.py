@@ -279,11 +279,12 @@ MAX_NEW = 24
 
 
 def megatron_greedy(model_root: str, tp: int, max_new: int = MAX_NEW,
-                    eos: int | None = 2) -> list[list[int]]:
-    """Greedy completions of PROMPTS from model_root/mcore at TP=tp; eos None: never stop."""
+                    eos: int | None = 2, pp: int = 1) -> list[list[int]]:
+    """Greedy completions of PROMPTS from model_root/mcore at TP=tp (PP=pp); eos None: never
+    stop."""
     from megatron_patch import parallel
 
-    parallel.initialize(tp, 1)
+    parallel.initialize(tp, pp)
     return greedy_from(model_root, max_new, eos)
 
 
