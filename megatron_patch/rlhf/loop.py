@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import time
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 
 from megatron_patch import checkpoint, parallel
+from megatron_patch.forward import pipelined
 from megatron_patch.generation import SamplingParams
 from megatron_patch.rlhf import advantages as adv
 from megatron_patch.rlhf import rollout
@@ -259,13 +261,18 @@ class RLTrainer:
                          ) -> torch.Tensor:
         """Log-probs of every label under `model` ([N, S]), in micro-batches, no gradients."""
         a, t = self.args, self.trainer
+
+        def logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return rollout.token_logprobs(logits, labels, t.vocab_size, a.temperature).float()
+
         out = []
         with torch.no_grad():
             for start in range(0, batch["tokens"].shape[0], a.micro_batch_size):
                 rows = slice(start, start + a.micro_batch_size)
-                logits = model(batch["tokens"][rows], batch["position_ids"][rows], None)
-                out.append(rollout.token_logprobs(logits, batch["labels"][rows], t.vocab_size,
-                                                  a.temperature))
+                labels = batch["labels"][rows]
+                out.append(pipelined(model, batch["tokens"][rows], batch["position_ids"][rows],
+                                     None, functools.partial(logprobs, labels=labels),
+                                     torch.empty(labels.shape)))
         return torch.cat(out)
 
     def prepare(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
@@ -346,8 +353,10 @@ class RLTrainer:
             critic = self.critic.train_step()
             stats.update({k: critic[k] for k in self.critic.mode.metric_names},
                          critic_grad_norm=critic["grad_norm"])
-        maxima = torch.stack(t.mode.maxima).max(dim=0).values
-        self._all_reduce(maxima, torch.distributed.ReduceOp.MAX)
+        # The loss (and so the maxima) is computed on the last pipeline stage only.
+        maxima = (torch.stack(t.mode.maxima).max(dim=0).values if t.mode.maxima
+                  else torch.full((2,), -torch.inf))
+        self._all_reduce(maxima, torch.distributed.ReduceOp.MAX, pipeline=True)
         stats["ratio max"], stats["ratio deviation max"] = maxima.tolist()
         return stats
 
@@ -362,12 +371,16 @@ class RLTrainer:
                 total += share[g]["loss_mask"].sum()
         return self._all_reduce(total).item()
 
-    def _all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+    def _all_reduce(self, x: torch.Tensor, op=None, pipeline: bool = False) -> torch.Tensor:
+        """Over the data-parallel ranks (and with `pipeline` the pipeline stages too)."""
         from megatron.core import parallel_state
 
+        op = op or torch.distributed.ReduceOp.SUM
         if self.trainer.dp > 1:
-            torch.distributed.all_reduce(x, op=op or torch.distributed.ReduceOp.SUM,
-                                         group=parallel_state.get_data_parallel_group())
+            torch.distributed.all_reduce(x, op=op, group=parallel_state.get_data_parallel_group())
+        if pipeline and self.trainer.pp > 1:
+            torch.distributed.all_reduce(
+                x, op=op, group=parallel_state.get_pipeline_model_parallel_group())
         return x
 
     def step(self) -> dict[str, Any]:

@@ -75,11 +75,15 @@ def critic_args(args: argparse.Namespace, trainer_args: argparse.Namespace, resu
 @torch.no_grad()
 def values(module: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch_size: int
            ) -> torch.Tensor:
-    """[N, S] values of every position (no gradients), in micro-batches."""
+    """[N, S] values of every position (no gradients), in micro-batches, on every stage."""
+    from megatron_patch.forward import pipelined
+
     out = []
     for start in range(0, batch["tokens"].shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        out.append(module(batch["tokens"][rows], batch["position_ids"][rows], None)[..., 0]
-                   .float())
+        tokens = batch["tokens"][rows]
+        out.append(pipelined(module, tokens, batch["position_ids"][rows], None,
+                             lambda output: output[..., 0].float(),
+                             torch.empty(tokens.shape)))
     return torch.cat(out)
 
