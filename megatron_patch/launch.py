@@ -241,8 +241,8 @@ def generate_command(argv: list[str]) -> list[str]:
 
 def rl_command(argv: list[str], algorithm: str) -> list[str]:
     """PPO / GRPO (`megatron-patch rl`). REWARD: a reward-model checkpoint directory, or a
-    rule-based reward function as module:function. Generation runs on the trained model, so
-    there is no pipeline parallelism (PP 1)."""
+    rule-based reward function as module:function. The classic layout has no PP field: pass
+    --pipeline-model-parallel-size among the extra flags (and NPROC_PER_NODE on a CPU)."""
     v, extra = _named(RL_FIELDS, argv, f"run_{algorithm}_megatron.sh")
     dirs, _ = _run_dirs({**v, "PP": "1"}, algorithm)  # a run resumes from its own checkpoints
     reward = v["REWARD"]
