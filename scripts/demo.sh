@@ -3,7 +3,8 @@
 # HF -> Megatron-Core -> parity check at TP=2 with sequence parallelism -> HF, bit-exact;
 # then continued pretraining at TP=2 on a small corpus, export to HF, supervised fine-tuning on
 # a few question/answer pairs, greedy generation from the fine-tuned model, then DPO towards
-# enthusiastic answers and generation from the DPO policy.
+# enthusiastic answers and generation from the DPO policy, and GRPO towards the same style with a
+# rule-based reward (rollouts from the trained model) and generation from the GRPO policy.
 # Sets up .venv first (scripts/setup.sh). Each step is a function listed in STEPS.
 set -euo pipefail
 
@@ -130,8 +131,41 @@ print(f"all {len(answers)} answers of the DPO policy are in the preferred style"
 PY
 }
 
+# GRPO from the fine-tuned model with a rule-based reward (1 for an answer in the enthusiastic
+# style): reinforcement learning with rollouts from the trained model itself, towards the style
+# DPO learned from pairs above. Fields: ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE
+# BATCH_SIZE LR MIN_LR SEQ_LEN PR TP AC DO PROMPT_DATASET_PATH REWARD PRETRAIN_CHECKPOINT_PATH
+# TRAIN_ITERS ROLLOUT_BATCH_SIZE NUM_SAMPLES MAX_NEW_TOKENS SAVE_INTERVAL OUTPUT_BASEPATH
+grpo() {
+    cat > "$OUT/demo_rewards.py" <<'PY'
+def enthusiastic(record, prompt, completion):
+    """1.0 for an answer in the enthusiastic style, else 0.0."""
+    return float(completion.lstrip().startswith("Wow!"))
+PY
+    PYTHONPATH="$OUT" NPROC_PER_NODE=1 bash rlhf/run_grpo_megatron.sh \
+        dsw "" "$ROOT" tiny 8 2e-4 2e-4 64 fp32 1 none false "$OUT/data/prompts.jsonl" \
+        demo_rewards:enthusiastic "$(echo "$OUT"/finetune/checkpoint/*)" 10 3 8 8 10 \
+        "$OUT/grpo" --lr-decay-style constant
+}
+
+generate_grpo() {
+    NPROC_PER_NODE=1 bash examples/llama2/run_text_generation_megatron_llama.sh \
+        dsw "" "$ROOT" "$(echo "$OUT"/grpo/checkpoint/*)" tiny 1 6 64 64 0 fp32 0 64 12 \
+        "$OUT/data/prompts.jsonl" "$OUT/generated_grpo.jsonl" 0 1.0 1.0
+    cat "$OUT/generated_grpo.jsonl"
+    python - "$OUT/generated_grpo.jsonl" <<'PY'
+import json
+import sys
+
+answers = [json.loads(line)["completion"] for line in open(sys.argv[1])]
+plain = [a for a in answers if not a.startswith("Wow!")]
+assert not plain, f"the GRPO policy still answers plainly: {plain}"
+print(f"all {len(answers)} answers of the GRPO policy are in the rewarded style")
+PY
+}
+
 STEPS=(make_tiny hf_to_megatron verify_tp2_sp megatron_to_hf compare_roundtrip preprocess
-       pretrain_tp2 export_pretrained finetune generate_tp2 dpo generate_dpo)
+       pretrain_tp2 export_pretrained finetune generate_tp2 dpo generate_dpo grpo generate_grpo)
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
