@@ -338,6 +338,37 @@ def test_resume_after_a_stop_continues_with_the_same_rollouts_and_losses(llama_m
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     if algorithm == "ppo":  # the coefficient moved, so its resume is checked
         assert straight[-1]["kl coef"] != straight[0]["kl coef"]
+    # The actor exports as any language-model checkpoint (PPO's critic/ beside it is not read).
+    (exported,) = harness.run(_export_actor, 1, save, str(tmp_path / "hf"),
+                              os.path.join(llama_models["llama2"], "hf"))
+    assert exported["class"] == "LlamaForCausalLM" and exported["moved"] > 1e-4, exported
+    assert exported["logits"] <= harness.LOGITS_ATOL, exported
+
+
+def _export_actor(save: str, out: str, start: str) -> dict:
+    """The RL checkpoint exported to HF: transformers' logits against ours (the checkpoint
+    loaded as a model), and how far the weights moved from the start."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from megatron_patch import parallel
+    from megatron_patch.convert.hf_megatron import megatron_to_hf
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import from_checkpoint
+
+    megatron_to_hf(save, out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    parallel.initialize(1, 1)
+    model, meta = from_checkpoint(save)
+    model.eval()
+    tokens = torch.randint(3, meta.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = forward_logits([model], tokens, meta.vocab_size)["logits"]
+    with torch.no_grad():
+        theirs = hf(input_ids=tokens).logits
+    before, after = load_file(os.path.join(start, "model.safetensors")), hf.state_dict()
+    return {"class": type(hf).__name__, "logits": (ours - theirs).abs().max().item(),
+            "moved": max((after[k] - v).abs().max().item() for k, v in before.items())}
 
 
 LORA = ("--lora-rank", "4", "--lora-alpha", "8")
