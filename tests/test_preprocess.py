@@ -224,6 +224,31 @@ def _tokenizer_without_eos(assets: dict, tmp: str) -> str:
     return "no error"
 
 
+def _tokenizer_appending_eos(assets: dict, tmp: str) -> dict:
+    """A tokenizer whose post-processor ends every text with EOS itself (tokenizer.json's
+    TemplateProcessing `$A </s>`): preprocessing must not add a second one."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets["hf"])
+    eos = tok.eos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, tok.eos_token_id)])
+    path = os.path.join(tmp, "appends_eos")
+    tok.save_pretrained(path)
+    reloaded = AutoTokenizer.from_pretrained(path)
+    expected = [reloaded(t)["input_ids"] for t in assets["texts"]]
+    summary = pp.preprocess(assets["files"], os.path.join(tmp, "out", "x"), path)
+    return {"expected": expected, "docs": _read_dataset(summary["prefix"]),
+            "eos": tok.eos_token_id}
+
+
+def test_a_tokenizer_that_appends_eos_gets_one_eod_per_document(assets, tmp_path):
+    r = harness.run(_tokenizer_appending_eos, 1, assets, str(tmp_path))[0]
+    assert all(ids[-1] == r["eos"] != ids[-2] for ids in r["expected"])  # the tokenizer's own
+    assert r["docs"] == r["expected"], "EOD doubled or lost"
+
+
 def test_append_eod_needs_an_eos_token(assets, tmp_path):
     msg = harness.run(_tokenizer_without_eos, 1, assets, str(tmp_path))[0]
     assert "has no EOS token" in msg and "--no-append-eod" in msg, msg

@@ -33,7 +33,8 @@ Flags follow Megatron-LM's tools/preprocess_data.py where one exists. Difference
   tokenizer directory or hub name (AutoTokenizer) or a sentencepiece `.model` file; there is no
   `--tokenizer-type`, `--vocab-file` or `--merge-file`.
 - EOD is appended by default (`--no-append-eod` turns it off); in Megatron-LM it is off unless
-  `--append-eod` is given. `--append-eod` is accepted.
+  `--append-eod` is given. `--append-eod` is accepted. A document the tokenizer already ends
+  with EOS (a post-processor that appends it) gets no second one.
 - `--workers` defaults to 1. With 1 the work runs in this process; with N > 1 in N worker
   processes (JSON parsing and tokenizing; this process reads and writes), with identical output.
 - Not supported: `--split-sentences`, `--keep-newlines`, `--partitions`, `--lang`,

@@ -167,8 +167,14 @@ def _encode_task(task: Task) -> Result:
     lengths = np.fromiter((len(ids) for ids in docs), np.int64, len(docs))
     flat = itertools.chain.from_iterable(docs)
     if _STATE["eos"] is not None:
-        lengths += 1
-        flat = itertools.chain.from_iterable(itertools.chain(ids, (_STATE["eos"],)) for ids in docs)
+        eos = _STATE["eos"]
+        # One EOD per document: a tokenizer whose post-processor already ends every text with
+        # EOS (as some Llama/Qwen tokenizer.json files do) gets no second one.
+        missing = np.fromiter((ids[-1] != eos for ids in docs), bool, len(docs))
+        lengths += missing
+        flat = itertools.chain.from_iterable(
+            itertools.chain(ids, (eos,)) if add else ids
+            for ids, add in zip(docs, missing.tolist(), strict=True))
     tokens = np.fromiter(flat, _STATE["dtype"], int(lengths.sum()))
     return Result(task.path, len(task.lines), nbytes, tokens, lengths, bad, empty, blank)
 
