@@ -509,6 +509,7 @@ def test_grpo_launcher_logs_every_step_to_stdout_and_tensorboard(llama_models, p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step")]
     assert len(steps) == 2, proc.stdout
+    assert all(" | ETA " in line for line in steps), steps  # progress: the time left
     for name in ("reward mean", "reward std", "response length", "kl", "entropy",
                  "clip fraction", "ratio", "ratio max", "logprob diff mean",
                  "logprob diff max"):

@@ -425,10 +425,12 @@ class RLTrainer:
         and stopping at --exit-interval as the trainer does, counted in RL steps."""
         a, t = self.args, self.trainer
         history = []
+        began, first_step = time.time(), self.step_count
         while self.step_count < a.train_iters:
             stats = self.step()
             history.append(stats)
-            self._log(stats)
+            seconds_per_step = (time.time() - began) / (self.step_count - first_step)
+            self._log(stats, seconds_per_step * (a.train_iters - self.step_count))
             step = self.step_count
             saved = False
             if a.save and a.save_interval and step % a.save_interval == 0:
@@ -456,8 +458,9 @@ class RLTrainer:
               "grad_norm", "value loss", "value clip fraction", "kl coef", "skipped groups",
               "equal-reward groups")
 
-    def _log(self, s: dict[str, Any]) -> None:
-        """Every step: one line on the last rank and the same scalars (rl/...) to TensorBoard."""
+    def _log(self, s: dict[str, Any], eta: float) -> None:
+        """Every step: one line on the last rank (with the time left at the run's rate so far)
+        and the same scalars (rl/...) to TensorBoard."""
         t = self.trainer
         step = self.step_count
         parallel.print_last_rank(" | ".join(
@@ -465,7 +468,7 @@ class RLTrainer:
             + [f"{k} {s[k]:.6g}" for k in self.LOGGED if k in s]
             + [f"lr {t.optimizer.param_groups[0]['lr']:.3e}",
                f"seconds generation/inference/training {s['generation_s']:.2f}/"
-               f"{s['inference_s']:.2f}/{s['training_s']:.2f}"]))
+               f"{s['inference_s']:.2f}/{s['training_s']:.2f}", f"ETA {eta:.0f}s"]))
         if t.writer:
             for key in self.LOGGED:
                 if key in s:
