@@ -295,8 +295,10 @@ def _loaded_logits(model_root: str, root: str, tp: int) -> dict:
 # MoE cases adapt attention only in the peft check: transformers 5 holds experts as fused 3-D
 # parameters, not the checkpoint's per-expert linears (their adapters keep the checkpoint's
 # module names, as transformers 4.x and vLLM name them; the round trip below covers them).
-# DeepSeek's multi-latent attention projections carry no adapter (only o_proj).
-_ZOO_TARGETS = {"mixtral": "q_proj,k_proj,v_proj,o_proj", "deepseek": "o_proj"}
+# DeepSeek: the multi-latent attention projections (V3 with a q LoRA rank, V2-Lite without).
+_ZOO_TARGETS = {"mixtral": "q_proj,k_proj,v_proj,o_proj",
+                "deepseek_v3": "q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj",
+                "deepseek_v2": "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"}
 
 
 def _zoo_targets(name: str) -> list[str]:
@@ -379,6 +381,20 @@ def test_every_family_exports_adapters_peft_loads(zoo_models, tmp_path):
     worst = {n: float(np.abs(theirs[n] - ours[n]["logits"]).max()) for n in native}
     assert max(worst.values()) <= harness.LOGITS_ATOL, worst
     assert "o_proj" not in ours["gemma2"]["targets"], ours["gemma2"]["targets"]  # post-normed
+    assert ours["deepseek_v3"]["targets"] == sorted(_ZOO_TARGETS["deepseek_v3"].split(","))
+
+
+def test_lora_on_multi_latent_attention_trains_alike_at_tp2_with_sp(zoo_models, sft_data):
+    """DeepSeek-V2-Lite with adapters on its MLA projections and o_proj: TP=2 with sequence
+    parallelism gives the TP=1 loss curve within harness.LOSS_ATOL (fp32 reduction order)."""
+    model = zoo_models["deepseek_v2_lite"]
+    extra = ("--lora-target-modules", _ZOO_TARGETS["deepseek_v2"])
+    (ref,) = harness.run(_lora_sft, 1, model, sft_data, extra=extra)
+    assert ref["losses"][-1] < ref["losses"][0] - 0.1, ref  # the adapters train
+    tp2 = harness.run(_lora_sft, 2, model, sft_data, tp=2,
+                      extra=(*extra, "--sequence-parallel"))[0]
+    worst = max(abs(a - b) for a, b in zip(tp2["losses"], ref["losses"], strict=True))
+    assert worst <= harness.LOSS_ATOL, (tp2["losses"], ref["losses"])
 
 
 # ---- training --------------------------------------------------------------------------------

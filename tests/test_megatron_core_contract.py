@@ -184,6 +184,20 @@ def _parallel_linear_communication() -> str | None:
     return None
 
 
+def _mla_rotary_key_gradient() -> str | None:
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    source = inspect.getsource(MLASelfAttention.get_query_key_value_tensors)
+    if "gather_from_tensor_model_parallel_region(kv_combined)" not in source:
+        return ("the ColumnParallelLinear key-value down projection's output is no longer "
+                "gathered as it was: check whether SharedRopeKeyGrad is still needed")
+    reductions = ("copy_to_tensor_model_parallel_region(k_pos_emb",
+                  "reduce_from_tensor_model_parallel_region(k_pos_emb")
+    if any(r in source for r in reductions):
+        return "k_pos_emb's gradient is now summed over TP by megatron-core: remove ours"
+    return None
+
+
 TOUCH_POINTS = [
     TouchPoint("SelfAttention._adjust_key_value_for_inference", "models/cached_rotary.py",
                _adjust_key_value_for_inference),
@@ -206,6 +220,8 @@ TOUCH_POINTS = [
     TouchPoint("param.allreduce/sequence_parallel/tensor_model_parallel (tags set on biased "
                "experts' linears and on learnable softmax offsets)",
                "models/layers.py, models/sdpa_attention.py", _parameter_tags),
+    TouchPoint("MLASelfAttention.get_query_key_value_tensors (its rotary key gradient at TP > 1)",
+               "models/sdpa_attention.py", _mla_rotary_key_gradient),
     TouchPoint("ColumnParallelLinear/RowParallelLinear (class swapped in place by LoRA's adopt; "
                "their communication points)", "lora/layers.py", _parallel_linear_communication),
 ]

@@ -369,23 +369,31 @@ def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):
     assert r["max_abs"] <= harness.LOGITS_ATOL, r
 
 
-def test_gpt_oss_trains_at_tp2_with_whole_experts(moe_models, tmp_path):
-    """GPT-OSS's biased experts run at expert tensor parallel size 1 (models.
-    expert_tensor_parallel_size): at TP=2 + SP the attention is split, each rank holds every
-    expert whole and meets its own slice of the sequence; expert gradients are summed over the
-    TP ranks once, and both ranks clip by the same norm. The loss curve is TP=1's (fp32
-    reduction order only, 1e-5 as in test_training). Without the load-balancing loss, which
-    Megatron-Core computes per sequence slice under SP (for Mixtral too)."""
+# The load-balancing loss coefficient of each family's config, set to 0 below.
+AUX_LOSS_KEYS = {"gpt_oss": "router_aux_loss_coef", "deepseek_v3": "aux_loss_alpha"}
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_trains_at_tp2_sp_with_the_tp1_curve(moe_models, tmp_path, family):
+    """At TP=2 + SP the attention is split and each rank meets its own slice of the sequence;
+    the loss curve is TP=1's (fp32 reduction order only, 1e-5 as in test_training). Without the
+    load-balancing loss, which Megatron-Core computes per sequence slice under SP (for Mixtral
+    too).
+    - GPT-OSS's biased experts run at expert tensor parallel size 1 (models.
+      expert_tensor_parallel_size): each rank holds every expert whole; expert gradients are
+      summed over the TP ranks once, and both ranks clip by the same norm.
+    - DeepSeek-V3's multi-latent attention shares one rotary key part across heads, whose
+      gradient megatron-core 0.16 leaves per rank (models/sdpa_attention.SharedRopeKeyGrad)."""
     import json
     import shutil
 
-    ckpt, data = str(tmp_path / "gpt_oss"), os.path.join(moe_models, "tokens")
-    shutil.copytree(os.path.join(moe_models, "gpt_oss", "mcore"), ckpt)
+    ckpt, data = str(tmp_path / family), os.path.join(moe_models, "tokens")
+    shutil.copytree(os.path.join(moe_models, family, "mcore"), ckpt)
     config_path = os.path.join(ckpt, "hf", "config.json")
     with open(config_path) as f:
         config = json.load(f)
     with open(config_path, "w") as f:
-        json.dump({**config, "router_aux_loss_coef": 0.0}, f)
+        json.dump({**config, AUX_LOSS_KEYS[family]: 0.0}, f)
     one = harness.run(train_losses, 1, ckpt, data, iters=8, lr=5e-3)[0]
     two = harness.run(train_losses, 2, ckpt, data, iters=8, lr=5e-3, tp=2, sp=True)[0]
     assert sum(two[-3:]) / 3 < two[0] - 0.5, two

@@ -19,7 +19,10 @@ import torch
 
 from megatron_patch.models.weight_rules import Binding, Dims, bind
 
-MEGATRON_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+MEGATRON_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",
+                    # multi-latent attention (DeepSeek)
+                    "linear_q_proj", "linear_q_down_proj", "linear_q_up_proj",
+                    "linear_kv_down_proj", "linear_kv_up_proj")
 ALL_LINEAR = "all-linear"
 COLUMN, ROW = "column", "row"
 log = logging.getLogger(__name__)

@@ -54,6 +54,9 @@ class SDPADotProductAttention(DotProductAttention):
         self._window = self.scale_mask_softmax.window_size
         self.scale_mask_softmax.window_size = None
         self._sdpa_ok = self.softmax_offset is None
+        # Multi-latent attention at TP > 1: see SharedRopeKeyGrad.
+        mla_at_tp = k_channels is not None and self.config.tensor_model_parallel_size > 1
+        self._shared_rope = getattr(self.config, "qk_pos_emb_head_dim", None) if mla_at_tp else None
         if isinstance(self.softmax_offset, torch.nn.Parameter):
             # megatron-core internal: the tensor_model_parallel tag. Learnable offsets (GPT-OSS's
             # sinks) are split over TP by head, but megatron-core 0.16 leaves them untagged, so
@@ -78,6 +81,8 @@ class SDPADotProductAttention(DotProductAttention):
                 attention_mask: torch.Tensor | None, attn_mask_type=None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params=None
                 ) -> torch.Tensor:
+        if self._shared_rope and key.requires_grad:
+            key = SharedRopeKeyGrad.apply(key, self._shared_rope)
         if self._window is not None:
             attention_mask = self._window_mask(query.shape[0], key.shape[0], attention_mask,
                                                query.device)
@@ -110,3 +115,35 @@ class SDPADotProductAttention(DotProductAttention):
         outside = (key_pos < query_pos - before) | (key_pos > query_pos + after)
         return outside if mask is None else mask | outside
 
+
+
+class SharedRopeKeyGrad(torch.autograd.Function):
+    """Identity forward; backward completes the gradient of MLA's shared rotary key.
+
+    Multi-latent attention's key ends in one rotary part k_pos_emb, computed by the key-value
+    down projection and broadcast to every head. At TP > 1 each rank holds some heads, so
+    k_pos_emb's gradient is the sum over all ranks' heads; megatron-core 0.16, with a local
+    ColumnParallelLinear down projection, gathers that projection's output and splits the
+    gradient back without summing it over the ranks (each rank sees its own heads' part only).
+    Here the key's rotary gradient is completed before it leaves attention: the other ranks'
+    head sums are added, spread evenly over this rank's heads (only their sum reaches
+    k_pos_emb). Checked by tests/test_lora.py's MLA training at TP=2 against TP=1, which a fix in
+    megatron-core (a second sum) would fail.
+    """
+
+    @staticmethod
+    def forward(ctx, key: torch.Tensor, rope_dim: int) -> torch.Tensor:
+        ctx.rope_dim = rope_dim
+        return key.view_as(key)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from megatron.core import parallel_state
+
+        grad = grad.clone()
+        rope = grad[..., -ctx.rope_dim:]  # [s, b, heads, rope_dim]
+        mine = rope.sum(dim=2, keepdim=True)
+        total = mine.clone()
+        torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        rope += (total - mine) / rope.shape[2]
+        return grad, None
