@@ -1,5 +1,5 @@
 """Every zoo family (tests/zoo/) against its oracle at each of its layouts, round trips, greedy
-generation, and its gradients at TP=2 + SP against TP=1.
+generation, and its gradients at TP=2 + SP and PP=2 against TP=1.
 
 Tolerance: fp32 on CPU. Megatron-Core and the oracles order floating-point reductions
 differently (fused QKV matmuls, vocab-parallel softmax, TP all-reduces, expert dispatch), which
@@ -134,10 +134,10 @@ def test_greedy_generation_equals_the_oracle(zoo_models):
 AUX_LOSS_KEYS = ("router_aux_loss_coef", "aux_loss_alpha")
 
 
-def _gradients(dirs: dict[str, str], data: str, tp: int) -> dict[str, dict | None]:
+def _gradients(dirs: dict[str, str], data: str, tp: int, pp: int = 1) -> dict[str, dict | None]:
     """In a worker: each case's gradients of one global batch of pretraining at TP=tp (with
-    sequence parallelism at tp > 1), by HF tensor name: the trainer's reduced gradients written
-    into a throwaway copy of the weights and exported as the weights are."""
+    sequence parallelism at tp > 1) and PP=pp, by HF tensor name: the trainer's reduced
+    gradients written into a throwaway copy of the weights and exported as the weights are."""
     import torch
     from megatron.core import parallel_state
 
@@ -146,7 +146,7 @@ def _gradients(dirs: dict[str, str], data: str, tp: int) -> dict[str, dict | Non
 
     report = {}
     for name, root in dirs.items():
-        trainer = Trainer(harness.training_args(root, data, iters=1, tp=tp, sp=tp > 1,
+        trainer = Trainer(harness.training_args(root, data, iters=1, tp=tp, pp=pp, sp=tp > 1,
                                                 extra=("--lr-warmup-iters", "0")))
         trainer.model.zero_grad_buffer()
         trainer.run_schedule(trainer.datasets[0], 0, forward_only=False)
@@ -160,13 +160,14 @@ def _gradients(dirs: dict[str, str], data: str, tp: int) -> dict[str, dict | Non
     return report
 
 
-def test_gradients_at_tp2_with_sp_equal_tp1(zoo_models, tmp_path):
-    """Every family's gradients, tensor by tensor, at TP=2 + SP against TP=1: a module whose
-    backward misses a reduction over the TP ranks trains differently at TP > 1 although its
-    forward (test_logits_match_the_oracle) is right, as DeepSeek's MLA rotary key did
-    (models/sdpa_attention.SharedRopeKeyGrad). Tolerance: fp32 reduction order (TP-split
-    matmuls, SP reduce-scatters) moves a gradient by at most ~2e-5 of its tensor's largest
-    entry here; 1e-4 of it (+1e-6) is allowed; the MLA bug was 6e-4."""
+def test_gradients_at_tp2_with_sp_and_pp2_equal_tp1(zoo_models, tmp_path):
+    """Every family's gradients, tensor by tensor, at TP=2 + SP and at PP=2 (tied embeddings
+    on two stages) against TP=1: a module whose backward misses a reduction over the ranks
+    trains differently there although its forward (test_logits_match_the_oracle) is right, as
+    DeepSeek's MLA rotary key did at TP=2 (models/sdpa_attention.SharedRopeKeyGrad).
+    Tolerance: fp32 reduction order (TP-split matmuls, SP reduce-scatters, pipeline stages)
+    moves a gradient by at most ~2e-5 of its tensor's largest entry here; 1e-4 of it (+1e-6)
+    is allowed; the MLA bug was 6e-4."""
     import json
     import shutil
 
@@ -186,13 +187,14 @@ def test_gradients_at_tp2_with_sp_equal_tp1(zoo_models, tmp_path):
     data = str(tmp_path / "tokens")
     harness.run(harness.make_token_dataset, 1, data)
     (one,) = harness.run(_gradients, 1, dirs, data, 1)
-    two = harness.run(_gradients, 2, dirs, data, 2)[0]
-    bad = {}
-    for name in dirs:
-        assert one[name].keys() == two[name].keys(), name
-        for key, g in one[name].items():
-            diff = float(np.abs(g - two[name][key]).max())
-            if diff > 1e-4 * float(np.abs(g).max()) + 1e-6:
-                bad.setdefault(name, []).append((key, diff))
     assert any(np.abs(g).max() > 0 for g in one["qwen2"].values())  # gradients were read
+    bad = {}
+    for layout, (tp, pp) in (("tp2+sp", (2, 1)), ("pp2", (1, 2))):
+        other = harness.run(_gradients, 2, dirs, data, tp, pp)[0]
+        for name in dirs:
+            assert one[name].keys() == other[name].keys(), (layout, name)
+            for key, g in one[name].items():
+                diff = float(np.abs(g - other[name][key]).max())
+                if diff > 1e-4 * float(np.abs(g).max()) + 1e-6:
+                    bad.setdefault((layout, name), []).append((key, diff))
     assert not bad, bad
