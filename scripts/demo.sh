@@ -115,20 +115,26 @@ dpo() {
         --log-interval 5
 }
 
-generate_dpo() {
+# Greedy answers of RUN's policy (its checkpoint under $OUT/RUN), which must all be in the
+# enthusiastic style. Arguments: RUN NAME (as printed).
+generate_enthusiastic() {
     NPROC_PER_NODE=1 bash examples/llama2/run_text_generation_megatron_llama.sh \
-        dsw "" "$ROOT" "$(echo "$OUT"/dpo/checkpoint/*)" tiny 1 6 64 64 0 fp32 0 64 12 \
-        "$OUT/data/prompts.jsonl" "$OUT/generated_dpo.jsonl" 0 1.0 1.0
-    cat "$OUT/generated_dpo.jsonl"
-    python - "$OUT/generated_dpo.jsonl" <<'PY'
+        dsw "" "$ROOT" "$(echo "$OUT"/"$1"/checkpoint/*)" tiny 1 6 64 64 0 fp32 0 64 12 \
+        "$OUT/data/prompts.jsonl" "$OUT/generated_$1.jsonl" 0 1.0 1.0
+    cat "$OUT/generated_$1.jsonl"
+    python - "$OUT/generated_$1.jsonl" "$2" <<'PY'
 import json
 import sys
 
 answers = [json.loads(line)["completion"] for line in open(sys.argv[1])]
 plain = [a for a in answers if not a.startswith("Wow!")]
-assert not plain, f"the DPO policy still answers plainly: {plain}"
-print(f"all {len(answers)} answers of the DPO policy are in the preferred style")
+assert not plain, f"the {sys.argv[2]} policy still answers plainly: {plain}"
+print(f"all {len(answers)} answers of the {sys.argv[2]} policy are in the enthusiastic style")
 PY
+}
+
+generate_dpo() {
+    generate_enthusiastic dpo DPO
 }
 
 # GRPO from the fine-tuned model with a rule-based reward (1 for an answer in the enthusiastic
@@ -149,19 +155,7 @@ PY
 }
 
 generate_grpo() {
-    NPROC_PER_NODE=1 bash examples/llama2/run_text_generation_megatron_llama.sh \
-        dsw "" "$ROOT" "$(echo "$OUT"/grpo/checkpoint/*)" tiny 1 6 64 64 0 fp32 0 64 12 \
-        "$OUT/data/prompts.jsonl" "$OUT/generated_grpo.jsonl" 0 1.0 1.0
-    cat "$OUT/generated_grpo.jsonl"
-    python - "$OUT/generated_grpo.jsonl" <<'PY'
-import json
-import sys
-
-answers = [json.loads(line)["completion"] for line in open(sys.argv[1])]
-plain = [a for a in answers if not a.startswith("Wow!")]
-assert not plain, f"the GRPO policy still answers plainly: {plain}"
-print(f"all {len(answers)} answers of the GRPO policy are in the rewarded style")
-PY
+    generate_enthusiastic grpo GRPO
 }
 
 STEPS=(make_tiny hf_to_megatron verify_tp2_sp megatron_to_hf compare_roundtrip preprocess
