@@ -126,31 +126,8 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    window = None if args.sliding_window is None else (args.sliding_window - 1, 0)
     kwargs: dict[str, Any] = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.megatron_query_groups,
-        kv_channels=args.kv_channels,
-        layernorm_epsilon=args.layernorm_epsilon,
-        normalization=args.normalization,
-        gated_linear_unit=args.gated_linear_unit,
-        activation_func=ACTIVATIONS[args.activation],
-        add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias,
-        qk_layernorm=args.qk_layernorm,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        window_size=window,
-        window_attn_skip_freq=None if args.window_pattern is None else list(args.window_pattern),
-        layernorm_zero_centered_gamma=args.zero_centered_norms,
-        softmax_scale=args.softmax_scale,
-        rotary_interleaved=args.rotary_interleaved,
-        softmax_type="learnable" if args.attention_sinks else "vanilla",
-        activation_func_clamp_value=args.activation_clamp,
-        glu_linear_offset=args.glu_linear_offset,
+        **_architecture(args),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel and tp > 1,
@@ -178,6 +155,36 @@ def transformer_config(args: ModelArgs, *, params_dtype: torch.dtype = torch.flo
 
         return MLATransformerConfig(**kwargs, **dict(args.mla))
     return TransformerConfig(**kwargs)
+
+
+def _architecture(args: ModelArgs) -> dict[str, Any]:
+    """The TransformerConfig fields that describe the model itself (not its layout)."""
+    window = None if args.sliding_window is None else (args.sliding_window - 1, 0)
+    return dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.megatron_query_groups,
+        kv_channels=args.kv_channels,
+        layernorm_epsilon=args.layernorm_epsilon,
+        normalization=args.normalization,
+        gated_linear_unit=args.gated_linear_unit,
+        activation_func=ACTIVATIONS[args.activation],
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        window_size=window,
+        window_attn_skip_freq=None if args.window_pattern is None else list(args.window_pattern),
+        layernorm_zero_centered_gamma=args.zero_centered_norms,
+        softmax_scale=args.softmax_scale,
+        rotary_interleaved=args.rotary_interleaved,
+        softmax_type="learnable" if args.attention_sinks else "vanilla",
+        activation_func_clamp_value=args.activation_clamp,
+        glu_linear_offset=args.glu_linear_offset,
+    )
 
 
 def _moe_config(args: ModelArgs) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import time
 from typing import Any
@@ -33,14 +32,13 @@ from typing import Any
 import torch
 
 from megatron_patch import checkpoint, parallel
-from megatron_patch.forward import pipelined
 from megatron_patch.generation import SamplingParams
 from megatron_patch.rlhf import advantages as adv
 from megatron_patch.rlhf import rollout
+from megatron_patch.rlhf.policy import PolicyMode
 from megatron_patch.rlhf.rewards import Rewards, load_reward_function
 from megatron_patch.rlhf.rollout import RolloutShare
 from megatron_patch.training import checkpointing
-from megatron_patch.training.modes import Datasets, LossOutput, TrainingMode
 
 ALGORITHMS = ("grpo", "ppo")
 
@@ -57,33 +55,6 @@ def is_rl_checkpoint(root: str) -> str | None:
         checkpoint.existing_iteration_dir(root, iteration))
     mode = common.get("train_mode")
     return mode if mode in ALGORITHMS else None
-
-
-class PolicyMode(TrainingMode):
-    """The trainer's view of GRPO: the clipped-surrogate loss (+ k3 KL to the reference) on
-    rollout batches, and the RL state saved in checkpoints."""
-
-    loss_name = "policy loss"
-    metric_names = ("policy loss", "kl", "entropy", "clip fraction", "ratio")
-
-    def __init__(self, trainer, rl: RLTrainer) -> None:
-        super().__init__(trainer)
-        self.rl = rl
-        self.name = rl.args.algorithm
-        self.maxima: list[torch.Tensor] = []  # [ratio max, |ratio - 1| max] per micro-batch
-
-    def build_datasets(self) -> Datasets:
-        # Rollout batches are made as training goes; optimizer steps: one per mini-batch.
-        return Datasets(None, None, self.rl.args.train_iters * self.rl.updates_per_step)
-
-    def loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
-        return self.rl.policy_loss(batch, output)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.rl.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rl.load_state_dict(state)
 
 
 class RLTrainer:
@@ -260,20 +231,8 @@ class RLTrainer:
     def forward_logprobs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
                          ) -> torch.Tensor:
         """Log-probs of every label under `model` ([N, S]), in micro-batches, no gradients."""
-        a, t = self.args, self.trainer
-
-        def logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return rollout.token_logprobs(logits, labels, t.vocab_size, a.temperature).float()
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, batch["tokens"].shape[0], a.micro_batch_size):
-                rows = slice(start, start + a.micro_batch_size)
-                labels = batch["labels"][rows]
-                out.append(pipelined(model, batch["tokens"][rows], batch["position_ids"][rows],
-                                     None, functools.partial(logprobs, labels=labels),
-                                     torch.empty(labels.shape)))
-        return torch.cat(out)
+        return rollout.logprobs(model, batch, self.args.micro_batch_size,
+                                self.trainer.vocab_size, self.args.temperature)
 
     def prepare(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
                 valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -285,56 +244,13 @@ class RLTrainer:
         if self.has_reference:
             batch["ref_logprobs"] = self.reference_logprobs(batch)
         if self.ppo:
-            self._ppo_advantages(batch, rewards)
+            from megatron_patch.rlhf import ppo
+
+            self._sequence_kl = ppo.prepare_advantages(self, batch, rewards)
         else:
             scores = adv.grpo_advantages(rewards, self.n, scale_by_std=not a.no_scale_rewards)
             batch["advantages"] = scores[:, None] * batch["loss_mask"]
         return batch
-
-    def _ppo_advantages(self, batch: dict[str, torch.Tensor], rewards: torch.Tensor) -> None:
-        """Per-token rewards (-coef x KL on each response token, the score on the last), GAE
-        over the critic's values, advantages whitened over the whole rollout batch."""
-        from megatron.core import parallel_state
-
-        from megatron_patch.rlhf import ppo
-
-        a, mask = self.args, batch["loss_mask"]
-        values = ppo.values(self.critic.module, batch, a.micro_batch_size) * mask
-        kl = (adv.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], a.kl_estimator)
-              if self.has_reference else torch.zeros_like(mask))
-        token_rewards = adv.token_rewards(rewards, kl, mask, self.kl_controller.value)
-        advantages, returns = adv.gae(token_rewards, values, mask, a.gamma, a.lam)
-        group = parallel_state.get_data_parallel_group() if self.trainer.dp > 1 else None
-        batch.update(advantages=adv.whiten(advantages, mask, group=group), returns=returns,
-                     old_values=values)
-        # The KL of each sample (sum over its tokens), for the adaptive controller.
-        self._sequence_kl = torch.stack([(kl * mask).sum(), torch.tensor(float(len(mask)))])
-
-    def policy_loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor) -> LossOutput:
-        """The clipped surrogate (+ KL coefficient x KL to the reference) summed over the
-        micro-batch's response tokens, their count, and the metrics as [sum, count]."""
-        a, t = self.args, self.trainer
-        logp = rollout.token_logprobs(output, batch["labels"], t.vocab_size, a.temperature)
-        mask = batch["loss_mask"]
-        loss, ratio, clipped = adv.clipped_surrogate(logp, batch["old_logprobs"],
-                                                     batch["advantages"], a.clip_eps)
-        count = mask.sum()
-        values = {"policy loss": loss, "clip fraction": clipped.float(), "ratio": ratio,
-                  "entropy": rollout.token_entropy(output, t.vocab_size, a.temperature),
-                  "kl": torch.zeros_like(loss)}
-        if self.has_reference:
-            kl = adv.kl_estimate(logp, batch["ref_logprobs"], a.kl_estimator)
-            if not self.ppo:  # PPO has the KL in its rewards
-                loss = loss + self.kl_controller.value * kl
-            values["kl"] = kl
-        reported = {name: torch.stack([(value.detach().float() * mask).sum(), count.detach()])
-                    for name, value in values.items()}
-        counted = mask > 0
-        ratio = ratio.detach()
-        self.trainer.mode.maxima.append(torch.stack([
-            ratio[counted].max() if counted.any() else ratio.new_tensor(1.0),
-            (ratio[counted] - 1).abs().max() if counted.any() else ratio.new_tensor(0.0)]))
-        return (loss * mask).sum(), count.to(torch.int), reported
 
     def update(self, share: RolloutShare) -> dict[str, float]:
         """One optimizer step (the trainer's) on the next mini-batch of the rollout batch."""

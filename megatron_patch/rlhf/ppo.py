@@ -87,3 +87,22 @@ def values(module: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch_
                              torch.empty(tokens.shape)))
     return torch.cat(out)
 
+
+
+def prepare_advantages(rl, batch: dict[str, torch.Tensor], rewards: torch.Tensor
+                       ) -> torch.Tensor:
+    """Per-token rewards (-coef x KL on each response token, the score on the last), GAE over
+    the critic's values, advantages whitened over the whole rollout batch, into `batch`.
+    Returns [KL summed over the response tokens, samples], for the adaptive controller."""
+    from megatron.core import parallel_state
+
+    a, mask = rl.args, batch["loss_mask"]
+    value = values(rl.critic.module, batch, a.micro_batch_size) * mask
+    kl = (adv.kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], a.kl_estimator)
+          if rl.has_reference else torch.zeros_like(mask))
+    token_rewards = adv.token_rewards(rewards, kl, mask, rl.kl_controller.value)
+    advantages, returns = adv.gae(token_rewards, value, mask, a.gamma, a.lam)
+    group = parallel_state.get_data_parallel_group() if rl.trainer.dp > 1 else None
+    batch.update(advantages=adv.whiten(advantages, mask, group=group), returns=returns,
+                 old_values=value)
+    return torch.stack([(kl * mask).sum(), torch.tensor(float(len(mask)))])

@@ -17,6 +17,7 @@ loss mask covers the positions that predict completion tokens, EOS included.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -145,6 +146,26 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
 
     scaled = logits if temperature == 1.0 else logits / temperature
     return -masked_vocab_parallel_cross_entropy(scaled, labels, vocab_size)
+
+
+@torch.no_grad()
+def logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch_size: int,
+             vocab_size: int, temperature: float) -> torch.Tensor:
+    """[N, S] log-probs of every label of a packed batch under `model` (any TP/PP: on every
+    stage), in micro-batches."""
+    from megatron_patch.forward import pipelined
+
+    def of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(logits, labels, vocab_size, temperature).float()
+
+    out = []
+    for start in range(0, batch["tokens"].shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        labels = batch["labels"][rows]
+        out.append(pipelined(model, batch["tokens"][rows], batch["position_ids"][rows], None,
+                             functools.partial(of_labels, labels=labels),
+                             torch.empty(labels.shape)))
+    return torch.cat(out)
 
 
 @torch.no_grad()
