@@ -369,6 +369,59 @@ def test_fp8_deepseek_checkpoint_imports_dequantised(tmp_path):
     assert r["max_abs"] <= harness.LOGITS_ATOL, r
 
 
+def _bf16_v3_with_fp32_bias(hf_src: str, root: str) -> dict:
+    """In a worker: the tiny DeepSeek-V3 saved as released checkpoints are (bf16 weights, fp32
+    e_score_correction_bias), converted without params_dtype and exported again."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from megatron_patch import checkpoint, parallel
+    from megatron_patch.convert.hf_megatron import hf_to_megatron, megatron_to_hf
+    from megatron_patch.models import from_checkpoint
+
+    hf, mcore, back = (os.path.join(root, d) for d in ("hf", "mcore", "back"))
+    shutil.copytree(hf_src, hf)
+    (weights,) = [f for f in os.listdir(hf) if f.endswith(".safetensors")]
+    gen = torch.Generator().manual_seed(0)
+    # A bias with all of fp32's mantissa bits (transformers initialises it to zeros).
+    tensors = {k: torch.randn(v.shape, generator=gen) * 0.1
+               if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
+               for k, v in load_file(os.path.join(hf, weights)).items()}
+    save_file(tensors, os.path.join(hf, weights), metadata={"format": "pt"})
+    with open(os.path.join(hf, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        json.dump({**config, "dtype": "bfloat16"}, f)
+    hf_to_megatron(hf, mcore)
+    parallel.initialize(1, 1)
+    model, _ = from_checkpoint(mcore)
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("router.expert_bias")}
+    megatron_to_hf(mcore, back)
+    again = load_file(os.path.join(back, "model.safetensors"))
+    hf_biases = [tensors[k] for k in sorted(tensors) if k.endswith("e_score_correction_bias")]
+    return {"dtype": checkpoint.read_meta(mcore).dtype,
+            "biases": [str(b.dtype) for b in biases.values()],
+            "bias_exact": all(torch.equal(b, h) for b, h in zip(
+                [biases[n] for n in sorted(biases, key=lambda n: int(n.split(".")[2]))],
+                hf_biases, strict=True)),
+            "round_trip": sorted(k for k in tensors if tensors[k].dtype != again[k].dtype
+                                 or not torch.equal(tensors[k], again[k]))}
+
+
+def test_bf16_deepseek_v3_keeps_its_fp32_expert_bias(moe_models, tmp_path):
+    """Released DeepSeek-V3 checkpoints hold bf16 weights and an fp32 e_score_correction_bias;
+    Megatron-Core keeps the router's expert bias in fp32. The conversion takes bf16 from the
+    weights, keeps the bias fp32 (rounding it would change which experts are chosen), and the
+    round trip gives every tensor back bit for bit, dtypes included."""
+    (r,) = harness.run(_bf16_v3_with_fp32_bias, 1, os.path.join(moe_models, "deepseek_v3", "hf"),
+                       str(tmp_path))
+    assert r["dtype"] == "bfloat16" and set(r["biases"]) == {"torch.float32"}, r
+    assert r["bias_exact"] and r["round_trip"] == [], r
+
+
 # The load-balancing loss coefficient of each family's config, set to 0 below.
 AUX_LOSS_KEYS = {"gpt_oss": "router_aux_loss_coef", "deepseek_v3": "aux_loss_alpha"}
 

@@ -93,7 +93,16 @@ def _single_process_model(hf_config: dict[str, Any], dtype: torch.dtype,
     return model
 
 
-def _source_dtype(reader: hf_io.HFCheckpointReader, names: list[str]) -> torch.dtype:
+# Megatron-Core keeps these in fp32 whatever the model's dtype (the router's expert bias, so that
+# its updates from the expert loads are not rounded away); DeepSeek-V3's HF checkpoints store its
+# e_score_correction_bias in fp32 beside bf16 weights likewise. They are converted, saved and
+# exported in fp32, and do not decide the checkpoint's dtype.
+FP32_TENSORS = ("router.expert_bias",)
+
+
+def _source_dtype(reader: hf_io.HFCheckpointReader, bindings: list[Binding]) -> torch.dtype:
+    """The one floating dtype of the checkpoint's weights (FP32_TENSORS aside)."""
+    names = [n for b in bindings if not b.megatron.endswith(FP32_TENSORS) for n in b.hf]
     dtypes = {reader.dtype(n) for n in names if reader.dtype(n).is_floating_point}
     if len(dtypes) != 1:
         raise ValueError(f"{reader.path}: tensors have several dtypes {sorted(map(str, dtypes))}; "
@@ -129,7 +138,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     kept = family.kept_names(hf_config, raw_names)
     ignore = family.hf_ignore + tuple(re.escape(n) for n in kept)
     check_hf_source(reader, hf_config, bindings, ignore)
-    dtype = params_dtype or _source_dtype(reader, [n for b in bindings for n in b.hf])
+    dtype = params_dtype or _source_dtype(reader, bindings)
 
     model = _single_process_model(hf_config, dtype, padded)
     params = parameters(model)
@@ -156,7 +165,7 @@ def _converted_state(model, params: dict[str, torch.Tensor], bindings: list[Bind
     # touched (so they take no memory). Memory-mapped input tensors go to the writer uncopied.
     state, parts = saved_state(model, params)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
-    total = sum(p.numel() * dtype.itemsize for p in params.values())
+    total = sum(p.numel() * p.element_size() for p in params.values())
     direct: list[Binding] = []
     rest: list[Binding] = []
     for b in bindings:
@@ -168,16 +177,16 @@ def _converted_state(model, params: dict[str, torch.Tensor], bindings: list[Bind
         # concatenated (and then cut apart again by Megatron-Core's writer).
         for b in direct:
             for sh, name in zip(parts[b.megatron], b.hf, strict=True):
-                sh.data = reader.read(name).to(dtype)
-                bar.update(sh.data.numel() * dtype.itemsize)
+                sh.data = reader.read(name).to(params[b.megatron].dtype)
+                bar.update(sh.data.numel() * sh.data.element_size())
         # Parameters saved whole take their rows from the input files as they are written.
-        whole = {n for n, pieces in parts.items()
-                 if len(pieces) == 1 and is_whole(pieces[0].data, params[n])}
+        whole = {n for n, pieces in parts.items() if len(pieces) == 1 and params[n].dtype == dtype
+                 and is_whole(pieces[0].data, params[n])}
         gather = fast_path.gather_from_files(reader.regions, dtype, "hf->megatron", whole)
         for name, tensor in engine.hf_to_megatron(rest, dims, reader.read, shapes,
                                                   gather):
-            fill_parts(parts[name], params[name], tensor.to(dtype))
-            bar.update(tensor.numel() * dtype.itemsize)
+            fill_parts(parts[name], params[name], tensor.to(params[name].dtype))
+            bar.update(tensor.numel() * params[name].element_size())
 
     return state
 
@@ -235,10 +244,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     bindings, expected_hf = export_bindings(family, args, hf_config, params)
 
     stored = distcp.MappedCheckpoint(stored_dir)
-    mapped = _mapped_parts(stored, model, params, dtype)
+    mapped = _mapped_parts(stored, model, params)
     if mapped is not None:
-        tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, dtype,
-                                 stored.regions)
+        tensors = _export_mapped(bindings, dims, params, mapped, expected_hf, stored.regions)
     else:  # stored in other pieces (another TP/PP): Megatron-Core reassembles them
         checkpoint.load_model(ckpt_dir, model, iteration)
         tensors = engine.megatron_to_hf(bindings, dims, lambda n: params[n].detach(), expected_hf)
@@ -254,7 +262,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
             # them); the file itself is not part of an HF model directory.
             tensors = itertools.chain(tensors, load_file(unconverted).items())
             os.remove(unconverted)
-        total = sum(p.numel() * dtype.itemsize for p in params.values())
+        total = sum(p.numel() * p.element_size() for p in params.values())
         with _progress(total, "megatron->hf") as bar:
             with stored.regions:  # stored chunks go out unchanged: copied from the files
                 files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
@@ -275,8 +283,8 @@ def export_bindings(family, args: ModelArgs, hf_config: dict[str, Any],
         expected_hf)
 
 
-def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torch.Tensor],
-                  dtype: torch.dtype) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torch.Tensor]
+                  ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
     """For each parameter, (view of the parameter, its bytes in the mapped checkpoint) for every
     piece it is saved in, where every piece is stored whole; else None."""
     mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -286,28 +294,29 @@ def _mapped_parts(stored: distcp.MappedCheckpoint, model, params: dict[str, torc
             if sh.flattened_range is not None:
                 return None
             sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-            data = stored.chunk_bytes(sh.key, tuple(sh.global_offset), sizes, dtype)
+            data = stored.chunk_bytes(sh.key, tuple(sh.global_offset), sizes, params[name].dtype)
             if data is None:
                 return None
-            mapped[name].append((sh.data, data.view(*sh.data.shape, dtype.itemsize)))
+            mapped[name].append((sh.data, data.view(*sh.data.shape, sh.data.element_size())))
     return mapped
 
 
 def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.Tensor],
                    mapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
                    expected_hf: dict[str, tuple[int, ...]] | None,
-                   dtype: torch.dtype, regions: FileRegions) -> Iterator[
+                   regions: FileRegions) -> Iterator[
                        tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every binding, computed on the mapped checkpoint's bytes (see
     distcp: the transforms only rearrange whole elements); a tensor that is a stored piece as
     it is, or a block of rows of one, is never copied, and one whose rows move (q, k and v
     out of the fused qkv) is gathered from the file as it is written (`regions`)."""
-    size = dtype.itemsize
     gather = fast_path.gather_from_files(regions, torch.uint8, "megatron->hf")
     stacks = engine.ExpertStacks()
-    byte_shapes = {n: (*s, size) for n, s in (expected_hf or {}).items()}
     for b in bindings:
         param, pieces = params[b.megatron], mapped[b.megatron]
+        # Bytes: each element one row of element_size() bytes (its own dtype: FP32_TENSORS).
+        byte_shapes = {n: (*expected_hf[n], param.element_size())
+                       for n in b.hf if expected_hf and n in expected_hf}
         views = [view for view, _ in pieces]
         hf_shapes = [tuple(t.shape) for t in b.transform.to_hf(param.to("meta"), dims)] if (
             concatenates(b)) else []
@@ -321,7 +330,7 @@ def _export_mapped(bindings: list[Binding], dims: Dims, params: dict[str, torch.
                                             gather, stacks)
         for name, data in outputs:
             # Viewed as its dtype for the writer only, which copies raw bytes (no alignment).
-            yield name, data.contiguous().view(dtype).squeeze(-1)
+            yield name, data.contiguous().view(param.dtype).squeeze(-1)
     stacks.check_complete()
 
 
