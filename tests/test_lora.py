@@ -366,10 +366,34 @@ def _peft_logits(dirs: dict[str, str], adapters: str) -> dict:
     return out
 
 
+def _adapted_logits_at_tp2(dirs: dict[str, str], adapters: str) -> dict:
+    """In a worker of 2 ranks: each case at TP=2 + SP with its exported adapter imported."""
+    import torch
+
+    from megatron_patch import lora, parallel
+    from megatron_patch.forward import forward_logits
+    from megatron_patch.models import family_for, from_checkpoint, load_hf_config
+
+    out = {}
+    for etp, group in harness.by_expert_tp(dirs, 2):
+        parallel.initialize(2, 1, expert_tensor_parallel_size=etp)
+        for name, root in group.items():
+            mcore = os.path.join(root, "mcore")
+            hf_config = load_hf_config(mcore)
+            model, meta = from_checkpoint(mcore, sequence_parallel=True)
+            lora.load_peft(model, hf_config, family_for(hf_config).model_args(hf_config),
+                           meta.padded_vocab_size, os.path.join(adapters, name))
+            model.eval()
+            tokens = torch.load(os.path.join(root, "reference.pt"))["tokens"]
+            out[name] = forward_logits([model], tokens, meta.vocab_size)["logits"].numpy()
+    return out
+
+
 def test_every_family_exports_adapters_peft_loads(zoo_models, tmp_path):
     """Every zoo family with random adapters on all its linears: the adapter re-imports to the
-    same logits bit for bit (fused c_attn / W_pack / query_key_value, experts included), and
-    where the checkpoint is transformers' own format, peft on it gives our logits (1e-4)."""
+    same logits bit for bit (fused c_attn / W_pack / query_key_value, experts included), at
+    TP=2 + SP to them within 1e-4, and where the checkpoint is transformers' own format, peft on
+    it gives our logits (1e-4)."""
     import numpy as np
     from zoo import CASES
 
@@ -381,6 +405,11 @@ def test_every_family_exports_adapters_peft_loads(zoo_models, tmp_path):
     worst = {n: float(np.abs(theirs[n] - ours[n]["logits"]).max()) for n in native}
     assert max(worst.values()) <= harness.LOGITS_ATOL, worst
     assert "o_proj" not in ours["gemma2"]["targets"], ours["gemma2"]["targets"]  # post-normed
+    # The same adapters at TP=2 + SP (fused q/k/v layouts, MLA, experts' neighbours split by
+    # rows or columns): our TP=1 logits, within the fp32 logits tolerance.
+    tp2 = harness.run(_adapted_logits_at_tp2, 2, zoo_models, str(tmp_path))[0]
+    worst = {n: float(np.abs(tp2[n] - r["logits"]).max()) for n, r in ours.items()}
+    assert max(worst.values()) <= harness.LOGITS_ATOL, worst
     assert ours["deepseek_v3"]["targets"] == sorted(_ZOO_TARGETS["deepseek_v3"].split(","))
 
 
