@@ -419,3 +419,29 @@ def qa_answers(trainer, model_root: str) -> list[str]:
                    vocab_size=trainer.vocab_size, eos_token_ids=[tok.eos_token_id],
                    pad_token_id=tok.pad_token_id)
     return [tok.decode(ids, skip_special_tokens=True) for ids in out]
+
+
+# The load-balancing loss coefficients of HF MoE configs. Megatron-Core computes that loss per
+# sequence slice under sequence parallelism, so it differs from TP=1's by design: layout
+# comparisons of gradients leave it out.
+AUX_LOSS_KEYS = ("router_aux_loss_coef", "aux_loss_alpha")
+
+
+def without_aux_loss(model_dirs: dict[str, str], tmp: str) -> dict[str, str]:
+    """name -> converted checkpoint (model_dir/mcore), or a copy under `tmp` whose config has
+    the load-balancing loss set to 0 where it was not."""
+    import json
+    import shutil
+
+    out = {}
+    for name, root in model_dirs.items():
+        mcore = os.path.join(root, "mcore")
+        with open(os.path.join(mcore, "hf", "config.json")) as f:
+            config = json.load(f)
+        if any(config.get(k) for k in AUX_LOSS_KEYS):
+            mcore = os.path.join(tmp, name)
+            shutil.copytree(os.path.join(root, "mcore"), mcore)
+            with open(os.path.join(mcore, "hf", "config.json"), "w") as f:
+                json.dump({**config, **{k: 0.0 for k in AUX_LOSS_KEYS if k in config}}, f)
+        out[name] = mcore
+    return out

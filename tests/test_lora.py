@@ -389,7 +389,15 @@ def _adapted_logits_at_tp2(dirs: dict[str, str], adapters: str) -> dict:
     return out
 
 
-def test_every_family_exports_adapters_peft_loads(zoo_models, tmp_path):
+@pytest.fixture(scope="module")
+def zoo_adapters(zoo_models, tmp_path_factory) -> tuple[dict[str, dict], str]:
+    """Every zoo case adapted with random adapters (_zoo_adapt) and the directory of their
+    exported PEFT adapters (one per case name)."""
+    out = str(tmp_path_factory.mktemp("zoo_adapters"))
+    return harness.run(_zoo_adapt, 1, zoo_models, out)[0], out
+
+
+def test_every_family_exports_adapters_peft_loads(zoo_models, zoo_adapters):
     """Every zoo family with random adapters on all its linears: the adapter re-imports to the
     same logits bit for bit (fused c_attn / W_pack / query_key_value, experts included), at
     TP=2 + SP to them within 1e-4, and where the checkpoint is transformers' own format, peft on
@@ -397,17 +405,17 @@ def test_every_family_exports_adapters_peft_loads(zoo_models, tmp_path):
     import numpy as np
     from zoo import CASES
 
-    ours = harness.run(_zoo_adapt, 1, zoo_models, str(tmp_path))[0]
+    ours, adapters = zoo_adapters
     assert not [n for n, r in ours.items() if not r["round_trip"]], ours.keys()
     native = {n: d for n, d in zoo_models.items() if CASES[n].save is None}
     assert len(native) >= 10, sorted(native)
-    theirs = harness.run(_peft_logits, 1, native, str(tmp_path))[0]
+    theirs = harness.run(_peft_logits, 1, native, adapters)[0]
     worst = {n: float(np.abs(theirs[n] - ours[n]["logits"]).max()) for n in native}
     assert max(worst.values()) <= harness.LOGITS_ATOL, worst
     assert "o_proj" not in ours["gemma2"]["targets"], ours["gemma2"]["targets"]  # post-normed
     # The same adapters at TP=2 + SP (fused q/k/v layouts, MLA, experts' neighbours split by
     # rows or columns): our TP=1 logits, within the fp32 logits tolerance.
-    tp2 = harness.run(_adapted_logits_at_tp2, 2, zoo_models, str(tmp_path))[0]
+    tp2 = harness.run(_adapted_logits_at_tp2, 2, zoo_models, adapters)[0]
     worst = {n: float(np.abs(tp2[n] - r["logits"]).max()) for n, r in ours.items()}
     assert max(worst.values()) <= harness.LOGITS_ATOL, worst
     assert ours["deepseek_v3"]["targets"] == sorted(_ZOO_TARGETS["deepseek_v3"].split(","))
@@ -424,6 +432,71 @@ def test_lora_on_multi_latent_attention_trains_alike_at_tp2_with_sp(zoo_models, 
                       extra=(*extra, "--sequence-parallel"))[0]
     worst = max(abs(a - b) for a, b in zip(tp2["losses"], ref["losses"], strict=True))
     assert worst <= harness.LOSS_ATOL, (tp2["losses"], ref["losses"])
+
+
+def _adapter_gradients(dirs: dict[str, str], adapters: str, data: str, tp: int,
+                       out: str) -> None:
+    """In a worker: each case's adapters (--lora-load, so both A and B are non-zero) after one
+    global batch of pretraining at TP=tp (+ SP at tp > 1), with their reduced gradients in
+    place of their values, saved as a LoRA checkpoint under out/<case>."""
+    import torch
+
+    from megatron_patch.training import checkpointing
+    from megatron_patch.training.loop import Trainer
+
+    for name, mcore in dirs.items():
+        trainer = Trainer(harness.training_args(mcore, data, iters=1, tp=tp, sp=tp > 1, extra=(
+            "--lr-warmup-iters", "0", "--lora-load", os.path.join(adapters, name),
+            "--save", os.path.join(out, name))))
+        trainer.model.zero_grad_buffer()
+        trainer.run_schedule(trainer.datasets[0], 0, forward_only=False)
+        with torch.no_grad():
+            for param in trainer.module.parameters():
+                if param.requires_grad:
+                    param.copy_(param.main_grad)
+        checkpointing.save(trainer)
+
+
+def _exported_adapters(out: str, names: list[str]) -> dict[str, dict]:
+    """In a worker: each LoRA checkpoint of _adapter_gradients as PEFT tensors."""
+    from safetensors.torch import load_file
+
+    from megatron_patch.lora import checkpoint as lora_checkpoint
+
+    tensors = {}
+    for name in names:
+        lora_checkpoint.export(os.path.join(out, name), os.path.join(out, name + "_peft"))
+        tensors[name] = {k: v.numpy() for k, v in load_file(
+            os.path.join(out, name + "_peft", "adapter_model.safetensors")).items()}
+    return tensors
+
+
+def test_every_family_adapter_gradients_at_tp2_sp_equal_tp1(zoo_models, zoo_adapters,
+                                                            tmp_path):
+    """Every family's adapter gradients (PEFT tensor by tensor, after one global batch) at
+    TP=2 + SP against TP=1: the adapters' own reductions (copy / all-gather of A x, reduce /
+    reduce-scatter, sequence-parallel tags) and what flows through the base model's backward.
+    Tolerance as test_zoo's gradient comparison: 1e-4 of each tensor's largest entry (+1e-6);
+    the load-balancing loss is left out (harness.without_aux_loss)."""
+    import numpy as np
+
+    _, adapters = zoo_adapters
+    dirs = harness.without_aux_loss(zoo_models, str(tmp_path / "models"))
+    data = str(tmp_path / "tokens")
+    harness.run(harness.make_token_dataset, 1, data)
+    harness.run(_adapter_gradients, 1, dirs, adapters, data, 1, str(tmp_path / "tp1"))
+    harness.run(_adapter_gradients, 2, dirs, adapters, data, 2, str(tmp_path / "tp2"))
+    (one,) = harness.run(_exported_adapters, 1, str(tmp_path / "tp1"), list(dirs))
+    (two,) = harness.run(_exported_adapters, 1, str(tmp_path / "tp2"), list(dirs))
+    bad = {}
+    for name in dirs:
+        assert one[name].keys() == two[name].keys() and one[name], name
+        for key, g in one[name].items():
+            diff = float(np.abs(g - two[name][key]).max())
+            if diff > 1e-4 * float(np.abs(g).max()) + 1e-6:
+                bad.setdefault(name, []).append((key, diff))
+    assert any(np.abs(g).max() > 0 for g in one["qwen2"].values())  # gradients were read
+    assert not bad, bad
 
 
 # ---- training --------------------------------------------------------------------------------

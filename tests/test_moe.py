@@ -422,10 +422,6 @@ def test_bf16_deepseek_v3_keeps_its_fp32_expert_bias(moe_models, tmp_path):
     assert r["bias_exact"] and r["round_trip"] == [], r
 
 
-# The load-balancing loss coefficient of each family's config, set to 0 below.
-AUX_LOSS_KEYS = {"gpt_oss": "router_aux_loss_coef", "deepseek_v3": "aux_loss_alpha"}
-
-
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
 def test_trains_at_tp2_sp_with_the_tp1_curve(moe_models, tmp_path, family):
     """At TP=2 + SP the attention is split and each rank meets its own slice of the sequence;
@@ -437,16 +433,9 @@ def test_trains_at_tp2_sp_with_the_tp1_curve(moe_models, tmp_path, family):
       summed over the TP ranks once, and both ranks clip by the same norm.
     - DeepSeek-V3's multi-latent attention shares one rotary key part across heads, whose
       gradient megatron-core 0.16 leaves per rank (models/sdpa_attention.SharedRopeKeyGrad)."""
-    import json
-    import shutil
-
-    ckpt, data = str(tmp_path / family), os.path.join(moe_models, "tokens")
-    shutil.copytree(os.path.join(moe_models, family, "mcore"), ckpt)
-    config_path = os.path.join(ckpt, "hf", "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    with open(config_path, "w") as f:
-        json.dump({**config, AUX_LOSS_KEYS[family]: 0.0}, f)
+    ckpt = harness.without_aux_loss({family: os.path.join(moe_models, family)},
+                                    str(tmp_path))[family]
+    data = os.path.join(moe_models, "tokens")
     one = harness.run(train_losses, 1, ckpt, data, iters=8, lr=5e-3)[0]
     two = harness.run(train_losses, 2, ckpt, data, iters=8, lr=5e-3, tp=2, sp=True)[0]
     assert sum(two[-3:]) / 3 < two[0] - 0.5, two

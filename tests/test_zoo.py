@@ -129,11 +129,6 @@ def test_greedy_generation_equals_the_oracle(zoo_models):
 
 
 # ---- gradients at TP=2 -----------------------------------------------------------------------
-# The load-balancing loss is left out (set to 0 in a copy of the checkpoint): Megatron-Core
-# computes it per sequence slice under sequence parallelism, so it is not TP=1's by design.
-AUX_LOSS_KEYS = ("router_aux_loss_coef", "aux_loss_alpha")
-
-
 def _gradients(dirs: dict[str, str], data: str, tp: int, pp: int = 1) -> dict[str, dict | None]:
     """In a worker: each case's gradients of one global batch of pretraining at TP=tp (with
     sequence parallelism at tp > 1) and PP=pp, by HF tensor name: the trainer's reduced
@@ -168,22 +163,10 @@ def test_gradients_at_tp2_with_sp_and_pp2_equal_tp1(zoo_models, tmp_path):
     Tolerance: fp32 reduction order (TP-split matmuls, SP reduce-scatters, pipeline stages)
     moves a gradient by at most ~2e-5 of its tensor's largest entry here; 1e-4 of it (+1e-6)
     is allowed; the MLA bug was 6e-4."""
-    import json
-    import shutil
-
     import numpy as np
 
-    dirs = {}
-    for name, root in zoo_models.items():
-        mcore = os.path.join(root, "mcore")
-        with open(os.path.join(mcore, "hf", "config.json")) as f:
-            config = json.load(f)
-        if any(config.get(k) for k in AUX_LOSS_KEYS):
-            mcore = str(tmp_path / name)
-            shutil.copytree(os.path.join(root, "mcore"), mcore)
-            with open(os.path.join(mcore, "hf", "config.json"), "w") as f:
-                json.dump({**config, **{k: 0.0 for k in AUX_LOSS_KEYS if k in config}}, f)
-        dirs[name] = mcore
+    # The load-balancing loss is left out (harness.without_aux_loss).
+    dirs = harness.without_aux_loss(zoo_models, str(tmp_path))
     data = str(tmp_path / "tokens")
     harness.run(harness.make_token_dataset, 1, data)
     (one,) = harness.run(_gradients, 1, dirs, data, 1)
