@@ -371,6 +371,26 @@ def _export_actor(save: str, out: str, start: str) -> dict:
             "moved": max((after[k] - v).abs().max().item() for k, v in before.items())}
 
 
+def test_ppo_killed_between_the_critic_and_actor_saves_resumes_exactly(llama_models, prompts,
+                                                                        tmp_path):
+    """A PPO step saves the critic, then the actor, whose tracker marks the step saved. Killed
+    inside the actor's save of step 3 (the critic's step 3 already published), the run resumes
+    from step 2 for both: the same rollouts and losses as the uninterrupted run."""
+    load = os.path.join(llama_models["llama2"], "mcore")
+    keys = ["rollout digest", "reward mean", "policy loss", "value loss", "kl", "grad_norm"]
+    extra = ("--algorithm", "ppo", "--num-samples-per-prompt", "4")
+    (straight,) = harness.run(_run, 1, load, prompts, 4, extra)
+    save = str(tmp_path / "run")
+    # Saves: critic 1, actor 1, critic 2, actor 2, critic 3, actor 3 (the 6th: killed).
+    code = harness.run_killed_in_save(6, _run, load, prompts, 4,
+                                      extra + ("--save", save, "--save-interval", "1"))
+    assert code == -9, code  # really killed
+    (resumed,) = harness.run(_run, 1, save, prompts, 4, extra + ("--save", save))
+    assert len(resumed) == 2, resumed
+    for a, b in zip(resumed, straight[2:], strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
 LORA = ("--lora-rank", "4", "--lora-alpha", "8")
 LORA_KEYS = ["rollout digest", "reward mean", "policy loss", "kl", "grad_norm", "entropy"]
 

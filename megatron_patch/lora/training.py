@@ -112,7 +112,9 @@ def setup(t: Any) -> TrainingAdapters | None:
             raise ValueError(f"--lora-* flags {flags} differ from the LoRA checkpoint {a.load}'s "
                              f"{config}; leave them out to resume")
     else:
-        base, base_iteration = a.load, checkpoint.latest_iteration(a.load)
+        from megatron_patch.training.checkpointing import load_iteration
+
+        base, base_iteration = a.load, load_iteration(a)
     if a.save and os.path.abspath(a.save) == os.path.abspath(base):
         raise ValueError(f"--save {a.save} is the base checkpoint the adapters belong to: save "
                          "the LoRA checkpoint elsewhere (it refers to the base by path)")

@@ -58,7 +58,13 @@ def critic_args(args: argparse.Namespace, trainer_args: argparse.Namespace, resu
     c = copy.copy(trainer_args)
     c.train_mode = CriticMode.name
     if resumed:
+        from megatron_patch import checkpoint
+
         c.load, c.finetune = os.path.join(args.load, CRITIC_DIR), False
+        # The actor's tracker, written last, marks a step saved: a run killed between the two
+        # saves holds a critic one step ahead, which the resumed run redoes and overwrites.
+        c.ckpt_step = checkpoint.latest_iteration(args.load)
+        c.overwrite_checkpoints = True
     else:
         c.load, c.finetune = args.reward_model or args.load, True
     c.save = os.path.join(args.save, CRITIC_DIR) if args.save else None

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--load", help="checkpoint to start from: a converted model (fresh run) or a "
                                   "training checkpoint (resumed exactly)")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration of --load instead of the one its tracker names")
     g.add_argument("--save", help="where to save checkpoints")
     g.add_argument("--save-interval", type=positive_int, default=None)
     g.add_argument("--no-load-optim", action="store_true")

@@ -227,13 +227,18 @@ def _check_schedule(a: argparse.Namespace, given: dict[str, Any], saved: dict[st
                          "--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
 
 
+def load_iteration(a: argparse.Namespace) -> int | str:
+    """The iteration of --load to start from: --ckpt-step, else the tracker's."""
+    return a.ckpt_step if a.ckpt_step is not None else checkpoint.latest_iteration(a.load)
+
+
 def load(t: Trainer) -> None:
     """Load --load: the weights only for a converted model ("release") or with --finetune;
     otherwise resume the saved run exactly (optimizer, schedule, data position, RNG)."""
     from megatron.core import dist_checkpointing
 
     a = t.args
-    iteration = checkpoint.latest_iteration(a.load)
+    iteration = load_iteration(a)
     common = dist_checkpointing.load_common_state_dict(
         checkpoint.existing_iteration_dir(a.load, iteration))  # pickles verified first
     if t.lora is not None and not t.lora.resumed:
