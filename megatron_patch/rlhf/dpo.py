@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ import torch
 
 from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
 from megatron_patch.training.modes import LossOutput
-
-log = logging.getLogger("megatron_patch.train")
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -161,25 +158,6 @@ class DPOMode(PreferencePairsMode):
                              "a resumed run keeps it (leave --ref-load out)")
         self.reference_source = saved
 
-    def _build_reference(self) -> torch.nn.Module:
-        from megatron_patch import checkpoint
-        from megatron_patch.training import checkpointing
-
-        t, source = self.trainer, self.reference_source
-        flag = "--ref-load" if t.args.ref_load else "the recorded reference"
-        if differ := checkpointing.model_differences(t, source["load"]):
-            raise ValueError(f"{flag} {source['load']} holds another model than the policy "
-                             f"(--load {t.args.load}): {'; '.join(differ[:6])}; the reference "
-                             "must be the policy's model (its starting weights)")
-        # Weights come from the checkpoint: no initialisation (which would also draw from the
-        # RNG streams a resumed run must find as they were saved).
-        _, model = t.build_module(perform_initialization=False)
-        checkpoint.load_model(source["load"], model, source["iteration"])
-        model.requires_grad_(False)
-        model.eval()
-        log.info("DPO reference: %s (iteration %s)", source["load"], source["iteration"])
-        return model
-
     def shares_the_policy(self) -> bool:
         """Under LoRA a reference that is the adapters' base is the policy with its adapters
         off (peft's `disable_adapter`, as TRL does): no second copy of the model is held."""
@@ -193,7 +171,10 @@ class DPOMode(PreferencePairsMode):
 
             return self.trainer.model, lora.disabled(self.trainer.model)
         if self.reference is None:
-            self.reference = self._build_reference()
+            source = self.reference_source
+            self.reference = self.trainer.frozen_copy(
+                source["load"], source["iteration"],
+                "--ref-load" if self.trainer.args.ref_load else "the recorded reference")
         return self.reference, contextlib.nullcontext()
 
     def before_schedule(self, dataset: Any, consumed: int, forward_only: bool) -> None:

@@ -129,8 +129,11 @@ class RLTrainer:
         # Under LoRA a reference that is the adapters' base is the policy with its adapters off.
         self.reference_is_base = (a.kl_coef > 0 and t.lora is not None
                                   and t.lora.adapts(**self.reference_source))
-        self.reference = (self._build_reference()
-                          if a.kl_coef > 0 and not self.reference_is_base else None)
+        self.reference = None
+        if a.kl_coef > 0 and not self.reference_is_base:
+            self.reference = t.frozen_copy(
+                self.reference_source["load"], self.reference_source["iteration"],
+                "--ref-load" if a.ref_load else "the reference")
         self.critic = None
         if self.ppo:
             from megatron_patch.rlhf import ppo
@@ -183,16 +186,6 @@ class RLTrainer:
         return self.trainer.iteration // self.updates_per_step
 
     # ---- models ------------------------------------------------------------------------
-    def _build_reference(self) -> torch.nn.Module:
-        """A frozen copy of the starting policy (same layout, no gradients, no optimizer)."""
-        # Weights come from the checkpoint: no initialisation (which would also draw from the
-        # RNG streams a resumed run must find as they were saved).
-        _, module = self.trainer.build_module(perform_initialization=False)
-        checkpoint.load_model(self.reference_source["load"], module,
-                              self.reference_source["iteration"])
-        module.requires_grad_(False)
-        return module
-
     @property
     def has_reference(self) -> bool:
         return self.reference is not None or self.reference_is_base

@@ -153,6 +153,26 @@ class Trainer:
         (module,) = built.chunks
         return built.config, module
 
+    def frozen_copy(self, load: str, iteration: int | str, flag: str) -> torch.nn.Module:
+        """A frozen copy of the run's model (a reference model) with the weights of checkpoint
+        `load` at `iteration`: same layout, no gradients, no optimizer, in eval mode. A
+        checkpoint of another model is refused naming `flag`."""
+        from megatron_patch import checkpoint
+        from megatron_patch.training import checkpointing
+
+        if differ := checkpointing.model_differences(self, load):
+            raise ValueError(f"{flag} {load} holds another model than the policy "
+                             f"(--load {self.args.load}): {'; '.join(differ[:6])}; the reference "
+                             "must be the policy's model (its starting weights)")
+        # Weights come from the checkpoint: no initialisation (which would also draw from the
+        # RNG streams a resumed run must find as they were saved).
+        _, module = self.build_module(perform_initialization=False)
+        checkpoint.load_model(load, module, iteration)
+        module.requires_grad_(False)
+        module.eval()
+        log.info("reference model: %s (iteration %s)", load, iteration)
+        return module
+
     def _setup_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
