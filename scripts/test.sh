@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Set up .venv (scripts/setup.sh), then run the test suite. Extra arguments go to pytest.
+# Set up .venv (scripts/setup.sh), lint (ruff), then run the test suite with the 15 slowest tests
+# listed. Extra arguments go to pytest.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q tests "$@"
+echo "lint: ruff check ."
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q --durations=15 tests "$@"
