@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "reward, default 0.05)")
     g.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default=None,
                    help="default: k3 for GRPO, k1 for PPO")
+    g.add_argument("--kl-bias-correction", action="store_true",
+                   help="GRPO: multiply the KL term by the importance ratio (TRL's "
+                        "use_bias_correction_kl, its default; DeepSeek-V3.2's unbiased KL "
+                        "gradient). Default off: DeepSeekMath's and verl's loss")
     g.add_argument("--adaptive-kl", action="store_true",
                    help="PPO: Ziegler et al.'s adaptive KL coefficient towards --kl-target")
     g.add_argument("--kl-target", type=float, default=6.0,
@@ -91,6 +95,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.kl_coef < 0:
         raise ValueError(f"--kl-coef must be >= 0, got {args.kl_coef}")
     args.kl_estimator = args.kl_estimator or ("k3" if grpo else "k1")
+    if args.kl_bias_correction and not grpo:
+        raise ValueError("--kl-bias-correction applies to GRPO's KL loss term; PPO's KL is in "
+                         "its rewards")
     if grpo and args.num_samples_per_prompt < 2 and not args.no_scale_rewards:
         raise ValueError("GRPO compares samples of a prompt: --num-samples-per-prompt must be "
                          ">= 2 (or pass --no-scale-rewards)")
