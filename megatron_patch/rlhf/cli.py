@@ -9,7 +9,6 @@ from megatron_patch.errors import nonnegative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from megatron_patch.prompts import PROMPT_FORMATS
     from megatron_patch.rlhf.advantages import KL_ESTIMATORS
     from megatron_patch.training import arguments
 
@@ -19,8 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prompt-data-path", required=True,
                    help="prompts: JSON lines (or a JSON list) of records with `prompt`, `text`, "
                         "`instruction` or `messages`, or a .txt file, one prompt a line")
-    g.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
-                   help="as for `megatron-patch generate`: chat renders as SFT does")
     g.add_argument("--reward-function", default=None, metavar="MODULE:FUNCTION",
                    help="rule-based reward: function(record, prompt, completion) -> number")
     g.add_argument("--reward-model", default=None, metavar="CKPT",
