@@ -263,6 +263,22 @@ def test_grpo_loss_and_gradient_equal_trls_with_and_without_kl_bias_correction(l
     assert difference > 1e-3 * np.abs(plain["grad theirs"]).max(), difference
 
 
+def test_kl_bias_correction_changes_only_the_kl_gradient_of_a_run(llama_models, prompts):
+    """Two GRPO steps through RLTrainer.train with and without --kl-bias-correction: step 1
+    starts at the reference (k3 and its gradient are 0, so is rho x k3's): the same update;
+    step 2's first mini-batch has rho == 1 (the same loss value) but not the same gradient."""
+    load = os.path.join(llama_models["llama2"], "mcore")
+    extra = ("--kl-coef", "0.5", "--lr", "2e-2")
+    (plain,) = harness.run(_run, 1, load, prompts, 2, extra)
+    (corrected,) = harness.run(_run, 1, load, prompts, 2, extra + ("--kl-bias-correction",))
+    keys = ("rollout digest", "reward mean", "policy loss", "kl")
+    assert {k: plain[0][k] for k in keys + ("grad_norm",)} == {
+        k: corrected[0][k] for k in keys + ("grad_norm",)}
+    assert {k: plain[1][k] for k in keys} == {k: corrected[1][k] for k in keys}
+    assert plain[1]["kl"] > 0, plain[1]
+    assert plain[1]["grad_norm"] != corrected[1]["grad_norm"], (plain[1], corrected[1])
+
+
 def test_kl_bias_correction_is_refused_for_ppo(llama_models, prompts):
     load = os.path.join(llama_models["llama2"], "mcore")
     with pytest.raises(ValueError, match="--kl-bias-correction applies to GRPO"):
