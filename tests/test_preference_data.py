@@ -246,3 +246,102 @@ def test_bad_records_name_file_and_line(llama_models, tmp_path):
     path, message = r["only_identical"]
     assert message.startswith(f"error: {path}: no usable preference pairs") and (
         f"(identical: {path}: record 1)" in message), message
+
+
+# ---- --prompt-format raw: TRL's standard (string) format, TRL's own preprocessing as the oracle
+
+def _trl_sequences(records: list[dict], tok) -> dict:
+    """What TRL 1.16's DPOTrainer and RewardTrainer make of the records (their _prepare_dataset,
+    with no max_length): DPO's prompt ids + each side's completion ids, and the RM's sequences."""
+    import types
+
+    from datasets import Dataset
+    from trl import DPOTrainer, RewardTrainer
+
+    dpo = DPOTrainer._prepare_dataset(
+        types.SimpleNamespace(_tokenizer=tok), Dataset.from_list(records), tok,
+        types.SimpleNamespace(dataset_num_proc=None, max_length=None,
+                              truncation_mode="keep_start"), "train")
+    rm = RewardTrainer._prepare_dataset(
+        None, Dataset.from_list(records), tok,
+        types.SimpleNamespace(dataset_num_proc=None, max_length=None), "train")
+    return {"dpo": [{side: (row["prompt_ids"] + row[f"{side}_ids"],
+                            [0] * len(row["prompt_ids"]) + [1] * len(row[f"{side}_ids"]))
+                     for side in ("chosen", "rejected")} for row in dpo],
+            "rm": [{side: row[f"{side}_ids"] for side in ("chosen", "rejected")} for row in rm]}
+
+
+def _raw_vs_trl(model_root: str, tmp: str) -> dict:
+    """Per tokenizer and record set: our pairs (ids, response mask) and TRL's."""
+    from megatron_patch.data.preference import build_preference_dataset
+
+    out = {}
+    for kind in ("plain", "chatml"):
+        tok = _tokenizer(model_root, kind)
+        # Beyond the plain pairs: a prompt ending in a space (the tokens merge across the
+        # boundary), and a side that already ends with the EOS text (TRL adds none).
+        strings = STRING_PAIRS + [
+            {"prompt": "Q: What is two plus two?\nA: ", "chosen": "4", "rejected": "five"},
+            {"prompt": "Say hi.", "chosen": " hi" + tok.eos_token, "rejected": " bye"}]
+        cases = {"strings": strings}
+        if kind == "chatml":  # message lists keep the chat template, in any format
+            cases.update(explicit=[EXPLICIT], implicit=[IMPLICIT])
+        for name, records in cases.items():
+            path = _write(os.path.join(tmp, f"raw-{kind}-{name}.jsonl"), records)
+            for prompt_format in ("raw", "auto"):
+                dataset, _ = build_preference_dataset(path, tok, 128, prompt_format=prompt_format)
+                out[f"{kind} {name} {prompt_format}"] = [
+                    {"chosen": pair[0], "rejected": pair[1]} for pair in dataset.pairs]
+            out[f"{kind} {name} trl"] = _trl_sequences(records, tok)
+    return out
+
+
+def test_raw_prompt_format_tokenizes_string_pairs_as_trl(llama_models, tmp_path):
+    (r,) = harness.run(_raw_vs_trl, 1, llama_models["llama2"], str(tmp_path))
+    for kind in ("plain", "chatml"):
+        trl = r[f"{kind} strings trl"]
+        ours = r[f"{kind} strings raw"]
+        assert len(ours) == len(trl["dpo"]) == len(trl["rm"]) == 4
+        for pair, dpo, rm in zip(ours, trl["dpo"], trl["rm"], strict=True):
+            for side in ("chosen", "rejected"):
+                ids, mask = pair[side]
+                assert list(ids) == rm[side], (kind, side, ids, rm[side])
+                # DPO: the same sequence, and the response where TRL's completion starts.
+                assert (list(ids), list(mask)) == tuple(dpo[side]), (kind, side)
+        # The default (auto: SFT's rendering of an instruction) is not TRL's string rule.
+        assert all(a["chosen"][0] != b["chosen"][0]
+                   for a, b in zip(r[f"{kind} strings auto"], ours, strict=True)), kind
+    for name in ("explicit", "implicit"):
+        trl = r[f"chatml {name} trl"]
+        for prompt_format in ("raw", "auto"):
+            (pair,) = r[f"chatml {name} {prompt_format}"]
+            for side in ("chosen", "rejected"):
+                assert list(pair[side][0]) == trl["rm"][0][side], (name, prompt_format, side)
+                assert (list(pair[side][0]), list(pair[side][1])) == tuple(trl["dpo"][0][side])
+
+
+def _dpo_trainer_pairs(model_root: str, train: str, prompt_format: str) -> dict:
+    """The training pairs of a DPO trainer built from `megatron-patch train` flags, and the
+    pairs build_preference_dataset makes of the file with that --prompt-format."""
+    import transformers
+
+    from megatron_patch.data.preference import build_preference_dataset
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.loop import Trainer
+
+    load = os.path.join(model_root, "mcore")
+    trainer = Trainer(parse_args([
+        "--train-mode", "dpo", "--load", load, "--train-data-path", train, "--seq-length", "64",
+        "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
+        "--prompt-format", prompt_format]))
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(model_root, "hf"))
+    expected, _ = build_preference_dataset(train, tok, 64, prompt_format=prompt_format)
+    return {"trainer": trainer.datasets[0].pairs, "expected": expected.pairs}
+
+
+def test_prompt_format_flag_reaches_the_training_pairs(llama_models, tmp_path):
+    train = _write(str(tmp_path / "train.jsonl"), STRING_PAIRS)
+    (raw,) = harness.run(_dpo_trainer_pairs, 1, llama_models["llama2"], train, "raw")
+    (chat,) = harness.run(_dpo_trainer_pairs, 1, llama_models["llama2"], train, "chat")
+    assert raw["trainer"] == raw["expected"] and chat["trainer"] == chat["expected"]
+    assert raw["trainer"] != chat["trainer"]

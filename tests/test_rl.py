@@ -176,6 +176,115 @@ def test_one_update_is_the_same_at_tp2_dp2_pp2_and_any_micro_batching(llama_mode
     assert torch.isfinite(torch.tensor(reference["stats"]["grad_norm"]))
 
 
+def _trl_grpo_loss(logits, labels, mask, advantages, old_logp, ref_logp, beta: float,
+                   bias_correction: bool):
+    """TRL's GRPOTrainer._compute_loss (its default loss_type "dapo": the token sum over the
+    batch's response tokens) on given logits: a stand-in model returns log softmax(logits) of
+    the labels, computed here with plain torch."""
+    import collections
+    import types
+
+    import torch
+    from trl import GRPOTrainer
+
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
+    accelerator = types.SimpleNamespace(num_processes=1, gather=lambda t: t,
+                                        reduce=lambda t, reduction: t)
+    trainer = types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=beta, loss_type="dapo", epsilon_low=0.2,
+        epsilon_high=0.2, use_vllm=False, model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, accelerator=accelerator,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics={"train": collections.defaultdict(list)},
+        args=types.SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None,
+                                   steps_per_generation=1))
+    b = labels.shape[0]
+    inputs = {"prompt_ids": torch.zeros(b, 0, dtype=torch.long),
+              "prompt_mask": torch.zeros(b, 0, dtype=torch.long),
+              "completion_ids": labels, "completion_mask": mask, "advantages": advantages,
+              "old_per_token_logps": old_logp, "ref_per_token_logps": ref_logp,
+              "num_items_in_batch": mask.sum()}
+    return GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+def _grpo_loss_vs_trl(load: str, prompts: str, correction: bool) -> dict:
+    """The GRPO actor's loss (PolicyMode.loss, the trainer built by `megatron-patch rl`'s
+    parser) and its gradient with respect to the logits, and TRL's on the same batch: fixed
+    rollouts whose old and reference log-probs are moved off the policy's (so the ratio and
+    the KL are not trivially 1 and 0) and random logits."""
+    import torch
+
+    from megatron_patch.rlhf.loop import RLTrainer
+    from megatron_patch.rlhf.rollout import pack
+
+    beta = 0.3
+    trainer = RLTrainer(_args(load, prompts, extra=(
+        "--kl-coef", str(beta), *(("--kl-bias-correction",) if correction else ()))))
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2] * 3 + [0.0, 0.0, 1.0, 1.0])
+    batch = trainer.prepare(pack(_fixed_rollouts(trainer), 24, trainer.pad), rewards,
+                            torch.ones(16, dtype=torch.bool))
+    gen = torch.Generator().manual_seed(1)
+    for key in ("old_logprobs", "ref_logprobs"):
+        batch[key] = batch[key] + 0.3 * torch.randn(batch[key].shape, generator=gen)
+    vocab = trainer.trainer.vocab_size
+    logits = torch.randn(16, 24, vocab, generator=gen)
+    ours_in = logits.clone().requires_grad_()
+    summed, count, _ = trainer.trainer.mode.loss(batch, ours_in)
+    ours = summed / count
+    ours.backward()
+    theirs_in = logits.clone().requires_grad_()
+    mask = batch["loss_mask"]
+    theirs = _trl_grpo_loss(theirs_in, batch["labels"], mask, batch["advantages"],
+                            batch["old_logprobs"], batch["ref_logprobs"], beta, correction)
+    theirs.backward()
+    return {"ours": ours.item(), "theirs": theirs.item(),
+            "grad ours": ours_in.grad.numpy().copy(), "grad theirs": theirs_in.grad.numpy().copy(),
+            "tokens": mask.sum().item()}
+
+
+def test_grpo_loss_and_gradient_equal_trls_with_and_without_kl_bias_correction(llama_models,
+                                                                               prompts):
+    import numpy as np
+
+    load = os.path.join(llama_models["llama2"], "mcore")
+    (plain,) = harness.run(_grpo_loss_vs_trl, 1, load, prompts, False)
+    (corrected,) = harness.run(_grpo_loss_vs_trl, 1, load, prompts, True)
+    for name, r in (("--kl-bias-correction off", plain), ("--kl-bias-correction", corrected)):
+        assert r["tokens"] > 20, r["tokens"]
+        # The same fp32 formulas on the same numbers, in another order of operations (and
+        # megatron's cross entropy against torch's log_softmax): rounding of ~1e-7 relative.
+        assert abs(r["ours"] - r["theirs"]) <= 1e-6, (name, r["ours"], r["theirs"])
+        scale = np.abs(r["grad theirs"]).max()
+        assert np.abs(r["grad ours"] - r["grad theirs"]).max() <= 1e-5 * scale, name
+    # The correction changes the gradient (the comparisons above can tell the two apart).
+    difference = np.abs(plain["grad theirs"] - corrected["grad theirs"]).max()
+    assert difference > 1e-3 * np.abs(plain["grad theirs"]).max(), difference
+
+
+def test_kl_bias_correction_changes_only_the_kl_gradient_of_a_run(llama_models, prompts):
+    """Two GRPO steps through RLTrainer.train with and without --kl-bias-correction: step 1
+    starts at the reference (k3 and its gradient are 0, so is rho x k3's): the same update;
+    step 2's first mini-batch has rho == 1 (the same loss value) but not the same gradient."""
+    load = os.path.join(llama_models["llama2"], "mcore")
+    extra = ("--kl-coef", "0.5", "--lr", "2e-2")
+    (plain,) = harness.run(_run, 1, load, prompts, 2, extra)
+    (corrected,) = harness.run(_run, 1, load, prompts, 2, extra + ("--kl-bias-correction",))
+    keys = ("rollout digest", "reward mean", "policy loss", "kl")
+    assert {k: plain[0][k] for k in keys + ("grad_norm",)} == {
+        k: corrected[0][k] for k in keys + ("grad_norm",)}
+    assert {k: plain[1][k] for k in keys} == {k: corrected[1][k] for k in keys}
+    assert plain[1]["kl"] > 0, plain[1]
+    assert plain[1]["grad_norm"] != corrected[1]["grad_norm"], (plain[1], corrected[1])
+
+
+def test_kl_bias_correction_is_refused_for_ppo(llama_models, prompts):
+    load = os.path.join(llama_models["llama2"], "mcore")
+    with pytest.raises(ValueError, match="--kl-bias-correction applies to GRPO"):
+        _args(load, prompts, algorithm="ppo", extra=("--kl-bias-correction",))
+
+
 def _reward_model_step(root: str, model_root: str, prompts: str) -> dict:
     """A tiny random HF Llama reward model converted, then one GRPO step scored by it: its
     rewards against transformers' scores of the same prompt + completion; and the refusals of

@@ -8,10 +8,17 @@ An implicit prompt is the longest run of messages chosen and rejected begin with
 it must start with an assistant turn. An optional numeric "margin" (how much better chosen is)
 is read for reward-model losses.
 
-Rendering is SFT's (data/sft.py): a string prompt is an instruction (chat template, or the
-Alpaca prompt when the tokenizer has none), message lists go through the chat template (or
-"### Role:" blocks). The response mask covers the completion's assistant turns and the EOS or
-end-of-turn token that closes each; the prompt, earlier turns and padding are masked.
+Rendering (`prompt_format`, the `--prompt-format` flag):
+- message lists, in every format: SFT's rendering (data/sft.py), the chat template (or
+  "### Role:" blocks without one), as TRL renders conversational records with the template;
+- string records, `chat` and `auto` (the default): the prompt is an instruction rendered as SFT
+  renders it (chat template, or the Alpaca prompt), as `generate` and `rl` render a `prompt`
+  string under `auto`, so a model fine-tuned by SFT sees its own format;
+- string records, `raw`: TRL's standard format, `prompt + chosen` as one text (with the EOS
+  token's text appended unless it already ends with it), tokenized as the tokenizer does by
+  default; the response starts where the tokenized prompt stops being a prefix of both sides.
+The response mask covers the completion's assistant turns and the EOS or end-of-turn token that
+closes each; the prompt, earlier turns and padding are masked.
 
 Each item holds, for chosen and for rejected: `*_tokens` [seq_length] (the whole sequence,
 padded), `*_loss_mask` [seq_length] aligned with next-token labels as in SFT (position t counts
@@ -111,10 +118,30 @@ def validate_pair(record: Any) -> str | None:
     return None
 
 
-def tokenize_pair(tokenizer, record: dict) -> list[tuple[list[int], list[int]]]:
-    """[(ids, response mask) of chosen, (ids, response mask) of rejected], each rendered as
-    SFT renders the same conversation."""
+def _raw_sides(tokenizer, prompt: str, completions: tuple[str, str]
+               ) -> list[tuple[list[int], list[int]]]:
+    """TRL's standard-format rule: prompt + completion (+ EOS text) tokenized whole; the
+    response is what follows the longest prefix the tokenized prompt shares with both sides
+    (a token merging across the boundary belongs to the response)."""
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError("--prompt-format raw appends the tokenizer's EOS token to each side, "
+                         "and the tokenizer has none")
+    sides = [tokenizer(prompt + c if c.endswith(eos) else prompt + c + eos)["input_ids"]
+             for c in completions]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    start = min(_shared_prefix(prompt_ids, ids) for ids in sides)
+    return [(ids, [0] * start + [1] * (len(ids) - start)) for ids in sides]
+
+
+def tokenize_pair(tokenizer, record: dict, prompt_format: str = "auto",
+                  ) -> list[tuple[list[int], list[int]]]:
+    """[(ids, response mask) of chosen, (ids, response mask) of rejected]: string records as
+    TRL tokenizes them with prompt_format "raw", else each side rendered as SFT renders the
+    same conversation."""
     prompt, chosen, rejected = split_pair(record)
+    if isinstance(prompt, str) and prompt_format == "raw":
+        return _raw_sides(tokenizer, prompt, (chosen, rejected))
     out = []
     for completion in (chosen, rejected):
         if isinstance(prompt, str):
@@ -177,13 +204,20 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
 def build_preference_dataset(path: str, tokenizer, seq_length: int, *, skip_long: bool = False,
                              skip_bad: bool = False, seed: int = 1234,
+                             prompt_format: str = "auto",
                              ) -> tuple[PreferenceDataset, PreferenceSummary]:
-    """The pairs of a preference file, and what was truncated, skipped or wrong in it.
+    """The pairs of a preference file, and what was truncated, skipped or wrong in it;
+    string records rendered per `prompt_format` (the module's docstring says how).
 
     A side longer than `seq_length` tokens is cut on the response side (the prompt is kept
     whole), or, with skip_long, its pair is dropped; a pair that keeps no response token on
     either side is dropped as too long. Malformed records fail as `file:line: reason`, or
     with skip_bad are skipped and counted."""
+    from megatron_patch.prompts import PROMPT_FORMATS
+
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got "
+                         f"{prompt_format!r}")
     located, bad = read_located_records(path, skip_bad, check=validate_pair)
     summary = PreferenceSummary(bad_records=bad)
     pairs = []
@@ -195,7 +229,7 @@ def build_preference_dataset(path: str, tokenizer, seq_length: int, *, skip_long
                 summary.identical_at.append(where)
             continue
         try:
-            sides = tokenize_pair(tokenizer, record)
+            sides = tokenize_pair(tokenizer, record, prompt_format)
         except BadRecord as e:
             if not skip_bad:
                 raise BadRecord(f"{where}: {e}") from e

@@ -152,6 +152,25 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped)
 
 
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    clip_eps: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                    kl_estimator: str = "k3", kl_bias_correction: bool = False,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's per-token loss: the clipped surrogate + kl_coef x the KL estimate to the reference
+    (none without ref_logp). With kl_bias_correction the KL term is multiplied by the (not
+    detached) ratio rho, as TRL's `use_bias_correction_kl` (DeepSeek-V3.2): on samples of the
+    old policy, rho x k3 is an unbiased estimate of KL(pi || ref) under the current policy, and
+    its gradient differs even where rho == 1. Returns (loss, rho, clipped, KL term as added)."""
+    loss, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    kl = torch.zeros_like(loss)
+    if ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp, kl_estimator)
+        if kl_bias_correction:
+            kl = kl * ratio
+        loss = loss + kl_coef * kl
+    return loss, ratio, clipped, kl
+
+
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's per-token value loss 0.5 max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2);

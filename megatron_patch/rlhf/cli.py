@@ -9,7 +9,6 @@ from megatron_patch.errors import nonnegative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from megatron_patch.prompts import PROMPT_FORMATS
     from megatron_patch.rlhf.advantages import KL_ESTIMATORS
     from megatron_patch.training import arguments
 
@@ -19,8 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prompt-data-path", required=True,
                    help="prompts: JSON lines (or a JSON list) of records with `prompt`, `text`, "
                         "`instruction` or `messages`, or a .txt file, one prompt a line")
-    g.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
-                   help="as for `megatron-patch generate`: chat renders as SFT does")
     g.add_argument("--reward-function", default=None, metavar="MODULE:FUNCTION",
                    help="rule-based reward: function(record, prompt, completion) -> number")
     g.add_argument("--reward-model", default=None, metavar="CKPT",
@@ -53,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "reward, default 0.05)")
     g.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default=None,
                    help="default: k3 for GRPO, k1 for PPO")
+    g.add_argument("--kl-bias-correction", action="store_true",
+                   help="GRPO: multiply the KL term by the importance ratio (TRL's "
+                        "use_bias_correction_kl, its default; DeepSeek-V3.2's unbiased KL "
+                        "gradient). Default off: DeepSeekMath's and verl's loss")
     g.add_argument("--adaptive-kl", action="store_true",
                    help="PPO: Ziegler et al.'s adaptive KL coefficient towards --kl-target")
     g.add_argument("--kl-target", type=float, default=6.0,
@@ -91,6 +92,9 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.kl_coef < 0:
         raise ValueError(f"--kl-coef must be >= 0, got {args.kl_coef}")
     args.kl_estimator = args.kl_estimator or ("k3" if grpo else "k1")
+    if args.kl_bias_correction and not grpo:
+        raise ValueError("--kl-bias-correction applies to GRPO's KL loss term; PPO's KL is in "
+                         "its rewards")
     if grpo and args.num_samples_per_prompt < 2 and not args.no_scale_rewards:
         raise ValueError("GRPO compares samples of a prompt: --num-samples-per-prompt must be "
                          ">= 2 (or pass --no-scale-rewards)")

@@ -29,7 +29,7 @@ class PreferencePairsMode(RecordsMode):
         a = self.trainer.args
         dataset, summary = build_preference_dataset(
             path, self.trainer.tokenizer(), a.seq_length, skip_long=a.skip_long_samples,
-            skip_bad=a.skip_bad_lines, seed=a.seed)
+            skip_bad=a.skip_bad_lines, seed=a.seed, prompt_format=a.prompt_format)
         parallel.print_rank0(summary.line(path))
         return dataset
 

@@ -35,17 +35,19 @@ class PolicyMode(TrainingMode):
         rl, a, vocab = self.rl, self.rl.args, self.trainer.vocab_size
         logp = rollout.token_logprobs(output, batch["labels"], vocab, a.temperature)
         mask = batch["loss_mask"]
-        loss, ratio, clipped = adv.clipped_surrogate(logp, batch["old_logprobs"],
-                                                     batch["advantages"], a.clip_eps)
+        ref_logp = batch["ref_logprobs"] if rl.has_reference else None
+        if rl.ppo:  # PPO has the KL in its rewards: here it is only reported
+            loss, ratio, clipped = adv.clipped_surrogate(logp, batch["old_logprobs"],
+                                                         batch["advantages"], a.clip_eps)
+            kl = (torch.zeros_like(loss) if ref_logp is None
+                  else adv.kl_estimate(logp, ref_logp, a.kl_estimator))
+        else:
+            loss, ratio, clipped, kl = adv.grpo_token_loss(
+                logp, batch["old_logprobs"], batch["advantages"], a.clip_eps, ref_logp,
+                rl.kl_controller.value, a.kl_estimator, a.kl_bias_correction)
         count = mask.sum()
         values = {"policy loss": loss, "clip fraction": clipped.float(), "ratio": ratio,
-                  "entropy": rollout.token_entropy(output, vocab, a.temperature),
-                  "kl": torch.zeros_like(loss)}
-        if rl.has_reference:
-            kl = adv.kl_estimate(logp, batch["ref_logprobs"], a.kl_estimator)
-            if not rl.ppo:  # PPO has the KL in its rewards
-                loss = loss + rl.kl_controller.value * kl
-            values["kl"] = kl
+                  "entropy": rollout.token_entropy(output, vocab, a.temperature), "kl": kl}
         reported = {name: torch.stack([(value.detach().float() * mask).sum(), count.detach()])
                     for name, value in values.items()}
         counted = mask > 0

@@ -7,6 +7,7 @@ import argparse
 from megatron_patch import logs
 from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int
 from megatron_patch.lora import training as lora_training
+from megatron_patch.prompts import PROMPT_FORMATS
 from megatron_patch.training import metrics
 from megatron_patch.training.modes import MODES, mode_class
 
@@ -114,6 +115,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="drop samples longer than --seq-length instead of truncating them")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed SFT records (counted) instead of failing")
+
+    g = p.add_argument_group("prompts of preference pairs (rm, dpo) and of megatron-patch rl")
+    g.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="how a string prompt is rendered. raw: the text as it is (preference "
+                        "pairs: prompt + chosen / rejected + EOS as one text, TRL's standard "
+                        "format); chat: as SFT renders an instruction (chat template, else the "
+                        "Alpaca prompt); auto: chat for preference pairs, and for rl as for "
+                        "`megatron-patch generate` (raw for `text` records and .txt files). "
+                        "Message lists always use the chat template")
 
     g = p.add_argument_group("reward models (--train-mode rm; TRL's names)")
     g.add_argument("--center-rewards-coefficient", type=float, default=None,
