@@ -6,8 +6,11 @@ prompt, so both score the same token sequences), same batch, beta, learning rate
 AdamW settings and gradient clipping, fp32 on CPU, one process each, one after the other in one
 run. Both compute the reference log-probs every step with a frozen copy of the starting model
 (TRL's default `precompute_ref_log_probs=False`; ours: a forward-only pass before the policy's
-step). Prints the median seconds per step of each and the ratio TRL / ours (target: >= 1.0x),
-and both first-step losses (ln 2 = 0.693147 for both: the policy starts as the reference).
+step). Both run with --threads torch threads, read during every timed step of each, and the
+run stops if they differ (accelerate sets torch's thread count when it takes the process for one
+rank of a CPU launch). Prints the median seconds per step of each and the ratio TRL / ours
+(target: >= 1.0x), the threads, and both first-step losses (ln 2 = 0.693147 for both: the policy
+starts as the reference).
 Not part of CI; needs `trl` (the test extra).
 
     python benchmarks/dpo_bench.py
@@ -92,8 +95,9 @@ def main() -> None:
         str(args.batch_size), "--train-iters", str(args.steps), "--dpo-beta", str(args.beta),
         "--log-interval", "1000", "--eval-interval", "1000000", *common]))
     ours.model.train()
-    ours_times, ours_first = [], None
+    ours_times, ours_first, ours_threads = [], None, set()
     for _ in range(args.steps):
+        ours_threads.add(torch.get_num_threads())
         start = time.perf_counter()
         stats = ours.train_step()
         ours_times.append(time.perf_counter() - start)
@@ -107,9 +111,11 @@ def main() -> None:
     class StepTimer(transformers.TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.threads: set[int] = set()
             self.start = 0.0
 
         def on_step_begin(self, *_, **__) -> None:
+            self.threads.add(torch.get_num_threads())
             self.start = time.perf_counter()
 
         def on_step_end(self, *_, **__) -> None:
@@ -129,6 +135,9 @@ def main() -> None:
                         train_dataset=datasets.Dataset.from_list(rendered), callbacks=[timer])
     theirs.train()
     trl_first = next(e["loss"] for e in theirs.state.log_history if "loss" in e)
+    if ours_threads != timer.threads or len(ours_threads) != 1:
+        raise SystemExit(f"torch threads differ: ours {sorted(ours_threads)}, TRL "
+                         f"{sorted(timer.threads)}; the timings would not compare")
 
     ours_step = statistics.median(ours_times[args.warmup:])
     trl_step = statistics.median(timer.times[args.warmup:])
@@ -137,6 +146,7 @@ def main() -> None:
         "batch_pairs": args.batch_size, "seq_length": seq, "steps_timed": args.steps - args.warmup,
         "ours_s_per_step": round(ours_step, 4), "trl_s_per_step": round(trl_step, 4),
         "speedup_trl_over_ours": round(trl_step / ours_step, 2),
+        "torch_threads": {"ours": min(ours_threads), "trl": min(timer.threads)},
         "first_loss": {"ours": ours_first, "trl": trl_first}}, indent=1))
 
 

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
 from megatron_patch import cpu_mode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
@@ -24,7 +17,8 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
 
     Without CUDA (or with MEGATRON_PATCH_CPU=1) this first switches CPU mode on. Under torchrun
     the usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables are used;
-    a process started without them becomes a world of one. expert_tensor_parallel_size:
+    a process started without them becomes a world of one, and the environment is left as it
+    is. expert_tensor_parallel_size:
     Megatron-Core's (default: TP); a model with expert biases (GPT-OSS) needs 1
     (models.expert_tensor_parallel_size).
     """
@@ -39,13 +33,17 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     if launch.under_torchrun():
         launch.exit_with_parent()  # a worker must not outlive torchrun
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         backend = "gloo" if cpu_mode.is_enabled() else "nccl"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend)
+        if "RANK" in os.environ:
+            torch.distributed.init_process_group(backend=backend)
+        else:
+            # A world of one through an in-process store, not the launcher's variables: set in
+            # os.environ they would tell other libraries in this process (accelerate, and so
+            # transformers' and TRL's trainers) that it is one rank of a distributed launch.
+            torch.distributed.init_process_group(
+                backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     world = torch.distributed.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world % model_parallel:

@@ -1,5 +1,7 @@
 """The CPU platform: each patch does its job, only where wanted, once."""
 
+import os
+
 import harness
 
 
@@ -119,3 +121,65 @@ def test_importing_the_library_patches_nothing():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# What torchrun (and the test harness's workers) set; a plain `python script.py` has none.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "OMP_NUM_THREADS")
+
+
+def _lone_process_state(model_root: str, train: str) -> dict:
+    """In a worker made a plain process (no launcher variables, no OMP_NUM_THREADS, as a
+    script that trains with transformers or TRL after megatron-patch): os.environ and torch's
+    thread count before, after parallel.initialize, after a DPO step through the Trainer, and
+    what accelerate then concludes about this process."""
+    import torch
+
+    from megatron_patch import parallel
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.loop import Trainer
+
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+    threads = torch.get_num_threads() + 2  # neither this worker's 1 nor a core count it derives
+    torch.set_num_threads(threads)
+    states = {"before": (dict(os.environ), threads)}
+    parallel.initialize()
+    parallel.destroy()
+    states["initialize"] = (dict(os.environ), torch.get_num_threads())
+    trainer = Trainer(parse_args([
+        "--train-mode", "dpo", "--load", os.path.join(model_root, "mcore"),
+        "--train-data-path", train, "--seq-length", "64", "--micro-batch-size", "2",
+        "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-4",
+        "--eval-interval", "100", "--log-interval", "100"]))
+    trainer.train()
+    parallel.destroy()
+    states["trainer"] = (dict(os.environ), torch.get_num_threads())
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    states["accelerate"] = (dict(os.environ), torch.get_num_threads())
+    return {"states": states, "accelerate": [str(state.distributed_type), state.num_processes]}
+
+
+def test_a_lone_process_leaves_the_environment_and_thread_count_alone(llama_models, tmp_path):
+    """parallel.initialize and a Trainer run in a process without a launcher change neither
+    os.environ nor torch's thread count; so accelerate (transformers', TRL's trainers) run after
+    them in the same process sees a single process, and keeps the thread count (it sets it for
+    what it takes to be one rank of a CPU launch)."""
+    import json
+
+    from megatron_patch.tiny import QA
+
+    train = str(tmp_path / "pairs.jsonl")
+    with open(train, "w") as f:
+        for i, (q, a) in enumerate(QA[:2]):
+            f.write(json.dumps({"prompt": q, "chosen": a, "rejected": QA[i + 1][1]}) + "\n")
+    (r,) = harness.run(_lone_process_state, 1, llama_models["llama2"], train)
+    env, threads = r["states"]["before"]
+    for step in ("initialize", "trainer", "accelerate"):
+        after, after_threads = r["states"][step]
+        changed = {k: (env.get(k), after.get(k)) for k in env.keys() | after.keys()
+                   if env.get(k) != after.get(k)}
+        assert not changed and after_threads == threads, (step, changed, threads, after_threads)
+    assert r["accelerate"] == ["DistributedType.NO", 1], r["accelerate"]

@@ -172,3 +172,77 @@ def test_chat_template_trains_on_assistant_turns_only(llama_models):
     assert r["trained"] == "4</s>6</s>", r
     assert r["full"].startswith("<|system|>Be brief.</s><|user|>What is two plus two?</s>")
     assert r["prompt"] == "<|system|>Be brief.</s><|user|>What is two plus two?</s><|assistant|>"
+
+
+# ---- epochs: a fresh shuffle each pass, read alike by every split and by a resumed run ------
+
+def _read_order(kind: str, size: int, gbs: int, batches: int, first: int, mbs: int,
+                dp: int) -> list[int]:
+    """In a worker: the samples (by number) global batches first..batches-1 of a run read from
+    a new dataset of `size` numbered samples, split into micro-batches of mbs on dp ranks."""
+    from megatron_patch.data import sft
+    from megatron_patch.data.preference import PreferenceDataset
+    from megatron_patch.training.data import microbatches
+
+    sft._epoch_order.cache_clear()  # as in a new process (a resumed run)
+    if kind == "sft":  # sample k's first token is k + 1
+        dataset = sft.SFTDataset([([k + 1, 0], [0, 1]) for k in range(size)], 4, 0, pack=False,
+                                 seed=3)
+    else:  # pair k's margin is k
+        dataset = PreferenceDataset([(([k + 1, 0], [0, 1]), ([k + 1, 1], [0, 1]), float(k))
+                                     for k in range(size)], 4, 0, seed=3)
+    order = []
+    for b in range(first, batches):
+        # The global batch's sample g: micro-batch step g // (mbs * dp), rank (g // mbs) % dp.
+        found: dict[int, int] = {}
+        for rank in range(dp):
+            steps = microbatches(dataset, b * gbs, mbs, gbs // (mbs * dp), rank, dp)
+            for m, batch in enumerate(steps):
+                numbers = (batch["tokens"][:, 0] - 1 if kind == "sft" else batch["margin"])
+                for j, k in enumerate(numbers.tolist()):
+                    found[m * mbs * dp + rank * mbs + j] = int(k)
+        order += [found[g] for g in range(gbs)]
+    return order
+
+
+@pytest.mark.parametrize("kind", ["sft", "pairs"])
+def test_each_epoch_is_a_new_shuffle_whatever_the_split_and_on_resume(kind):
+    # 10 samples, 4 a step, 8 steps: 3 epochs and 2 samples; epochs end inside global batches.
+    size, gbs, batches = 10, 4, 8
+    (whole,) = harness.run(_read_order, 1, kind, size, gbs, batches, 0, gbs, 1)
+    epochs = [whole[e * size:(e + 1) * size] for e in range(3)]
+    assert all(sorted(e) == list(range(size)) for e in epochs), whole
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2], epochs
+    for mbs, dp in ((2, 1), (1, 1), (2, 2), (1, 2), (1, 4)):
+        (split,) = harness.run(_read_order, 1, kind, size, gbs, batches, 0, mbs, dp)
+        assert split == whole, (mbs, dp, split, whole)
+    # Resumed after step 3 (12 samples read: inside epoch 1) from a newly built dataset.
+    for mbs, dp in ((gbs, 1), (1, 2)):
+        (resumed,) = harness.run(_read_order, 1, kind, size, gbs, batches, 3, mbs, dp)
+        assert resumed == whole[3 * gbs:], (mbs, dp, resumed, whole)
+
+
+def _epoch_losses(load: str, train: str, save: str, exit_at: int | None = None) -> list[float]:
+    """In a worker: the step losses of 3 epochs of the 6 records, 2 a step, at learning rate 0
+    (each loss then depends on its batch alone), from `load`."""
+    from megatron_patch.training.loop import Trainer
+
+    extra = ("--lr-decay-style", "constant", "--save", save,
+             *(("--exit-interval", str(exit_at)) if exit_at else ()))
+    trainer = Trainer(harness.sft_args(load, train, iters=9, mbs=1, gbs=2, lr=0.0, extra=extra))
+    return [s["loss"] for s in trainer.train()]
+
+
+def test_epochs_train_on_new_batches_and_a_resume_mid_epoch_continues_them(llama_models,
+                                                                          tmp_path):
+    train = str(tmp_path / "train.jsonl")
+    harness.write_sft_records(train)  # 6 records: 3 steps an epoch
+    start = os.path.join(llama_models["llama2"], "mcore")
+    (straight,) = harness.run(_epoch_losses, 1, start, train, str(tmp_path / "straight"))
+    # The weights do not move: a step repeating a batch of the previous epoch repeats its loss.
+    assert len(straight) == 9 and straight[3:6] != straight[0:3], straight
+    assert straight[6:9] != straight[3:6], straight
+    stopped = str(tmp_path / "stopped")
+    (first,) = harness.run(_epoch_losses, 1, start, train, stopped, 4)  # inside epoch 1
+    (rest,) = harness.run(_epoch_losses, 1, stopped, train, stopped)
+    assert first + rest == straight, (first, rest, straight)

@@ -3,6 +3,7 @@
 import os
 
 import harness
+import pytest
 from harness import train_losses, training_args
 
 
@@ -243,3 +244,65 @@ def test_bf16_and_fp16_with_dynamic_loss_scaling(llama_models, tmp_path):
     assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1, fp16
 
 
+
+
+def _logged_tokens(model_root: str, train: str, mode: str) -> dict:
+    """In a worker: two logged steps of `mode` (2 samples a step, 1 per micro-batch), on a clock
+    that advances one second per training step, so that the logged tokens/s is the token count
+    of one step; and a hand count of the tokens in the first global batch the model is given."""
+    import contextlib
+    import io
+    import re
+    import types
+
+    from megatron_patch.training import data as train_data
+    from megatron_patch.training import loop
+    from megatron_patch.training.arguments import parse_args
+
+    trainer = loop.Trainer(parse_args([
+        "--train-mode", mode, "--load", os.path.join(model_root, "mcore"),
+        "--train-data-path", train, "--seq-length", "64", "--micro-batch-size", "1",
+        "--global-batch-size", "2", "--train-iters", "2", "--lr", "1e-4",
+        "--eval-interval", "100", "--log-interval", "1"]))
+    # Every token of every sequence of the batch (an SFT sample's `tokens`; a pair's
+    # `chosen_tokens` and `rejected_tokens`), padding included, as tokens/s counts them.
+    batch_tokens = sum(tensor.numel()
+                       for micro in train_data.microbatches(trainer.datasets[0], 0, 1, 2, 0, 1)
+                       for name, tensor in micro.items() if name.endswith("tokens"))
+    clock = [0.0]
+    train_step = trainer.train_step
+
+    def timed_step() -> dict:
+        clock[0] += 1.0
+        return train_step()
+
+    trainer.train_step = timed_step
+    loop.time = types.SimpleNamespace(time=lambda: clock[0])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer.train()
+    logged = [(int(m[1]), float(m[2])) for m in re.finditer(
+        r"consumed tokens (\d+) \|.*\| tokens/s ([\d.]+)", printed.getvalue())]
+    return {"batch_tokens": batch_tokens, "logged": logged}
+
+
+@pytest.mark.parametrize("mode", ["dpo", "rm", "finetune"])
+def test_consumed_tokens_count_the_tokens_tokens_per_second_counts(llama_models, tmp_path, mode):
+    """A preference pair puts two sequences through the model: both count, in the consumed
+    tokens as in tokens/s (SFT, one sequence a sample, for comparison)."""
+    import json
+
+    from megatron_patch.tiny import QA
+
+    train = str(tmp_path / "train.jsonl")
+    if mode == "finetune":
+        harness.write_sft_records(train, 4)
+    else:
+        with open(train, "w") as f:
+            for i, (q, a) in enumerate(QA[:4]):
+                f.write(json.dumps({"prompt": q, "chosen": a, "rejected": QA[i + 1][1]}) + "\n")
+    (r,) = harness.run(_logged_tokens, 1, llama_models["llama2"], train, mode)
+    sequences = 1 if mode == "finetune" else 2
+    assert r["batch_tokens"] == 2 * sequences * 64, r  # 2 samples of `sequences` x 64 tokens
+    assert r["logged"] == [(r["batch_tokens"], r["batch_tokens"]),
+                           (2 * r["batch_tokens"], r["batch_tokens"])], r

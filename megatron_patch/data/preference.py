@@ -32,7 +32,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -176,6 +176,8 @@ Side = tuple[list[int], list[int]]
 
 class PreferenceDataset(torch.utils.data.Dataset):
     """Tokenized pairs, padded to the sequence length, shuffled per epoch as SFT data is."""
+
+    epoch_shuffled: ClassVar[bool] = True  # training.data.microbatches passes i unreduced
 
     def __init__(self, pairs: list[tuple[Side, Side, float]], seq_length: int, pad_id: int,
                  seed: int = 1234) -> None:

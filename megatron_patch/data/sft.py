@@ -22,7 +22,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -245,7 +245,10 @@ def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Fixed-length training sequences built from tokenized samples, shuffled per epoch."""
+    """Fixed-length training sequences built from tokenized samples, shuffled per epoch: item
+    i is the (i mod len)-th of epoch i // len's order, for any i >= 0."""
+
+    epoch_shuffled: ClassVar[bool] = True  # training.data.microbatches passes i unreduced
 
     def __init__(self, samples: list[tuple[list[int], list[int]]], seq_length: int, pad_id: int,
                  pack: bool, seed: int = 1234) -> None:

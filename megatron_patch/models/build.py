@@ -4,7 +4,9 @@ the parallel-layout check, and "the model of an HF config or of a checkpoint" (`
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,6 +220,25 @@ def _moe_config(args: ModelArgs) -> dict[str, Any]:
     )
 
 
+# Megatron-Core's LanguageModule constructor writes Transformer Engine's attention opt-outs into
+# os.environ (all "1" for its default backend, "auto", which Transformer Engine also assumes when
+# they are unset); a library must leave the process environment as it found it.
+_TE_ATTENTION_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@contextlib.contextmanager
+def _environment_kept(names: tuple[str, ...]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
                 padded_vocab_size: int | None = None, pre_process: bool | None = None,
                 post_process: bool | None = None, vp_stage: int | None = None,
@@ -238,22 +259,23 @@ def build_model(args: ModelArgs, config, hf_config: dict[str, Any], *,
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage,
-                                          transformer_impl, args, core_attention),
-        vocab_size=padded_vocab_size or args.vocab_size,
-        max_sequence_length=args.max_sequence_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
-        # ALiBi lives in the attention (models/alibi.py), not in the embedding.
-        position_embedding_type=("none" if args.position_embedding_type == "alibi"
-                                 else args.position_embedding_type),
-        rotary_percent=args.rotary_percent,
-        vp_stage=vp_stage,
-    )
+    with _environment_kept(_TE_ATTENTION_VARIABLES):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec(config, args.qk_layernorm, vp_stage,
+                                              transformer_impl, args, core_attention),
+            vocab_size=padded_vocab_size or args.vocab_size,
+            max_sequence_length=args.max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
+            # ALiBi lives in the attention (models/alibi.py), not in the embedding.
+            position_embedding_type=("none" if args.position_embedding_type == "alibi"
+                                     else args.position_embedding_type),
+            rotary_percent=args.rotary_percent,
+            vp_stage=vp_stage,
+        )
     _replace_parts(model, args, pre_process, post_process)
     if not cpu_mode.is_enabled():
         # Megatron-Core allocates its own layers on the current GPU; ours (norms) are moved

@@ -91,13 +91,20 @@ def microbatches(dataset, consumed_samples: int, micro_batch_size: int, num_micr
     Sample order depends only on `consumed_samples`, so a run resumed from a checkpoint reads
     exactly the samples it would have read, and the same global batch is seen whatever the DP
     size: each microbatch step takes `micro_batch_size * dp_size` consecutive samples.
+
+    A dataset with `epoch_shuffled` set (SFT sequences, preference pairs) is given the run's
+    sample count itself, past its length, so that each pass over it (epoch) is a fresh
+    shuffle; any other dataset (megatron's GPTDataset, sized for the whole run; a rollout
+    batch) is read from its start again.
     """
     from megatron_patch import cpu_mode
 
     device = cpu_mode.device()
     step = micro_batch_size * dp_size
+    wraps = not getattr(dataset, "epoch_shuffled", False)
     for m in range(num_microbatches):
         start = consumed_samples + m * step + dp_rank * micro_batch_size
-        samples = [dataset[(start + i) % len(dataset)] for i in range(micro_batch_size)]
+        indices = range(start, start + micro_batch_size)
+        samples = [dataset[i % len(dataset) if wraps else i] for i in indices]
         yield {k: torch.stack([s[k] for s in samples]).to(device, non_blocking=True)
                for k in samples[0]}

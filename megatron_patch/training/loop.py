@@ -314,7 +314,9 @@ class Trainer:
         a = self.args
         history = []
         self.model.train()
-        tokens_per_iter = self.global_batch_size * self.mode.sequences_per_sample * a.seq_length
+        # Every sequence a sample puts through the model (both sides of a preference pair).
+        tokens_per_sample = self.mode.sequences_per_sample * a.seq_length
+        tokens_per_iter = self.global_batch_size * tokens_per_sample
         flops_per_token = metrics.flops_per_token(self.model_args, self.meta.padded_vocab_size,
                                                   a.seq_length)
         start = window_start = time.time()
@@ -330,7 +332,7 @@ class Trainer:
                 eta = (time.time() - start) / self.iteration * (self.train_iters - self.iteration)
                 metrics.log_iteration(
                     self.writer, stats, iteration=self.iteration, train_iters=self.train_iters,
-                    consumed_tokens=self.consumed_samples * a.seq_length,
+                    consumed_tokens=self.consumed_samples * tokens_per_sample,
                     metric_names=self.mode.metric_names, eta=eta)
                 window_start, window_iters = time.time(), 0
             if a.eval_interval and self.iteration % a.eval_interval == 0:
