@@ -427,9 +427,9 @@ def test_resume_refuses_what_contradicts_the_checkpoint(llama_models, tmp_path):
 # ---- issue 28, 3: a base or reference replaced at its recorded path -----------------------
 
 def _replaced_base_cases(root: str, ckpt: str, data: str) -> dict:
-    """A LoRA run, a DPO run and a GRPO run (KL to the reference) from a copy of `ckpt`, then
-    that copy replaced by another model of the same architecture and shape (other weights):
-    resuming each, and exporting the LoRA run merged, must refuse."""
+    """A LoRA run, a DPO run, a GRPO and a PPO run (KL to the reference) from a copy of `ckpt`,
+    then that copy replaced by another model of the same architecture and shape (other
+    weights): resuming each, and exporting the LoRA run merged, must refuse."""
     import logging
 
     from megatron_patch import tiny
@@ -444,7 +444,7 @@ def _replaced_base_cases(root: str, ckpt: str, data: str) -> dict:
     shutil.copytree(ckpt, base)
     tiny.make_hf_model(os.path.join(other, "hf"), "llama2", seed=1)
     hf_to_megatron(os.path.join(other, "hf"), os.path.join(other, "mcore"))
-    runs = {k: os.path.join(root, k) for k in ("lora", "dpo", "grpo")}
+    runs = {k: os.path.join(root, k) for k in ("lora", "dpo", "grpo", "ppo")}
     pairs = os.path.join(root, "pairs.jsonl")
     with open(pairs, "w") as f:
         for i in range(4):
@@ -464,18 +464,19 @@ def _replaced_base_cases(root: str, ckpt: str, data: str) -> dict:
                            "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3",
                            "--save", runs["dpo"], "--eval-interval", "1000"])
 
-    def grpo(load: str):
-        return rl_cli.parse_args(["--algorithm", "grpo", "--load", load,
+    def rl(algorithm: str, load: str):
+        return rl_cli.parse_args(["--algorithm", algorithm, "--load", load,
                                   "--prompt-data-path", prompts,
                                   "--reward-function", "rl_rewards:digits", "--seq-length", "16",
                                   "--max-new-tokens", "4", "--train-iters", "2",
                                   "--rollout-batch-size", "2", "--num-samples-per-prompt", "2",
                                   "--micro-batch-size", "4", "--kl-coef", "0.05",
-                                  "--save", runs["grpo"]])
+                                  "--save", runs[algorithm]])
 
     Trainer(lora(base, "--exit-interval", "1")).train()
     Trainer(dpo(base)).train()
-    RLTrainer(grpo(base)).train()
+    for algorithm in ("grpo", "ppo"):
+        RLTrainer(rl(algorithm, base)).train()
     with open(os.path.join(runs["lora"], lora_checkpoint.LORA_FILE)) as f:
         r: dict = {"recorded": json.load(f)["base"]}
     shutil.rmtree(base)
@@ -485,7 +486,8 @@ def _replaced_base_cases(root: str, ckpt: str, data: str) -> dict:
     r["merge"] = _error(lora_checkpoint.export, runs["lora"], os.path.join(root, "merged"),
                         merge=True)
     r["dpo"] = _error(Trainer, dpo(runs["dpo"]))
-    r["grpo"] = _error(RLTrainer, grpo(runs["grpo"]))
+    for algorithm in ("grpo", "ppo"):
+        r[algorithm] = _error(RLTrainer, rl(algorithm, runs[algorithm]))
     r["runs_unchanged"] = {k: _tree(v) for k, v in runs.items()} == before
     r["merged_written"] = os.path.exists(os.path.join(root, "merged"))
 
@@ -514,7 +516,7 @@ def _replaced_base_cases(root: str, ckpt: str, data: str) -> dict:
 
 
 def test_a_base_or_reference_replaced_at_its_path_is_refused(llama_models, tmp_path):
-    """Issue 28, 3: lora.json and the DPO / GRPO reference state record what their base or
+    """Issue 28, 3: lora.json and the DPO / GRPO / PPO reference state record what their base or
     reference is (architecture, fingerprint) with its path; another model at that path is
     refused naming both fingerprints, nothing written. A copy of the same checkpoint is
     accepted, and a lora.json without a fingerprint (older runs) loads with a warning."""
@@ -526,7 +528,8 @@ def test_a_base_or_reference_replaced_at_its_path_is_refused(llama_models, tmp_p
     recorded = r["recorded"].get("fingerprint")
     for case, what in (("lora", f"the base checkpoint named by {tmp_path / 'lora'}/lora.json,"),
                        ("merge", f"the base checkpoint named by {tmp_path / 'lora'}/lora.json,"),
-                       ("dpo", "the DPO reference model"), ("grpo", "the KL reference model")):
+                       ("dpo", "the DPO reference model"), ("grpo", "the KL reference model"),
+                       ("ppo", "the KL reference model")):
         message = r[case]
         assert message.startswith(f"ValueError: {what} {base} (iteration release) is not the "
                                   "model that was recorded"), (case, message)
