@@ -701,6 +701,7 @@ def _flag_cases(model_root: str, adapter: str, train: str, root: str) -> dict:
     import torch
     import transformers
 
+    from megatron_patch.cli import main
     from megatron_patch.lora import adapted
     from megatron_patch.lora import checkpoint as lora_checkpoint
     from megatron_patch.training.loop import Trainer
@@ -714,7 +715,7 @@ def _flag_cases(model_root: str, adapter: str, train: str, root: str) -> dict:
         except ValueError as e:
             return str(e)
         modules = list(adapted(trainer.module))
-        return {"config": trainer.lora.config,
+        return {"config": trainer.lora.config, "hf_name": trainer.lora.base.hf_name,
                 "dropouts": sorted({m.lora_dropout for m in modules}),
                 "adapted": sorted({m.lora_site.short(p) for m in modules for p in m.lora_parts})}
 
@@ -742,6 +743,13 @@ def _flag_cases(model_root: str, adapter: str, train: str, root: str) -> dict:
     exported = os.path.join(root, "adapter")
     lora_checkpoint.export(run, exported)
     r["exported_base"] = json.load(open(os.path.join(exported, "adapter_config.json")))[
+        "base_model_name_or_path"]
+    renamed = os.path.join(root, "renamed")
+    r["renamed_rc"] = main(["convert", "megatron-to-hf", run, renamed,
+                            "--lora-base-model-name-or-path", "org/llama-tiny"])
+    r["renamed_base"] = json.load(open(os.path.join(renamed, "adapter_config.json")))[
+        "base_model_name_or_path"]
+    r["peft_qv_base"] = json.load(open(os.path.join(adapter, "adapter_config.json")))[
         "base_model_name_or_path"]
     tokens = torch.load(os.path.join(model_root, "reference.pt"))["tokens"]
     with torch.no_grad():
@@ -773,6 +781,8 @@ def test_lora_flags_agree_with_the_adapter_or_are_refused(llama_models, peft_qv,
     assert (r["load_same"]["config"].rank, r["load_same"]["config"].alpha) == (RANK, ALPHA), r
     assert r["load_dropout"]["dropouts"] == [0.25], r["load_dropout"]
     assert r["load_dropout"]["adapted"] == theirs.split(","), r["load_dropout"]
+    # The loaded adapter's base name is kept for export (peft wrote it: the HF base directory).
+    assert r["peft_qv_base"] and r["load_same"]["hf_name"] == r["peft_qv_base"], r
 
     run = tmp_path / "run"
     assert r["resume_alpha_same"]["config"].alpha == ALPHA, r["resume_alpha_same"]
@@ -784,6 +794,8 @@ def test_lora_flags_agree_with_the_adapter_or_are_refused(llama_models, peft_qv,
     assert r["resume_dropout"].startswith("--lora-dropout 0.1: the adapter has 0.0"), r
     assert r["resume_plain"]["adapted"] == ["q_proj", "v_proj"], r["resume_plain"]
     assert r["exported_base"] == str(tmp_path / "hf base"), r["exported_base"]
+    assert r["resume_plain"]["hf_name"] == str(tmp_path / "hf base"), r["resume_plain"]
+    assert (r["renamed_rc"], r["renamed_base"]) == (0, "org/llama-tiny"), r
     # The same modules on the same weights: the two peft models compute identically.
     assert r["auto_vs_explicit"] == 0.0, r
 
