@@ -224,6 +224,49 @@ def existing_iteration_dir(root: str, iteration: int | str | None = None) -> str
     return path
 
 
+def fingerprint(root: str, iteration: int | str) -> dict[str, str]:
+    """What identifies the model saved in checkpoint `root` at `iteration`, for a reference
+    to it kept elsewhere (a LoRA checkpoint's base, a DPO/RL run's reference): its architecture
+    and the sha256 of its megatron_patch.json and of the iteration's DCP `.metadata`. That file
+    records a unique id per save, so a copy of the checkpoint keeps the fingerprint and another
+    save (even of the same architecture) changes it; reading it costs no weight I/O."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in (os.path.join(root, META), os.path.join(iteration_dir(root, iteration),
+                                                        ".metadata")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: {root} (iteration {iteration}) is not "
+                                    "a complete megatron-patch checkpoint")
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return {"architecture": read_meta(root).architecture, "fingerprint": digest.hexdigest()[:16]}
+
+
+def check_fingerprint(recorded: dict[str, Any], root: str, iteration: int | str,
+                      what: str) -> dict[str, str]:
+    """Refuse checkpoint `root` at `iteration` when it is no longer the model `recorded` (a
+    record holding `fingerprint` and `architecture`) names: another model was put at its path.
+    Returns the checkpoint's fingerprint. A record written before fingerprints existed is
+    accepted with a warning (nothing to compare with)."""
+    found = fingerprint(root, iteration)
+    if "fingerprint" not in recorded:
+        logging.getLogger(__name__).warning(
+            "%s %s (iteration %s) is accepted unchecked: it was recorded without a "
+            "fingerprint (before megatron-patch recorded them); from now on %s %s is recorded",
+            what, root, iteration, found["architecture"], found["fingerprint"])
+        return found
+    if (recorded["fingerprint"], recorded.get("architecture")) != (
+            found["fingerprint"], found["architecture"]):
+        raise ValueError(
+            f"{what} {root} (iteration {iteration}) is not the model that was recorded: "
+            f"recorded {recorded.get('architecture')} fingerprint {recorded['fingerprint']}, "
+            f"found {found['architecture']} fingerprint {found['fingerprint']} (the sha256 of "
+            f"{META} and .metadata): another checkpoint was put at that path. Put the "
+            "original back, or start a new run from this one")
+    return found
+
+
 def model_state(model) -> dict[str, Any]:
     """Megatron-LM's top-level layout: the model's sharded state under 'model'."""
     return {"model": model.sharded_state_dict(), "checkpoint_version": 3.0}

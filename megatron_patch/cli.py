@@ -18,9 +18,14 @@ def _convert(args: argparse.Namespace) -> int:
     if args.merge_lora and not lora:
         raise ValueError(f"--merge-lora: {args.src} is not a LoRA training checkpoint (it has "
                          f"no {lora_checkpoint.LORA_FILE}); only megatron-to-hf of one merges")
+    if args.lora_base_model_name_or_path and not (lora and not args.merge_lora):
+        raise ValueError("--lora-base-model-name-or-path: only the PEFT adapter exported from a "
+                         "LoRA training checkpoint (megatron-to-hf without --merge-lora) names "
+                         "its base")
     if lora:
         files = lora_checkpoint.export(args.src, args.dst, iteration=args.iteration,
-                                       merge=args.merge_lora, max_shard_size=args.max_shard_size)
+                                       merge=args.merge_lora, max_shard_size=args.max_shard_size,
+                                       base_model_name_or_path=args.lora_base_model_name_or_path)
         what = "merged HF model" if args.merge_lora else "PEFT adapter"
         print(f"{args.dst}: {what} ({', '.join(files)})")
         return 0
@@ -131,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="megatron-to-hf of a LoRA training checkpoint: write the full HF "
                               "model with the adapters merged into its weights (default: a PEFT "
                               "adapter directory, adapter_config.json + adapter_model.safetensors)")
+    convert.add_argument("--lora-base-model-name-or-path", default=None, metavar="NAME_OR_DIR",
+                         help="the exported PEFT adapter's base_model_name_or_path: the HF model "
+                              "(hub name or directory) its base was converted from (default: as "
+                              "recorded at training)")
     megatron_lm.add_arguments(convert)
     convert.set_defaults(func=_convert)
 

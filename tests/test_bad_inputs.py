@@ -72,6 +72,13 @@ def _cases() -> list[dict]:
          ["--split 0,0,0"]),
         ("train_unknown_flag", "flags", [*train, "--seq-length", "8", "--no-such-flag"],
          ["--no-such-flag"]),
+        # issue 28, 7: a LoRA flag that has nothing to apply to is refused, not dropped
+        ("train_lora_targets_without_lora", "flags",
+         [*train, "--seq-length", "8", "--lora-target-modules", "q_proj"],
+         ["--lora-target-modules", "LoRA is off"]),
+        ("convert_lora_base_name_without_lora", "flags",
+         ["convert", "megatron-to-hf", "{mcore}", "{out}/nl", "--lora-base-model-name-or-path",
+          "{hf}"], ["--lora-base-model-name-or-path", "only the PEFT adapter"]),
         ("convert_tp_0", "flags", ["convert", "hf-to-megatron", "{hf}", "{out}/m",
                                    "--tensor-model-parallel-size", "0"],
          ["--tensor-model-parallel-size", "got 0"]),

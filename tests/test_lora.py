@@ -6,6 +6,7 @@ move between layouts are compared bit for bit."""
 
 import json
 import os
+import shutil
 
 import harness
 import pytest
@@ -243,7 +244,8 @@ def _save_imported(model_root: str, adapter: str, tp: int, save: str) -> None:
 
     if torch.distributed.get_rank() == 0:
         checkpoint.copy_metadata(base, save)
-        lora_checkpoint.write_reference(save, config, base, "release")
+        lora_checkpoint.write_reference(save, config,
+                                        lora_checkpoint.BaseReference.of(base, "release"))
     checkpoint.save(save, 3, {"model": lora_checkpoint.adapter_state(model)})
 
 
@@ -688,6 +690,114 @@ def test_peft_adapter_continues_training(llama_models, peft_qv, sft_data):
     assert loaded["optimizer_names"] == sorted(
         f"decoder.layers.{i}.{m}.lora_{ab}" for i in range(4) for ab in "AB"
         for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1"))
+
+
+def _flag_cases(model_root: str, adapter: str, train: str, root: str) -> dict:
+    """In a worker: Trainers built (not trained) with LoRA flags beside --lora-load and beside
+    a resumed LoRA checkpoint; what each refuses or which settings it adapts with; and the
+    adapter a run with --lora-base-model-name-or-path exports, opened by peft's
+    AutoPeftModelForCausalLM alone."""
+    import peft
+    import torch
+    import transformers
+
+    from megatron_patch.cli import main
+    from megatron_patch.lora import adapted
+    from megatron_patch.lora import checkpoint as lora_checkpoint
+    from megatron_patch.training.loop import Trainer
+
+    base, hf_dir = os.path.join(model_root, "mcore"), os.path.join(model_root, "hf")
+    r: dict = {}
+
+    def outcome(load: str, *flags: str):
+        try:
+            trainer = Trainer(harness.sft_args(load, train, iters=2, extra=flags))
+        except ValueError as e:
+            return str(e)
+        modules = list(adapted(trainer.module))
+        return {"config": trainer.lora.config, "hf_name": trainer.lora.base.hf_name,
+                "dropouts": sorted({m.lora_dropout for m in modules}),
+                "adapted": sorted({m.lora_site.short(p) for m in modules for p in m.lora_parts})}
+
+    load = ("--lora-load", adapter)
+    r["load_targets"] = outcome(base, *load, "--lora-target-modules", "q_proj")
+    r["load_alpha"] = outcome(base, *load, "--lora-alpha", "32")
+    r["load_rslora"] = outcome(base, *load, "--lora-use-rslora")
+    r["load_same"] = outcome(base, *load, "--lora-target-modules", "up_proj,v_proj,o_proj,q_proj",
+                             "--lora-alpha", str(ALPHA), "--lora-rank", str(RANK))
+    r["load_dropout"] = outcome(base, *load, "--lora-dropout", "0.25")
+
+    run = os.path.join(root, "run")
+    hf_name = os.path.join(root, "hf base")  # a directory the user names (a copy of the base)
+    shutil.copytree(hf_dir, hf_name)
+    Trainer(harness.sft_args(base, train, iters=2, extra=(
+        "--lora-rank", str(RANK), "--lora-alpha", str(ALPHA), "--lora-target-modules",
+        "q_proj,v_proj", "--lora-base-model-name-or-path", hf_name, "--save", run,
+        "--exit-interval", "1"))).train()
+    r["resume_alpha_same"] = outcome(run, "--lora-alpha", str(ALPHA))
+    r["resume_alpha"] = outcome(run, "--lora-alpha", "32")
+    r["resume_targets"] = outcome(run, "--lora-target-modules", "q_proj")
+    r["resume_dropout"] = outcome(run, "--lora-dropout", "0.1")
+    r["resume_plain"] = outcome(run)
+
+    exported = os.path.join(root, "adapter")
+    lora_checkpoint.export(run, exported)
+    r["exported_base"] = json.load(open(os.path.join(exported, "adapter_config.json")))[
+        "base_model_name_or_path"]
+    renamed = os.path.join(root, "renamed")
+    r["renamed_rc"] = main(["convert", "megatron-to-hf", run, renamed,
+                            "--lora-base-model-name-or-path", "org/llama-tiny"])
+    r["renamed_base"] = json.load(open(os.path.join(renamed, "adapter_config.json")))[
+        "base_model_name_or_path"]
+    r["peft_qv_base"] = json.load(open(os.path.join(adapter, "adapter_config.json")))[
+        "base_model_name_or_path"]
+    tokens = torch.load(os.path.join(model_root, "reference.pt"))["tokens"]
+    with torch.no_grad():
+        auto = peft.AutoPeftModelForCausalLM.from_pretrained(exported).eval()
+        explicit = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(hf_dir), exported).eval()
+        r["auto_vs_explicit"] = (auto(input_ids=tokens).logits
+                                 - explicit(input_ids=tokens).logits).abs().max().item()
+    return r
+
+
+def test_lora_flags_agree_with_the_adapter_or_are_refused(llama_models, peft_qv, sft_data,
+                                                          tmp_path):
+    """Issue 28, 7: an adapter keeps its own settings (peft's semantics): with --lora-load, and
+    resuming a LoRA checkpoint, a flag that contradicts the adapter is refused naming both
+    values, one that agrees (targets compared by what they select) is accepted; --lora-dropout
+    applies to a loaded adapter but not to a resume (exact). The exported adapter names the HF
+    base the run was given, and AutoPeftModelForCausalLM opens it by that name alone."""
+    adapter, _, _ = peft_qv
+    (r,) = harness.run(_flag_cases, 1, llama_models["llama2"], adapter, sft_data,
+                       str(tmp_path))
+    theirs = "o_proj,q_proj,up_proj,v_proj"
+    assert r["load_targets"] == (f"--lora-target-modules q_proj: the adapter has {theirs} "
+                                 f"(--lora-load {adapter}); an adapter keeps its settings: leave "
+                                 "the flag out or give the adapter's value"), r["load_targets"]
+    assert r["load_alpha"].startswith(f"--lora-alpha 32.0: the adapter has {ALPHA} "), r
+    assert r["load_rslora"].startswith("--lora-use-rslora True: the adapter has False "), r
+    assert r["load_same"]["adapted"] == theirs.split(","), r["load_same"]
+    assert (r["load_same"]["config"].rank, r["load_same"]["config"].alpha) == (RANK, ALPHA), r
+    assert r["load_dropout"]["dropouts"] == [0.25], r["load_dropout"]
+    assert r["load_dropout"]["adapted"] == theirs.split(","), r["load_dropout"]
+    # The loaded adapter's base name is kept for export (peft wrote it: the HF base directory).
+    assert r["peft_qv_base"] and r["load_same"]["hf_name"] == r["peft_qv_base"], r
+
+    run = tmp_path / "run"
+    assert r["resume_alpha_same"]["config"].alpha == ALPHA, r["resume_alpha_same"]
+    assert r["resume_alpha_same"]["adapted"] == ["q_proj", "v_proj"], r["resume_alpha_same"]
+    assert r["resume_alpha"].startswith(f"--lora-alpha 32.0: the adapter has {ALPHA} "
+                                        f"(the LoRA checkpoint {run})"), r["resume_alpha"]
+    assert r["resume_targets"].startswith("--lora-target-modules q_proj: the adapter has "
+                                          "q_proj,v_proj"), r["resume_targets"]
+    assert r["resume_dropout"].startswith("--lora-dropout 0.1: the adapter has 0.0"), r
+    assert r["resume_plain"]["adapted"] == ["q_proj", "v_proj"], r["resume_plain"]
+    assert r["exported_base"] == str(tmp_path / "hf base"), r["exported_base"]
+    assert r["resume_plain"]["hf_name"] == str(tmp_path / "hf base"), r["resume_plain"]
+    assert (r["renamed_rc"], r["renamed_base"]) == (0, "org/llama-tiny"), r
+    # The same modules on the same weights: the two peft models compute identically.
+    assert r["auto_vs_explicit"] == 0.0, r
 
 
 def test_readme_launcher_lines_pass_lora_flags(tmp_path, monkeypatch):

@@ -424,6 +424,126 @@ def test_resume_refuses_what_contradicts_the_checkpoint(llama_models, tmp_path):
     assert r["arch_train"].startswith(named) and r["arch_load"].startswith(named), r
 
 
+# ---- issue 28, 3: a base or reference replaced at its recorded path -----------------------
+
+def _replaced_base_cases(root: str, ckpt: str, data: str) -> dict:
+    """A LoRA run, a DPO run, a GRPO and a PPO run (KL to the reference) from a copy of `ckpt`,
+    then that copy replaced by another model of the same architecture and shape (other
+    weights): resuming each, and exporting the LoRA run merged, must refuse."""
+    import logging
+
+    from megatron_patch import tiny
+    from megatron_patch.convert.hf_megatron import hf_to_megatron
+    from megatron_patch.lora import checkpoint as lora_checkpoint
+    from megatron_patch.rlhf import cli as rl_cli
+    from megatron_patch.rlhf.loop import RLTrainer
+    from megatron_patch.training.arguments import parse_args
+    from megatron_patch.training.loop import Trainer
+
+    base, other = os.path.join(root, "base"), os.path.join(root, "other")
+    shutil.copytree(ckpt, base)
+    tiny.make_hf_model(os.path.join(other, "hf"), "llama2", seed=1)
+    hf_to_megatron(os.path.join(other, "hf"), os.path.join(other, "mcore"))
+    runs = {k: os.path.join(root, k) for k in ("lora", "dpo", "grpo", "ppo")}
+    pairs = os.path.join(root, "pairs.jsonl")
+    with open(pairs, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n")
+    prompts = os.path.join(root, "prompts.jsonl")
+    with open(prompts, "w") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in ("One", "Two")))
+
+    def lora(load: str, *extra: str):
+        return training_args(load, data, iters=3, save=runs["lora"],
+                             extra=("--lora-rank", "4", "--lora-target-modules", "q_proj",
+                                    *extra))
+
+    def dpo(load: str):
+        return parse_args(["--train-mode", "dpo", "--load", load, "--train-data-path", pairs,
+                           "--seq-length", "96", "--micro-batch-size", "2",
+                           "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3",
+                           "--save", runs["dpo"], "--eval-interval", "1000"])
+
+    def rl(algorithm: str, load: str):
+        return rl_cli.parse_args(["--algorithm", algorithm, "--load", load,
+                                  "--prompt-data-path", prompts,
+                                  "--reward-function", "rl_rewards:digits", "--seq-length", "16",
+                                  "--max-new-tokens", "4", "--train-iters", "2",
+                                  "--rollout-batch-size", "2", "--num-samples-per-prompt", "2",
+                                  "--micro-batch-size", "4", "--kl-coef", "0.05",
+                                  "--save", runs[algorithm]])
+
+    Trainer(lora(base, "--exit-interval", "1")).train()
+    Trainer(dpo(base)).train()
+    for algorithm in ("grpo", "ppo"):
+        RLTrainer(rl(algorithm, base)).train()
+    with open(os.path.join(runs["lora"], lora_checkpoint.LORA_FILE)) as f:
+        r: dict = {"recorded": json.load(f)["base"]}
+    shutil.rmtree(base)
+    shutil.copytree(os.path.join(other, "mcore"), base)
+    before = {k: _tree(v) for k, v in runs.items()}
+    r["lora"] = _error(Trainer, lora(runs["lora"]))
+    r["merge"] = _error(lora_checkpoint.export, runs["lora"], os.path.join(root, "merged"),
+                        merge=True)
+    r["dpo"] = _error(Trainer, dpo(runs["dpo"]))
+    for algorithm in ("grpo", "ppo"):
+        r[algorithm] = _error(RLTrainer, rl(algorithm, runs[algorithm]))
+    r["runs_unchanged"] = {k: _tree(v) for k, v in runs.items()} == before
+    r["merged_written"] = os.path.exists(os.path.join(root, "merged"))
+
+    # A copy of the original at that path is the original: accepted. A lora.json written before
+    # fingerprints were recorded loads with a warning, and the next save records one.
+    shutil.rmtree(base)
+    shutil.copytree(ckpt, base)
+    with open(os.path.join(runs["lora"], lora_checkpoint.LORA_FILE)) as f:
+        record = json.load(f)
+    for key in ("architecture", "fingerprint", "hf_name"):
+        record["base"].pop(key, None)
+    with open(os.path.join(runs["lora"], lora_checkpoint.LORA_FILE), "w") as f:
+        json.dump(record, f)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda rec: warnings.append(rec.getMessage())
+    logging.getLogger("megatron_patch").addHandler(handler)
+    try:
+        r["old_format_losses"] = len(Trainer(lora(runs["lora"])).train())
+    finally:
+        logging.getLogger("megatron_patch").removeHandler(handler)
+    r["old_format_warnings"] = [w for w in warnings if "fingerprint" in w]
+    with open(os.path.join(runs["lora"], lora_checkpoint.LORA_FILE)) as f:
+        r["rerecorded"] = json.load(f)["base"]
+    return r
+
+
+def test_a_base_or_reference_replaced_at_its_path_is_refused(llama_models, tmp_path):
+    """Issue 28, 3: lora.json and the DPO / GRPO / PPO reference state record what their base or
+    reference is (architecture, fingerprint) with its path; another model at that path is
+    refused naming both fingerprints, nothing written. A copy of the same checkpoint is
+    accepted, and a lora.json without a fingerprint (older runs) loads with a warning."""
+    data = str(tmp_path / "tokens")
+    harness.run(harness.make_token_dataset, 1, data)
+    ckpt = os.path.join(llama_models["llama2"], "mcore")
+    (r,) = harness.run(_replaced_base_cases, 1, str(tmp_path), ckpt, data)
+    base = tmp_path / "base"
+    recorded = r["recorded"].get("fingerprint")
+    for case, what in (("lora", f"the base checkpoint named by {tmp_path / 'lora'}/lora.json,"),
+                       ("merge", f"the base checkpoint named by {tmp_path / 'lora'}/lora.json,"),
+                       ("dpo", "the DPO reference model"), ("grpo", "the KL reference model"),
+                       ("ppo", "the KL reference model")):
+        message = r[case]
+        assert message.startswith(f"ValueError: {what} {base} (iteration release) is not the "
+                                  "model that was recorded"), (case, message)
+        found = message.split("found LlamaForCausalLM fingerprint ")[1].split()[0]
+        assert f"recorded LlamaForCausalLM fingerprint {recorded}" in message, (case, message)
+        assert found != recorded, (case, message)
+    assert r["recorded"]["architecture"] == "LlamaForCausalLM", r["recorded"]
+    assert r["runs_unchanged"] and not r["merged_written"], r
+    assert r["old_format_losses"] == 2, r
+    assert len(r["old_format_warnings"]) == 1 and "accepted unchecked" in (
+        r["old_format_warnings"][0]), r["old_format_warnings"]
+    assert r["rerecorded"]["fingerprint"] == recorded, r["rerecorded"]
+
+
 # ---- 11: torchrun's workers die with it -------------------------------------------------
 
 WORKER = """

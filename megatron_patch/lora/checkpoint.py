@@ -6,6 +6,7 @@ into a PEFT adapter directory or, merged, into a full HF model."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from typing import Any
@@ -17,6 +18,7 @@ from megatron_patch.errors import read_json
 from megatron_patch.lora.layers import LoRAConfig, adapted
 
 LORA_FILE = "lora.json"
+log = logging.getLogger(__name__)
 _ADAPTER_KEYS = (".lora_A", ".lora_B")
 
 
@@ -24,13 +26,31 @@ def is_lora_checkpoint(root: str) -> bool:
     return os.path.isfile(os.path.join(root, LORA_FILE))
 
 
-def write_reference(root: str, config: LoRAConfig, base: str,
-                    base_iteration: int | str) -> None:
-    """lora.json: the adapter settings and the base checkpoint (absolute path, iteration)."""
+@dataclasses.dataclass
+class BaseReference:
+    """The base checkpoint a LoRA checkpoint adapts: where it is, which iteration, what it is
+    (architecture and fingerprint, `checkpoint.fingerprint`), and the Hugging Face name or
+    directory of the same base (what exported adapters name as base_model_name_or_path)."""
+
+    path: str
+    iteration: int | str
+    identity: dict[str, str]
+    hf_name: str | None = None
+
+    @classmethod
+    def of(cls, path: str, iteration: int | str, hf_name: str | None = None
+           ) -> BaseReference:
+        path = os.path.abspath(path)
+        return cls(path, iteration, checkpoint.fingerprint(path, iteration), hf_name)
+
+
+def write_reference(root: str, config: LoRAConfig, base: BaseReference) -> None:
+    """lora.json: the adapter settings and the base checkpoint."""
     import json
 
     record = {"lora": dataclasses.asdict(config),
-              "base": {"path": os.path.abspath(base), "iteration": base_iteration}}
+              "base": {"path": base.path, "iteration": base.iteration, **base.identity,
+                       "hf_name": base.hf_name}}
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, LORA_FILE + ".tmp")
     with open(tmp, "w") as f:
@@ -39,22 +59,26 @@ def write_reference(root: str, config: LoRAConfig, base: str,
     os.replace(tmp, os.path.join(root, LORA_FILE))
 
 
-def read_reference(root: str) -> tuple[LoRAConfig, str, int | str]:
-    """(LoRAConfig, base checkpoint path, base iteration) of a LoRA checkpoint; the base must
-    still be there."""
+def read_reference(root: str) -> tuple[LoRAConfig, BaseReference]:
+    """(LoRAConfig, base) of a LoRA checkpoint; the base must still be there and still be the
+    model recorded (its fingerprint; lora.json files written before fingerprints were recorded
+    are accepted with a warning)."""
     path = os.path.join(root, LORA_FILE)
     record = read_json(path)
     try:
         settings = dict(record["lora"])
         settings["target_modules"] = tuple(settings["target_modules"])
         config = LoRAConfig(**settings)
-        base, base_iteration = record["base"]["path"], record["base"]["iteration"]
+        saved = dict(record["base"])
+        base, base_iteration = saved["path"], saved["iteration"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a LoRA checkpoint description ({e!r})") from e
     if not os.path.isfile(os.path.join(base, checkpoint.META)):
         raise FileNotFoundError(f"{path} names the base checkpoint {base}, which is not there "
                                 "(the adapter needs it: move it back, or edit base.path)")
-    return config, base, base_iteration
+    identity = checkpoint.check_fingerprint(saved, base, base_iteration,
+                                            f"the base checkpoint named by {path},")
+    return config, BaseReference(base, base_iteration, identity, saved.get("hf_name"))
 
 
 def adapter_keys(keys: list[str]) -> list[str]:
@@ -86,18 +110,18 @@ def load_adapter(root: str, model, iteration: int | str | None = None) -> None:
 
 
 def load_adapted(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_size: int,
-                 iteration: int | str | None = None) -> LoRAConfig:
+                 iteration: int | str | None = None) -> tuple[LoRAConfig, BaseReference]:
     """Into a built model chunk (any layout): the LoRA checkpoint's base weights, then its
-    adapters. Returns the adapters' settings."""
+    adapters. Returns the adapters' settings and their base."""
     from megatron_patch import lora
     from megatron_patch.models import family_for
 
-    config, base, base_iteration = read_reference(ckpt_dir)
-    checkpoint.load_model(base, model, base_iteration)
+    config, base = read_reference(ckpt_dir)
+    checkpoint.load_model(base.path, model, base.iteration)
     args = family_for(hf_config).model_args(hf_config)
     lora.apply(model, hf_config, args, padded_vocab_size, config)
     load_adapter(ckpt_dir, model, iteration)
-    return config
+    return config, base
 
 
 def load_merged(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_size: int,
@@ -112,23 +136,28 @@ def load_merged(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_si
 
 def build_adapted(ckpt_dir: str, iteration: int | str | None = None):
     """The single-process (TP=1) model of a LoRA checkpoint: its base loaded, adapted, and the
-    adapter loaded. Returns (model, LoRAConfig, base path, hf_config, meta)."""
+    adapter loaded. Returns (model, LoRAConfig, base, hf_config, meta)."""
     from megatron_patch.convert.hf_megatron import _single_process_model
     from megatron_patch.models import load_hf_config
 
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     model = _single_process_model(hf_config, meta.torch_dtype, meta.padded_vocab_size)
-    config = load_adapted(ckpt_dir, model, hf_config, meta.padded_vocab_size, iteration)
-    _, base, _ = read_reference(ckpt_dir)
+    config, base = load_adapted(ckpt_dir, model, hf_config, meta.padded_vocab_size, iteration)
     return model, config, base, hf_config, meta
 
 
 def export(ckpt_dir: str, out_dir: str, *, iteration: int | str | None = None,
-           merge: bool = False, max_shard_size: int | str = "5GB") -> list[str]:
+           merge: bool = False, max_shard_size: int | str = "5GB",
+           base_model_name_or_path: str | None = None) -> list[str]:
     """A LoRA checkpoint -> a PEFT adapter directory (adapter_config.json and
     adapter_model.safetensors, one adapter per HF projection), or with `merge` the full HF
-    model with every adapter added into its weight. Returns the files written."""
+    model with every adapter added into its weight. Returns the files written.
+
+    The adapter names as its base (peft's base_model_name_or_path, which
+    `AutoPeftModelForCausalLM` opens) `base_model_name_or_path`, else the HF name recorded at
+    training (--lora-base-model-name-or-path, or the --lora-load adapter's), else, with a
+    warning, the Megatron base checkpoint's path (which transformers cannot open)."""
     from megatron_patch import lora
     from megatron_patch.convert import hf_io
     from megatron_patch.convert.hf_megatron import megatron_to_hf
@@ -138,8 +167,14 @@ def export(ckpt_dir: str, out_dir: str, *, iteration: int | str | None = None,
     model, config, base, hf_config, meta = build_adapted(ckpt_dir, iteration)
     if not merge:
         targets = {m.lora_site.short(p) for m in adapted(model) for p in m.lora_parts}
+        hf_name = base_model_name_or_path or base.hf_name
+        if hf_name is None:
+            hf_name = base.path
+            log.warning("%s records no Hugging Face name of its base: the adapter names the "
+                        "Megatron checkpoint %s, which AutoPeftModelForCausalLM cannot open "
+                        "(give --lora-base-model-name-or-path)", ckpt_dir, base.path)
         peft.write_adapter(out_dir, peft.adapter_tensors(model),
-                           peft.adapter_config(config, sorted(targets), base))
+                           peft.adapter_config(config, sorted(targets), hf_name))
         return [peft.CONFIG_FILE, peft.WEIGHTS_FILE]
     lora.merge(model)
     # The merged weights go out through the one conversion engine, from a checkpoint beside

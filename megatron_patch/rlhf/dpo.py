@@ -122,10 +122,13 @@ class DPOMode(PreferencePairsMode):
         source = a.ref_load or a.load
         try:
             iteration = checkpoint.latest_iteration(source)
+            identity = checkpoint.fingerprint(source, iteration)
         except FileNotFoundError as e:
             flag = "--ref-load" if a.ref_load else "--load"
             raise ValueError(f"{flag} {source}: not a checkpoint ({e})") from e
-        self.reference_source = {"load": source, "iteration": iteration}
+        # What the reference is (architecture, fingerprint) is recorded with where it is: a
+        # resumed run refuses another model put at that path.
+        self.reference_source = {"load": source, "iteration": iteration, **identity}
         self.reference: torch.nn.Module | None = None
         self._reference_logps: deque[torch.Tensor] = deque()
 
@@ -156,13 +159,17 @@ class DPOMode(PreferencePairsMode):
             raise ValueError(f"--ref-load {given}: {self.trainer.args.load} is a DPO run whose "
                              f"reference is {saved['load']} (iteration {saved['iteration']}); "
                              "a resumed run keeps it (leave --ref-load out)")
-        self.reference_source = saved
+        from megatron_patch import checkpoint
+
+        self.reference_source = {**saved, **checkpoint.check_fingerprint(
+            saved, saved["load"], saved["iteration"], "the DPO reference model")}
 
     def shares_the_policy(self) -> bool:
         """Under LoRA a reference that is the adapters' base is the policy with its adapters
         off (peft's `disable_adapter`, as TRL does): no second copy of the model is held."""
         lora = self.trainer.lora
-        return lora is not None and lora.adapts(**self.reference_source)
+        return lora is not None and lora.adapts(self.reference_source["load"],
+                                                self.reference_source["iteration"])
 
     def _reference_model(self) -> tuple[torch.nn.Module, Any]:
         """The model that computes the reference log-probabilities and the context it runs in."""

@@ -85,8 +85,12 @@ class RLTrainer:
                               if self.ppo and a.adaptive_kl else
                               adv.FixedKLController(a.kl_coef))
         self.consumed_prompts = 0
-        self.reference_source = {"load": os.path.abspath(a.ref_load or a.load),
-                                 "iteration": checkpoint.latest_iteration(a.ref_load or a.load)}
+        reference = os.path.abspath(a.ref_load or a.load)
+        iteration = checkpoint.latest_iteration(reference)
+        # What the reference is, recorded with where it is: a resumed run refuses another
+        # model put at that path.
+        self.reference_source = {"load": reference, "iteration": iteration,
+                                 **checkpoint.fingerprint(reference, iteration)}
         self._build_models(gbs, resumed)
         self.rewards = Rewards(a, self.trainer, self.prompts, self.tokenizer, self.n,
                                self.reward_function)
@@ -128,7 +132,8 @@ class RLTrainer:
                              f"the data-parallel size {t.dp}")
         # Under LoRA a reference that is the adapters' base is the policy with its adapters off.
         self.reference_is_base = (a.kl_coef > 0 and t.lora is not None
-                                  and t.lora.adapts(**self.reference_source))
+                                  and t.lora.adapts(self.reference_source["load"],
+                                                    self.reference_source["iteration"]))
         self.reference = None
         if a.kl_coef > 0 and not self.reference_is_base:
             self.reference = t.frozen_copy(
@@ -179,7 +184,11 @@ class RLTrainer:
             raise ValueError(f"--ref-load {self.args.ref_load}: {self.args.load} is a run whose "
                              f"reference is {state['reference']['load']}; a resumed run keeps it "
                              "(leave --ref-load out)")
-        self.reference_source = dict(state["reference"])
+        saved = dict(state["reference"])
+        if self.args.kl_coef > 0:  # a reference in use
+            saved.update(checkpoint.check_fingerprint(saved, saved["load"], saved["iteration"],
+                                                      "the KL reference model"))
+        self.reference_source = saved
 
     @property
     def step_count(self) -> int:

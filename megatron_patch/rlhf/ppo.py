@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from megatron_patch.lora import training as lora_training
 from megatron_patch.rlhf import advantages as adv
 from megatron_patch.rlhf.reward import RewardMode
 from megatron_patch.training.modes import Datasets, LossOutput
@@ -72,8 +73,7 @@ def critic_args(args: argparse.Namespace, trainer_args: argparse.Namespace, resu
     c.tensorboard_dir = None  # the actor's writer logs the critic's scalars
     # A LoRA actor's critic is trained whole: its new score head must learn, and a LoRA
     # checkpoint keeps the adapters only.
-    c.lora_rank = c.lora_load = c.lora_alpha = None
-    c.lora_dropout, c.lora_use_rslora = 0.0, False
+    lora_training.clear_flags(c)
     c.wandb_project = ""
     return c
 
