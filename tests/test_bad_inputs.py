@@ -9,6 +9,7 @@ alone prints, that the launcher prints a line when only another rank failed, and
 MEGATRON_PATCH_DEBUG=1 brings the tracebacks back.
 """
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -461,3 +462,92 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(capsys, mo
     monkeypatch.delenv(errors.DEBUG_ENV)
     assert errors.run_main("megatron-patch convert", boom) == 1
     assert capsys.readouterr().err == ""  # only rank 0 speaks
+
+
+# ---------------------------------------------------------------------------------------------
+# Float flags: no NaN or infinity anywhere, and each flag's range (issue 28, items 1 and 2).
+
+
+def _takes_float(action) -> bool:
+    """An option whose value is a float: a float default, or a type that makes one of a
+    number's text (whatever the type is called)."""
+    if not action.option_strings or action.nargs == 0:
+        return False
+    if isinstance(action.default, float):
+        return True
+    for text in ("0.5", "0.25", "2"):
+        try:
+            if isinstance(action.type(text), float):
+                return True
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            continue
+    return False
+
+
+def float_flags() -> list[tuple[str, str, str]]:
+    """(command, flag, argparse's name of the flag) of every float option of every
+    `megatron-patch` command."""
+    from megatron_patch import cli
+
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [(command, action.option_strings[0], "/".join(action.option_strings))
+            for command, sub in commands.choices.items() for action in sub._actions
+            if _takes_float(action)]
+
+
+def _parse_error(argv: list[str]) -> str:
+    """argparse's error for argv, or 'accepted'."""
+    from megatron_patch import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.build_parser().parse_args(argv)
+        except SystemExit:
+            return err.getvalue()
+    return "accepted"
+
+
+def test_no_float_flag_accepts_nan_or_inf():
+    flags = float_flags()
+    found = {(c, f) for c, f, _ in flags}
+    # The walk finds the float flags of every kind of command (a sample, not the list).
+    for expected in (("train", "--lr"), ("train", "--dpo-beta"), ("train", "--lora-alpha"),
+                     ("train", "--center-rewards-coefficient"), ("rl", "--kl-coef"),
+                     ("rl", "--clip-eps"), ("rl", "--lora-dropout"), ("generate", "--top-p"),
+                     ("verify", "--atol")):
+        assert expected in found, (expected, sorted(found))
+    accepted = []
+    for command, flag, name in flags:
+        for value in ("nan", "inf", "-inf", "NaN"):
+            error = _parse_error([command, flag, value])
+            if f"error: argument {name}: " not in error:
+                accepted.append((command, flag, value, error.strip()[-200:]))
+    assert not accepted, accepted
+
+
+@pytest.mark.parametrize("command, flag, value, expected", [
+    ("rl", "--clip-eps", "-0.5", "(0, 1)"), ("rl", "--clip-eps", "1", "(0, 1)"),
+    ("rl", "--temperature", "0", "> 0"), ("rl", "--lam", "2", "[0, 1]"),
+    ("rl", "--gamma", "-1", "[0, 1]"), ("rl", "--value-clip-eps", "-1", "> 0"),
+    ("rl", "--kl-coef", "-0.1", ">= 0"), ("rl", "--top-p", "0", "(0, 1]"),
+    ("rl", "--kl-horizon", "0", "> 0"), ("train", "--dpo-beta", "0", "> 0"),
+    ("train", "--lora-alpha", "-8", "> 0"), ("train", "--lora-dropout", "1", "[0, 1)"),
+    ("train", "--adam-beta2", "1", "[0, 1)"), ("train", "--lr", "-0.0001", ">= 0"),
+    ("train", "--center-rewards-coefficient", "-0.01", ">= 0"),
+    ("train", "--dpo-label-smoothing", "0.5", "[0, 0.5)"),
+    ("generate", "--repetition-penalty", "0", "> 0"),
+])
+def test_float_flags_are_range_checked_by_argparse(command, flag, value, expected):
+    error = _parse_error([command, flag, value])
+    assert f"error: argument {flag}: " in error and expected in error, error
+    assert f"got {value}" in error, error
+
+
+def test_split_refuses_non_finite_weights():
+    from megatron_patch.training import arguments
+
+    for split in ("nan,1,0", "98,inf,0"):
+        with pytest.raises(ValueError, match=re.escape(f"--split {split}")):
+            arguments.parse_args(["--seq-length", "8", "--train-iters", "1", "--split", split])
