@@ -101,6 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=ADAM_BETA, default=0.999)
     g.add_argument("--adam-eps", type=positive_float, default=1e-8)
     g.add_argument("--clip-grad", type=nonnegative_float, default=1.0)
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                   dest="check_for_nan_in_loss_and_grad",
+                   help="train on when the loss or a gradient is NaN or infinite (default: stop "
+                        "before that iteration's optimizer step, nothing of it saved)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("data")
