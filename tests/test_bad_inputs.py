@@ -551,3 +551,24 @@ def test_split_refuses_non_finite_weights():
     for split in ("nan,1,0", "98,inf,0"):
         with pytest.raises(ValueError, match=re.escape(f"--split {split}")):
             arguments.parse_args(["--seq-length", "8", "--train-iters", "1", "--split", split])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward functions (issue 28, item 10): whatever one does, an error naming it and the record.
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("exits", "raised SystemExit"), ("huge_int", "returned 10000000000000000000...0000000000 "
+                                                 "(401 characters)"),
+    ("beyond_float32", "returned 1e+39")])
+def test_reward_function_misbehaviour_is_an_error_naming_it_and_the_record(name, needle):
+    from megatron_patch.rlhf.rewards import RewardError, load_reward_function
+
+    function = load_reward_function(f"rl_rewards:{name}")
+    with pytest.raises(RewardError) as e:
+        function({"text": "hi"}, "hi", "there", "prompts.jsonl: record 3")
+    message = str(e.value)
+    assert message.startswith(f"reward function rl_rewards:{name} "), message
+    assert needle in message and "prompts.jsonl: record 3" in message, message
+    if name != "exits":
+        assert "float32" in message, message
