@@ -572,3 +572,45 @@ def test_reward_function_misbehaviour_is_an_error_naming_it_and_the_record(name,
     assert needle in message and "prompts.jsonl: record 3" in message, message
     if name != "exits":
         assert "float32" in message, message
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (issue 28, item 9): pairs that truncation makes identical are skipped and
+# counted (reward models and DPO read the same data), and none left is an error.
+
+
+def _truncated_pairs(hf_dir: str, tmp: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from megatron_patch.data.preference import build_preference_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    shared = "fox " * 60  # longer than the sequence: what follows it is cut off on both sides
+    same_once_cut = {"prompt": "Say fox.", "chosen": shared + "yes", "rejected": shared + "no"}
+    different = {"prompt": "Say fox.", "chosen": "fox", "rejected": "dog"}
+    out = {}
+    mixed = _write(os.path.join(tmp, "mixed.jsonl"),
+                   "\n".join(json.dumps(r) for r in (different, same_once_cut)) + "\n")
+    dataset, summary = build_preference_dataset(mixed, tokenizer, 64)
+    out["mixed"] = {"pairs": len(dataset), "line": summary.line(mixed),
+                    "sides_differ": [c[0] != r[0] for c, r, _ in dataset.pairs]}
+    only = _write(os.path.join(tmp, "only.jsonl"), json.dumps(same_once_cut) + "\n")
+    try:
+        build_preference_dataset(only, tokenizer, 64)
+        out["only"] = "no error"
+    except ValueError as e:
+        out["only"] = str(e)
+    return out
+
+
+def test_preference_pairs_identical_once_truncated_are_skipped_and_counted(llama_models,
+                                                                           tmp_path):
+    hf_dir = os.path.join(llama_models["llama2"], "hf")
+    (r,) = harness.run(_truncated_pairs, 1, hf_dir, str(tmp_path))
+    mixed, only = tmp_path / "mixed.jsonl", tmp_path / "only.jsonl"
+    assert r["mixed"]["pairs"] == 1 and r["mixed"]["sides_differ"] == [True], r
+    assert "1 pairs; truncated 0," in r["mixed"]["line"], r
+    assert ("identical once tokenized and truncated skipped 1" in r["mixed"]["line"]
+            and f"(identical tokens: {mixed}:2)" in r["mixed"]["line"]), r
+    assert r["only"].startswith(f"{only}: no usable preference pairs"), r
+    assert "identical once tokenized and truncated skipped 1" in r["only"], r
