@@ -557,21 +557,66 @@ def test_split_refuses_non_finite_weights():
 # Reward functions (issue 28, item 10): whatever one does, an error naming it and the record.
 
 
+def _reward_errors() -> dict:
+    """In a worker (torch runs only there): what each misbehaving reward function raises, and
+    a reward sum that overflows float32 though its parts are finite (a reward model's score
+    plus a function's value), refused naming the prompt, or with --skip-bad-rewards left out."""
+    import types
+
+    import torch
+
+    from megatron_patch.rlhf.rewards import Rewards, load_reward_function
+
+    out = {}
+    for name in ("exits", "huge_int", "beyond_float32"):
+        out[name] = _error_of(load_reward_function(f"rl_rewards:{name}"), {"text": "hi"}, "hi",
+                              "there", "prompts.jsonl: record 3")
+    prompts = types.SimpleNamespace(prompts=[types.SimpleNamespace(where="p.jsonl:1"),
+                                             types.SimpleNamespace(where="p.jsonl:2")])
+    rollouts = [types.SimpleNamespace(prompt_index=i) for i in (0, 0, 1, 1)]
+    big = torch.finfo(torch.float32).max
+    for skip in (False, True):
+        rewards = Rewards(types.SimpleNamespace(reward_model=None, skip_bad_rewards=skip), None,
+                          prompts, None, 2, None)
+        sums = torch.tensor([1.0, 2.0, big, 0.5]) + torch.tensor([0.0, 0.0, big, 0.0])
+        valid = [True] * 4
+        out[f"sum_skip_{skip}"] = _error_of(rewards._check_sums, rollouts, sums, valid)
+        out[f"sum_skip_{skip}_kept"] = [valid, sums.tolist()]
+    return out
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except Exception as e:  # the type is part of what is checked
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+@pytest.fixture(scope="module")
+def reward_errors() -> dict:
+    return harness.run(_reward_errors, 1)[0]
+
+
 @pytest.mark.parametrize("name, needle", [
     ("exits", "raised SystemExit"), ("huge_int", "returned 10000000000000000000...0000000000 "
                                                  "(401 characters)"),
     ("beyond_float32", "returned 1e+39")])
-def test_reward_function_misbehaviour_is_an_error_naming_it_and_the_record(name, needle):
-    from megatron_patch.rlhf.rewards import RewardError, load_reward_function
-
-    function = load_reward_function(f"rl_rewards:{name}")
-    with pytest.raises(RewardError) as e:
-        function({"text": "hi"}, "hi", "there", "prompts.jsonl: record 3")
-    message = str(e.value)
-    assert message.startswith(f"reward function rl_rewards:{name} "), message
+def test_reward_function_misbehaviour_is_an_error_naming_it_and_the_record(reward_errors, name,
+                                                                          needle):
+    message = reward_errors[name]
+    assert message.startswith(f"RewardError: reward function rl_rewards:{name} "), message
     assert needle in message and "prompts.jsonl: record 3" in message, message
     if name != "exits":
         assert "float32" in message, message
+
+
+def test_a_non_finite_reward_sum_names_the_prompt_or_is_skipped(reward_errors):
+    assert reward_errors["sum_skip_False"].startswith(
+        "RewardError: the reward of a completion of p.jsonl:2 is inf"), reward_errors
+    assert reward_errors["sum_skip_True"] == "no error", reward_errors
+    assert reward_errors["sum_skip_True_kept"] == [[True, True, False, True],
+                                                   [1.0, 2.0, 0.0, 0.5]], reward_errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,3 +659,4 @@ def test_preference_pairs_identical_once_truncated_are_skipped_and_counted(llama
             and f"(identical tokens: {mixed}:2)" in r["mixed"]["line"]), r
     assert r["only"].startswith(f"{only}: no usable preference pairs"), r
     assert "identical once tokenized and truncated skipped 1" in r["only"], r
+

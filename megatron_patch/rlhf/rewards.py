@@ -145,8 +145,22 @@ class Rewards:
         if self.function is not None:
             values, valid = self._function_rewards(rollouts)
             rewards += values
+        self._check_sums(rollouts, rewards, valid)
         groups = torch.tensor(valid).view(-1, self.n).all(dim=1, keepdim=True)
         return rewards, groups.expand(-1, self.n).reshape(-1)
+
+    def _check_sums(self, rollouts: list, rewards: torch.Tensor, valid: list[bool]) -> None:
+        """A non-finite reward (a diverged reward model's score, or its sum with the function's
+        value overflowing) is an error naming the prompt, or with --skip-bad-rewards a bad
+        sample (its reward zeroed, its group left out)."""
+        for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist():
+            if not self.args.skip_bad_rewards:
+                where = self.prompts.prompts[rollouts[i].prompt_index].where
+                plus = " plus the reward function's value" if self.function else ""
+                raise RewardError(f"the reward of a completion of {where} is "
+                                  f"{rewards[i].item()} in {REWARD_DTYPE}: the reward model's "
+                                  f"score{plus} is not finite")
+            rewards[i], valid[i] = 0.0, False
 
     def _function_rewards(self, rollouts: list) -> tuple[torch.Tensor, list[bool]]:
         rewards, valid = [], []
