@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -45,6 +46,50 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+class FloatRange:
+    """argparse type: a finite float within a range; NaN and infinities are always refused.
+    The error is argparse's, so it names the flag, and comes before any model is built.
+
+    `low`/`high` (None: unbounded) are included unless `low_open`/`high_open`."""
+
+    def __init__(self, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+        self.__name__ = "float"  # argparse's name for the type in its messages
+
+    def describe(self) -> str:
+        """The accepted values, e.g. 'a finite number in (0, 1]'."""
+        if self.low is None and self.high is None:
+            return "a finite number"
+        if self.high is None:
+            return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"a finite number {'<' if self.high_open else '<='} {self.high:g}"
+        return (f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (
+            value < self.high if self.high_open else value <= self.high)
+        if not (math.isfinite(value) and low_ok and high_ok):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"FloatRange({self.describe()})"
+
+
+finite_float = FloatRange()  # any finite number
+positive_float = FloatRange(0.0, low_open=True)
+nonnegative_float = FloatRange(0.0)
+probability = FloatRange(0.0, 1.0)
 
 
 def _int(text: str) -> int:

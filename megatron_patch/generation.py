@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_patch.errors import nonnegative_int, positive_int
+from megatron_patch.errors import (
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from megatron_patch.forward import pipelined
 
 
@@ -262,9 +268,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", "--out-seq-length", type=nonnegative_int,
                         default=128, dest="max_new_tokens")
     parser.add_argument("--top-k", type=nonnegative_int, default=0)
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--top-p", type=probability, default=0.0)
+    parser.add_argument("--temperature", type=nonnegative_float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding (also implied by --top-k 0 --top-p 0)")
     parser.add_argument("--seed", type=int, default=1234)

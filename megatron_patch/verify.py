@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from megatron_patch.errors import ArgumentParser, positive_int, run_main
+from megatron_patch.errors import ArgumentParser, nonnegative_float, positive_int, run_main
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", "--pipeline-model-parallel-size", type=positive_int, default=1,
                         dest="pp")
     parser.add_argument("--sp", "--sequence-parallel", action="store_true", dest="sp")
-    parser.add_argument("--atol", type=float, default=1e-4,
+    parser.add_argument("--atol", type=nonnegative_float, default=1e-4,
                         help="largest allowed |delta logits| (default 1e-4, for fp32)")
-    parser.add_argument("--loss-atol", type=float, default=1e-5)
+    parser.add_argument("--loss-atol", type=nonnegative_float, default=1e-5)
     parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--seq-length", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=1234)

@@ -388,7 +388,10 @@ def cli_error(argv: list[str]) -> tuple[int, str]:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = cli.main(argv)
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:  # argparse's refusals
+            rc = e.code
     return rc, err.getvalue()
 
 

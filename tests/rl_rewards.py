@@ -25,3 +25,17 @@ def raises_on_bad(record, prompt, completion):
     if record.get("bad"):
         raise ValueError("this record has no answer")
     return digits(record, prompt, completion)
+
+
+def exits(record, prompt, completion):
+    import sys
+
+    sys.exit(0)
+
+
+def huge_int(record, prompt, completion):
+    return 10**400
+
+
+def beyond_float32(record, prompt, completion):
+    return 1e39  # a float64, infinite in float32

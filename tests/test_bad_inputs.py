@@ -9,6 +9,7 @@ alone prints, that the launcher prints a line when only another rank failed, and
 MEGATRON_PATCH_DEBUG=1 brings the tracebacks back.
 """
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -468,3 +469,201 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(capsys, mo
     monkeypatch.delenv(errors.DEBUG_ENV)
     assert errors.run_main("megatron-patch convert", boom) == 1
     assert capsys.readouterr().err == ""  # only rank 0 speaks
+
+
+# ---------------------------------------------------------------------------------------------
+# Float flags: no NaN or infinity anywhere, and each flag's range (issue 28, items 1 and 2).
+
+
+def _takes_float(action) -> bool:
+    """An option whose value is a float: a float default, or a type that makes one of a
+    number's text (whatever the type is called)."""
+    if not action.option_strings or action.nargs == 0:
+        return False
+    if isinstance(action.default, float):
+        return True
+    for text in ("0.5", "0.25", "2"):
+        try:
+            if isinstance(action.type(text), float):
+                return True
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            continue
+    return False
+
+
+def float_flags() -> list[tuple[str, str, str]]:
+    """(command, flag, argparse's name of the flag) of every float option of every
+    `megatron-patch` command."""
+    from megatron_patch import cli
+
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [(command, action.option_strings[0], "/".join(action.option_strings))
+            for command, sub in commands.choices.items() for action in sub._actions
+            if _takes_float(action)]
+
+
+def _parse_error(argv: list[str]) -> str:
+    """argparse's error for argv, or 'accepted'."""
+    from megatron_patch import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.build_parser().parse_args(argv)
+        except SystemExit:
+            return err.getvalue()
+    return "accepted"
+
+
+def test_no_float_flag_accepts_nan_or_inf():
+    flags = float_flags()
+    found = {(c, f) for c, f, _ in flags}
+    # The walk finds the float flags of every kind of command (a sample, not the list).
+    for expected in (("train", "--lr"), ("train", "--dpo-beta"), ("train", "--lora-alpha"),
+                     ("train", "--center-rewards-coefficient"), ("rl", "--kl-coef"),
+                     ("rl", "--clip-eps"), ("rl", "--lora-dropout"), ("generate", "--top-p"),
+                     ("verify", "--atol")):
+        assert expected in found, (expected, sorted(found))
+    accepted = []
+    for command, flag, name in flags:
+        for value in ("nan", "inf", "-inf", "NaN"):
+            error = _parse_error([command, flag, value])
+            if f"error: argument {name}: " not in error:
+                accepted.append((command, flag, value, error.strip()[-200:]))
+    assert not accepted, accepted
+
+
+@pytest.mark.parametrize("command, flag, value, expected", [
+    ("rl", "--clip-eps", "-0.5", "(0, 1)"), ("rl", "--clip-eps", "1", "(0, 1)"),
+    ("rl", "--temperature", "0", "> 0"), ("rl", "--lam", "2", "[0, 1]"),
+    ("rl", "--gamma", "-1", "[0, 1]"), ("rl", "--value-clip-eps", "-1", "> 0"),
+    ("rl", "--kl-coef", "-0.1", ">= 0"), ("rl", "--top-p", "0", "(0, 1]"),
+    ("rl", "--kl-horizon", "0", "> 0"), ("train", "--dpo-beta", "0", "> 0"),
+    ("train", "--lora-alpha", "-8", "> 0"), ("train", "--lora-dropout", "1", "[0, 1)"),
+    ("train", "--adam-beta2", "1", "[0, 1)"), ("train", "--lr", "-0.0001", ">= 0"),
+    ("train", "--center-rewards-coefficient", "-0.01", ">= 0"),
+    ("train", "--dpo-label-smoothing", "0.5", "[0, 0.5)"),
+    ("generate", "--repetition-penalty", "0", "> 0"),
+])
+def test_float_flags_are_range_checked_by_argparse(command, flag, value, expected):
+    error = _parse_error([command, flag, value])
+    assert f"error: argument {flag}: " in error and expected in error, error
+    assert f"got {value}" in error, error
+
+
+def test_split_refuses_non_finite_weights():
+    from megatron_patch.training import arguments
+
+    for split in ("nan,1,0", "98,inf,0"):
+        with pytest.raises(ValueError, match=re.escape(f"--split {split}")):
+            arguments.parse_args(["--seq-length", "8", "--train-iters", "1", "--split", split])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward functions (issue 28, item 10): whatever one does, an error naming it and the record.
+
+
+def _reward_errors() -> dict:
+    """In a worker (torch runs only there): what each misbehaving reward function raises, and
+    a reward sum that overflows float32 though its parts are finite (a reward model's score
+    plus a function's value), refused naming the prompt, or with --skip-bad-rewards left out."""
+    import types
+
+    import torch
+
+    from megatron_patch.rlhf.rewards import Rewards, load_reward_function
+
+    out = {}
+    for name in ("exits", "huge_int", "beyond_float32"):
+        out[name] = _error_of(load_reward_function(f"rl_rewards:{name}"), {"text": "hi"}, "hi",
+                              "there", "prompts.jsonl: record 3")
+    prompts = types.SimpleNamespace(prompts=[types.SimpleNamespace(where="p.jsonl:1"),
+                                             types.SimpleNamespace(where="p.jsonl:2")])
+    rollouts = [types.SimpleNamespace(prompt_index=i) for i in (0, 0, 1, 1)]
+    big = torch.finfo(torch.float32).max
+    for skip in (False, True):
+        rewards = Rewards(types.SimpleNamespace(reward_model=None, skip_bad_rewards=skip), None,
+                          prompts, None, 2, None)
+        sums = torch.tensor([1.0, 2.0, big, 0.5]) + torch.tensor([0.0, 0.0, big, 0.0])
+        valid = [True] * 4
+        out[f"sum_skip_{skip}"] = _error_of(rewards._check_sums, rollouts, sums, valid)
+        out[f"sum_skip_{skip}_kept"] = [valid, sums.tolist()]
+    return out
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except Exception as e:  # the type is part of what is checked
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+@pytest.fixture(scope="module")
+def reward_errors() -> dict:
+    return harness.run(_reward_errors, 1)[0]
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("exits", "raised SystemExit"), ("huge_int", "returned 10000000000000000000...0000000000 "
+                                                 "(401 characters)"),
+    ("beyond_float32", "returned 1e+39")])
+def test_reward_function_misbehaviour_is_an_error_naming_it_and_the_record(reward_errors, name,
+                                                                          needle):
+    message = reward_errors[name]
+    assert message.startswith(f"RewardError: reward function rl_rewards:{name} "), message
+    assert needle in message and "prompts.jsonl: record 3" in message, message
+    if name != "exits":
+        assert "float32" in message, message
+
+
+def test_a_non_finite_reward_sum_names_the_prompt_or_is_skipped(reward_errors):
+    assert reward_errors["sum_skip_False"].startswith(
+        "RewardError: the reward of a completion of p.jsonl:2 is inf"), reward_errors
+    assert reward_errors["sum_skip_True"] == "no error", reward_errors
+    assert reward_errors["sum_skip_True_kept"] == [[True, True, False, True],
+                                                   [1.0, 2.0, 0.0, 0.5]], reward_errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (issue 28, item 9): pairs that truncation makes identical are skipped and
+# counted (reward models and DPO read the same data), and none left is an error.
+
+
+def _truncated_pairs(hf_dir: str, tmp: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from megatron_patch.data.preference import build_preference_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    shared = "fox " * 60  # longer than the sequence: what follows it is cut off on both sides
+    same_once_cut = {"prompt": "Say fox.", "chosen": shared + "yes", "rejected": shared + "no"}
+    different = {"prompt": "Say fox.", "chosen": "fox", "rejected": "dog"}
+    out = {}
+    mixed = _write(os.path.join(tmp, "mixed.jsonl"),
+                   "\n".join(json.dumps(r) for r in (different, same_once_cut)) + "\n")
+    dataset, summary = build_preference_dataset(mixed, tokenizer, 64)
+    out["mixed"] = {"pairs": len(dataset), "line": summary.line(mixed),
+                    "sides_differ": [c[0] != r[0] for c, r, _ in dataset.pairs]}
+    only = _write(os.path.join(tmp, "only.jsonl"), json.dumps(same_once_cut) + "\n")
+    try:
+        build_preference_dataset(only, tokenizer, 64)
+        out["only"] = "no error"
+    except ValueError as e:
+        out["only"] = str(e)
+    return out
+
+
+def test_preference_pairs_identical_once_truncated_are_skipped_and_counted(llama_models,
+                                                                           tmp_path):
+    hf_dir = os.path.join(llama_models["llama2"], "hf")
+    (r,) = harness.run(_truncated_pairs, 1, hf_dir, str(tmp_path))
+    mixed, only = tmp_path / "mixed.jsonl", tmp_path / "only.jsonl"
+    assert r["mixed"]["pairs"] == 1 and r["mixed"]["sides_differ"] == [True], r
+    assert "1 pairs; truncated 0," in r["mixed"]["line"], r
+    assert ("identical once tokenized and truncated skipped 1" in r["mixed"]["line"]
+            and f"(identical tokens: {mixed}:2)" in r["mixed"]["line"]), r
+    assert r["only"].startswith(f"{only}: no usable preference pairs"), r
+    assert "identical once tokenized and truncated skipped 1" in r["only"], r
+

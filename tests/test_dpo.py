@@ -365,12 +365,20 @@ def test_dpo_learns_the_preferred_style(llama_models, tmp_path):
 # ---- refusals -----------------------------------------------------------------------------------
 
 def _refusal(argv: list[str]) -> str:
+    """The refusal of argv's flags: argparse's error line, or validation's ValueError."""
+    import contextlib
+    import io
+
     from megatron_patch.training.arguments import parse_args
 
+    err = io.StringIO()
     try:
-        parse_args(argv)
+        with contextlib.redirect_stderr(err):
+            parse_args(argv)
     except ValueError as e:
         return str(e)
+    except SystemExit:
+        return err.getvalue()
     return "no error"
 
 
@@ -385,8 +393,9 @@ def test_bad_flags_are_refused(tmp_path):
     ], 1)
     assert "--train-mode dpo needs --load" in messages[0], messages
     assert "--dpo-label-smoothing applies to --dpo-loss sigmoid only" in messages[1], messages
-    assert "--dpo-label-smoothing 0.5: must be in [0, 0.5)" in messages[2], messages
-    assert "--dpo-beta 0.0: must be positive" in messages[3], messages
+    assert "argument --dpo-label-smoothing: must be a number in [0, 0.5), got 0.5" in messages[
+        2], messages
+    assert "argument --dpo-beta: must be a finite number > 0, got 0" in messages[3], messages
 
 
 def _bad_data(model_root: str, train: str) -> str:

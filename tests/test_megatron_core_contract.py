@@ -198,6 +198,18 @@ def _mla_rotary_key_gradient() -> str | None:
     return None
 
 
+def _ddp_gradient_buffers() -> str | None:
+    from megatron.core.distributed import DistributedDataParallel, param_and_grad_buffer
+
+    init = inspect.getsource(DistributedDataParallel.__init__)
+    missing = [a for a in ("self.buffers", "self.expert_parallel_buffers") if a not in init]
+    if missing:
+        return f"DistributedDataParallel no longer sets {missing}"
+    if "self.grad_data = " not in inspect.getsource(param_and_grad_buffer._ParamAndGradBuffer):
+        return "_ParamAndGradBuffer no longer has grad_data"
+    return None
+
+
 TOUCH_POINTS = [
     TouchPoint("SelfAttention._adjust_key_value_for_inference", "models/cached_rotary.py",
                _adjust_key_value_for_inference),
@@ -222,6 +234,8 @@ TOUCH_POINTS = [
                "models/layers.py, models/sdpa_attention.py", _parameter_tags),
     TouchPoint("MLASelfAttention.get_query_key_value_tensors (its rotary key gradient at TP > 1)",
                "models/sdpa_attention.py", _mla_rotary_key_gradient),
+    TouchPoint("DistributedDataParallel.buffers/expert_parallel_buffers (their grad_data read)",
+               "training/finite_check.py", _ddp_gradient_buffers),
     TouchPoint("ColumnParallelLinear/RowParallelLinear (class swapped in place by LoRA's adopt; "
                "their communication points)", "lora/layers.py", _parallel_linear_communication),
 ]

@@ -124,7 +124,8 @@ def test_string_pairs_render_the_alpaca_prompt_and_train_the_response(items):
         assert first[side]["mask_after_end"] == 0.0
     assert items["plain"]["summary"].endswith(
         ": 2 pairs; truncated 0, skipped as too long 0, identical chosen/rejected skipped 0, "
-        "bad records skipped 0"), items["plain"]["summary"]
+        "identical once tokenized and truncated skipped 0, bad records skipped 0"
+    ), items["plain"]["summary"]
 
 
 def test_pad_equal_to_eos_keeps_the_real_end_of_sequence(items):
@@ -242,6 +243,7 @@ def test_bad_records_name_file_and_line(llama_models, tmp_path):
     assert r["not_skipped"].startswith(f"error: {tmp_path}/mixed.jsonl:2: invalid JSON")
     assert r["skipped"].endswith(
         "1 pairs; truncated 0, skipped as too long 0, identical chosen/rejected skipped 1, "
+        "identical once tokenized and truncated skipped 0, "
         f"bad records skipped 2 (identical: {tmp_path}/mixed.jsonl:4)"), r["skipped"]
     path, message = r["only_identical"]
     assert message.startswith(f"error: {path}: no usable preference pairs") and (

@@ -8,6 +8,7 @@ and that the directories it concerned hash the same before and after."""
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -593,3 +594,99 @@ def test_workers_exit_when_torchrun_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         if launcher.poll() is None:
             launcher.kill()
+
+
+# ---- issue 28, 1: a run whose loss or gradients turn non-finite stops before that step -----
+
+def _saved_iterations(save: str) -> list[int]:
+    return sorted(int(n.removeprefix("iter_")) for n in os.listdir(save)
+                  if n.startswith("iter_") and n.removeprefix("iter_").isdigit())
+
+
+def _nan_gradient_at(trainer, iteration: int, rank: int) -> None:
+    """From now on, iteration `iteration`'s gradient of one parameter of this rank's stage is
+    NaN on rank `rank` only (the others' stay finite): a tensor hook on the parameter changes
+    its gradient before DDP accumulates it."""
+    import torch
+
+    if torch.distributed.get_rank() != rank:
+        return
+    param = [p for p in trainer.module.parameters() if p.requires_grad][-1]
+    param.register_hook(lambda g: g * float("nan") if trainer.iteration == iteration - 1 else g)
+
+
+def _diverging_runs(root: str, ckpt: str, data: str) -> dict:
+    from megatron_patch.training.loop import Trainer
+
+    r: dict = {}
+
+    def run(name: str, lr: float = 1e-3, extra: tuple = (), nan_at: int | None = None) -> None:
+        save = os.path.join(root, name)
+        trainer = Trainer(training_args(ckpt, data, iters=6, save=save, save_interval=1, lr=lr,
+                                        extra=extra))
+        if nan_at:
+            _nan_gradient_at(trainer, nan_at, rank=0)
+        r[name] = _error(lambda: r.setdefault(name + "_history", [
+            (s["loss"], s["grad_norm"]) for s in trainer.train()]))
+        r[name + "_saved"] = _saved_iterations(save)
+
+    run("lr", lr=1e30)  # Adam moves every weight by about the lr: the loss overflows
+    run("lr_unchecked", lr=1e30, extra=("--no-check-for-nan-in-loss-and-grad",))
+    run("grad", nan_at=3)
+    return r
+
+
+def test_a_non_finite_loss_or_gradient_stops_the_run_before_its_step(llama_models, tmp_path):
+    import re
+
+    data = str(tmp_path / "tokens")
+    harness.run(harness.make_token_dataset, 1, data)
+    ckpt = os.path.join(llama_models["llama2"], "mcore")
+    (r,) = harness.run(_diverging_runs, 1, str(tmp_path), ckpt, data)
+    # Unchecked, the same run trains on non-finite losses to the end and saves them (the bug).
+    assert r["lr_unchecked"] == "no error" and r["lr_unchecked_saved"] == [1, 2, 3, 4, 5, 6], r
+    history = r["lr_unchecked_history"]
+    first_bad = next(i for i, (loss, grad_norm) in enumerate(history, 1)
+                     if not (math.isfinite(loss) and math.isfinite(grad_norm)))
+    assert first_bad > 1 and not math.isfinite(history[-1][0]), history
+    # Checked, it stops at that iteration, naming it, with only the iterations before it saved.
+    loss, _ = history[first_bad - 1]
+    what = (f"the loss (lm loss) is {loss}" if not math.isfinite(loss) else
+            "a gradient is NaN (the loss is finite)")
+    assert r["lr"].startswith(f"NonFiniteError: iteration {first_bad}: {what}; stopped before "
+                              "its optimizer step"), (r["lr"], history)
+    assert "--no-check-for-nan-in-loss-and-grad" in r["lr"], r["lr"]
+    assert r["lr_saved"] == list(range(1, first_bad)), r
+    assert re.match(r"NonFiniteError: iteration 3: a gradient is NaN \(the loss is finite\)",
+                    r["grad"]), r["grad"]
+    assert r["grad_saved"] == [1, 2], r
+
+
+def _diverging_layouts(root: str, ckpt: str, data: str) -> dict:
+    """At each two-rank layout, a run whose gradient is NaN on rank 1 alone at iteration 2."""
+    from megatron_patch.training.loop import Trainer
+
+    r = {}
+    for name, tp, pp, do in (("tp", 2, 1, False), ("pp", 1, 2, False), ("dp", 1, 1, False),
+                             ("dp_distributed_optimizer", 1, 1, True)):
+        save = os.path.join(root, name)
+        trainer = Trainer(training_args(ckpt, data, iters=3, tp=tp, pp=pp, do=do, save=save,
+                                        save_interval=1))
+        _nan_gradient_at(trainer, 2, rank=1)
+        r[name] = _error(trainer.train)
+        r[name + "_saved"] = _saved_iterations(save)
+    return r
+
+
+def test_every_rank_stops_together_when_one_ranks_gradient_is_nan(llama_models, tmp_path):
+    """The verdict is reduced over the ranks: rank 0, whose own gradients are finite, stops at
+    the same iteration instead of stepping on into a collective rank 1 never joins (a hang)."""
+    data = str(tmp_path / "tokens")
+    harness.run(harness.make_token_dataset, 1, data)
+    ckpt = os.path.join(llama_models["llama2"], "mcore")
+    ranks = harness.run(_diverging_layouts, 2, str(tmp_path), ckpt, data, timeout=300)
+    for layout in ("tp", "pp", "dp", "dp_distributed_optimizer"):
+        for rank, r in enumerate(ranks):
+            assert r[layout].startswith("NonFiniteError: iteration 2: a gradient is NaN (the "
+                                        "loss is finite)"), (layout, rank, r[layout])
+        assert ranks[0][layout + "_saved"] == [1], (layout, ranks[0])

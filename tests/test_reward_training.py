@@ -241,7 +241,8 @@ def test_rm_checkpoint_refused_by_lm_modes_and_rm_flags_checked(rm_run, tmp_path
                           "--center-rewards-coefficient applies to --train-mode rm, not finetune"),
         "negative center": (["--train-mode", "rm", "--load", rm, *common,
                              "--center-rewards-coefficient", "-1"],
-                            "--center-rewards-coefficient -1.0: must be >= 0"),
+                            "argument --center-rewards-coefficient: must be a finite number "
+                            ">= 0, got -1"),
     }
     for name, (argv, needle) in cases.items():
         ((rc, err),) = harness.run(_train_error, 1, argv)

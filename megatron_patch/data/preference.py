@@ -160,14 +160,21 @@ class PreferenceSummary:
     bad_records: int = 0
     identical: int = 0  # pairs whose chosen and rejected are the same text (skipped)
     identical_at: list[str] = field(default_factory=list)  # where the first few are
+    # Pairs whose two sides are the same tokens once tokenized and cut to --seq-length: their
+    # reward-model and DPO losses are ln 2 with gradient 0 whatever the weights (skipped).
+    identical_tokens: int = 0
+    identical_tokens_at: list[str] = field(default_factory=list)
 
     def line(self, path: str) -> str:
         text = (f"preference data {path}: {self.pairs} pairs; truncated {self.truncated}, "
                 f"skipped as too long {self.skipped_long}, identical chosen/rejected skipped "
-                f"{self.identical}, bad records skipped {self.bad_records}")
-        if self.identical_at:
-            text += f" (identical: {', '.join(self.identical_at)}"
-            text += ", ...)" if self.identical > len(self.identical_at) else ")"
+                f"{self.identical}, identical once tokenized and truncated skipped "
+                f"{self.identical_tokens}, bad records skipped {self.bad_records}")
+        for what, count, at in (("identical", self.identical, self.identical_at),
+                                ("identical tokens", self.identical_tokens,
+                                 self.identical_tokens_at)):
+            if at:
+                text += f" ({what}: {', '.join(at)}" + (", ...)" if count > len(at) else ")")
         return text
 
 
@@ -213,8 +220,9 @@ def build_preference_dataset(path: str, tokenizer, seq_length: int, *, skip_long
 
     A side longer than `seq_length` tokens is cut on the response side (the prompt is kept
     whole), or, with skip_long, its pair is dropped; a pair that keeps no response token on
-    either side is dropped as too long. Malformed records fail as `file:line: reason`, or
-    with skip_bad are skipped and counted."""
+    either side is dropped as too long, and one whose sides are then the same tokens (nothing
+    to prefer: no gradient) is dropped and counted. Malformed records fail as
+    `file:line: reason`, or with skip_bad are skipped and counted."""
     from megatron_patch.prompts import PROMPT_FORMATS
 
     if prompt_format not in PROMPT_FORMATS:
@@ -244,11 +252,20 @@ def build_preference_dataset(path: str, tokenizer, seq_length: int, *, skip_long
         if long and skip_long or any(sum(mask[1:]) == 0 for _, mask in sides):
             summary.skipped_long += 1
             continue
+        if sides[0][0] == sides[1][0]:  # the same tokens: nothing to prefer
+            summary.identical_tokens += 1
+            if len(summary.identical_tokens_at) < 3:
+                summary.identical_tokens_at.append(where)
+            continue
         summary.truncated += long
         pairs.append((*sides, float(record.get("margin", 0.0))))
     if summary.identical:
         log.warning("%s: %d pairs have identical chosen and rejected (first at %s); skipped",
                     path, summary.identical, summary.identical_at[0])
+    if summary.identical_tokens:
+        log.warning("%s: %d pairs have the same tokens on both sides once tokenized and cut to "
+                    "--seq-length %d (first at %s); skipped", path, summary.identical_tokens,
+                    seq_length, summary.identical_tokens_at[0])
     if not pairs:
         raise ValueError(f"{path}: no usable preference pairs ({summary.line(path)})")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -46,6 +46,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"--lora-rank {self.rank}: the LoRA rank must be a positive integer")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"--lora-alpha {self.alpha}: must be a finite number > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--lora-dropout {self.dropout}: must be in [0, 1)")
         if not self.target_modules:

@@ -25,20 +25,22 @@ from typing import Any
 import torch
 
 from megatron_patch import checkpoint
-from megatron_patch.errors import read_json
+from megatron_patch.errors import FloatRange, positive_float, read_json
 from megatron_patch.lora import checkpoint as lora_checkpoint
 from megatron_patch.lora.layers import LoRAConfig
 
 log = logging.getLogger("megatron_patch.train")
+
+DROPOUT = FloatRange(0.0, 1.0, high_open=True)  # a probability of dropping, below 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA (adapters in Hugging Face PEFT format; base weights frozen)")
     g.add_argument("--lora-rank", type=int, default=None,
                    help="train LoRA adapters of this rank instead of the full model")
-    g.add_argument("--lora-alpha", type=float, default=None,
+    g.add_argument("--lora-alpha", type=positive_float, default=None,
                    help="scale = alpha / rank (default: the rank, scale 1)")
-    g.add_argument("--lora-dropout", type=float, default=None,
+    g.add_argument("--lora-dropout", type=DROPOUT, default=None,
                    help="dropout on the adapters' input (peft's lora_dropout; default 0, or a "
                         "--lora-load adapter's)")
     g.add_argument("--lora-target-modules", default=None,

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_patch.errors import nonnegative_int, positive_int
+from megatron_patch.errors import (
+    FloatRange,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+
+# PPO's ratio clip: 1 +- eps must stay a positive range around 1.
+CLIP_EPS = FloatRange(0.0, 1.0, low_open=True, high_open=True)
+TOP_P = FloatRange(0.0, 1.0, low_open=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,17 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="completions sampled per prompt (default: 4 for GRPO, 1 for PPO)")
     g.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="completion length limit (a completion also ends at EOS)")
-    g.add_argument("--temperature", type=float, default=1.0,
+    g.add_argument("--temperature", type=positive_float, default=1.0,
                    help="sampling temperature; the trained policy is softmax(logits / T)")
     g.add_argument("--top-k", type=nonnegative_int, default=0, help="0: off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="1.0: off")
     g.add_argument("--rollout-micro-batch-size", type=positive_int, default=16,
                    help="sequences generated together")
     g.add_argument("--ppo-epochs", type=positive_int, default=1,
                    help="passes over each rollout batch (in mini-batches of --global-batch-size "
                         "sequences, one optimizer step each)")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of the ratio")
-    g.add_argument("--kl-coef", type=float, default=None,
+    g.add_argument("--clip-eps", type=CLIP_EPS, default=0.2, help="PPO clip range of the ratio")
+    g.add_argument("--kl-coef", type=nonnegative_float, default=None,
                    help="KL coefficient (GRPO: of the k3 loss term, default 0.04, 0 holds no "
                         "reference model; PPO: initial coefficient of the KL penalty in the "
                         "reward, default 0.05)")
@@ -56,15 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "gradient). Default off: DeepSeekMath's and verl's loss")
     g.add_argument("--adaptive-kl", action="store_true",
                    help="PPO: Ziegler et al.'s adaptive KL coefficient towards --kl-target")
-    g.add_argument("--kl-target", type=float, default=6.0,
+    g.add_argument("--kl-target", type=positive_float, default=6.0,
                    help="PPO with --adaptive-kl: the target KL per sequence")
-    g.add_argument("--kl-horizon", type=float, default=10000,
+    g.add_argument("--kl-horizon", type=positive_float, default=10000,
                    help="PPO with --adaptive-kl: samples over which the coefficient adapts")
-    g.add_argument("--gamma", type=float, default=1.0, help="PPO: GAE discount")
-    g.add_argument("--lam", type=float, default=0.95, help="PPO: GAE lambda")
-    g.add_argument("--value-clip-eps", type=float, default=0.2,
+    g.add_argument("--gamma", type=probability, default=1.0, help="PPO: GAE discount")
+    g.add_argument("--lam", type=probability, default=0.95, help="PPO: GAE lambda")
+    g.add_argument("--value-clip-eps", type=positive_float, default=0.2,
                    help="PPO: clip range of the value around the rollout's value")
-    g.add_argument("--critic-lr", type=float, default=None,
+    g.add_argument("--critic-lr", type=nonnegative_float, default=None,
                    help="PPO: the critic's learning rate (default --lr)")
     g.add_argument("--no-scale-rewards", action="store_true",
                    help="GRPO: advantages are reward minus the group mean, not divided by the "
@@ -89,8 +100,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         args.num_samples_per_prompt = 4 if grpo else 1
     if args.kl_coef is None:
         args.kl_coef = 0.04 if grpo else 0.05
-    if args.kl_coef < 0:
-        raise ValueError(f"--kl-coef must be >= 0, got {args.kl_coef}")
     args.kl_estimator = args.kl_estimator or ("k3" if grpo else "k1")
     if args.kl_bias_correction and not grpo:
         raise ValueError("--kl-bias-correction applies to GRPO's KL loss term; PPO's KL is in "
@@ -98,10 +107,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if grpo and args.num_samples_per_prompt < 2 and not args.no_scale_rewards:
         raise ValueError("GRPO compares samples of a prompt: --num-samples-per-prompt must be "
                          ">= 2 (or pass --no-scale-rewards)")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_new_tokens >= args.seq_length:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
                          f"in --seq-length {args.seq_length}")

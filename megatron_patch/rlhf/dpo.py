@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -138,8 +139,8 @@ class DPOMode(PreferencePairsMode):
         if not args.load:
             raise ValueError("--train-mode dpo needs --load: the policy's starting weights, "
                              "which are also the frozen reference (or give that as --ref-load)")
-        if args.dpo_beta <= 0:
-            raise ValueError(f"--dpo-beta {args.dpo_beta}: must be positive")
+        if not (math.isfinite(args.dpo_beta) and args.dpo_beta > 0):  # (flags built in code)
+            raise ValueError(f"--dpo-beta {args.dpo_beta}: must be a finite number > 0")
         if not 0 <= args.dpo_label_smoothing < 0.5:
             raise ValueError(f"--dpo-label-smoothing {args.dpo_label_smoothing}: must be in "
                              "[0, 0.5) (the probability that a preference label is flipped)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -159,9 +160,10 @@ class RewardMode(PreferencePairsMode):
         if args.pack_sequences:
             raise ValueError("--pack-sequences: a reward model scores whole sequences, one per "
                              "row (pairs are padded, not packed)")
-        if (args.center_rewards_coefficient or 0) < 0:
-            raise ValueError(f"--center-rewards-coefficient {args.center_rewards_coefficient}: "
-                             "must be >= 0")
+        center = args.center_rewards_coefficient
+        if center is not None and not (math.isfinite(center) and center >= 0):
+            raise ValueError(f"--center-rewards-coefficient {center}: must be a finite number "
+                             ">= 0")
 
     def describe_model(self, hf_config: dict[str, Any], meta: CheckpointMeta) -> tuple[
             dict[str, Any], CheckpointMeta]:

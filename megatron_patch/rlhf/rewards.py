@@ -8,8 +8,9 @@ The function is called once per completion as `function(record, prompt, completi
 It returns a number (bool, int or float). The module is imported like any Python module: from
 the current directory, PYTHONPATH, or an installed package.
 
-A function that raises, or returns something that is not a finite number, stops the run with an
-error naming the function and the prompt; with --skip-bad-rewards the prompt's group of samples
+A function that raises (or calls sys.exit), or returns something that is not a finite number
+in float32's range (the dtype rewards are trained in), stops the run with an error naming the
+function and the prompt; with --skip-bad-rewards the prompt's group of samples
 is instead left out of the update and counted (`skipped groups` in the log).
 """
 
@@ -25,6 +26,10 @@ from typing import Any
 
 import torch
 
+# The dtype of the rewards tensor (advantages and returns are computed from it), whatever the
+# model's dtype.
+REWARD_DTYPE = torch.float32
+
 
 class RewardError(ValueError):
     pass
@@ -36,10 +41,13 @@ class RewardFunction:
     function: Callable[[dict, str, str], Any]
 
     def __call__(self, record: dict, prompt: str, completion: str, where: str) -> float:
-        """The reward as a float; RewardError naming the function and `where` otherwise."""
+        """The reward as a float that REWARD_DTYPE holds; RewardError naming the function and
+        `where` otherwise."""
         try:
             value = self.function(record, prompt, completion)
-        except Exception as e:  # the user's code: any exception is reported the same way
+        # The user's code: any exception is reported the same way, and so is sys.exit(),
+        # which would otherwise end the run with its status (0: success, nothing trained).
+        except (Exception, SystemExit) as e:
             raise RewardError(f"reward function {self.name} raised {type(e).__name__}: {e} "
                               f"(on {where}, completion {completion[:80]!r})") from e
         try:
@@ -48,11 +56,23 @@ class RewardFunction:
             number = float(value)
         except (TypeError, ValueError):
             raise RewardError(f"reward function {self.name} returned {type(value).__name__} "
-                              f"{value!r}, not a number (on {where})") from None
-        if not math.isfinite(number):
-            raise RewardError(f"reward function {self.name} returned {number} (on {where}, "
-                              f"completion {completion[:80]!r}); rewards must be finite numbers")
+                              f"{_short(value)}, not a number (on {where})") from None
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        # Checked in the dtype rewards are trained in: 1e39 is a float, but infinite there.
+        if not math.isfinite(number) or not torch.tensor(number, dtype=REWARD_DTYPE).isfinite():
+            raise RewardError(
+                f"reward function {self.name} returned {_short(value)} (on {where}, completion "
+                f"{completion[:80]!r}); rewards must be finite numbers within "
+                f"+-{torch.finfo(REWARD_DTYPE).max:.4g} (the range of {REWARD_DTYPE}, the "
+                "dtype rewards are trained in)")
         return number
+
+
+def _short(value: Any) -> str:
+    """repr(value), shortened (a huge int has hundreds of digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
 
 
 def load_reward_function(spec: str) -> RewardFunction:
@@ -114,7 +134,7 @@ class Rewards:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards [N] and which samples count ([N] bool: a group with a bad reward is left
         out)."""
-        rewards = torch.zeros(len(rollouts))
+        rewards = torch.zeros(len(rollouts), dtype=REWARD_DTYPE)
         if self.model is not None:
             from megatron_patch.rlhf.reward import score
 
@@ -125,8 +145,22 @@ class Rewards:
         if self.function is not None:
             values, valid = self._function_rewards(rollouts)
             rewards += values
+        self._check_sums(rollouts, rewards, valid)
         groups = torch.tensor(valid).view(-1, self.n).all(dim=1, keepdim=True)
         return rewards, groups.expand(-1, self.n).reshape(-1)
+
+    def _check_sums(self, rollouts: list, rewards: torch.Tensor, valid: list[bool]) -> None:
+        """A non-finite reward (a diverged reward model's score, or its sum with the function's
+        value overflowing) is an error naming the prompt, or with --skip-bad-rewards a bad
+        sample (its reward zeroed, its group left out)."""
+        for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist():
+            if not self.args.skip_bad_rewards:
+                where = self.prompts.prompts[rollouts[i].prompt_index].where
+                plus = " plus the reward function's value" if self.function else ""
+                raise RewardError(f"the reward of a completion of {where} is "
+                                  f"{rewards[i].item()} in {REWARD_DTYPE}: the reward model's "
+                                  f"score{plus} is not finite")
+            rewards[i], valid[i] = 0.0, False
 
     def _function_rewards(self, rollouts: list) -> tuple[torch.Tensor, list[bool]]:
         rewards, valid = [], []
@@ -142,4 +176,4 @@ class Rewards:
                     raise
                 rewards.append(0.0)
                 valid.append(False)
-        return torch.tensor(rewards), valid
+        return torch.tensor(rewards, dtype=REWARD_DTYPE), valid

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from megatron_patch import logs
-from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int
+from megatron_patch.errors import (
+    ArgumentParser,
+    FloatRange,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from megatron_patch.lora import training as lora_training
 from megatron_patch.prompts import PROMPT_FORMATS
 from megatron_patch.training import metrics
 from megatron_patch.training.modes import MODES, mode_class
+
+# Adam's moment decay rates (torch.optim.Adam's range); DPO's label smoothing is the probability
+# that a preference label is flipped, below one half.
+ADAM_BETA = FloatRange(0.0, 1.0, high_open=True)
+LABEL_SMOOTHING = FloatRange(0.0, 0.5, high_open=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,11 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
                    help="FP8 through Transformer Engine (GPU only)")
-    g.add_argument("--loss-scale", type=float, default=None,
+    g.add_argument("--loss-scale", type=positive_float, default=None,
                    help="static loss scale for fp16 (default: dynamic)")
-    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
-    g.add_argument("--min-loss-scale", type=float, default=1.0)
-    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--initial-loss-scale", type=positive_float, default=2.0**32)
+    g.add_argument("--min-loss-scale", type=positive_float, default=1.0)
+    g.add_argument("--loss-scale-window", type=positive_float, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument("--recompute-activations", action="store_true",
                    help="selective recomputation (same as --recompute-granularity selective)")
@@ -77,18 +90,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=positive_int, default=None)
     g.add_argument("--train-iters", type=positive_int, default=None)
     g.add_argument("--train-tokens", type=positive_int, default=None)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr", type=nonnegative_float, default=1e-4)
+    g.add_argument("--min-lr", type=nonnegative_float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"],
                    default="cosine")
     g.add_argument("--lr-warmup-iters", type=nonnegative_int, default=0)
     g.add_argument("--lr-warmup-tokens", type=nonnegative_int, default=None)
     g.add_argument("--lr-decay-iters", type=positive_int, default=None)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.01)
+    g.add_argument("--adam-beta1", type=ADAM_BETA, default=0.9)
+    g.add_argument("--adam-beta2", type=ADAM_BETA, default=0.999)
+    g.add_argument("--adam-eps", type=positive_float, default=1e-8)
+    g.add_argument("--clip-grad", type=nonnegative_float, default=1.0)
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                   dest="check_for_nan_in_loss_and_grad",
+                   help="train on when the loss or a gradient is NaN or infinite (default: stop "
+                        "before that iteration's optimizer step, nothing of it saved)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("data")
@@ -107,7 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(preference pairs; rlhf/README.md)")
     g.add_argument("--train-data-path", help="SFT records: JSON list or JSON lines")
     g.add_argument("--valid-data-path", help="SFT validation records")
-    g.add_argument("--epochs", type=float, default=None,
+    g.add_argument("--epochs", type=positive_float, default=None,
                    help="SFT length in passes over the training set (instead of --train-iters)")
     g.add_argument("--pack-sequences", action="store_true",
                    help="pack several samples per sequence (each attends only to itself)")
@@ -126,19 +143,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "Message lists always use the chat template")
 
     g = p.add_argument_group("reward models (--train-mode rm; TRL's names)")
-    g.add_argument("--center-rewards-coefficient", type=float, default=None,
+    g.add_argument("--center-rewards-coefficient", type=nonnegative_float, default=None,
                    help="add c * (r_chosen + r_rejected)^2 per pair to the loss, pulling the "
                         "scores towards zero mean (TRL's RewardConfig; e.g. 0.01)")
 
     g = p.add_argument_group("direct preference optimisation (--train-mode dpo; TRL's names and "
                              "defaults)")
-    g.add_argument("--dpo-beta", type=float, default=0.1,
+    g.add_argument("--dpo-beta", type=positive_float, default=0.1,
                    help="how far the policy may move from the reference (TRL's beta; the IPO "
                         "loss's regularisation tau)")
     g.add_argument("--dpo-loss", choices=["sigmoid", "ipo"], default="sigmoid",
                    help="sigmoid: the DPO paper's loss; ipo: Azar et al.'s, on per-token "
                         "averaged log-probabilities as TRL computes it")
-    g.add_argument("--dpo-label-smoothing", type=float, default=0.0,
+    g.add_argument("--dpo-label-smoothing", type=LABEL_SMOOTHING, default=0.0,
                    help="conservative DPO: the assumed probability that a preference label is "
                         "flipped, in [0, 0.5) (sigmoid loss)")
     g.add_argument("--ref-load", default=None,
@@ -166,7 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default=None,
                    help="from scratch: default LayerNorm")
-    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--norm-epsilon", type=positive_float, default=1e-5)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--position-embedding-type",
@@ -178,10 +195,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="same as --position-embedding-type alibi")
     g.add_argument("--no-position-embedding", action="store_true",
                    help="same as --position-embedding-type none")
-    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--rotary-base", type=positive_float, default=10000.0)
     g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128)
     g.add_argument("--extra-vocab-size", type=nonnegative_int, default=0)
-    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--init-method-std", type=positive_float, default=0.02)
     lora_training.add_arguments(p)
     return p
 
@@ -212,7 +229,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     except ValueError:
         weights = []
     # Megatron-LM pads fewer than three weights with zeros.
-    if not 1 <= len(weights) <= 3 or min(weights) < 0 or sum(weights) <= 0:
+    if (not 1 <= len(weights) <= 3 or not all(map(math.isfinite, weights))
+            or min(weights) < 0 or sum(weights) <= 0):
         raise ValueError(f"--split {args.split}: give up to three train,valid,test weights, "
                          "none negative, with a positive sum (e.g. 98,2,0)")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:

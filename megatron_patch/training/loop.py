@@ -25,7 +25,7 @@ from megatron_patch.models import (
     params_dtype_from_flags,
 )
 from megatron_patch.models.scratch import scratch_hf_config
-from megatron_patch.training import checkpointing, data, kv_replicas, metrics
+from megatron_patch.training import checkpointing, data, finite_check, kv_replicas, metrics
 from megatron_patch.training.modes import TrainingMode, mode_class
 
 log = logging.getLogger("megatron_patch.train")
@@ -280,7 +280,10 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         values = self._metrics(self.datasets[0], self.consumed_samples, False)
+        finite_check.before_step(self, values)
         ok, grad_norm, _ = self.optimizer.step()
+        if self.args.check_for_nan_in_loss_and_grad:
+            finite_check.check_grad_norm(self.iteration + 1, grad_norm)
         if ok:
             self.scheduler.step(increment=self.global_batch_size)
         self.iteration += 1
