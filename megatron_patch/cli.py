@@ -81,7 +81,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from megatron_patch import tiny
+    from megatron_patch.convert.hf_io import check_output_dir
 
+    # Both checked before anything is written: the model's files and the demo data's names are
+    # common ones (config.json, corpus.jsonl) that a user's directory may hold.
+    check_output_dir(args.out_dir)
+    if args.demo_data:
+        check_output_dir(args.demo_data)
     tiny.make_hf_model(args.out_dir, args.variant, seed=args.seed, dtype=args.dtype)
     print(f"{args.out_dir}: tiny random {args.variant} model with a local tokenizer")
     if args.demo_data:
