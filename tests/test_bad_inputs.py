@@ -112,6 +112,20 @@ def _cases() -> list[dict]:
                                        "{out}/d"], ["release/__0_0.distcp", "truncated"]),
         ("distcp_truncated_generate", "files",
          [*gen[:2], "{mcore_truncated}", *gen[3:]], ["release/__0_0.distcp", "truncated"]),
+        ("metadata_names_outside_file", "files",
+         ["convert", "megatron-to-hf", "{mcore_outside}", "{out}/mo"],
+         ["mcore_outside/release/.metadata", "'../../outside.distcp'"]),
+        ("metadata_names_outside_file_generate", "files",
+         [*gen[:2], "{mcore_outside}", *gen[3:]],
+         ["mcore_outside/release/.metadata", "'../../outside.distcp'"]),
+        ("metadata_dtype_tampered", "files",
+         ["convert", "megatron-to-hf", "{mcore_dtype}", "{out}/md"],
+         ["mcore_dtype/release/.metadata", "decoder.layers.mlp.linear_fc2.weight",
+          "torch.float16", "torch.float32"]),
+        ("safetensors_nan", "files", ["convert", "hf-to-megatron", "{hf_nan}", "{out}/n"],
+         ["hf_nan/model.safetensors", "model.layers.1.mlp.up_proj.weight", "nan"]),
+        ("safetensors_inf", "files", ["convert", "hf-to-megatron", "{hf_inf}", "{out}/i"],
+         ["hf_inf/model.safetensors", "model.embed_tokens.weight", "-inf"]),
         # wrong configs
         ("config_json_malformed", "configs", ["convert", "hf-to-megatron", "{hf_bad_config}",
                                               "{out}/c"], ["hf_bad_config/config.json:2"]),
@@ -126,6 +140,9 @@ def _cases() -> list[dict]:
          ["{out}/ro", "Read-only file system"]),
         ("existing_output", "disk", ["convert", "megatron-to-hf", "{mcore}", "{existing}"],
          ["{existing}"]),
+        ("make_tiny_existing_output", "disk", ["make-tiny", "{existing}"], ["{existing}"]),
+        ("make_tiny_existing_demo_data", "disk",
+         ["make-tiny", "{out}/tiny", "--demo-data", "{existing}"], ["{existing}"]),
     ]
     return [dict(name=n, category=c, argv=a, needles=k) for n, c, a, k in cases]
 
@@ -223,10 +240,48 @@ def _inputs(tmp: str, hf: str, mcore: str) -> dict[str, str]:
     distcp = os.path.join(copy(mcore, "mcore_truncated"), "release", "__0_0.distcp")
     os.truncate(distcp, os.path.getsize(distcp) - 1000)
     _write(os.path.join(copy(mcore, "mcore_bad_meta"), "megatron_patch.json"), "{oops")
+    _crafted_metadata(copy(mcore, "mcore_outside"), copy(mcore, "mcore_dtype"))
+    _non_finite(copy(hf, "hf_nan"), "model.layers.1.mlp.up_proj.weight", 7, b"\x00\x00\xc0\x7f")
+    _non_finite(copy(hf, "hf_inf"), "model.embed_tokens.weight", 0, b"\x00\x00\x80\xff")
     p["existing"] = os.path.join(tmp, "existing")
     os.makedirs(p["existing"])
     _write(os.path.join(p["existing"], "keep.txt"), "mine")
     return p
+
+
+def _crafted_metadata(outside: str, tampered: str) -> None:
+    """outside: its .metadata names a copy of its data file two directories up (a crafted
+    `relative_path` reading any file); tampered: one tensor's recorded dtype is float16, its
+    record float32."""
+    import pickle
+
+    import torch
+
+    shutil.copy(os.path.join(outside, "release", "__0_0.distcp"),
+                os.path.join(os.path.dirname(outside), "outside.distcp"))
+    for root, craft in ((outside, "path"), (tampered, "dtype")):
+        path = os.path.join(root, "release", ".metadata")
+        with open(path, "rb") as f:
+            metadata = pickle.load(f)
+        if craft == "path":
+            for info in metadata.storage_data.values():
+                info.relative_path = "../../outside.distcp"
+        else:
+            metadata.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"] \
+                .properties.dtype = torch.float16
+        with open(path, "wb") as f:
+            pickle.dump(metadata, f)
+
+
+def _non_finite(hf_dir: str, tensor: str, element: int, value: bytes) -> None:
+    """Overwrite one float32 element of `tensor` in model.safetensors with `value`'s bytes."""
+    path = os.path.join(hf_dir, "model.safetensors")
+    with open(path, "r+b") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        assert header[tensor]["dtype"] == "F32"
+        f.seek(8 + header_size + header[tensor]["data_offsets"][0] + 4 * element)
+        f.write(value)
 
 
 def _fill(value: str, paths: dict[str, str]) -> str:
