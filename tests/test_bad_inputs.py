@@ -365,13 +365,17 @@ def test_preprocess_skips_a_surrogate_line_with_skip_bad_lines(llama_models, tmp
 # ---------------------------------------------------------------------------------------------
 # Under torchrun.
 
+# Ranks not named fail too, as under data parallelism: their collective loses its peer.
 FAKE_WORKER = """
 import os, sys
+import torch.distributed as dist
 from megatron_patch import errors
 
 def main():
+    dist.init_process_group("gloo")
     if os.environ["RANK"] in sys.argv[1].split(","):
         raise ValueError("data.jsonl:7: a bad record on rank " + os.environ["RANK"])
+    dist.barrier()
     return 0
 
 sys.exit(errors.run_main("megatron-patch train", main))
@@ -380,7 +384,8 @@ sys.exit(errors.run_main("megatron-patch train", main))
 
 def test_torchrun_error_is_one_line_from_one_rank(tmp_path):
     """All ranks fail: one line (rank 0's, or rank 1's when torchrun stopped rank 0 before it
-    failed itself), no torchrun report. Only rank 1 fails: the launcher prints its line.
+    failed itself), no torchrun report. Only rank 1 fails, and rank 0's barrier with it then
+    fails too ("Connection closed by peer"): the launcher prints rank 1's line alone.
     MEGATRON_PATCH_DEBUG=1: tracebacks are back."""
     worker = _write(str(tmp_path / "worker.py"), FAKE_WORKER)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
