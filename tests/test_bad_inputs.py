@@ -60,6 +60,9 @@ def _cases() -> list[dict]:
     gen = ["generate", "--load", "{mcore}", "--input-file", "{prompts}", "--output-file",
            "{out}/gen.jsonl"]
     train = ["train", "--load", "{mcore}", "--train-iters", "1"]
+    # Valid up to --save: refused before the first iteration, not at the first save after it.
+    train_data = [*train, "--seq-length", "8", "--micro-batch-size", "1", "--data-path",
+                  "{tokens}", "--split", "90,10,0", "--save-interval", "1"]
     cases = [
         # invalid flags
         ("train_tp_0", "flags", [*train, "--seq-length", "8", "--tensor-model-parallel-size",
@@ -140,6 +143,10 @@ def _cases() -> list[dict]:
          ["{out}/ro", "Read-only file system"]),
         ("existing_output", "disk", ["convert", "megatron-to-hf", "{mcore}", "{existing}"],
          ["{existing}"]),
+        ("train_save_is_a_file", "disk", [*train_data, "--save", "{existing}/keep.txt"],
+         ["--save {existing}/keep.txt is a file"]),
+        ("train_save_read_only", "disk", [*train_data, "--save", "{out}/ro_save"],
+         ["{out}/ro_save", "--save cannot be written", "Read-only file system"]),
         ("make_tiny_existing_output", "disk", ["make-tiny", "{existing}"], ["{existing}"]),
         ("make_tiny_existing_demo_data", "disk",
          ["make-tiny", "{out}/tiny", "--demo-data", "{existing}"], ["{existing}"]),
@@ -148,7 +155,8 @@ def _cases() -> list[dict]:
 
 
 CASES = _cases()
-SIMULATE = {"disk_full": errno.ENOSPC, "read_only_output": errno.EROFS}
+SIMULATE = {"disk_full": errno.ENOSPC, "read_only_output": errno.EROFS,
+            "train_save_read_only": errno.EROFS}
 
 
 @contextlib.contextmanager
@@ -294,9 +302,11 @@ def outcomes(llama_models, tmp_path_factory):
     root = llama_models["llama2"]
     tmp = str(tmp_path_factory.mktemp("bad_inputs"))
     paths = _inputs(tmp, os.path.join(root, "hf"), os.path.join(root, "mcore"))
+    paths["tokens"] = os.path.join(tmp, "tokens")
+    harness.run(harness.make_token_dataset, 1, paths["tokens"])
     cases = [dict(c, argv=[_fill(a, paths) for a in c["argv"]],
                   needles=[_fill(n, paths) for n in c["needles"]]) for c in CASES]
-    inputs = {k: v for k, v in paths.items() if k != "out"}
+    inputs = {k: v for k, v in paths.items() if k not in ("out", "tokens")}
     before = {k: tree_hash(v) for k, v in inputs.items()}
     results = harness.run(_run_cases, 1, cases, paths["out"])[0]
     after = {k: tree_hash(v) for k, v in inputs.items()}
