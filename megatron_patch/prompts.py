@@ -66,7 +66,7 @@ def escape_line(text: str) -> str:
 def read_lines(path: str) -> list[str]:
     """The unescaped lines of a `.txt` prompt or completion file. Only `\\n` (or `\\r\\n`) ends
     a line: a generated text may hold other characters that str.splitlines breaks at."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a leading BOM is no text
         text = f.read()
     lines = text.split("\n")
     if lines[-1] == "":

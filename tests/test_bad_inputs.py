@@ -361,6 +361,32 @@ def test_generation_prompts_are_held_to_sft_message_rules(tmp_path):
             read_records(path, check=validate_prompt)
 
 
+def test_a_utf8_byte_order_mark_is_accepted_by_every_record_reader(tmp_path):
+    """SFT records, preference pairs and prompts (generate, RL), as JSON lines, a JSON list or
+    a .txt file, read the same with a leading UTF-8 BOM as without (Python's utf-8-sig;
+    preprocess already did); they used to be refused as invalid JSON on line 1."""
+    from megatron_patch.data.preference import validate_pair
+    from megatron_patch.data.sft import read_located_records, read_records
+    from megatron_patch.prompts import read_prompts
+
+    bom = b"\xef\xbb\xbf"
+    sft = b'{"instruction": "q", "output": "a"}\n{"instruction": "r", "output": "b"}\n'
+    pair = b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+    texts = {"sft.jsonl": sft, "sft.json": b"[" + sft.replace(b"\n", b",", 1).strip() + b"]",
+             "pairs.jsonl": pair, "prompts.jsonl": b'{"prompt": "hi"}\n', "prompts.txt": b"hi\n"}
+    for name, text in texts.items():
+        plain = _write(str(tmp_path / name), text)
+        marked = _write(str(tmp_path / ("bom_" + name)), bom + text)
+        if name.startswith("sft"):
+            assert read_records(marked) == read_records(plain), name
+        elif name.startswith("pairs"):
+            assert (read_located_records(marked, check=validate_pair)[0][0][1]
+                    == read_located_records(plain, check=validate_pair)[0][0][1])
+        else:
+            assert ([p.record for p in read_prompts(marked)]
+                    == [p.record for p in read_prompts(plain)]), name
+
+
 def test_preprocess_skips_a_surrogate_line_with_skip_bad_lines(llama_models, tmp_path):
     from megatron_patch.data import preprocess
 

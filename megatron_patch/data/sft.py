@@ -16,6 +16,7 @@ starting at 0.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import math
@@ -61,8 +62,12 @@ def read_located_records(path: str, skip_bad: bool = False,
     JSON list), for errors found after reading."""
     check = check or validate
     with open(path, "rb") as f:
+        # A UTF-8 byte-order mark (Windows editors write one) is skipped, as Python's
+        # utf-8-sig and preprocess do.
+        start = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        f.seek(start)
         head = f.read(4096).lstrip()
-        f.seek(0)
+        f.seek(start)
         if head.startswith(b"["):
             items, where = _json_list(path, f.read()), f"{path}: record {{}}"
         else:
