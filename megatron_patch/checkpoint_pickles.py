@@ -83,8 +83,14 @@ def _check_storage_names(metadata: Any, path: str) -> None:
 
 
 def check_storage_files(iteration_path: str, metadata: Any = None) -> None:
-    """Refuse a torch_dist checkpoint directory whose .distcp files are missing or shorter than
-    its .metadata says (a truncated copy), naming the file."""
+    """Refuse a torch_dist checkpoint directory whose common.pt or .distcp files are missing,
+    or whose .distcp files are shorter than its .metadata says (a truncated copy), naming the
+    file."""
+    common = os.path.join(iteration_path, "common.pt")
+    if not os.path.isfile(common):
+        # Megatron-Core writes it with every torch_dist checkpoint (the non-sharded state);
+        # loading without it failed deep inside dist_checkpointing.
+        raise FileNotFoundError(f"{common}: missing: the checkpoint is incomplete")
     if metadata is None:
         metadata = read_dcp_metadata(iteration_path)
     needed: dict[str, int] = {}

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="5GB",
                          help="largest safetensors file, decimal units (default 5GB, "
                               "transformers 4.x's save_pretrained default; 5.x uses 50GB)")
-    convert.add_argument("--iteration", default=None,
+    convert.add_argument("--iteration", default=None, type=errors.iteration,
                          help="export this iteration instead of the latest")
     convert.add_argument("--merge-lora", action="store_true",
                          help="megatron-to-hf of a LoRA training checkpoint: write the full HF "

@@ -52,6 +52,20 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def iteration(text: str) -> int | str:
+    """argparse type: a checkpoint iteration, `release` or a number >= 0."""
+    if text == "release":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an iteration number or 'release', got "
+                                         f"{text!r}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -80,7 +94,10 @@ def describe(exc: BaseException, output: str | None = None) -> str:
     is told against `output`, the path the command was writing."""
     if isinstance(exc, OSError) and exc.strerror:
         where = exc.filename or output
-        text = f"{where}: {exc.strerror}" if where else exc.strerror
+        # A message that names the path already ("writing OUT failed ...") is not prefixed
+        # with it a second time.
+        text = (f"{where}: {exc.strerror}" if where and str(where) not in exc.strerror
+                else exc.strerror)
         if exc.filename2:
             text += f" (-> {exc.filename2})"
     else:

@@ -129,6 +129,16 @@ def _cases() -> list[dict]:
          ["hf_nan/model.safetensors", "model.layers.1.mlp.up_proj.weight", "nan"]),
         ("safetensors_inf", "files", ["convert", "hf-to-megatron", "{hf_inf}", "{out}/i"],
          ["hf_inf/model.safetensors", "model.embed_tokens.weight", "-inf"]),
+        ("common_pt_missing", "files", ["convert", "megatron-to-hf", "{mcore_no_common}",
+                                        "{out}/nc"], ["mcore_no_common/release/common.pt",
+                                                      "missing"]),
+        ("common_pt_missing_generate", "files", [*gen[:2], "{mcore_no_common}", *gen[3:]],
+         ["mcore_no_common/release/common.pt", "missing"]),
+        ("convert_iteration_not_a_number", "flags",
+         ["convert", "megatron-to-hf", "{mcore}", "{out}/it", "--iteration", "abc"],
+         ["--iteration", "'abc'"]),
+        ("generate_txt_invalid_utf8", "records",
+         [*gen[:4], "{prompts_bad_utf8}", *gen[5:]], ["prompts_bad_utf8.txt:2", "invalid UTF-8"]),
         # wrong configs
         ("config_json_malformed", "configs", ["convert", "hf-to-megatron", "{hf_bad_config}",
                                               "{out}/c"], ["hf_bad_config/config.json:2"]),
@@ -249,6 +259,9 @@ def _inputs(tmp: str, hf: str, mcore: str) -> dict[str, str]:
     os.truncate(distcp, os.path.getsize(distcp) - 1000)
     _write(os.path.join(copy(mcore, "mcore_bad_meta"), "megatron_patch.json"), "{oops")
     _crafted_metadata(copy(mcore, "mcore_outside"), copy(mcore, "mcore_dtype"))
+    os.remove(os.path.join(copy(mcore, "mcore_no_common"), "release", "common.pt"))
+    p["prompts_bad_utf8"] = _write(os.path.join(tmp, "prompts_bad_utf8.txt"),
+                                   b"hello\nbad \xff byte\n")
     _non_finite(copy(hf, "hf_nan"), "model.layers.1.mlp.up_proj.weight", 7, b"\x00\x00\xc0\x7f")
     _non_finite(copy(hf, "hf_inf"), "model.embed_tokens.weight", 0, b"\x00\x00\x80\xff")
     p["existing"] = os.path.join(tmp, "existing")
@@ -328,6 +341,13 @@ def test_bad_input_is_one_line_and_changes_nothing(outcomes, name):
         assert not any(entry == w or entry.startswith(w + "_") for w in written), entry
 
 
+def test_disk_full_names_the_output_once(outcomes):
+    """The line said `OUT: writing OUT failed, ...`."""
+    cases, results, _, _, paths = outcomes
+    line = assert_one_line(results["disk_full"][1], "convert")
+    assert line.count(os.path.join(paths["out"], "full")) == 1, line
+
+
 # ---------------------------------------------------------------------------------------------
 # Records: one bad line is one bad record, skipped and counted with --skip-bad-lines.
 
@@ -385,6 +405,41 @@ def test_a_utf8_byte_order_mark_is_accepted_by_every_record_reader(tmp_path):
         else:
             assert ([p.record for p in read_prompts(marked)]
                     == [p.record for p in read_prompts(plain)]), name
+
+
+def _sft_refusals(hf_dir: str, tmp: str) -> dict[str, str]:
+    from transformers import AutoTokenizer
+
+    from megatron_patch.data.sft import build_sft_dataset
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    long = json.dumps({"instruction": "word " * 200, "output": "a"})
+    files = {"empty": "", "long": f"{long}\n{long}\n", "bad_and_long": f"{long}\n{{oops\n",
+             "long_skipped": f"{long}\n{long}\n"}
+    out = {}
+    for name, text in files.items():
+        path = _write(os.path.join(tmp, name + ".jsonl"), text)
+        try:
+            build_sft_dataset(path, tok, 16, skip_bad=True,
+                              skip_long=name == "long_skipped")
+            out[name] = "accepted"
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_sft_no_usable_samples_says_why(llama_models, tmp_path):
+    """Each record's cause is counted (it said only "no usable samples")."""
+    out = harness.run(_sft_refusals, 1, os.path.join(llama_models["llama2"], "hf"),
+                      str(tmp_path))[0]
+    assert out["empty"] == f"{tmp_path}/empty.jsonl: no usable samples: the file holds no records"
+    assert out["long"] == (f"{tmp_path}/long.jsonl: no usable samples: of 2 record(s): 2 with "
+                           "no response token within --seq-length 16"), out
+    assert out["bad_and_long"].endswith("of 2 record(s): 1 bad record(s) skipped "
+                                        "(--skip-bad-lines), 1 with no response token within "
+                                        "--seq-length 16"), out
+    assert out["long_skipped"].endswith("of 2 record(s): 2 longer than --seq-length 16 skipped "
+                                        "(--skip-long-samples)"), out
 
 
 def test_preprocess_skips_a_surrogate_line_with_skip_bad_lines(llama_models, tmp_path):

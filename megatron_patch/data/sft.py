@@ -322,6 +322,7 @@ def build_sft_dataset(path: str, tokenizer, seq_length: int, *, pack: bool = Fal
     summary = SFTSummary(bad_records=bad)
     samples = []
     limit = seq_length + 1
+    no_response = 0  # records whose response starts after the first seq_length + 1 tokens
     for record in records:
         ids, mask = tokenize_record(tokenizer, record)
         if len(ids) > limit:
@@ -332,14 +333,29 @@ def build_sft_dataset(path: str, tokenizer, seq_length: int, *, pack: bool = Fal
             summary.truncated += 1
         if sum(mask[1:]) == 0:
             summary.skipped_long += 1  # nothing left to learn from after truncation
+            no_response += 1
             continue
         samples.append((ids, mask))
     if not samples:
-        raise ValueError(f"{path}: no usable samples")
+        raise ValueError(f"{path}: no usable samples: "
+                         + _why_none(len(records), bad, summary.skipped_long - no_response,
+                                     no_response, seq_length))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = SFTDataset(samples, seq_length, pad, pack, seed)
     summary.samples, summary.sequences = len(samples), len(dataset)
     return dataset, summary
+
+
+def _why_none(good: int, bad: int, too_long: int, no_response: int, seq_length: int) -> str:
+    """Why no record became a sample, counted by cause."""
+    if good + bad == 0:
+        return "the file holds no records"
+    reasons = [f"{bad} bad record(s) skipped (--skip-bad-lines)" if bad else "",
+               f"{too_long} longer than --seq-length {seq_length} skipped "
+               "(--skip-long-samples)" if too_long else "",
+               f"{no_response} with no response token within --seq-length {seq_length}"
+               if no_response else ""]
+    return f"of {good + bad} record(s): " + ", ".join(r for r in reasons if r)
 
 
 def epochs_to_iters(num_sequences: int, epochs: float, global_batch_size: int) -> int:
