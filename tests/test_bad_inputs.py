@@ -139,6 +139,12 @@ def _cases() -> list[dict]:
          ["--iteration", "'abc'"]),
         ("generate_txt_invalid_utf8", "records",
          [*gen[:4], "{prompts_bad_utf8}", *gen[5:]], ["prompts_bad_utf8.txt:2", "invalid UTF-8"]),
+        ("generate_output_is_input", "records", [*gen[:4], "{prompts}", "--output-file",
+                                                  "{prompts}"],
+         ["--output-file {prompts} is the --input-file"]),
+        ("generate_output_dir_missing", "disk", [*gen[:4], "{prompts}", "--output-file",
+                                                 "{out}/no_dir/gen.jsonl"],
+         ["--output-file {out}/no_dir/gen.jsonl", "{out}/no_dir does not exist"]),
         # wrong configs
         ("config_json_malformed", "configs", ["convert", "hf-to-megatron", "{hf_bad_config}",
                                               "{out}/c"], ["hf_bad_config/config.json:2"]),
