@@ -4,8 +4,8 @@ The bash scripts under examples/ pass their positional arguments here unchanged;
 names them, maps the short switches (PR, AC, DO, FL, SP) onto flags and starts torchrun.
 Arguments after the positional ones are passed through as extra flags.
 
-torchrun itself runs through `torchrun()` below: a worker that fails has printed its one-line
-error (rank 0) and torchrun's own report of the failure (a wall of tracebacks) is left out.
+torchrun itself runs through `torchrun()` below: it prints the one-line error of the worker that
+failed first, and torchrun's own report of the failure (a wall of tracebacks) is left out.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ file (with line), tensor or flag, with a non-zero exit code, and changes nothing
 The `megatron-patch` command lines run in one forked worker (tests/harness.py), each through
 `cli.main` with its stderr captured; disk full and read-only outputs are simulated there by
 making the system calls fail (ENOSPC, EROFS), which works without root or a tmpfs mount.
-Under torchrun, a fake worker (no megatron import, so the launch is cheap) checks that rank 0
-alone prints, that the launcher prints a line when only another rank failed, and that
-MEGATRON_PATCH_DEBUG=1 brings the tracebacks back.
+Under torchrun, a fake worker (no megatron import, so the launch is cheap) checks that one
+line is printed, that it is the failing rank's own when rank 0 failed only because another rank
+did, and that MEGATRON_PATCH_DEBUG=1 brings the tracebacks back.
 """
 
 import contextlib
