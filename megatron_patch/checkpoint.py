@@ -88,8 +88,14 @@ def copy_metadata(src_root: str, dst_root: str) -> None:
 
 
 def iteration_dir(root: str, iteration: int | str) -> str:
-    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-    return os.path.join(root, name)
+    if iteration == "release":
+        return os.path.join(root, "release")
+    try:
+        number = int(iteration)
+    except ValueError:
+        raise ValueError(f"{root}: iteration must be a number or 'release', got "
+                         f"{iteration!r}") from None
+    return os.path.join(root, f"iter_{number:07d}")
 
 
 def latest_iteration(root: str) -> int | str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import importlib
 import io
+import mmap
 import os
 import pickle
 import re
@@ -61,14 +62,35 @@ def read_dcp_metadata(iteration_path: str) -> Any:
                                 "checkpoint")
     with open(path, "rb") as f:
         try:
-            return _MetadataUnpickler(f, path).load()
+            metadata = _MetadataUnpickler(f, path).load()
         except (EOFError, pickle.UnpicklingError) as e:
             raise ValueError(f"{path}: truncated or corrupt ({type(e).__name__}: {e})") from e
+    _check_storage_names(metadata, path)
+    return metadata
+
+
+def _check_storage_names(metadata: Any, path: str) -> None:
+    """Every data file a .metadata names must be a bare file name in its own directory: a
+    crafted `relative_path` (`../../x`, `/etc/x`) would have the loaders read any file the
+    process can, into the model's weights."""
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        name = getattr(info, "relative_path", None)
+        if (not isinstance(name, str) or not name or os.path.basename(name) != name
+                or name in (".", "..") or os.path.isabs(name)):
+            raise ValueError(f"{path}: the record of {getattr(index, 'fqn', index)} names the "
+                             f"data file {name!r}: only a file name in the checkpoint's own "
+                             "directory is allowed")
 
 
 def check_storage_files(iteration_path: str, metadata: Any = None) -> None:
-    """Refuse a torch_dist checkpoint directory whose .distcp files are missing or shorter than
-    its .metadata says (a truncated copy), naming the file."""
+    """Refuse a torch_dist checkpoint directory whose common.pt or .distcp files are missing,
+    or whose .distcp files are shorter than its .metadata says (a truncated copy), naming the
+    file."""
+    common = os.path.join(iteration_path, "common.pt")
+    if not os.path.isfile(common):
+        # Megatron-Core writes it with every torch_dist checkpoint (the non-sharded state);
+        # loading without it failed deep inside dist_checkpointing.
+        raise FileNotFoundError(f"{common}: missing: the checkpoint is incomplete")
     if metadata is None:
         metadata = read_dcp_metadata(iteration_path)
     needed: dict[str, int] = {}
@@ -83,6 +105,42 @@ def check_storage_files(iteration_path: str, metadata: Any = None) -> None:
         if held < size:
             raise ValueError(f"{full}: truncated: {held} bytes, the checkpoint's .metadata "
                              f"needs {size}")
+    _check_tensor_records(iteration_path, metadata)
+
+
+def _check_tensor_records(iteration_path: str, metadata: Any) -> None:
+    """Refuse a .metadata whose dtype or chunk shape for a tensor disagrees with the record it
+    points to: loading would convert the stored values to the wrong dtype (or fail deep in
+    DCP), silently. Only each record's small pickle is read."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_patch.tensor_records import RECORD_ERRORS, read_record
+
+    maps: dict[str, mmap.mmap] = {}
+    try:
+        for index, info in (metadata.storage_data or {}).items():
+            stored = metadata.state_dict_metadata.get(index.fqn)
+            if not isinstance(stored, TensorStorageMetadata) or info.transform_descriptors:
+                continue
+            sizes = next((tuple(c.sizes) for c in stored.chunks
+                          if tuple(c.offsets) == tuple(index.offset)), None)
+            full = os.path.join(iteration_path, info.relative_path)
+            if info.relative_path not in maps:
+                with open(full, "rb") as f:
+                    maps[info.relative_path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                record = read_record(maps[info.relative_path], info.offset, info.length)
+            except RECORD_ERRORS as e:
+                raise ValueError(f"{full}: the record of {index.fqn} is not a tensor record "
+                                 f"({type(e).__name__}: {e})") from None
+            if record.dtype != stored.properties.dtype or record.shape != sizes:
+                raise ValueError(
+                    f"{iteration_path}/.metadata: tensor {index.fqn} is recorded as "
+                    f"{stored.properties.dtype} {list(sizes or ())}, but {full} holds "
+                    f"{record.dtype} {list(record.shape)}: the checkpoint is inconsistent")
+    finally:
+        for data in maps.values():
+            data.close()
 
 
 def _numpy_globals() -> list[Any]:

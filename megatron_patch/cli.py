@@ -86,7 +86,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from megatron_patch import tiny
+    from megatron_patch.convert.hf_io import check_output_dir
 
+    # Both checked before anything is written: the model's files and the demo data's names are
+    # common ones (config.json, corpus.jsonl) that a user's directory may hold.
+    check_output_dir(args.out_dir)
+    if args.demo_data:
+        check_output_dir(args.demo_data)
     tiny.make_hf_model(args.out_dir, args.variant, seed=args.seed, dtype=args.dtype)
     print(f"{args.out_dir}: tiny random {args.variant} model with a local tokenizer")
     if args.demo_data:
@@ -130,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="5GB",
                          help="largest safetensors file, decimal units (default 5GB, "
                               "transformers 4.x's save_pretrained default; 5.x uses 50GB)")
-    convert.add_argument("--iteration", default=None,
+    convert.add_argument("--iteration", default=None, type=errors.iteration,
                          help="export this iteration instead of the latest")
     convert.add_argument("--merge-lora", action="store_true",
                          help="megatron-to-hf of a LoRA training checkpoint: write the full HF "

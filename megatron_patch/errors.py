@@ -3,7 +3,8 @@
 Bad input (a flag, a file, a record) raises ValueError or OSError with a message naming what is
 wrong; the entry points (`megatron-patch`, the torchrun workers, the launchers) print that one
 line and exit non-zero. Under torchrun only rank 0 prints; every rank also leaves its line in
-torchelastic's error file, where the launcher finds it when rank 0 did not fail itself.
+torchelastic's error file. Under the launcher's torchrun (launch.torchrun) no rank prints: the
+launcher prints the line of the rank that failed first.
 `--debug` or MEGATRON_PATCH_DEBUG=1 adds the traceback.
 """
 
@@ -24,6 +25,10 @@ DEBUG_ENV = "MEGATRON_PATCH_DEBUG"
 ELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
 # Marks an error file written here (the message is a line already shown by rank 0).
 ERROR_FILE_SOURCE = "megatron_patch"
+# Set by launch.torchrun for its workers: no rank prints its error, the launcher prints the
+# line of the rank that failed first (rank 0's own error is often only the consequence, a
+# collective whose peer is gone: "Connection closed by peer").
+LAUNCHER_REPORTS_ENV = "MEGATRON_PATCH_LAUNCHER_REPORTS"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -92,6 +97,20 @@ nonnegative_float = FloatRange(0.0)
 probability = FloatRange(0.0, 1.0)
 
 
+def iteration(text: str) -> int | str:
+    """argparse type: a checkpoint iteration, `release` or a number >= 0."""
+    if text == "release":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an iteration number or 'release', got "
+                                         f"{text!r}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -120,7 +139,10 @@ def describe(exc: BaseException, output: str | None = None) -> str:
     is told against `output`, the path the command was writing."""
     if isinstance(exc, OSError) and exc.strerror:
         where = exc.filename or output
-        text = f"{where}: {exc.strerror}" if where else exc.strerror
+        # A message that names the path already ("writing OUT failed ...") is not prefixed
+        # with it a second time.
+        text = (f"{where}: {exc.strerror}" if where and str(where) not in exc.strerror
+                else exc.strerror)
         if exc.filename2:
             text += f" (-> {exc.filename2})"
     else:
@@ -146,7 +168,7 @@ def report(prog: str, exc: BaseException, *, output: str | None = None,
     debug = debug_requested(argv)
     if not expected and not debug:
         line += f" ({DEBUG_ENV}=1 or --debug shows the traceback)"
-    if rank() == 0 or debug:
+    if (rank() == 0 and not os.environ.get(LAUNCHER_REPORTS_ENV)) or debug:
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
         print(line, file=sys.stderr, flush=True)
@@ -162,8 +184,10 @@ def _write_error_file(line: str) -> None:
         return
     try:
         with open(path, "w") as f:
+            # time_ns: torchelastic's timestamp has whole seconds, too coarse to tell which
+            # rank failed first.
             json.dump({"message": line, "timestamp": int(time.time()),
-                       "source": ERROR_FILE_SOURCE}, f)
+                       "time_ns": time.time_ns(), "source": ERROR_FILE_SOURCE}, f)
     except OSError:
         pass  # the line itself is what matters; rank 0 printed it
 

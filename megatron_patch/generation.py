@@ -299,6 +299,19 @@ def sampling_params(args) -> SamplingParams:
                           repetition_penalty=args.repetition_penalty)
 
 
+def _check_output_file(output: str, prompts: str) -> None:
+    """Before the model loads: the output's directory exists, and it is not the prompt file
+    (which it would replace)."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output-file {output}: its directory {folder} does not exist")
+    if os.path.exists(output) and os.path.samefile(output, prompts):
+        raise ValueError(f"--output-file {output} is the --input-file: the prompts would be "
+                         "overwritten")
+
+
 def run(args) -> int:
     """Generate completions for a prompt file (run under torchrun for TP > 1)."""
     check_sampling_flags(args)
@@ -317,6 +330,7 @@ def run(args) -> int:
     from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
+    _check_output_file(args.output_file, args.input_file)
     check_kind(load_hf_config(os.path.join(args.load, checkpoint.HF_DIR)), reward=False,
                source=args.load, flag="--load")
     parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,

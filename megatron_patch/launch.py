@@ -4,8 +4,8 @@ The bash scripts under examples/ pass their positional arguments here unchanged;
 names them, maps the short switches (PR, AC, DO, FL, SP) onto flags and starts torchrun.
 Arguments after the positional ones are passed through as extra flags.
 
-torchrun itself runs through `torchrun()` below: a worker that fails has printed its one-line
-error (rank 0) and torchrun's own report of the failure (a wall of tracebacks) is left out.
+torchrun itself runs through `torchrun()` below: it prints the one-line error of the worker that
+failed first, and torchrun's own report of the failure (a wall of tracebacks) is left out.
 """
 
 from __future__ import annotations
@@ -270,9 +270,10 @@ TORCHRUN = [sys.executable, "-m", "megatron_patch.launch", "torchrun"]
 
 
 def torchrun(argv: list[str]) -> int:
-    """torchrun with argv. A failed worker reported its error in one line (rank 0, or every
-    rank with --debug); torchrun's report of it is shown only with --debug. When rank 0 did not
-    report (only other ranks failed), the lowest failed rank's line is printed here."""
+    """torchrun with argv. Its workers do not print their errors: the line of the rank that
+    failed first is printed here (the others' are often consequences, collectives whose peer
+    is gone); torchrun's own report of the failure is shown only with --debug, where every
+    rank prints its traceback itself."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -287,22 +288,41 @@ def torchrun(argv: list[str]) -> int:
         return 0
     # The agent logs each failed and stopped worker at WARNING/ERROR.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The workers inherit this process's environment; restored after, as it was.
+    previous = os.environ.get(errors.LAUNCHER_REPORTS_ENV)
+    os.environ[errors.LAUNCHER_REPORTS_ENV] = "1"
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
-        ours = {r: f.error_file_data["message"] for r, f in e.failures.items()
-                if f.error_file_data.get("source") == errors.ERROR_FILE_SOURCE}
-        rank, failure = e.get_first_failure()
-        if ours and 0 not in ours:
-            print(ours[min(ours)], file=sys.stderr, flush=True)
-        elif not ours and failure.exitcode < 0:
-            # Killed by a signal (out of memory, say): nobody else says so.
-            print(f"megatron-patch: error: rank {rank} {failure.message}", file=sys.stderr,
-                  flush=True)
-        # Else the worker exited with a status of its own, having said why.
-        codes = [f.exitcode for f in e.failures.values() if f.exitcode > 0]
-        return max(codes) if codes else 1
+        return _report_first_failure(e)
+    finally:
+        if previous is None:
+            os.environ.pop(errors.LAUNCHER_REPORTS_ENV, None)
+        else:
+            os.environ[errors.LAUNCHER_REPORTS_ENV] = previous
     return 0
+
+
+def _report_first_failure(error) -> int:
+    """Print the one-line error of the rank that failed first and return its exit status."""
+    from megatron_patch import errors
+
+    ours = {r: f for r, f in error.failures.items()
+            if f.error_file_data.get("source") == errors.ERROR_FILE_SOURCE}
+    if ours:
+        rank = min(ours, key=lambda r: (ours[r].error_file_data.get("time_ns", 0), r))
+        print(ours[rank].error_file_data["message"], file=sys.stderr, flush=True)
+        if ours[rank].exitcode > 0:
+            return ours[rank].exitcode
+        # (It was stopped by torchrun once another rank exited, after writing its line.)
+    rank, failure = error.get_first_failure()
+    if not ours and failure.exitcode < 0:
+        # Killed by a signal (out of memory, say): nobody else says so.
+        print(f"megatron-patch: error: rank {rank} {failure.message}", file=sys.stderr,
+              flush=True)
+    # Else the worker exited with a status of its own, having said why (argparse's usage).
+    codes = [f.exitcode for f in error.failures.values() if f.exitcode > 0]
+    return max(codes) if codes else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,8 +66,13 @@ def escape_line(text: str) -> str:
 def read_lines(path: str) -> list[str]:
     """The unescaped lines of a `.txt` prompt or completion file. Only `\\n` (or `\\r\\n`) ends
     a line: a generated text may hold other characters that str.splitlines breaks at."""
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")  # a leading BOM is no text
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PromptError(f"{path}:{line}: invalid UTF-8 (byte {e.start})") from None
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()

@@ -4,9 +4,9 @@ file (with line), tensor or flag, with a non-zero exit code, and changes nothing
 The `megatron-patch` command lines run in one forked worker (tests/harness.py), each through
 `cli.main` with its stderr captured; disk full and read-only outputs are simulated there by
 making the system calls fail (ENOSPC, EROFS), which works without root or a tmpfs mount.
-Under torchrun, a fake worker (no megatron import, so the launch is cheap) checks that rank 0
-alone prints, that the launcher prints a line when only another rank failed, and that
-MEGATRON_PATCH_DEBUG=1 brings the tracebacks back.
+Under torchrun, a fake worker (no megatron import, so the launch is cheap) checks that one
+line is printed, that it is the failing rank's own when rank 0 failed only because another rank
+did, and that MEGATRON_PATCH_DEBUG=1 brings the tracebacks back.
 """
 
 import argparse
@@ -61,6 +61,9 @@ def _cases() -> list[dict]:
     gen = ["generate", "--load", "{mcore}", "--input-file", "{prompts}", "--output-file",
            "{out}/gen.jsonl"]
     train = ["train", "--load", "{mcore}", "--train-iters", "1"]
+    # Valid up to --save: refused before the first iteration, not at the first save after it.
+    train_data = [*train, "--seq-length", "8", "--micro-batch-size", "1", "--data-path",
+                  "{tokens}", "--split", "90,10,0", "--save-interval", "1"]
     cases = [
         # invalid flags
         ("train_tp_0", "flags", [*train, "--seq-length", "8", "--tensor-model-parallel-size",
@@ -120,6 +123,36 @@ def _cases() -> list[dict]:
                                        "{out}/d"], ["release/__0_0.distcp", "truncated"]),
         ("distcp_truncated_generate", "files",
          [*gen[:2], "{mcore_truncated}", *gen[3:]], ["release/__0_0.distcp", "truncated"]),
+        ("metadata_names_outside_file", "files",
+         ["convert", "megatron-to-hf", "{mcore_outside}", "{out}/mo"],
+         ["mcore_outside/release/.metadata", "'../../outside.distcp'"]),
+        ("metadata_names_outside_file_generate", "files",
+         [*gen[:2], "{mcore_outside}", *gen[3:]],
+         ["mcore_outside/release/.metadata", "'../../outside.distcp'"]),
+        ("metadata_dtype_tampered", "files",
+         ["convert", "megatron-to-hf", "{mcore_dtype}", "{out}/md"],
+         ["mcore_dtype/release/.metadata", "decoder.layers.mlp.linear_fc2.weight",
+          "torch.float16", "torch.float32"]),
+        ("safetensors_nan", "files", ["convert", "hf-to-megatron", "{hf_nan}", "{out}/n"],
+         ["hf_nan/model.safetensors", "model.layers.1.mlp.up_proj.weight", "nan"]),
+        ("safetensors_inf", "files", ["convert", "hf-to-megatron", "{hf_inf}", "{out}/i"],
+         ["hf_inf/model.safetensors", "model.embed_tokens.weight", "-inf"]),
+        ("common_pt_missing", "files", ["convert", "megatron-to-hf", "{mcore_no_common}",
+                                        "{out}/nc"], ["mcore_no_common/release/common.pt",
+                                                      "missing"]),
+        ("common_pt_missing_generate", "files", [*gen[:2], "{mcore_no_common}", *gen[3:]],
+         ["mcore_no_common/release/common.pt", "missing"]),
+        ("convert_iteration_not_a_number", "flags",
+         ["convert", "megatron-to-hf", "{mcore}", "{out}/it", "--iteration", "abc"],
+         ["--iteration", "'abc'"]),
+        ("generate_txt_invalid_utf8", "records",
+         [*gen[:4], "{prompts_bad_utf8}", *gen[5:]], ["prompts_bad_utf8.txt:2", "invalid UTF-8"]),
+        ("generate_output_is_input", "records", [*gen[:4], "{prompts}", "--output-file",
+                                                  "{prompts}"],
+         ["--output-file {prompts} is the --input-file"]),
+        ("generate_output_dir_missing", "disk", [*gen[:4], "{prompts}", "--output-file",
+                                                 "{out}/no_dir/gen.jsonl"],
+         ["--output-file {out}/no_dir/gen.jsonl", "{out}/no_dir does not exist"]),
         # wrong configs
         ("config_json_malformed", "configs", ["convert", "hf-to-megatron", "{hf_bad_config}",
                                               "{out}/c"], ["hf_bad_config/config.json:2"]),
@@ -134,12 +167,20 @@ def _cases() -> list[dict]:
          ["{out}/ro", "Read-only file system"]),
         ("existing_output", "disk", ["convert", "megatron-to-hf", "{mcore}", "{existing}"],
          ["{existing}"]),
+        ("train_save_is_a_file", "disk", [*train_data, "--save", "{existing}/keep.txt"],
+         ["--save {existing}/keep.txt is a file"]),
+        ("train_save_read_only", "disk", [*train_data, "--save", "{out}/ro_save"],
+         ["{out}/ro_save", "--save cannot be written", "Read-only file system"]),
+        ("make_tiny_existing_output", "disk", ["make-tiny", "{existing}"], ["{existing}"]),
+        ("make_tiny_existing_demo_data", "disk",
+         ["make-tiny", "{out}/tiny", "--demo-data", "{existing}"], ["{existing}"]),
     ]
     return [dict(name=n, category=c, argv=a, needles=k) for n, c, a, k in cases]
 
 
 CASES = _cases()
-SIMULATE = {"disk_full": errno.ENOSPC, "read_only_output": errno.EROFS}
+SIMULATE = {"disk_full": errno.ENOSPC, "read_only_output": errno.EROFS,
+            "train_save_read_only": errno.EROFS}
 
 
 @contextlib.contextmanager
@@ -231,10 +272,51 @@ def _inputs(tmp: str, hf: str, mcore: str) -> dict[str, str]:
     distcp = os.path.join(copy(mcore, "mcore_truncated"), "release", "__0_0.distcp")
     os.truncate(distcp, os.path.getsize(distcp) - 1000)
     _write(os.path.join(copy(mcore, "mcore_bad_meta"), "megatron_patch.json"), "{oops")
+    _crafted_metadata(copy(mcore, "mcore_outside"), copy(mcore, "mcore_dtype"))
+    os.remove(os.path.join(copy(mcore, "mcore_no_common"), "release", "common.pt"))
+    p["prompts_bad_utf8"] = _write(os.path.join(tmp, "prompts_bad_utf8.txt"),
+                                   b"hello\nbad \xff byte\n")
+    _non_finite(copy(hf, "hf_nan"), "model.layers.1.mlp.up_proj.weight", 7, b"\x00\x00\xc0\x7f")
+    _non_finite(copy(hf, "hf_inf"), "model.embed_tokens.weight", 0, b"\x00\x00\x80\xff")
     p["existing"] = os.path.join(tmp, "existing")
     os.makedirs(p["existing"])
     _write(os.path.join(p["existing"], "keep.txt"), "mine")
     return p
+
+
+def _crafted_metadata(outside: str, tampered: str) -> None:
+    """outside: its .metadata names a copy of its data file two directories up (a crafted
+    `relative_path` reading any file); tampered: one tensor's recorded dtype is float16, its
+    record float32."""
+    import pickle
+
+    import torch
+
+    shutil.copy(os.path.join(outside, "release", "__0_0.distcp"),
+                os.path.join(os.path.dirname(outside), "outside.distcp"))
+    for root, craft in ((outside, "path"), (tampered, "dtype")):
+        path = os.path.join(root, "release", ".metadata")
+        with open(path, "rb") as f:
+            metadata = pickle.load(f)
+        if craft == "path":
+            for info in metadata.storage_data.values():
+                info.relative_path = "../../outside.distcp"
+        else:
+            metadata.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"] \
+                .properties.dtype = torch.float16
+        with open(path, "wb") as f:
+            pickle.dump(metadata, f)
+
+
+def _non_finite(hf_dir: str, tensor: str, element: int, value: bytes) -> None:
+    """Overwrite one float32 element of `tensor` in model.safetensors with `value`'s bytes."""
+    path = os.path.join(hf_dir, "model.safetensors")
+    with open(path, "r+b") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        assert header[tensor]["dtype"] == "F32"
+        f.seek(8 + header_size + header[tensor]["data_offsets"][0] + 4 * element)
+        f.write(value)
 
 
 def _fill(value: str, paths: dict[str, str]) -> str:
@@ -247,9 +329,11 @@ def outcomes(llama_models, tmp_path_factory):
     root = llama_models["llama2"]
     tmp = str(tmp_path_factory.mktemp("bad_inputs"))
     paths = _inputs(tmp, os.path.join(root, "hf"), os.path.join(root, "mcore"))
+    paths["tokens"] = os.path.join(tmp, "tokens")
+    harness.run(harness.make_token_dataset, 1, paths["tokens"])
     cases = [dict(c, argv=[_fill(a, paths) for a in c["argv"]],
                   needles=[_fill(n, paths) for n in c["needles"]]) for c in CASES]
-    inputs = {k: v for k, v in paths.items() if k != "out"}
+    inputs = {k: v for k, v in paths.items() if k not in ("out", "tokens")}
     before = {k: tree_hash(v) for k, v in inputs.items()}
     results = harness.run(_run_cases, 1, cases, paths["out"])[0]
     after = {k: tree_hash(v) for k, v in inputs.items()}
@@ -269,6 +353,13 @@ def test_bad_input_is_one_line_and_changes_nothing(outcomes, name):
     written = [os.path.basename(a) for a in case["argv"] if a.startswith(paths["out"] + "/")]
     for entry in os.listdir(paths["out"]):
         assert not any(entry == w or entry.startswith(w + "_") for w in written), entry
+
+
+def test_disk_full_names_the_output_once(outcomes):
+    """The line said `OUT: writing OUT failed, ...`."""
+    cases, results, _, _, paths = outcomes
+    line = assert_one_line(results["disk_full"][1], "convert")
+    assert line.count(os.path.join(paths["out"], "full")) == 1, line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +395,67 @@ def test_generation_prompts_are_held_to_sft_message_rules(tmp_path):
             read_records(path, check=validate_prompt)
 
 
+def test_a_utf8_byte_order_mark_is_accepted_by_every_record_reader(tmp_path):
+    """SFT records, preference pairs and prompts (generate, RL), as JSON lines, a JSON list or
+    a .txt file, read the same with a leading UTF-8 BOM as without (Python's utf-8-sig;
+    preprocess already did); they used to be refused as invalid JSON on line 1."""
+    from megatron_patch.data.preference import validate_pair
+    from megatron_patch.data.sft import read_located_records, read_records
+    from megatron_patch.prompts import read_prompts
+
+    bom = b"\xef\xbb\xbf"
+    sft = b'{"instruction": "q", "output": "a"}\n{"instruction": "r", "output": "b"}\n'
+    pair = b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+    texts = {"sft.jsonl": sft, "sft.json": b"[" + sft.replace(b"\n", b",", 1).strip() + b"]",
+             "pairs.jsonl": pair, "prompts.jsonl": b'{"prompt": "hi"}\n', "prompts.txt": b"hi\n"}
+    for name, text in texts.items():
+        plain = _write(str(tmp_path / name), text)
+        marked = _write(str(tmp_path / ("bom_" + name)), bom + text)
+        if name.startswith("sft"):
+            assert read_records(marked) == read_records(plain), name
+        elif name.startswith("pairs"):
+            assert (read_located_records(marked, check=validate_pair)[0][0][1]
+                    == read_located_records(plain, check=validate_pair)[0][0][1])
+        else:
+            assert ([p.record for p in read_prompts(marked)]
+                    == [p.record for p in read_prompts(plain)]), name
+
+
+def _sft_refusals(hf_dir: str, tmp: str) -> dict[str, str]:
+    from transformers import AutoTokenizer
+
+    from megatron_patch.data.sft import build_sft_dataset
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    long = json.dumps({"instruction": "word " * 200, "output": "a"})
+    files = {"empty": "", "long": f"{long}\n{long}\n", "bad_and_long": f"{long}\n{{oops\n",
+             "long_skipped": f"{long}\n{long}\n"}
+    out = {}
+    for name, text in files.items():
+        path = _write(os.path.join(tmp, name + ".jsonl"), text)
+        try:
+            build_sft_dataset(path, tok, 16, skip_bad=True,
+                              skip_long=name == "long_skipped")
+            out[name] = "accepted"
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_sft_no_usable_samples_says_why(llama_models, tmp_path):
+    """Each record's cause is counted (it said only "no usable samples")."""
+    out = harness.run(_sft_refusals, 1, os.path.join(llama_models["llama2"], "hf"),
+                      str(tmp_path))[0]
+    assert out["empty"] == f"{tmp_path}/empty.jsonl: no usable samples: the file holds no records"
+    assert out["long"] == (f"{tmp_path}/long.jsonl: no usable samples: of 2 record(s): 2 with "
+                           "no response token within --seq-length 16"), out
+    assert out["bad_and_long"].endswith("of 2 record(s): 1 bad record(s) skipped "
+                                        "(--skip-bad-lines), 1 with no response token within "
+                                        "--seq-length 16"), out
+    assert out["long_skipped"].endswith("of 2 record(s): 2 longer than --seq-length 16 skipped "
+                                        "(--skip-long-samples)"), out
+
+
 def test_preprocess_skips_a_surrogate_line_with_skip_bad_lines(llama_models, tmp_path):
     from megatron_patch.data import preprocess
 
@@ -318,13 +470,17 @@ def test_preprocess_skips_a_surrogate_line_with_skip_bad_lines(llama_models, tmp
 # ---------------------------------------------------------------------------------------------
 # Under torchrun.
 
+# Ranks not named fail too, as under data parallelism: their collective loses its peer.
 FAKE_WORKER = """
 import os, sys
+import torch.distributed as dist
 from megatron_patch import errors
 
 def main():
+    dist.init_process_group("gloo")
     if os.environ["RANK"] in sys.argv[1].split(","):
         raise ValueError("data.jsonl:7: a bad record on rank " + os.environ["RANK"])
+    dist.barrier()
     return 0
 
 sys.exit(errors.run_main("megatron-patch train", main))
@@ -333,7 +489,8 @@ sys.exit(errors.run_main("megatron-patch train", main))
 
 def test_torchrun_error_is_one_line_from_one_rank(tmp_path):
     """All ranks fail: one line (rank 0's, or rank 1's when torchrun stopped rank 0 before it
-    failed itself), no torchrun report. Only rank 1 fails: the launcher prints its line.
+    failed itself), no torchrun report. Only rank 1 fails, and rank 0's barrier with it then
+    fails too ("Connection closed by peer"): the launcher prints rank 1's line alone.
     MEGATRON_PATCH_DEBUG=1: tracebacks are back."""
     worker = _write(str(tmp_path / "worker.py"), FAKE_WORKER)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")

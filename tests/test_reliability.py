@@ -690,3 +690,33 @@ def test_every_rank_stops_together_when_one_ranks_gradient_is_nan(llama_models, 
             assert r[layout].startswith("NonFiniteError: iteration 2: a gradient is NaN (the "
                                         "loss is finite)"), (layout, rank, r[layout])
         assert ranks[0][layout + "_saved"] == [1], (layout, ranks[0])
+
+
+# ---- issue 28: --hf-config may not add what the Megatron-LM checkpoint's args never had ------
+
+def test_import_megatron_hf_config_may_not_add_a_sliding_window(tmp_path):
+    """`convert import-megatron --hf-config`: a config describing the args' model is taken; the
+    same config with a sliding window (which Megatron-LM's args here never had) is refused
+    naming the field. (It used to be taken: the exported model attended differently.)"""
+    import argparse
+
+    import pytest
+
+    from megatron_patch.convert.megatron_lm.architecture import architecture, derived_hf_config
+
+    args = argparse.Namespace(
+        num_layers=4, hidden_size=64, num_attention_heads=4, group_query_attention=True,
+        num_query_groups=2, ffn_hidden_size=96, kv_channels=16, swiglu=True,
+        normalization="RMSNorm", add_bias_linear=False, position_embedding_type="rope",
+        untie_embeddings_and_output_weights=True, norm_epsilon=1e-5, rotary_base=10000,
+        max_position_embeddings=256, seq_length=256, padded_vocab_size=1024)
+    derived = derived_hf_config(args, 1000, "ckpt")
+    same = dict(derived, architectures=["MistralForCausalLM"], model_type="mistral",
+                sliding_window=None)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(same))
+    assert architecture(args, "ckpt", str(path))["model_type"] == "mistral"
+    path.write_text(json.dumps(dict(same, sliding_window=8)))
+    with pytest.raises(ValueError, match=rf"^{path} does not describe the model of ckpt: "
+                                         r"sliding_window: .* config 8$"):
+        architecture(args, "ckpt", str(path))

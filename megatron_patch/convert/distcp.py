@@ -29,11 +29,7 @@ import io
 import math
 import mmap
 import os
-import pickle
-import struct
-import sys
-import zipfile
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,18 +46,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from megatron_patch import checkpoint
+from megatron_patch import checkpoint, tensor_records
 from megatron_patch.convert.file_regions import FileRegions, RegionStream, address_of
 from megatron_patch.errors import read_json
-
-# torch.save pickles a tensor's storage by its legacy typed-storage class name.
-_STORAGE_DTYPES = {
-    "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16,
-    "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header, 30 bytes
 
 
 class UnsyncedSave(SaveShardedStrategy):
@@ -126,64 +113,6 @@ class _RegionFileSystem(FileSystem):
             yield stream
 
 
-class _Window(io.RawIOBase):
-    """A read-only file over bytes [start, start + length) of a mapped file, so that zipfile
-    sees one record as a whole archive (it reads only the directory at the end and headers)."""
-
-    def __init__(self, data: mmap.mmap, start: int, length: int) -> None:
-        self._data, self._start, self._length, self._pos = data, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        end = min(self._length, self._pos + len(buffer))
-        n = max(0, end - self._pos)
-        buffer[:n] = self._data[self._start + self._pos:self._start + end]
-        self._pos += n
-        return n
-
-
-class _TensorRecord(pickle.Unpickler):
-    """Reads the pickle torch.save writes for one tensor without building it: the storage it
-    names and the view (offset, size, stride) into it. Any other pickle is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size),
-                                                              tuple(stride))
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        raise pickle.UnpicklingError(f"not a plain tensor record: {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        kind, dtype, key, _location, numel = pid
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-        return dtype, key, numel
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
-
-
 class MappedCheckpoint:
     """The chunks of one checkpoint directory (`release/` or `iter_N/`), mapped read-only."""
 
@@ -222,8 +151,9 @@ class MappedCheckpoint:
             return None
         data = self._map(info.relative_path)
         try:
-            start, stored_dtype, shape = self._tensor_bytes(data, info.offset, info.length)
-        except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError, TypeError):
+            start, stored_dtype, shape = tensor_records.dense_tensor_bytes(data, info.offset,
+                                                                          info.length)
+        except tensor_records.RECORD_ERRORS:
             return None
         numel = math.prod(sizes)
         if (stored_dtype != dtype or stored.properties.dtype != dtype or shape != sizes
@@ -232,41 +162,5 @@ class MappedCheckpoint:
         return torch.frombuffer(data, dtype=torch.uint8, count=numel * dtype.itemsize,
                                 offset=start).view(*sizes, dtype.itemsize)
 
-    @staticmethod
-    def _tensor_bytes(data: mmap.mmap, offset: int,
-                      length: int) -> tuple[int, torch.dtype, tuple[int, ...]]:
-        """Absolute byte offset, dtype and shape of the tensor in the torch.save record at
-        [offset, offset + length); ValueError unless it is one dense little-endian tensor."""
-        archive = zipfile.ZipFile(_Window(data, offset, length))
-        members = {info.filename: info for info in archive.infolist()}
-        pickles = [name for name in members if name.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            raise ValueError("not a torch.save record")
-        prefix = pickles[0].removesuffix("data.pkl")
-
-        def member_start(info: zipfile.ZipInfo) -> int:
-            """Where a stored member's bytes begin. (Read directly, not with zipfile's read:
-            records saved without CRC-32 would fail its check.)"""
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"compressed member {info.filename}")
-            at = offset + info.header_offset
-            signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack(data[at:at + 30])
-            if signature != b"PK\x03\x04":
-                raise ValueError("bad zip local header")
-            return at + 30 + name_length + extra_length
-
-        def member_bytes(info: zipfile.ZipInfo) -> bytes:
-            start = member_start(info)
-            return data[start:start + info.file_size]
-
-        order = members.get(prefix + "byteorder")
-        if (member_bytes(order).decode() if order is not None else "little") != sys.byteorder:
-            raise ValueError("byte order differs")
-        (dtype, key, storage_numel), storage_offset, shape, stride = _TensorRecord(
-            io.BytesIO(member_bytes(members[pickles[0]]))).load()
-        member = members[f"{prefix}data/{key}"]
-        if (member.file_size != storage_numel * dtype.itemsize
-                or stride != _contiguous_strides(shape)
-                or storage_offset + math.prod(shape) > storage_numel):
-            raise ValueError("not one dense tensor")
-        return member_start(member) + storage_offset * dtype.itemsize, dtype, shape
+    # The layout of one dense record (tests call it on crafted records).
+    _tensor_bytes = staticmethod(tensor_records.dense_tensor_bytes)

@@ -126,6 +126,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     padded = pad_vocab_size(args.vocab_size + extra_vocab_size,
                             make_vocab_size_divisible_by * tensor_model_parallel_size)
     reader = hf_io.HFCheckpointReader(hf_dir)
+    reader.check_finite(reader.names())
     quant = fp8.quantization(hf_config, hf_dir)
     if quant is not None:
         # Read dequantised; the converted checkpoint (and its config) is unquantised.

@@ -16,6 +16,7 @@ starting at 0.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import math
@@ -61,8 +62,12 @@ def read_located_records(path: str, skip_bad: bool = False,
     JSON list), for errors found after reading."""
     check = check or validate
     with open(path, "rb") as f:
+        # A UTF-8 byte-order mark (Windows editors write one) is skipped, as Python's
+        # utf-8-sig and preprocess do.
+        start = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        f.seek(start)
         head = f.read(4096).lstrip()
-        f.seek(0)
+        f.seek(start)
         if head.startswith(b"["):
             items, where = _json_list(path, f.read()), f"{path}: record {{}}"
         else:
@@ -320,6 +325,7 @@ def build_sft_dataset(path: str, tokenizer, seq_length: int, *, pack: bool = Fal
     summary = SFTSummary(bad_records=bad)
     samples = []
     limit = seq_length + 1
+    no_response = 0  # records whose response starts after the first seq_length + 1 tokens
     for record in records:
         ids, mask = tokenize_record(tokenizer, record)
         if len(ids) > limit:
@@ -330,14 +336,29 @@ def build_sft_dataset(path: str, tokenizer, seq_length: int, *, pack: bool = Fal
             summary.truncated += 1
         if sum(mask[1:]) == 0:
             summary.skipped_long += 1  # nothing left to learn from after truncation
+            no_response += 1
             continue
         samples.append((ids, mask))
     if not samples:
-        raise ValueError(f"{path}: no usable samples")
+        raise ValueError(f"{path}: no usable samples: "
+                         + _why_none(len(records), bad, summary.skipped_long - no_response,
+                                     no_response, seq_length))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = SFTDataset(samples, seq_length, pad, pack, seed)
     summary.samples, summary.sequences = len(samples), len(dataset)
     return dataset, summary
+
+
+def _why_none(good: int, bad: int, too_long: int, no_response: int, seq_length: int) -> str:
+    """Why no record became a sample, counted by cause."""
+    if good + bad == 0:
+        return "the file holds no records"
+    reasons = [f"{bad} bad record(s) skipped (--skip-bad-lines)" if bad else "",
+               f"{too_long} longer than --seq-length {seq_length} skipped "
+               "(--skip-long-samples)" if too_long else "",
+               f"{no_response} with no response token within --seq-length {seq_length}"
+               if no_response else ""]
+    return f"of {good + bad} record(s): " + ", ".join(r for r in reasons if r)
 
 
 def epochs_to_iters(num_sequences: int, epochs: float, global_batch_size: int) -> int:

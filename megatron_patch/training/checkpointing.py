@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -146,6 +147,7 @@ def check_save_dir(t: Trainer) -> None:
     after the one this run starts from (saving would overwrite them and move the tracker back)
     unless --overwrite-checkpoints."""
     a = t.args
+    _check_writable(a.save)
     if os.path.isfile(os.path.join(a.save, checkpoint.META)):
         if differ := model_differences(t, a.save):
             raise ValueError(f"--save {a.save} holds checkpoints of another model "
@@ -161,6 +163,26 @@ def check_save_dir(t: Trainer) -> None:
                          f"starts from ({t.iteration}): saving would overwrite them and point "
                          f"{checkpoint.TRACKER} back. Resume them with --load {a.save}, choose "
                          "another --save, or pass --overwrite-checkpoints")
+
+
+def _check_writable(save: str) -> None:
+    """Refuse a --save that is a file, or a directory (or the nearest existing one above it)
+    where no file can be created (read-only, no permission): found only at the first save,
+    after the iterations ran. A probe file, removed at once, says it as the kernel does."""
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ValueError(f"--save {save} is a file, not a directory")
+    existing = os.path.abspath(save)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--save {save}: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".megatron_patch_write_test")
+    except OSError as e:
+        raise OSError(e.errno, f"--save cannot be written: no file can be created in "
+                               f"{existing} ({e.strerror})", save) from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _write_model_files(t: Trainer, root: str) -> None:

@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 
-from megatron_patch.errors import positive_int
+from megatron_patch.errors import iteration, positive_int
 from megatron_patch.vocab.formats import SP_MODEL, TOKENIZER_JSON
 from megatron_patch.vocab.pieces import (
     pieces_from_sentencepiece,
@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
                    help="Megatron checkpoints: also pad for this TP size if the padded "
                         "vocabulary must grow")
-    p.add_argument("--iteration", default=None,
+    p.add_argument("--iteration", default=None, type=iteration,
                    help="Megatron checkpoints: extend this iteration instead of the latest")
     p.add_argument("--max-shard-size", default="5GB")
 

@@ -192,9 +192,40 @@ def check_args_match(args: argparse.Namespace, hf_config: dict[str, Any], source
     if abs(s["layernorm_epsilon"] - model_args.layernorm_epsilon) > 1e-12:
         wrong.append(f"norm_epsilon: args {s['layernorm_epsilon']!r}, config "
                      f"{model_args.layernorm_epsilon!r}")
+    wrong += _beyond_args(model_args)
     if wrong:
         raise ValueError(f"{config_source} does not describe the model of {source}: "
                          + "; ".join(wrong))
+
+
+# ModelArgs fields a config may set freely: the vocabulary (checked against padded_vocab_size),
+# the context length (RoPE models), dropout and the MoE loss weight (training only), and what
+# check_args_match compares itself.
+_FREE_FIELDS = {"vocab_size", "max_sequence_length", "attention_dropout", "hidden_dropout",
+                "moe_aux_loss_coeff", "kv_replicas", "num_layers", "hidden_size",
+                "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                "layernorm_epsilon", "normalization", "activation", "gated_linear_unit",
+                "add_bias_linear", "add_qkv_bias", "share_embeddings_and_output_weights",
+                "position_embedding_type", "num_moe_experts", "moe_router_topk",
+                "moe_ffn_hidden_size"}
+
+
+def _beyond_args(model_args: Any) -> list[str]:
+    """Every other field (sliding windows, soft-capping, softmax scale, query/key norms, MLA,
+    router variants ...) shapes the model in a way `args` either cannot express or
+    _refuse_unsupported refused: the checkpoint's model has the default, and a config that
+    sets another value describes a different model."""
+    from dataclasses import fields
+
+    wrong = []
+    for field in fields(model_args):
+        if field.name in _FREE_FIELDS:
+            continue
+        value = getattr(model_args, field.name)
+        if value != field.default:
+            wrong.append(f"{field.name}: args cannot express it (the checkpoint's model has "
+                         f"{field.default!r}), config {value!r}")
+    return wrong
 
 
 def _tokenizer_info(tokenizer_dir: str) -> dict[str, Any]:
