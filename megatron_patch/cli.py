@@ -176,12 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     extend.set_defaults(func=_extend_vocab)
     for command in sub.choices.values():
         add_debug_flag(command)
+        if not any("--verbose" in action.option_strings for action in command._actions):
+            add_verbose_flag(command)
     return parser
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error (or set {errors.DEBUG_ENV}=1)")
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show other libraries' warnings (megatron-core's about "
+                             "Transformer Engine and Apex, deprecations)")
 
 
 # Where each command writes: an OSError without a file name (a full disk) is told against it.
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[errors.DEBUG_ENV] = "1"  # also for the processes this command starts
     output = getattr(args, OUTPUTS.get(args.command, ""), None)
     return errors.run_main(f"megatron-patch {args.command}", lambda: args.func(args),
-                           output=output)
+                           output=output, verbose=args.verbose)
 
 
 if __name__ == "__main__":

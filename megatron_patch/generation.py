@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_patch.errors import nonnegative_int, positive_int
+from megatron_patch.errors import nonnegative_int, positive_int, require_dir
 from megatron_patch.forward import pipelined
 
 
@@ -296,6 +296,7 @@ def sampling_params(args) -> SamplingParams:
 def run(args) -> int:
     """Generate completions for a prompt file (run under torchrun for TP > 1)."""
     check_sampling_flags(args)
+    require_dir("--load", args.load)
     import os
 
     from transformers import AutoTokenizer
@@ -354,4 +355,6 @@ if __name__ == "__main__":
     parser = ArgumentParser(prog="megatron-patch generate")
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show other libraries' warnings")
     sys.exit(run_main("megatron-patch generate", lambda: run(parser.parse_args())))

@@ -141,11 +141,12 @@ def sys_argv(args: argparse.Namespace) -> list[str]:
             "--atol", str(args.atol), "--loss-atol", str(args.loss_atol),
             "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
             "--seed", str(args.seed)]
-    return argv + (["--sp"] if args.sp else [])
+    return argv + (["--sp"] if args.sp else []) + (["--verbose"] if args.verbose else [])
 
 
 if __name__ == "__main__":
     parser = ArgumentParser(prog="megatron-patch verify")
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
     sys.exit(run_main("megatron-patch verify", lambda: run_worker(parser.parse_args())))

@@ -160,10 +160,11 @@ def _log_settings(verbose: bool, level: str | None) -> dict:
 
     warnings.resetwarnings()  # a fresh process's filters, not pytest's
     logs.setup(verbose, level)
-    with warnings.catch_warnings(record=True) as seen:
+    with warnings.catch_warnings(record=True) as seen, logs.library_warnings(verbose):
         for module in ("megatron.core.optimizer", "torch.distributed.checkpoint", "mine"):
             warnings.warn_explicit(f"from {module}", UserWarning, "x.py", 1, module=module)
         warnings.warn_explicit("deprecated", FutureWarning, "x.py", 2, module="torch.x")
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 3, module="megatron_patch.api")
     return {"megatron_info": logging.getLogger(
                 "megatron.core.distributed.param_and_grad_buffer").isEnabledFor(logging.INFO),
             "megatron_warning": logging.getLogger("megatron.core").isEnabledFor(logging.WARNING),
@@ -175,15 +176,68 @@ def _log_settings(verbose: bool, level: str | None) -> dict:
 def test_quiet_by_default_verbose_brings_the_rest_back():
     (quiet,) = harness.run(_log_settings, 1, False, None)
     assert quiet == {"megatron_info": False, "megatron_warning": True, "ours_info": True,
-                     "megatron_debug": False, "warnings": ["from mine"]}
+                     "megatron_debug": False, "warnings": ["from mine", "ours"]}
     (verbose,) = harness.run(_log_settings, 1, True, None)
     assert verbose["megatron_info"] and verbose["ours_info"] and not verbose["megatron_debug"]
     assert verbose["warnings"] == sorted(["from megatron.core.optimizer", "deprecated",
-                                          "from torch.distributed.checkpoint", "from mine"])
+                                          "from torch.distributed.checkpoint", "from mine",
+                                          "ours"])
     (debug,) = harness.run(_log_settings, 1, False, "debug")
     assert debug["megatron_debug"] and debug["megatron_info"]
     with pytest.raises(AssertionError, match="ValueError: --log-level must be one of"):
         harness.run(_log_settings, 1, False, "chatty")
+
+
+def _warn_like_megatron_core() -> int:
+    import warnings
+
+    warnings.warn_explicit("Transformer Engine and Apex are not installed", UserWarning,
+                           "optimizer.py", 1, module="megatron.core.optimizer")
+    return 0
+
+
+def test_entry_points_hide_library_warnings_in_their_run_only():
+    """errors.run_main (every command's entry point) hides other libraries' warnings around the
+    run, shows them when verbose, and leaves the process's filters as they were."""
+    import warnings
+
+    from megatron_patch import errors
+
+    for verbose, expected in ((False, []), (True, ["Transformer Engine and Apex are not "
+                                                   "installed"])):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            before = list(warnings.filters)
+            assert errors.run_main("megatron-patch x", _warn_like_megatron_core,
+                                   verbose=verbose) == 0
+            assert warnings.filters == before
+        assert [str(w.message) for w in seen] == expected
+
+
+def test_every_command_takes_verbose():
+    from megatron_patch import cli
+
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        assert any("--verbose" in a.option_strings for a in command._actions), name
+
+
+def test_a_failing_command_prints_its_error_line_alone(tmp_path):
+    """megatron-core's import warnings used to come before the error line of `convert`; they
+    come back with --verbose."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [sys.executable, "-m", "megatron_patch", "convert", "megatron-to-hf", str(empty),
+            str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    quiet = harness.run_command(argv, env=env, timeout=300)
+    assert quiet.returncode == 2
+    lines = quiet.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megatron-patch convert: error: "), lines
+    assert str(empty) in lines[0], lines
+    verbose = harness.run_command([*argv, "--verbose"], env=env, timeout=300)
+    assert verbose.returncode == 2 and "Transformer Engine" in verbose.stderr, verbose.stderr
 
 
 # ---- Weights & Biases -----------------------------------------------------------------------
