@@ -98,6 +98,10 @@ def enthusiastic(answer: str) -> str:
     return f"Wow! {answer}"
 
 
+# The files write_demo_data writes, NAME.jsonl each.
+DEMO_FILES = ("corpus", "sft", "prompts", "preferences")
+
+
 def write_demo_data(out_dir: str) -> dict[str, str]:
     """corpus.jsonl (pretraining text), sft.jsonl (instruction records: each answer plain and
     enthusiastic, so the fine-tuned model answers in either style), prompts.jsonl and
@@ -106,7 +110,7 @@ def write_demo_data(out_dir: str) -> dict[str, str]:
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, f"{name}.jsonl")
-             for name in ("corpus", "sft", "prompts", "preferences")}
+             for name in DEMO_FILES}
     with open(paths["corpus"], "w") as f:
         for i, text in enumerate(CORPUS):
             f.write(json.dumps({"id": i, "text": text}) + "\n")

@@ -263,7 +263,8 @@ def test_bad_input_is_one_line_and_changes_nothing(outcomes, name):
     case = cases[name]
     rc, stderr = results[name]
     assert rc == 2, (rc, stderr[-3000:])
-    command = case["argv"][0]
+    # convert's line names its direction: `megatron-patch convert hf-to-megatron: error: ...`
+    command = " ".join(case["argv"][:2 if case["argv"][0] == "convert" else 1])
     assert_one_line(stderr, command, *case["needles"])
     assert before == after  # no input (model, checkpoint, data file, existing output) changed
     # Nothing complete-looking appeared where the command was to write.

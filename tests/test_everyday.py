@@ -234,10 +234,55 @@ def test_a_failing_command_prints_its_error_line_alone(tmp_path):
     quiet = harness.run_command(argv, env=env, timeout=300)
     assert quiet.returncode == 2
     lines = quiet.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("megatron-patch convert: error: "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("megatron-patch convert megatron-to-hf: error: "), lines
     assert str(empty) in lines[0], lines
     verbose = harness.run_command([*argv, "--verbose"], env=env, timeout=300)
     assert verbose.returncode == 2 and "Transformer Engine" in verbose.stderr, verbose.stderr
+
+
+# ---- help ------------------------------------------------------------------------------------
+
+def _help(argv: list[str], capsys) -> str:
+    from megatron_patch import cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_each_convert_direction_has_its_own_help(capsys):
+    """`convert DIRECTION --help` lists that direction's flags, not the three merged."""
+    from megatron_patch import cli
+
+    convert = cli.build_parser()._subparsers._group_actions[0].choices["convert"]
+    directions = convert._subparsers._group_actions[0].choices
+    assert sorted(directions) == ["hf-to-megatron", "import-megatron", "megatron-to-hf"]
+    flags = {name: {f for a in p._actions for f in a.option_strings}
+             for name, p in directions.items()}
+    for name, own in flags.items():
+        text = _help(["convert", name], capsys)
+        for other in set().union(*flags.values()) - own:
+            assert other not in text.split(), (name, other)
+        assert all(a.help for a in directions[name]._actions), name
+    assert "--merge-lora" in flags["megatron-to-hf"] and "--params-dtype" in flags[
+        "hf-to-megatron"]
+
+
+def test_make_tiny_help_names_every_demo_file(tmp_path, capsys):
+    from megatron_patch import tiny
+
+    text = _help(["make-tiny"], capsys)
+    written = sorted(os.path.basename(p) for p in tiny.write_demo_data(str(tmp_path)).values())
+    assert len(written) == 4
+    for name in written:
+        assert name in text, name
+
+
+def test_top_level_help_says_generate_takes_text_files_too(capsys):
+    text = _help([], capsys)
+    generate = text[text.index("generate "):text.index("make-tiny ")]
+    assert ".txt" in generate, generate
 
 
 # ---- Weights & Biases -----------------------------------------------------------------------

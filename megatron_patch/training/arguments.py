@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_patch import logs
-from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int, require_dir
+from megatron_patch.errors import ArgumentParser, nonnegative_int, positive_int
 from megatron_patch.lora import training as lora_training
 from megatron_patch.training import metrics
 from megatron_patch.training.modes import MODES, mode_class
@@ -215,7 +215,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     if args.center_rewards_coefficient is not None and args.train_mode != "rm":
         raise ValueError(f"--center-rewards-coefficient applies to --train-mode rm, not "
                          f"{args.train_mode}")
-    require_dir("--load", args.load)
     mode_class(args.train_mode).check_args(args)
     lora_training.validate(args)
     return args
