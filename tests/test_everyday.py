@@ -217,9 +217,12 @@ def test_entry_points_hide_library_warnings_in_their_run_only():
 def test_every_command_takes_verbose():
     from megatron_patch import cli
 
-    parser = cli.build_parser()
-    commands = parser._subparsers._group_actions[0].choices
-    for name, command in commands.items():
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    directions = commands["convert"]._subparsers._group_actions[0].choices
+    leaves = {**{f"convert {n}": p for n, p in directions.items()},
+              **{n: p for n, p in commands.items() if n != "convert"}}
+    assert len(leaves) == len(commands) + 2
+    for name, command in leaves.items():
         assert any("--verbose" in a.option_strings for a in command._actions), name
 
 
