@@ -243,3 +243,30 @@ def test_bf16_and_fp16_with_dynamic_loss_scaling(llama_models, tmp_path):
     assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1, fp16
 
 
+
+
+def _load_messages(load: str, data: str) -> list[str]:
+    """This rank's megatron_patch log records while a Trainer loads `load`."""
+    import logging
+
+    from megatron_patch.training.loop import Trainer
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("megatron_patch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        Trainer(training_args(load, data, iters=3))
+    finally:
+        logger.removeHandler(handler)
+    return [m for m in records if m.startswith("loaded weights from")]
+
+
+def test_the_loaded_weights_line_is_printed_once_not_per_rank(llama_models, tmp_path):
+    data = str(tmp_path / "tokens")
+    harness.run(harness.make_token_dataset, 1, data)
+    per_rank = harness.run(_load_messages, 2, os.path.join(llama_models["llama2"], "mcore"),
+                           data)
+    assert sorted(len(m) for m in per_rank) == [0, 1], per_rank

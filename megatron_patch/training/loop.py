@@ -171,7 +171,8 @@ class Trainer:
         checkpoint.load_model(load, module, iteration)
         module.requires_grad_(False)
         module.eval()
-        log.info("reference model: %s (iteration %s)", load, iteration)
+        if torch.distributed.get_rank() == 0:
+            log.info("reference model: %s (iteration %s)", load, iteration)
         return module
 
     def _setup_model(self) -> None:
