@@ -285,6 +285,32 @@ def test_pretrain_switches_map_to_megatron_flags(monkeypatch):
         launch.pretrain_command(_positional("d", "c", "o", ENV="dlc"))
 
 
+def test_extra_flags_replace_the_launchers_own(monkeypatch):
+    """The demo's fine-tuning passes --log-interval 20: the printed command held the launcher's
+    --log-interval 1 too. Each flag once, with the extra flag's value."""
+    from megatron_patch import launch
+
+    monkeypatch.setenv("NPROC_PER_NODE", "1")
+    finetune = dict(ENV="dsw", MEGATRON_PATH="", MEGATRON_PATCH_PATH=ROOT, MODEL_SIZE="tiny",
+                    BATCH_SIZE="2", LR="1e-3", MIN_LR="1e-5", SEQ_LEN="32", PAD_LEN="32",
+                    EXTRA_VOCAB_SIZE="0", PR="fp32", TP="1", PP="1", AC="none", DO="false",
+                    FL="false", SP="false", TRAIN_DATASET_PATH="sft.jsonl",
+                    VALID_DATASET_PATH="none", PRETRAIN_CHECKPOINT_PATH="c", EPOCH="1",
+                    OUTPUT_BASEPATH="o")
+    commands = {
+        "pretrain": launch.pretrain_command(
+            [*_positional("d", "c", "o"), "--log-interval", "20", "--lr=5e-4"]),
+        "finetune": launch.finetune_command(
+            [finetune[k] for k in launch.FINETUNE_FIELDS] + ["--log-interval", "20",
+                                                             "--lr=5e-4"]),
+    }
+    for name, cmd in commands.items():
+        assert cmd.count("--log-interval") == 1, (name, cmd)
+        assert cmd[cmd.index("--log-interval") + 1] == "20", (name, cmd)
+        assert "--lr" not in cmd and "--lr=5e-4" in cmd, (name, cmd)
+        assert cmd.count("--min-lr") == 1, (name, cmd)
+
+
 def test_pretrain_launcher_trains_saves_logs_and_exports(llama_models, tmp_path):
     data, out = str(tmp_path / "tokens"), str(tmp_path / "out")
     harness.run(harness.make_token_dataset, 1, data)
