@@ -508,3 +508,16 @@ def test_tp1_linears_train_through_torch_autograd_with_megatrons_gradients():
         assert result["forward_equal"], name
         # Same products, summed in another order by the BLAS: fp32 rounding.
         assert result["grad_max_rel"] <= 1e-6, (name, result)
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+def test_make_tiny_prints_no_blank_lines(tmp_path, capfd):
+    """The tokenizer trainer's progress printed three empty lines when stderr is no terminal."""
+    from megatron_patch import cli
+
+    assert cli.main(["make-tiny", str(tmp_path / "hf"), "--demo-data", str(tmp_path / "d")]) == 0
+    captured = capfd.readouterr()
+    assert captured.out.strip(), captured
+    for stream in (captured.out, captured.err):
+        assert all(line.strip() for line in stream.split("\n")[:-1]), repr(stream)
