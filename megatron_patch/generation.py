@@ -327,6 +327,7 @@ def run(args) -> int:
     rank0 = torch.distributed.get_rank() == 0
     tmp = args.output_file + ".partial"
     out = open(tmp, "w", encoding="utf-8") if rank0 else None
+    eos_first = 0
     for start in range(0, len(records), args.micro_batch_size):
         batch = records[start:start + args.micro_batch_size]
         prompts = [prompt_ids(tok, r)[-(args.max_input_length or 0):] for r in batch]
@@ -334,6 +335,7 @@ def run(args) -> int:
                                vocab_size=meta.vocab_size, eos_token_ids=eos, pad_token_id=pad,
                                params=params, seed=args.seed,
                                prompt_indices=range(start, start + len(batch)))
+        eos_first += sum(1 for ids in completions if ids[:1] and ids[0] in eos)
         if out:
             for record, ids in zip(batch, completions, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
@@ -343,8 +345,16 @@ def run(args) -> int:
     if out:
         out.close()
         os.replace(tmp, args.output_file)
+        if eos_first:
+            print(eos_first_note(eos_first, len(records), tok.eos_token), flush=True)
     parallel.destroy()
     return 0
+
+
+def eos_first_note(count: int, total: int, eos_token: str) -> str:
+    """Why some completions are empty strings (not an error)."""
+    return (f"note: {count} of {total} completions are empty: the model's first new token was "
+            f"its end-of-sequence token {eos_token!r}, which ends a completion")
 
 
 if __name__ == "__main__":
