@@ -150,6 +150,46 @@ def test_generation_launcher_takes_txt_input_and_output(llama_models, tmp_path):
     assert len(lines) == len(RAW_PROMPTS) and any(lines)
 
 
+def _eos_first(model_root: str, tmp: str) -> tuple[str, list[str], str]:
+    """generate's stdout and completions with the tokenizer's EOS set to the token the model
+    greedily puts first after RAW_PROMPTS[0] (found with transformers): that completion is
+    empty."""
+    import contextlib
+    import io
+
+    import torch
+    import transformers
+
+    hf_dir = os.path.join(model_root, "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=tok(RAW_PROMPTS[0], return_tensors="pt").input_ids).logits
+    first = logits[0, -1].argmax().item()
+    # The random model's vocabulary is larger than its tokenizer's: name the rows up to `first`.
+    tok.add_tokens([f"<extra_{i}>" for i in range(len(tok), first + 1)])
+    tok.eos_token = tok.convert_ids_to_tokens(first)
+    assert tok.eos_token_id == first
+    tok.save_pretrained(os.path.join(tmp, "tok"))
+    prompts, completions = os.path.join(tmp, "prompts.txt"), os.path.join(tmp, "out.txt")
+    _write_txt(prompts, RAW_PROMPTS)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        _generate_file(os.path.join(model_root, "mcore"), os.path.join(tmp, "tok"), 1, prompts,
+                       completions)
+    return stdout.getvalue(), read_lines(completions), tok.eos_token
+
+
+def test_an_empty_completion_is_explained(llama_models, tmp_path):
+    (stdout, completions, eos) = harness.run(_eos_first, 1, llama_models["llama2"],
+                                             str(tmp_path))[0]
+    empty = sum(1 for c in completions if c == "")
+    assert completions[0] == "" and empty >= 1, completions
+    notes = [line for line in stdout.splitlines() if "empty" in line]
+    assert len(notes) == 1, stdout
+    assert f"{empty} of {len(RAW_PROMPTS)}" in notes[0] and repr(eos) in notes[0], notes
+
+
 # ---- quiet logs -----------------------------------------------------------------------------
 
 def _log_settings(verbose: bool, level: str | None) -> dict:
