@@ -232,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron_patch").setLevel(logging.INFO)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    # convert's errors name the direction, as its argparse errors do.
+    command = " ".join(filter(None, (args.command, getattr(args, "direction", None))))
     if unknown:  # said by the command's parser, as argparse's top level would not
-        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: "
+        parser.exit(2, f"{parser.prog} {command}: error: unrecognized arguments: "
                        f"{' '.join(unknown)} (--help lists the flags)\n")
     if args.debug:
         os.environ[errors.DEBUG_ENV] = "1"  # also for the processes this command starts
     output = getattr(args, OUTPUTS.get(args.command, ""), None)
-    # convert's errors name the direction, as its argparse errors do.
-    command = " ".join(filter(None, (args.command, getattr(args, "direction", None))))
     return errors.run_main(f"megatron-patch {command}", lambda: args.func(args),
                            output=output, verbose=args.verbose)
 
