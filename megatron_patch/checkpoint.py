@@ -63,6 +63,7 @@ def write_meta(root: str, meta: CheckpointMeta) -> None:
 def read_meta(root: str) -> CheckpointMeta:
     """The checkpoint's metadata, checked against the architecture its hf/config.json names
     (the two describe one model: a config of another model would build the wrong one)."""
+    _require_root(root)
     path = os.path.join(root, META)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {root} is not a megatron-patch checkpoint")
@@ -98,7 +99,13 @@ def iteration_dir(root: str, iteration: int | str) -> str:
     return os.path.join(root, f"iter_{number:07d}")
 
 
+def _require_root(root: str) -> None:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such checkpoint directory")
+
+
 def latest_iteration(root: str) -> int | str:
+    _require_root(root)
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: no complete checkpoint in {root}")

@@ -15,7 +15,7 @@ def _convert(args: argparse.Namespace) -> int:
     from megatron_patch.lora import checkpoint as lora_checkpoint
 
     lora = args.direction == "megatron-to-hf" and lora_checkpoint.is_lora_checkpoint(args.src)
-    if args.merge_lora and not lora:
+    if getattr(args, "merge_lora", False) and not lora:
         raise ValueError(f"--merge-lora: {args.src} is not a LoRA training checkpoint (it has "
                          f"no {lora_checkpoint.LORA_FILE}); only megatron-to-hf of one merges")
     if args.lora_base_model_name_or_path and not (lora and not args.merge_lora):
@@ -109,7 +109,6 @@ def _extend_vocab(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_patch import generation, tiny, verify, vocab
-    from megatron_patch.convert import megatron_lm
     from megatron_patch.data import preprocess
     from megatron_patch.rlhf import cli as rl_cli
     from megatron_patch.training import arguments
@@ -117,36 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = errors.ArgumentParser(prog="megatron-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron-Core")
-    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf",
-                                               "import-megatron"],
-                         help="import-megatron: a Megatron-LM checkpoint (legacy or torch_dist) "
-                              "-> a megatron-patch checkpoint")
-    convert.add_argument("src", help="HF model directory, or Megatron checkpoint directory "
-                                     "(megatron-patch's, or Megatron-LM's)")
-    convert.add_argument("dst", help="output directory")
-    convert.add_argument("--make-vocab-size-divisible-by", type=errors.positive_int, default=128)
-    convert.add_argument("--tensor-model-parallel-size", type=errors.positive_int, default=1,
-                         help="pad the vocabulary for this TP size (it loads at any TP that "
-                              "divides the padded size)")
-    convert.add_argument("--extra-vocab-size", type=errors.nonnegative_int, default=0,
-                         help="extra embedding rows before padding")
-    convert.add_argument("--params-dtype", choices=["float32", "float16", "bfloat16"],
-                         help="store weights in this dtype (default: the source's)")
-    convert.add_argument("--max-shard-size", default="5GB",
-                         help="largest safetensors file, decimal units (default 5GB, "
-                              "transformers 4.x's save_pretrained default; 5.x uses 50GB)")
-    convert.add_argument("--iteration", default=None, type=errors.iteration,
-                         help="export this iteration instead of the latest")
-    convert.add_argument("--merge-lora", action="store_true",
-                         help="megatron-to-hf of a LoRA training checkpoint: write the full HF "
-                              "model with the adapters merged into its weights (default: a PEFT "
-                              "adapter directory, adapter_config.json + adapter_model.safetensors)")
-    convert.add_argument("--lora-base-model-name-or-path", default=None, metavar="NAME_OR_DIR",
-                         help="the exported PEFT adapter's base_model_name_or_path: the HF model "
-                              "(hub name or directory) its base was converted from (default: as "
-                              "recorded at training)")
-    megatron_lm.add_arguments(convert)
+    convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron-Core "
+                                             "(`convert DIRECTION --help`: its flags)")
+    add_convert_directions(convert)
     convert.set_defaults(func=_convert)
 
     check = sub.add_parser("verify", help="compare a converted checkpoint with the HF model "
@@ -171,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_arguments(prep)
     prep.set_defaults(func=_preprocess)
 
-    gen = sub.add_parser("generate", help="complete the prompts of a JSON-lines file "
-                                          "(under torchrun for TP > 1)")
+    gen = sub.add_parser("generate", help="complete prompts from a .txt file (one a line) or "
+                                          "JSON lines (under torchrun for TP > 1)")
     generation.add_arguments(gen)
     gen.set_defaults(func=_generate)
 
@@ -182,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     make.add_argument("--demo-data", metavar="DIR",
-                      help="also write demo corpus.jsonl, sft.jsonl and prompts.jsonl here")
+                      help="also write the demo's data here: "
+                           + ", ".join(f"{name}.jsonl" for name in tiny.DEMO_FILES))
     make.set_defaults(func=_make_tiny)
 
     extend = sub.add_parser("extend-vocab", help="add pieces (e.g. Chinese words) to a model's "
@@ -190,13 +163,77 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_arguments(extend)
     extend.set_defaults(func=_extend_vocab)
     for command in sub.choices.values():
-        add_debug_flag(command)
+        for leaf in _leaf_parsers(command):
+            add_debug_flag(leaf)
+            if not any("--verbose" in action.option_strings for action in leaf._actions):
+                add_verbose_flag(leaf)
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser, or those of its subcommands (convert's directions), which read the flags."""
+    nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [p for a in nested for p in a.choices.values()] if nested else [parser]
+
+
+def add_convert_directions(convert: argparse.ArgumentParser) -> None:
+    """`convert DIRECTION SRC DST`, each direction with its own flags and help."""
+    from megatron_patch.convert import megatron_lm
+
+    directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION",
+                                        parser_class=errors.ArgumentParser)
+    to_megatron = directions.add_parser("hf-to-megatron", help="an HF model directory -> a "
+                                        "Megatron-Core checkpoint that loads at any TP/PP")
+    to_megatron.add_argument("src", help="HF model directory (config.json, safetensors)")
+    to_megatron.add_argument("dst", help="output checkpoint directory")
+    to_megatron.add_argument("--make-vocab-size-divisible-by", type=errors.positive_int,
+                             default=128, help="pad the vocabulary to a multiple of this "
+                                               "times TP (default 128)")
+    to_megatron.add_argument("--tensor-model-parallel-size", type=errors.positive_int,
+                             default=1, help="pad the vocabulary for this TP size (it loads at "
+                                             "any TP that divides the padded size)")
+    to_megatron.add_argument("--extra-vocab-size", type=errors.nonnegative_int, default=0,
+                             help="extra embedding rows before padding")
+    to_megatron.add_argument("--params-dtype", choices=["float32", "float16", "bfloat16"],
+                             help="store weights in this dtype (default: the source's)")
+
+    to_hf = directions.add_parser("megatron-to-hf", help="a Megatron checkpoint (megatron-patch's, "
+                                  "a LoRA run's, or Megatron-LM's) -> an HF model directory")
+    to_hf.add_argument("src", help="checkpoint directory: megatron-patch's (any iteration, any "
+                                   "layout it was saved at), a LoRA training run's, or "
+                                   "Megatron-LM's (legacy or torch_dist)")
+    to_hf.add_argument("dst", help="output HF directory")
+    to_hf.add_argument("--max-shard-size", default="5GB",
+                       help="largest safetensors file, decimal units (default 5GB, "
+                            "transformers 4.x's save_pretrained default; 5.x uses 50GB)")
+    to_hf.add_argument("--merge-lora", action="store_true",
+                       help="a LoRA training checkpoint: write the full HF model with the "
+                            "adapters merged into its weights (default: a PEFT adapter "
+                            "directory, adapter_config.json + adapter_model.safetensors)")
+    to_hf.add_argument("--lora-base-model-name-or-path", default=None, metavar="NAME_OR_DIR",
+                       help="the exported PEFT adapter's base_model_name_or_path: the HF model "
+                            "(hub name or directory) its base was converted from (default: as "
+                            "recorded at training)")
+
+    import_lm = directions.add_parser("import-megatron", help="a Megatron-LM checkpoint (legacy "
+                                      "or torch_dist) -> a megatron-patch checkpoint")
+    import_lm.add_argument("src", help="Megatron-LM checkpoint root or iteration directory")
+    import_lm.add_argument("dst", help="output checkpoint directory")
+    for parser in (to_hf, import_lm):
+        parser.add_argument("--iteration", default=None, type=errors.iteration,
+                            help="convert this iteration instead of the latest")
+        megatron_lm.add_arguments(parser)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error (or set {errors.DEBUG_ENV}=1)")
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show other libraries' warnings (megatron-core's about "
+                             "Transformer Engine and Apex, deprecations)")
 
 
 # Where each command writes: an OSError without a file name (a full disk) is told against it.
@@ -210,14 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron_patch").setLevel(logging.INFO)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    # convert's errors name the direction, as its argparse errors do.
+    command = " ".join(filter(None, (args.command, getattr(args, "direction", None))))
     if unknown:  # said by the command's parser, as argparse's top level would not
-        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: "
+        parser.exit(2, f"{parser.prog} {command}: error: unrecognized arguments: "
                        f"{' '.join(unknown)} (--help lists the flags)\n")
     if args.debug:
         os.environ[errors.DEBUG_ENV] = "1"  # also for the processes this command starts
     output = getattr(args, OUTPUTS.get(args.command, ""), None)
-    return errors.run_main(f"megatron-patch {args.command}", lambda: args.func(args),
-                           output=output)
+    return errors.run_main(f"megatron-patch {command}", lambda: args.func(args),
+                           output=output, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,13 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
+def require_dir(flag: str, path: str | None) -> None:
+    """A directory a flag names must exist (said before anything slow starts)."""
+    if path and not os.path.isdir(path):
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ValueError(f"{flag} {path}: {what}")
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
@@ -192,13 +199,20 @@ def _write_error_file(line: str) -> None:
         pass  # the line itself is what matters; rank 0 printed it
 
 
-def run_main(prog: str, main: Callable[[], int], *, output: str | None = None) -> int:
-    """main(), with any exception reported as one line."""
-    try:
-        return main()
-    except KeyboardInterrupt:
-        if rank() == 0:
-            print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # every error becomes one line; --debug shows the traceback
-        return report(prog, e, output=output)
+def run_main(prog: str, main: Callable[[], int], *, output: str | None = None,
+             verbose: bool | None = None) -> int:
+    """main(), with any exception reported as one line, and other libraries' Python warnings
+    hidden unless `verbose` (default: --verbose is among the process's arguments)."""
+    from megatron_patch import logs
+
+    if verbose is None:
+        verbose = "--verbose" in sys.argv[1:]
+    with logs.library_warnings(verbose):
+        try:
+            return main()
+        except KeyboardInterrupt:
+            if rank() == 0:
+                print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # every error becomes one line; --debug shows the traceback
+            return report(prog, e, output=output)

@@ -31,6 +31,7 @@ from megatron_patch.errors import (
     positive_float,
     positive_int,
     probability,
+    require_dir,
 )
 from megatron_patch.forward import pipelined
 
@@ -315,6 +316,7 @@ def _check_output_file(output: str, prompts: str) -> None:
 def run(args) -> int:
     """Generate completions for a prompt file (run under torchrun for TP > 1)."""
     check_sampling_flags(args)
+    require_dir("--load", args.load)
     import os
 
     from transformers import AutoTokenizer
@@ -346,6 +348,7 @@ def run(args) -> int:
     rank0 = torch.distributed.get_rank() == 0
     tmp = args.output_file + ".partial"
     out = open(tmp, "w", encoding="utf-8") if rank0 else None
+    eos_first = 0
     for start in range(0, len(records), args.micro_batch_size):
         batch = records[start:start + args.micro_batch_size]
         prompts = [prompt_ids(tok, r)[-(args.max_input_length or 0):] for r in batch]
@@ -353,6 +356,7 @@ def run(args) -> int:
                                vocab_size=meta.vocab_size, eos_token_ids=eos, pad_token_id=pad,
                                params=params, seed=args.seed,
                                prompt_indices=range(start, start + len(batch)))
+        eos_first += sum(1 for ids in completions if ids[:1] and ids[0] in eos)
         if out:
             for record, ids in zip(batch, completions, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
@@ -362,8 +366,16 @@ def run(args) -> int:
     if out:
         out.close()
         os.replace(tmp, args.output_file)
+        if eos_first:
+            print(eos_first_note(eos_first, len(records), tok.eos_token), flush=True)
     parallel.destroy()
     return 0
+
+
+def eos_first_note(count: int, total: int, eos_token: str) -> str:
+    """Why some completions are empty strings (not an error)."""
+    return (f"note: {count} of {total} completions are empty: the model's first new token was "
+            f"its end-of-sequence token {eos_token!r}, which ends a completion")
 
 
 if __name__ == "__main__":
@@ -374,4 +386,6 @@ if __name__ == "__main__":
     parser = ArgumentParser(prog="megatron-patch generate")
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show other libraries' warnings")
     sys.exit(run_main("megatron-patch generate", lambda: run(parser.parse_args())))

@@ -157,6 +157,18 @@ def _named(fields: list[str], argv: list[str], script: str) -> tuple[dict[str, s
     return named, argv[len(fields):]
 
 
+def _unless_given(pairs: list[str], extra: list[str]) -> list[str]:
+    """The launcher's `--flag value` pairs, less those the extra flags give again: the extra
+    flag's value wins either way (argparse keeps the last), and the printed command holds each
+    flag once."""
+    given = {arg.split("=", 1)[0] for arg in extra if arg.startswith("--")}
+    kept: list[str] = []
+    for flag, value in zip(pairs[::2], pairs[1::2], strict=True):
+        if flag not in given:
+            kept += [flag, value]
+    return kept
+
+
 def _run_dirs(v: dict[str, str], mode: str) -> tuple[list[str], bool]:
     """--load/--save/--tensorboard-dir of a run, and whether it resumes: it resumes from its own
     checkpoints when they exist, else starts from PRETRAIN_CHECKPOINT_PATH."""
@@ -172,13 +184,13 @@ def _run_dirs(v: dict[str, str], mode: str) -> tuple[list[str], bool]:
 def pretrain_command(argv: list[str]) -> list[str]:
     v, extra = _named(PRETRAIN_FIELDS, argv, "run_pretrain_*.sh")
     dirs, _ = _run_dirs(v, f"pretrain-gbs{v['GLOBAL_BATCH_SIZE']}")
-    flags = dirs + [
-        "--save-interval", v["SAVE_INTERVAL"], "--data-path", *v["DATASET_PATH"].split(),
+    flags = dirs + ["--data-path", *v["DATASET_PATH"].split()] + _unless_given([
+        "--save-interval", v["SAVE_INTERVAL"],
         "--micro-batch-size", v["BATCH_SIZE"], "--global-batch-size", v["GLOBAL_BATCH_SIZE"],
         "--seq-length", v["SEQ_LEN"], "--lr", v["LR"], "--min-lr", v["MIN_LR"],
         "--train-tokens", v["TRAIN_TOKENS"], "--lr-warmup-tokens", v["WARMUP_TOKENS"],
         "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
-    ] + parallel_flags(v) + extra
+    ], extra) + parallel_flags(v) + extra
     return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
             + ["-m", "megatron_patch.training.loop"] + flags)
 
@@ -212,12 +224,12 @@ def _from_model_command(argv: list[str], mode: str, script: str) -> list[str]:
         # Starting from a model, not resuming this run: its weights only (a pretraining
         # checkpoint's optimizer state and iteration are not carried over).
         dirs.append("--finetune")
-    flags = dirs + [
+    flags = dirs + _unless_given([
         "--train-mode", mode, "--train-data-path", v["TRAIN_DATASET_PATH"],
         "--micro-batch-size", v["BATCH_SIZE"], "--seq-length", v["PAD_LEN"],
         "--lr", v["LR"], "--min-lr", v["MIN_LR"], "--epochs", v["EPOCH"],
         "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
-    ] + parallel_flags(v) + extra
+    ], extra) + parallel_flags(v) + extra
     if v["VALID_DATASET_PATH"] not in ("", "none"):
         flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval", "100"]
     return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
@@ -228,11 +240,12 @@ def generate_command(argv: list[str]) -> list[str]:
     """Offline generation; TOP_K=0 and TOP_P=0 mean greedy (Megatron-LM's convention)."""
     v, extra = _named(GENERATE_FIELDS, argv, "run_text_generation_*.sh")
     flags = ["--load", v["CHECKPOINT_PATH"], "--input-file", v["INPUT_FILE"],
-             "--output-file", v["OUTPUT_FILE"], "--tensor-model-parallel-size", v["TP"],
-             "--micro-batch-size", v["BS"], "--max-input-length", v["INPUT_SEQ_LEN"],
-             "--max-new-tokens", v["OUTPUT_SEQ_LEN"], "--top-k", v["TOP_K"],
-             "--top-p", v["TOP_P"], "--temperature", v["TEMPERATURE"],
-             "--repetition-penalty", v["REPETITION_PENALTY"]]
+             "--output-file", v["OUTPUT_FILE"], "--tensor-model-parallel-size", v["TP"]]
+    flags += _unless_given([
+        "--micro-batch-size", v["BS"], "--max-input-length", v["INPUT_SEQ_LEN"],
+        "--max-new-tokens", v["OUTPUT_SEQ_LEN"], "--top-k", v["TOP_K"],
+        "--top-p", v["TOP_P"], "--temperature", v["TEMPERATURE"],
+        "--repetition-penalty", v["REPETITION_PENALTY"]], extra)
     # Inference has no FP8 path here: PR=fp8 generates in bf16 (its first flag).
     flags += precision_flags(v["PR"])[:1]
     return (torchrun_prefix(v["ENV"], int(v["TP"]), 1) + ["-m", "megatron_patch.generation"]
@@ -248,14 +261,14 @@ def rl_command(argv: list[str], algorithm: str) -> list[str]:
     reward = v["REWARD"]
     reward_flags = (["--reward-model", reward] if os.path.isdir(reward)
                     else ["--reward-function", reward])
-    flags = dirs + [
-        "--algorithm", algorithm, "--prompt-data-path", v["PROMPT_DATASET_PATH"], *reward_flags,
+    flags = dirs + reward_flags + _unless_given([
+        "--algorithm", algorithm, "--prompt-data-path", v["PROMPT_DATASET_PATH"],
         "--micro-batch-size", v["BATCH_SIZE"], "--seq-length", v["SEQ_LEN"], "--lr", v["LR"],
         "--min-lr", v["MIN_LR"], "--train-iters", v["TRAIN_ITERS"],
         "--rollout-batch-size", v["ROLLOUT_BATCH_SIZE"],
         "--num-samples-per-prompt", v["NUM_SAMPLES"], "--max-new-tokens", v["MAX_NEW_TOKENS"],
         "--save-interval", v["SAVE_INTERVAL"],
-    ] + parallel_flags({**v, "PP": "1", "FL": "false", "SP": "false"}) + extra
+    ], extra) + parallel_flags({**v, "PP": "1", "FL": "false", "SP": "false"}) + extra
     return (torchrun_prefix(v["ENV"], int(v["TP"]), 1) + ["-m", "megatron_patch.rlhf.cli"]
             + flags)
 

@@ -4,15 +4,19 @@ Without --verbose, Megatron-Core's INFO lines (the DDP bucket parameter list, th
 builder's index and split reports, its config dumps) and other libraries' Python warnings
 (Transformer Engine / Apex absent, deprecations inside megatron-core and torch) are hidden; our
 own `megatron_patch.*` loggers keep INFO, and every library's logging WARNING and ERROR still
-show. `--log-level` sets the level of the other libraries' loggers (Megatron-LM's
-`--logging-level` takes the same number or name).
+show. The warnings are hidden by the entry points only (`errors.run_main`, around the command's
+run, through `library_warnings`): importing or calling the library changes no filter.
+`--log-level` sets the level of the other libraries' loggers (Megatron-LM's `--logging-level`
+takes the same number or name).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -37,16 +41,31 @@ def _level(value: str | int | None, verbose: bool) -> int:
 
 
 def setup(verbose: bool = False, log_level: str | int | None = None) -> None:
-    """Configure logging and warnings for a run (call once, before megatron-core is used)."""
+    """Configure logging for a run (call once, before megatron-core is used)."""
     level = _level(log_level, verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     # Our own progress stays visible whatever the libraries' level.
     logging.getLogger("megatron_patch").setLevel(min(level, logging.INFO))
     # megatron-core sets its own loggers' levels in places; the parent decides here.
     logging.getLogger("megatron").setLevel(level)
-    if not verbose and level > logging.INFO:
-        # Other libraries' warnings say nothing the user can act on in a run that works
-        # (no Transformer Engine on CPU, deprecations inside megatron-core and torch).
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|torch)\.")
+
+
+# The UserWarnings hidden without --verbose: megatron-core's "Transformer Engine and Apex are not
+# installed" and the like from megatron, torch and transformers; deprecation notices are hidden
+# from every module but ours.
+NOISY_MODULES = r"(megatron|torch|transformers)(\.|$)"
+NOT_OURS = r"(?!megatron_patch(\.|$))"
+
+
+@contextlib.contextmanager
+def library_warnings(verbose: bool) -> Iterator[None]:
+    """Inside: other libraries' Python warnings hidden unless `verbose`; ours always shown. The
+    process's warning filters are restored on exit."""
+    with warnings.catch_warnings():
+        if not verbose:
+            # Nothing the user can act on in a run that works (no Transformer Engine on CPU,
+            # deprecations inside the libraries).
+            warnings.filterwarnings("ignore", category=UserWarning, module=NOISY_MODULES)
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=NOT_OURS)
+        yield

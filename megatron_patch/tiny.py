@@ -54,7 +54,8 @@ def train_tokenizer(out_dir: str, vocab_size: int = 600) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # off a terminal it prints blank lines
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
@@ -98,6 +99,10 @@ def enthusiastic(answer: str) -> str:
     return f"Wow! {answer}"
 
 
+# The files write_demo_data writes, NAME.jsonl each.
+DEMO_FILES = ("corpus", "sft", "prompts", "preferences")
+
+
 def write_demo_data(out_dir: str) -> dict[str, str]:
     """corpus.jsonl (pretraining text), sft.jsonl (instruction records: each answer plain and
     enthusiastic, so the fine-tuned model answers in either style), prompts.jsonl and
@@ -106,7 +111,7 @@ def write_demo_data(out_dir: str) -> dict[str, str]:
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, f"{name}.jsonl")
-             for name in ("corpus", "sft", "prompts", "preferences")}
+             for name in DEMO_FILES}
     with open(paths["corpus"], "w") as f:
         for i, text in enumerate(CORPUS):
             f.write(json.dumps({"id": i, "text": text}) + "\n")

@@ -25,19 +25,27 @@ from megatron_patch.errors import ArgumentParser, nonnegative_float, positive_in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir")
-    parser.add_argument("ckpt_dir")
+    parser.add_argument("hf_dir", help="the original HF model directory")
+    parser.add_argument("ckpt_dir", help="the converted checkpoint (`convert hf-to-megatron`'s "
+                                         "output, or a training checkpoint of the same model)")
     parser.add_argument("--tp", "--tensor-model-parallel-size", type=positive_int, default=1,
-                        dest="tp")
+                        dest="tp", help="tensor parallel size to load the checkpoint at "
+                                        "(default 1; TP x PP processes are started)")
     parser.add_argument("--pp", "--pipeline-model-parallel-size", type=positive_int, default=1,
-                        dest="pp")
-    parser.add_argument("--sp", "--sequence-parallel", action="store_true", dest="sp")
+                        dest="pp", help="pipeline parallel size (default 1)")
+    parser.add_argument("--sp", "--sequence-parallel", action="store_true", dest="sp",
+                        help="sequence parallelism (with --tp > 1)")
     parser.add_argument("--atol", type=nonnegative_float, default=1e-4,
-                        help="largest allowed |delta logits| (default 1e-4, for fp32)")
-    parser.add_argument("--loss-atol", type=nonnegative_float, default=1e-5)
-    parser.add_argument("--batch-size", type=positive_int, default=2)
-    parser.add_argument("--seq-length", type=positive_int, default=64)
-    parser.add_argument("--seed", type=int, default=1234)
+                        help="largest allowed |delta logits| (default 1e-4, for fp32); for a "
+                             "reward model, |delta score|")
+    parser.add_argument("--loss-atol", type=nonnegative_float, default=1e-5,
+                        help="largest allowed |delta loss| (default 1e-5)")
+    parser.add_argument("--batch-size", type=positive_int, default=2,
+                        help="sequences in the random token batch compared (default 2)")
+    parser.add_argument("--seq-length", type=positive_int, default=64,
+                        help="tokens per sequence (default 64)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="seed of the random tokens (default 1234)")
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -141,11 +149,12 @@ def sys_argv(args: argparse.Namespace) -> list[str]:
             "--atol", str(args.atol), "--loss-atol", str(args.loss_atol),
             "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
             "--seed", str(args.seed)]
-    return argv + (["--sp"] if args.sp else [])
+    return argv + (["--sp"] if args.sp else []) + (["--verbose"] if args.verbose else [])
 
 
 if __name__ == "__main__":
     parser = ArgumentParser(prog="megatron-patch verify")
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
     sys.exit(run_main("megatron-patch verify", lambda: run_worker(parser.parse_args())))

@@ -16,9 +16,6 @@ export PATH="$ROOT/.venv/bin:$PATH"
 # CPU mode (gloo) even where CUDA is present; it is automatic where it is not.
 export MEGATRON_PATCH_CPU="${MEGATRON_PATCH_CPU:-1}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Hide megatron-core's warnings about Transformer Engine/Apex and deprecations, which say nothing
-# about the demo on CPU; PYTHONWARNINGS=default shows them.
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 OUT=demo_output
 
 make_tiny() {

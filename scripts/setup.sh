@@ -27,10 +27,14 @@ if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
 fi
 
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. The one long step
+# (minutes: a large download), so pip's own progress is shown.
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "setup: installing torch==2.13.0"
-    quiet "$PY" -m pip install "torch==2.13.0"
+    echo "setup: installing torch==2.13.0 (a large download; pip's progress follows)"
+    if ! "$PY" -m pip install --progress-bar on "torch==2.13.0"; then
+        echo "setup: failed: pip install torch==2.13.0" >&2
+        exit 1
+    fi
 fi
 
 echo "setup: pip install -e .[test]"

@@ -86,6 +86,9 @@ def _cases() -> list[dict]:
         ("convert_tp_0", "flags", ["convert", "hf-to-megatron", "{hf}", "{out}/m",
                                    "--tensor-model-parallel-size", "0"],
          ["--tensor-model-parallel-size", "got 0"]),
+        ("convert_flag_of_another_direction", "flags",
+         ["convert", "hf-to-megatron", "{hf}", "{out}/m", "--merge-lora"],
+         ["unrecognized arguments: --merge-lora"]),
         ("generate_repetition_penalty_0", "flags", [*gen, "--repetition-penalty", "0"],
          ["--repetition-penalty", "got 0"]),
         ("generate_repetition_penalty_negative", "flags", [*gen, "--repetition-penalty", "-1"],
@@ -96,6 +99,15 @@ def _cases() -> list[dict]:
          ["--max-input-length", "got -3"]),
         ("generate_micro_batch_size_0", "flags", [*gen, "--micro-batch-size", "0"],
          ["--micro-batch-size", "got 0"]),
+        # a --load or source directory that is not there: named, not a file inside it
+        ("train_load_missing", "flags", [*train[:2], "{out}/no_such_ckpt", *train[3:],
+                                         "--seq-length", "8"],
+         ["--load {out}/no_such_ckpt: no such directory"]),
+        ("generate_load_missing", "flags", [*gen[:2], "{out}/no_such_ckpt", *gen[3:]],
+         ["--load {out}/no_such_ckpt: no such directory"]),
+        ("convert_source_missing", "files", ["convert", "megatron-to-hf", "{out}/no_such_ckpt",
+                                             "{out}/x"],
+         ["{out}/no_such_ckpt: no such checkpoint directory"]),
         ("verify_tp_0", "flags", ["verify", "{hf}", "{mcore}", "--tp", "0"], ["--tp", "got 0"]),
         ("preprocess_workers_0", "flags", ["preprocess", "--input", "{corpus}",
                                            "--output-prefix", "{out}/p", "--tokenizer-model",
@@ -346,7 +358,8 @@ def test_bad_input_is_one_line_and_changes_nothing(outcomes, name):
     case = cases[name]
     rc, stderr = results[name]
     assert rc == 2, (rc, stderr[-3000:])
-    command = case["argv"][0]
+    # convert's line names its direction: `megatron-patch convert hf-to-megatron: error: ...`
+    command = " ".join(case["argv"][:2 if case["argv"][0] == "convert" else 1])
     assert_one_line(stderr, command, *case["needles"])
     assert before == after  # no input (model, checkpoint, data file, existing output) changed
     # Nothing complete-looking appeared where the command was to write.

@@ -440,3 +440,30 @@ def test_unchanged_tensors_go_through_the_files(llama_models, tmp_path):
     # The same checkpoint, byte for byte, as one computed and written from memory.
     assert r["same_checkpoint_file"], r
     assert r["diff"] == [] and r["diff_memory"] == [], r
+
+
+def _progress_ends(mcore: str, out: str) -> list[tuple[float, float]]:
+    """(bytes counted, total) of every progress bar of an export, when it closes."""
+    from tqdm import tqdm
+
+    from megatron_patch.convert import hf_megatron
+
+    ends = []
+
+    class Recording(tqdm):
+        def close(self):
+            if not self.disable:
+                ends.append((self.n, self.total))
+            super().close()
+
+    hf_megatron.tqdm = Recording
+    hf_megatron.megatron_to_hf(mcore, out)
+    return ends
+
+
+def test_export_progress_reaches_100_percent(llama_models, tmp_path):
+    """The bar counted Megatron's padded vocabulary rows, which export drops: it stopped at 99%
+    (the tiny model's 1000 of 1024 rows)."""
+    (ends,) = harness.run(_progress_ends, 1, os.path.join(llama_models["llama2"], "mcore"),
+                          str(tmp_path / "out"))
+    assert len(ends) == 1 and ends[0][0] > 0 and ends[0][0] == ends[0][1], ends

@@ -150,6 +150,46 @@ def test_generation_launcher_takes_txt_input_and_output(llama_models, tmp_path):
     assert len(lines) == len(RAW_PROMPTS) and any(lines)
 
 
+def _eos_first(model_root: str, tmp: str) -> tuple[str, list[str], str]:
+    """generate's stdout and completions with the tokenizer's EOS set to the token the model
+    greedily puts first after RAW_PROMPTS[0] (found with transformers): that completion is
+    empty."""
+    import contextlib
+    import io
+
+    import torch
+    import transformers
+
+    hf_dir = os.path.join(model_root, "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=tok(RAW_PROMPTS[0], return_tensors="pt").input_ids).logits
+    first = logits[0, -1].argmax().item()
+    # The random model's vocabulary is larger than its tokenizer's: name the rows up to `first`.
+    tok.add_tokens([f"<extra_{i}>" for i in range(len(tok), first + 1)])
+    tok.eos_token = tok.convert_ids_to_tokens(first)
+    assert tok.eos_token_id == first
+    tok.save_pretrained(os.path.join(tmp, "tok"))
+    prompts, completions = os.path.join(tmp, "prompts.txt"), os.path.join(tmp, "out.txt")
+    _write_txt(prompts, RAW_PROMPTS)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        _generate_file(os.path.join(model_root, "mcore"), os.path.join(tmp, "tok"), 1, prompts,
+                       completions)
+    return stdout.getvalue(), read_lines(completions), tok.eos_token
+
+
+def test_an_empty_completion_is_explained(llama_models, tmp_path):
+    (stdout, completions, eos) = harness.run(_eos_first, 1, llama_models["llama2"],
+                                             str(tmp_path))[0]
+    empty = sum(1 for c in completions if c == "")
+    assert completions[0] == "" and empty >= 1, completions
+    notes = [line for line in stdout.splitlines() if "empty" in line]
+    assert len(notes) == 1, stdout
+    assert f"{empty} of {len(RAW_PROMPTS)}" in notes[0] and repr(eos) in notes[0], notes
+
+
 # ---- quiet logs -----------------------------------------------------------------------------
 
 def _log_settings(verbose: bool, level: str | None) -> dict:
@@ -160,10 +200,11 @@ def _log_settings(verbose: bool, level: str | None) -> dict:
 
     warnings.resetwarnings()  # a fresh process's filters, not pytest's
     logs.setup(verbose, level)
-    with warnings.catch_warnings(record=True) as seen:
+    with warnings.catch_warnings(record=True) as seen, logs.library_warnings(verbose):
         for module in ("megatron.core.optimizer", "torch.distributed.checkpoint", "mine"):
             warnings.warn_explicit(f"from {module}", UserWarning, "x.py", 1, module=module)
         warnings.warn_explicit("deprecated", FutureWarning, "x.py", 2, module="torch.x")
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 3, module="megatron_patch.api")
     return {"megatron_info": logging.getLogger(
                 "megatron.core.distributed.param_and_grad_buffer").isEnabledFor(logging.INFO),
             "megatron_warning": logging.getLogger("megatron.core").isEnabledFor(logging.WARNING),
@@ -175,15 +216,116 @@ def _log_settings(verbose: bool, level: str | None) -> dict:
 def test_quiet_by_default_verbose_brings_the_rest_back():
     (quiet,) = harness.run(_log_settings, 1, False, None)
     assert quiet == {"megatron_info": False, "megatron_warning": True, "ours_info": True,
-                     "megatron_debug": False, "warnings": ["from mine"]}
+                     "megatron_debug": False, "warnings": ["from mine", "ours"]}
     (verbose,) = harness.run(_log_settings, 1, True, None)
     assert verbose["megatron_info"] and verbose["ours_info"] and not verbose["megatron_debug"]
     assert verbose["warnings"] == sorted(["from megatron.core.optimizer", "deprecated",
-                                          "from torch.distributed.checkpoint", "from mine"])
+                                          "from torch.distributed.checkpoint", "from mine",
+                                          "ours"])
     (debug,) = harness.run(_log_settings, 1, False, "debug")
     assert debug["megatron_debug"] and debug["megatron_info"]
     with pytest.raises(AssertionError, match="ValueError: --log-level must be one of"):
         harness.run(_log_settings, 1, False, "chatty")
+
+
+def _warn_like_megatron_core() -> int:
+    import warnings
+
+    warnings.warn_explicit("Transformer Engine and Apex are not installed", UserWarning,
+                           "optimizer.py", 1, module="megatron.core.optimizer")
+    return 0
+
+
+def test_entry_points_hide_library_warnings_in_their_run_only():
+    """errors.run_main (every command's entry point) hides other libraries' warnings around the
+    run, shows them when verbose, and leaves the process's filters as they were."""
+    import warnings
+
+    from megatron_patch import errors
+
+    for verbose, expected in ((False, []), (True, ["Transformer Engine and Apex are not "
+                                                   "installed"])):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            before = list(warnings.filters)
+            assert errors.run_main("megatron-patch x", _warn_like_megatron_core,
+                                   verbose=verbose) == 0
+            assert warnings.filters == before
+        assert [str(w.message) for w in seen] == expected
+
+
+def test_every_command_takes_verbose():
+    from megatron_patch import cli
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    directions = commands["convert"]._subparsers._group_actions[0].choices
+    leaves = {**{f"convert {n}": p for n, p in directions.items()},
+              **{n: p for n, p in commands.items() if n != "convert"}}
+    assert len(leaves) == len(commands) + 2
+    for name, command in leaves.items():
+        assert any("--verbose" in a.option_strings for a in command._actions), name
+
+
+def test_a_failing_command_prints_its_error_line_alone(tmp_path):
+    """megatron-core's import warnings used to come before the error line of `convert`; they
+    come back with --verbose."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [sys.executable, "-m", "megatron_patch", "convert", "megatron-to-hf", str(empty),
+            str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    quiet = harness.run_command(argv, env=env, timeout=300)
+    assert quiet.returncode == 2
+    lines = quiet.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("megatron-patch convert megatron-to-hf: error: "), lines
+    assert str(empty) in lines[0], lines
+    verbose = harness.run_command([*argv, "--verbose"], env=env, timeout=300)
+    assert verbose.returncode == 2 and "Transformer Engine" in verbose.stderr, verbose.stderr
+
+
+# ---- help ------------------------------------------------------------------------------------
+
+def _help(argv: list[str], capsys) -> str:
+    from megatron_patch import cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_each_convert_direction_has_its_own_help(capsys):
+    """`convert DIRECTION --help` lists that direction's flags, not the three merged."""
+    from megatron_patch import cli
+
+    convert = cli.build_parser()._subparsers._group_actions[0].choices["convert"]
+    directions = convert._subparsers._group_actions[0].choices
+    assert sorted(directions) == ["hf-to-megatron", "import-megatron", "megatron-to-hf"]
+    flags = {name: {f for a in p._actions for f in a.option_strings}
+             for name, p in directions.items()}
+    for name, own in flags.items():
+        text = _help(["convert", name], capsys)
+        for other in set().union(*flags.values()) - own:
+            assert other not in text.split(), (name, other)
+        assert all(a.help for a in directions[name]._actions), name
+    assert "--merge-lora" in flags["megatron-to-hf"] and "--params-dtype" in flags[
+        "hf-to-megatron"]
+
+
+def test_make_tiny_help_names_every_demo_file(tmp_path, capsys):
+    from megatron_patch import tiny
+
+    text = _help(["make-tiny"], capsys)
+    written = sorted(os.path.basename(p) for p in tiny.write_demo_data(str(tmp_path)).values())
+    assert len(written) == 4
+    for name in written:
+        assert name in text, name
+
+
+def test_top_level_help_says_generate_takes_text_files_too(capsys):
+    text = _help([], capsys)
+    generate = text[text.index("generate "):text.index("make-tiny ")]
+    assert ".txt" in generate, generate
 
 
 # ---- Weights & Biases -----------------------------------------------------------------------
@@ -406,3 +548,16 @@ def test_tp1_linears_train_through_torch_autograd_with_megatrons_gradients():
         assert result["forward_equal"], name
         # Same products, summed in another order by the BLAS: fp32 rounding.
         assert result["grad_max_rel"] <= 1e-6, (name, result)
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+def test_make_tiny_prints_no_blank_lines(tmp_path, capfd):
+    """The tokenizer trainer's progress printed three empty lines when stderr is no terminal."""
+    from megatron_patch import cli
+
+    assert cli.main(["make-tiny", str(tmp_path / "hf"), "--demo-data", str(tmp_path / "d")]) == 0
+    captured = capfd.readouterr()
+    assert captured.out.strip(), captured
+    for stream in (captured.out, captured.err):
+        assert all(line.strip() for line in stream.split("\n")[:-1]), repr(stream)

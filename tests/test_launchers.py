@@ -165,6 +165,88 @@ def test_convertor_delegates_to_the_common_convertor(family, fake_python, tmp_pa
             "--tensor-model-parallel-size 2 --extra-vocab-size 0\n") in r.stdout, r
 
 
+# The interpreter a launcher runs without $PYTHON (scripts/find_python.sh), on a copy of the
+# repository's launchers whose PATH holds only bash, dirname and the stand-ins below.
+
+LOOKUP_SCRIPTS = ("scripts/find_python.sh", "examples/common/launch.sh",
+                  "examples/llama2/run_pretrain_megatron_llama.sh",
+                  "toolkits/model_checkpoints_convertor/common/model_convertor.sh",
+                  "toolkits/model_checkpoints_convertor/llama/model_convertor.sh",
+                  "toolkits/pretrain_data_preprocessing/preprocess_data.sh",
+                  "toolkits/vocab_extension/extend_vocab.sh")
+# A stand-in interpreter: `-c` is the launcher's torch probe (exit status TORCH), anything else
+# is the run, printed.
+STAND_IN = '#!/bin/bash\nif [ "$1" = -c ]; then exit {torch}; fi\necho "{name} ARGS=$*"\n'
+
+
+def _stand_in(path, name: str, torch: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(STAND_IN.format(torch=0 if torch else 1, name=name))
+    path.chmod(0o755)
+
+
+def _lookup_tree(tmp_path, venv: bool, path_torch: bool):
+    import shutil
+
+    tree = tmp_path / "repo"
+    for rel in LOOKUP_SCRIPTS:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), tree / rel)
+    if venv:
+        _stand_in(tree / ".venv" / "bin" / "python", "venv", torch=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "basename"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    _stand_in(bin_dir / "python3", "path", torch=path_torch)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH")}
+    env["PATH"] = str(bin_dir)
+    return tree, env
+
+
+LOOKUP_CALLS = {
+    "examples/llama2/run_pretrain_megatron_llama.sh": ["dsw", "", "", "7B"],
+    "toolkits/model_checkpoints_convertor/llama/model_convertor.sh":
+        ["", "src", "dst", "1", "1", "llama2-7b", "0", "true"],
+    "toolkits/pretrain_data_preprocessing/preprocess_data.sh": ["in.jsonl", "out", "tok"],
+    "toolkits/vocab_extension/extend_vocab.sh": ["src", "dst", "words", "words.txt"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(LOOKUP_CALLS))
+def test_launchers_find_the_repository_venv_when_path_has_no_torch(script, tmp_path):
+    """After scripts/demo.sh, without `source .venv/bin/activate`: the system python (no torch)
+    is first on PATH, and the launcher must run .venv's interpreter instead."""
+    tree, env = _lookup_tree(tmp_path, venv=True, path_torch=False)
+    r = subprocess.run(["bash", str(tree / script), *LOOKUP_CALLS[script]], cwd=str(tmp_path),
+                       env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r
+    assert "venv ARGS=-m megatron_patch" in r.stdout, r
+
+
+@pytest.mark.parametrize("script", sorted(LOOKUP_CALLS))
+def test_launchers_without_a_torch_python_fail_in_one_line(script, tmp_path):
+    tree, env = _lookup_tree(tmp_path, venv=False, path_torch=False)
+    r = subprocess.run(["bash", str(tree / script), *LOOKUP_CALLS[script]], cwd=str(tmp_path),
+                       env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 127, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no Python with torch" in lines[0], r
+    assert "source .venv/bin/activate" in lines[0] and "PYTHON" in lines[0], r
+    assert "ARGS=" not in r.stdout, r
+
+
+def test_launchers_prefer_an_activated_environment(tmp_path):
+    tree, env = _lookup_tree(tmp_path, venv=True, path_torch=True)
+    _stand_in(tmp_path / "active" / "bin" / "python", "active", torch=True)
+    env["VIRTUAL_ENV"] = str(tmp_path / "active")
+    script = "toolkits/model_checkpoints_convertor/llama/model_convertor.sh"
+    r = subprocess.run(["bash", str(tree / script), *LOOKUP_CALLS[script]], cwd=str(tmp_path),
+                       env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and "active ARGS=" in r.stdout, r
+
+
 # run_pretrain_*.sh: the classic positional interface, end to end.
 
 PRETRAIN_LAUNCHER = os.path.join(ROOT, "examples", "llama2", "run_pretrain_megatron_llama.sh")
@@ -201,6 +283,32 @@ def test_pretrain_switches_map_to_megatron_flags(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         launch.pretrain_command(_positional("d", "c", "o", ENV="dlc"))
+
+
+def test_extra_flags_replace_the_launchers_own(monkeypatch):
+    """The demo's fine-tuning passes --log-interval 20: the printed command held the launcher's
+    --log-interval 1 too. Each flag once, with the extra flag's value."""
+    from megatron_patch import launch
+
+    monkeypatch.setenv("NPROC_PER_NODE", "1")
+    finetune = dict(ENV="dsw", MEGATRON_PATH="", MEGATRON_PATCH_PATH=ROOT, MODEL_SIZE="tiny",
+                    BATCH_SIZE="2", LR="1e-3", MIN_LR="1e-5", SEQ_LEN="32", PAD_LEN="32",
+                    EXTRA_VOCAB_SIZE="0", PR="fp32", TP="1", PP="1", AC="none", DO="false",
+                    FL="false", SP="false", TRAIN_DATASET_PATH="sft.jsonl",
+                    VALID_DATASET_PATH="none", PRETRAIN_CHECKPOINT_PATH="c", EPOCH="1",
+                    OUTPUT_BASEPATH="o")
+    commands = {
+        "pretrain": launch.pretrain_command(
+            [*_positional("d", "c", "o"), "--log-interval", "20", "--lr=5e-4"]),
+        "finetune": launch.finetune_command(
+            [finetune[k] for k in launch.FINETUNE_FIELDS] + ["--log-interval", "20",
+                                                             "--lr=5e-4"]),
+    }
+    for name, cmd in commands.items():
+        assert cmd.count("--log-interval") == 1, (name, cmd)
+        assert cmd[cmd.index("--log-interval") + 1] == "20", (name, cmd)
+        assert "--lr" not in cmd and "--lr=5e-4" in cmd, (name, cmd)
+        assert cmd.count("--min-lr") == 1, (name, cmd)
 
 
 def test_pretrain_launcher_trains_saves_logs_and_exports(llama_models, tmp_path):

@@ -617,6 +617,22 @@ def test_bad_inputs_are_clear_errors_or_counted_skips(llama_models, prompts, tmp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_rl_step_log_is_two_short_lines():
+    """An RL step was one line of ~500 characters: now a headline and an indented detail line,
+    each short enough to read in a terminal (200 characters at the widest numbers), and the
+    rest in TensorBoard."""
+    from megatron_patch.rlhf.loop import RLTrainer, step_lines
+
+    widest = {k: -1.23456789e-05 for k in RLTrainer.LOGGED}
+    widest.update(generation_s=1234.5, inference_s=123.4, training_s=456.7)
+    lines = step_lines(12345, 100000, widest, 1.2345e-06, 123456)
+    assert len(lines) == 2 and lines[0].startswith("step") and lines[1].startswith(" "), lines
+    assert all(len(line) <= 200 for line in lines), [len(line) for line in lines]
+    printed = " ".join(lines)
+    for name in RLTrainer.HEADLINE + RLTrainer.DETAIL:
+        assert f"| {name} " in printed, name
+
+
 def test_grpo_launcher_logs_every_step_to_stdout_and_tensorboard(llama_models, prompts,
                                                                   tmp_path):
     import sys
@@ -636,12 +652,13 @@ def test_grpo_launcher_logs_every_step_to_stdout_and_tensorboard(llama_models, p
          ckpt, "2", "2", "4", "8", "2", out, "--lr-decay-style", "constant"],
         env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    steps = [line for line in proc.stdout.splitlines() if line.startswith("step")]
+    lines = proc.stdout.splitlines()
+    # Each step: its headline, then its indented detail line.
+    steps = [line + lines[i + 1] for i, line in enumerate(lines) if line.startswith("step")]
     assert len(steps) == 2, proc.stdout
     assert all(" | ETA " in line for line in steps), steps  # progress: the time left
     for name in ("reward mean", "reward std", "response length", "kl", "entropy",
-                 "clip fraction", "ratio", "ratio max", "logprob diff mean",
-                 "logprob diff max"):
+                 "clip fraction", "ratio max", "logprob diff max", "grad_norm"):
         assert f"| {name} " in steps[0], (name, steps[0])
     (run,) = os.listdir(os.path.join(out, "tensorboard"))
     events = EventAccumulator(os.path.join(out, "tensorboard", run))

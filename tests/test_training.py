@@ -306,3 +306,30 @@ def test_consumed_tokens_count_the_tokens_tokens_per_second_counts(llama_models,
     assert r["batch_tokens"] == 2 * sequences * 64, r  # 2 samples of `sequences` x 64 tokens
     assert r["logged"] == [(r["batch_tokens"], r["batch_tokens"]),
                            (2 * r["batch_tokens"], r["batch_tokens"])], r
+
+
+def _load_messages(load: str, data: str) -> list[str]:
+    """This rank's megatron_patch log records while a Trainer loads `load`."""
+    import logging
+
+    from megatron_patch.training.loop import Trainer
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("megatron_patch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        Trainer(training_args(load, data, iters=3))
+    finally:
+        logger.removeHandler(handler)
+    return [m for m in records if m.startswith("loaded weights from")]
+
+
+def test_the_loaded_weights_line_is_printed_once_not_per_rank(llama_models, tmp_path):
+    data = str(tmp_path / "tokens")
+    harness.run(harness.make_token_dataset, 1, data)
+    per_rank = harness.run(_load_messages, 2, os.path.join(llama_models["llama2"], "mcore"),
+                           data)
+    assert sorted(len(m) for m in per_rank) == [0, 1], per_rank

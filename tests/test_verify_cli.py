@@ -30,3 +30,21 @@ def test_verify_fails_for_a_different_model(llama_models):
                            os.path.join(llama_models["llama2"], "mcore"))
     assert code != 0 and not report["ok"], report
     assert report["max_abs_diff"] > 1e-4
+
+
+def test_verify_help_documents_every_argument(capsys):
+    """Positionals and every flag (--tp/--pp/--sp/--loss-atol/--batch-size/...) say what they
+    are in `verify --help`."""
+    import pytest
+
+    from megatron_patch import cli
+
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["verify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    (verify,) = [p for a in parser._subparsers._group_actions for n, p in a.choices.items()
+                 if n == "verify"]
+    for action in verify._actions:
+        assert action.help, f"verify {action.option_strings or action.dest} has no help"
+        assert " ".join(action.help.split()) in text, action.help

@@ -11,4 +11,6 @@ if [ -z "$patch_path" ]; then
 fi
 export PYTHONPATH="${megatron_path:+$megatron_path:}$patch_path${PYTHONPATH:+:$PYTHONPATH}"
 shift
-exec "${PYTHON:-python}" -m megatron_patch.launch "$command" "$@"
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/find_python.sh"
+find_python "$(basename "$0")" "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+exec "$PYTHON" -m megatron_patch.launch "$command" "$@"

@@ -16,6 +16,7 @@ import argparse
 import torch
 
 from megatron_patch import api
+from megatron_patch.logs import library_warnings
 
 
 def batches(tokenizer, path: str, seq_length: int, batch_size: int):
@@ -41,8 +42,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--save", required=True, help="checkpoint directory to write")
     parser.add_argument("--export", required=True, help="HF directory to write at the end")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' warnings (megatron-core's about "
+                             "Transformer Engine and Apex, deprecations)")
     args = parser.parse_args()
+    # Scoped to this run: the process's warning filters are restored afterwards.
+    with library_warnings(args.verbose):
+        train(args)
 
+
+def train(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     api.initialize_parallel(tensor_model_parallel_size=args.tp)

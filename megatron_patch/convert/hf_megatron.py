@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -110,8 +111,13 @@ def _source_dtype(reader: hf_io.HFCheckpointReader, bindings: list[Binding]) -> 
     return dtypes.pop()
 
 
-def _progress(total_bytes: int, desc: str) -> tqdm:
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=1.0)
+@contextlib.contextmanager
+def _progress(total_bytes: int, desc: str) -> Iterator[tqdm]:
+    """A byte progress bar that ends at 100% of what was written: `total_bytes` is an estimate
+    (export drops the padded vocabulary rows it counts)."""
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=1.0) as bar:
+        yield bar
+        bar.total = bar.n
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: int = 128,

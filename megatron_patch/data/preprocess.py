@@ -334,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show other libraries' warnings")
     args = parser.parse_args(argv)
-    return run_main("megatron-patch preprocess", lambda: run(args), output=args.output_prefix)
+    return run_main("megatron-patch preprocess", lambda: run(args), output=args.output_prefix,
+                    verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -371,23 +371,36 @@ class RLTrainer:
             checkpointing.save(self.critic)
         checkpointing.save(self.trainer)
 
-    LOGGED = ("reward mean", "reward std", "response length", "kl", "entropy", "policy loss",
-              "clip fraction", "ratio", "ratio max", "logprob diff mean", "logprob diff max",
-              "grad_norm", "value loss", "value clip fraction", "kl coef", "skipped groups",
-              "equal-reward groups")
+    # The step's two lines: what the run is learning, then (indented) how the update went;
+    # TENSORBOARD_ONLY goes to TensorBoard / W&B only. Each key where present (PPO's keys only
+    # in PPO runs).
+    HEADLINE = ("reward mean", "reward std", "response length", "kl", "entropy", "policy loss")
+    DETAIL = ("value loss", "clip fraction", "ratio max", "logprob diff max", "grad_norm",
+              "skipped groups")
+    TENSORBOARD_ONLY = ("ratio", "logprob diff mean", "value clip fraction", "kl coef",
+                        "equal-reward groups")
+    LOGGED = HEADLINE + DETAIL + TENSORBOARD_ONLY
 
     def _log(self, s: dict[str, Any], eta: float) -> None:
-        """Every step: one line on the last rank (with the time left at the run's rate so far)
+        """Every step: two lines on the last rank (with the time left at the run's rate so far)
         and the same scalars (rl/...) to TensorBoard."""
         t = self.trainer
-        step = self.step_count
-        parallel.print_last_rank(" | ".join(
-            [f"step {step:5d}/{self.args.train_iters}"]
-            + [f"{k} {s[k]:.6g}" for k in self.LOGGED if k in s]
-            + [f"lr {t.optimizer.param_groups[0]['lr']:.3e}",
-               f"seconds generation/inference/training {s['generation_s']:.2f}/"
-               f"{s['inference_s']:.2f}/{s['training_s']:.2f}", f"ETA {eta:.0f}s"]))
+        parallel.print_last_rank("\n".join(step_lines(
+            self.step_count, self.args.train_iters, s, t.optimizer.param_groups[0]["lr"], eta)))
         if t.writer:
             for key in self.LOGGED:
                 if key in s:
-                    t.writer.add_scalar(f"rl/{key}", s[key], step)
+                    t.writer.add_scalar(f"rl/{key}", s[key], self.step_count)
+
+
+def step_lines(step: int, train_iters: int, s: dict[str, Any], lr: float,
+               eta: float) -> list[str]:
+    """An RL step's log: the headline (step, rewards, KL, losses, lr, ETA) and, indented, the
+    update's diagnostics and the seconds spent in each phase."""
+    headline = ([f"step {step:5d}/{train_iters}"]
+                + [f"{k} {s[k]:.4g}" for k in RLTrainer.HEADLINE if k in s]
+                + [f"lr {lr:.3e}", f"ETA {eta:.0f}s"])
+    detail = ([f"{k} {s[k]:.4g}" for k in RLTrainer.DETAIL if k in s]
+              + [f"s gen/inf/train {s['generation_s']:.1f}/{s['inference_s']:.1f}/"
+                 f"{s['training_s']:.1f}"])
+    return [" | ".join(headline), "    | " + " | ".join(detail)]

@@ -271,7 +271,8 @@ def load(t: Trainer) -> None:
         else:
             checkpoint.load_model(a.load, t.model.module, iteration,
                                   exclude=t.mode.unloaded_weights())
-        log.info("loaded weights from %s (%s): fresh run", a.load, iteration)
+        if torch.distributed.get_rank() == 0:  # one line for the run, not one per rank
+            log.info("loaded weights from %s (%s): fresh run", a.load, iteration)
         return
     _check_resumable(t, common)
     same_layout = list(common.get("parallel_layout", [])) == [t.tp, t.pp, t.dp]
@@ -290,4 +291,5 @@ def load(t: Trainer) -> None:
     t.consumed_samples = int(state["consumed_samples"])
     t.consumed_valid_samples = int(state.get("consumed_valid_samples", 0))
     t.mode.load_state_dict(state.get("train_mode_state") or {})
-    log.info("resumed %s at iteration %d", a.load, t.iteration)
+    if torch.distributed.get_rank() == 0:
+        log.info("resumed %s at iteration %d", a.load, t.iteration)

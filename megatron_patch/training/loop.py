@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from megatron_patch import checkpoint, logs, parallel
+from megatron_patch import checkpoint, errors, logs, parallel
 from megatron_patch.lora import training as lora_training
 from megatron_patch.models import (
     build_stages,
@@ -45,6 +45,7 @@ class Trainer:
         self.args = args
         self._tokenizer = None
         metrics.check(args)
+        errors.require_dir("--load", args.load)
         if args.fp8_format is not None:
             raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
                              "wired up in this version; use --bf16")
@@ -170,7 +171,8 @@ class Trainer:
         checkpoint.load_model(load, module, iteration)
         module.requires_grad_(False)
         module.eval()
-        log.info("reference model: %s (iteration %s)", load, iteration)
+        if torch.distributed.get_rank() == 0:
+            log.info("reference model: %s (iteration %s)", load, iteration)
         return module
 
     def _setup_model(self) -> None:
@@ -384,6 +386,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from megatron_patch import errors
-
     raise SystemExit(errors.run_main("megatron-patch train", main))

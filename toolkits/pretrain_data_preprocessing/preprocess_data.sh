@@ -11,8 +11,9 @@
 # JSON_KEY       the key holding the text (default text)
 #
 # The tokenizer's EOS id is appended to every document. PYTHON chooses the interpreter (default:
-# python). The repository root goes on PYTHONPATH, so this works without installing
-# megatron-patch (its dependencies must be installed).
+# the first with torch of an active env, the repository's .venv, python3/python on PATH; see
+# scripts/find_python.sh). The repository root goes on PYTHONPATH, so this works without
+# installing megatron-patch (its dependencies must be installed).
 set -euo pipefail
 
 if [ "$#" -lt 3 ] || [ "$#" -gt 5 ]; then
@@ -29,7 +30,9 @@ JSON_KEY=${5:-text}
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+. "$ROOT/scripts/find_python.sh"
+find_python "$(basename "$0")" "$ROOT"
 
-exec "${PYTHON:-python}" -m megatron_patch.data.preprocess --input "$INPUT" \
+exec "$PYTHON" -m megatron_patch.data.preprocess --input "$INPUT" \
     --output-prefix "$OUTPUT_PREFIX" --tokenizer-model "$TOKENIZER" --workers "$WORKERS" \
     --json-keys "$JSON_KEY" --append-eod

@@ -11,8 +11,10 @@
 # VOCAB_SIZE   pieces to learn (MODE train only; default 20000)
 # EXTRA FLAGS  passed on, e.g. --make-vocab-size-divisible-by 128 --tensor-model-parallel-size 8
 #
-# PYTHON chooses the interpreter (default: python). The repository root goes on PYTHONPATH, so
-# this works without installing megatron-patch (its dependencies must be installed).
+# PYTHON chooses the interpreter (default: the first with torch of an active env, the
+# repository's .venv, python3/python on PATH; see scripts/find_python.sh). The repository root
+# goes on PYTHONPATH, so this works without installing megatron-patch (its dependencies must
+# be installed).
 set -euo pipefail
 
 usage() {
@@ -43,6 +45,8 @@ esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+. "$ROOT/scripts/find_python.sh"
+find_python "$(basename "$0")" "$ROOT"
 
-exec "${PYTHON:-python}" -m megatron_patch extend-vocab "$SOURCE_DIR" "$TARGET_DIR" \
+exec "$PYTHON" -m megatron_patch extend-vocab "$SOURCE_DIR" "$TARGET_DIR" \
     "${PIECES[@]}" "$@"

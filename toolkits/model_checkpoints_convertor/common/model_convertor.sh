@@ -12,8 +12,10 @@
 # EXTRA_VOCAB_SIZE   HF -> Megatron: extra embedding rows before padding
 # MG2HF              true: Megatron -> HF; anything else: HF -> Megatron
 #
-# PYTHON chooses the interpreter (default: python). The repository root goes on PYTHONPATH, so
-# this works without installing megatron-patch (its dependencies must be installed).
+# PYTHON chooses the interpreter (default: the first with torch of an active env, the
+# repository's .venv, python3/python on PATH; see scripts/find_python.sh). The repository root
+# goes on PYTHONPATH, so this works without installing megatron-patch (its dependencies must
+# be installed).
 set -euo pipefail
 
 if [ "$#" -ne 8 ]; then
@@ -33,14 +35,16 @@ MG2HF=$8
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 export PYTHONPATH="${MEGATRON_PATH:+$MEGATRON_PATH:}$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+. "$ROOT/scripts/find_python.sh"
+find_python "$(basename "$0")" "$ROOT"
 
 if [ "$MG2HF" = true ]; then
     echo "model_convertor: $MODEL_NAME: Megatron-Core $SOURCE_DIR -> HF $TARGET_DIR" \
          "(TP, PP and EXTRA_VOCAB_SIZE come from the checkpoint)"
-    exec "${PYTHON:-python}" -m megatron_patch convert megatron-to-hf "$SOURCE_DIR" "$TARGET_DIR"
+    exec "$PYTHON" -m megatron_patch convert megatron-to-hf "$SOURCE_DIR" "$TARGET_DIR"
 fi
 
 echo "model_convertor: $MODEL_NAME: HF $SOURCE_DIR -> Megatron-Core $TARGET_DIR" \
      "(vocab padded for TP=$TP; PP=$PP ignored: the checkpoint loads at any TP/PP)"
-exec "${PYTHON:-python}" -m megatron_patch convert hf-to-megatron "$SOURCE_DIR" "$TARGET_DIR" \
+exec "$PYTHON" -m megatron_patch convert hf-to-megatron "$SOURCE_DIR" "$TARGET_DIR" \
     --tensor-model-parallel-size "$TP" --extra-vocab-size "$EXTRA_VOCAB_SIZE"
