@@ -18,14 +18,15 @@ def _convert(args: argparse.Namespace) -> int:
     if getattr(args, "merge_lora", False) and not lora:
         raise ValueError(f"--merge-lora: {args.src} is not a LoRA training checkpoint (it has "
                          f"no {lora_checkpoint.LORA_FILE}); only megatron-to-hf of one merges")
-    if args.lora_base_model_name_or_path and not (lora and not args.merge_lora):
+    base_name = getattr(args, "lora_base_model_name_or_path", None)  # megatron-to-hf's flag
+    if base_name and not (lora and not args.merge_lora):
         raise ValueError("--lora-base-model-name-or-path: only the PEFT adapter exported from a "
                          "LoRA training checkpoint (megatron-to-hf without --merge-lora) names "
                          "its base")
     if lora:
         files = lora_checkpoint.export(args.src, args.dst, iteration=args.iteration,
                                        merge=args.merge_lora, max_shard_size=args.max_shard_size,
-                                       base_model_name_or_path=args.lora_base_model_name_or_path)
+                                       base_model_name_or_path=base_name)
         what = "merged HF model" if args.merge_lora else "PEFT adapter"
         print(f"{args.dst}: {what} ({', '.join(files)})")
         return 0

@@ -371,7 +371,7 @@ def test_bad_input_is_one_line_and_changes_nothing(outcomes, name):
 def test_disk_full_names_the_output_once(outcomes):
     """The line said `OUT: writing OUT failed, ...`."""
     cases, results, _, _, paths = outcomes
-    line = assert_one_line(results["disk_full"][1], "convert")
+    line = assert_one_line(results["disk_full"][1], "convert megatron-to-hf")
     assert line.count(os.path.join(paths["out"], "full")) == 1, line
 
 
