@@ -58,7 +58,7 @@ def is_rl_checkpoint(root: str) -> str | None:
 
 class RLTrainer:
     """GRPO and PPO on the trainer's model, optimizer, schedule and checkpoints (PPO's critic:
-    a second Trainer)."""
+    the actor's companion Trainer), driven through the Trainer's public methods only."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = a = args
