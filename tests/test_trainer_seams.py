@@ -73,3 +73,23 @@ def test_rlhf_uses_only_the_trainers_public_seams():
     found = [v for path in sorted(RLHF.glob("*.py"))
              for v in violations(path.read_text(), path.name)]
     assert found == [], "\n".join(found)
+
+
+def test_the_frozen_reference_is_made_in_one_place():
+    """DPO's reference, RL's KL reference and LoRA's adapters-off reference are one
+    `training.reference.FrozenReference`: no other module outside lora/ turns the adapters off
+    (`lora.disabled`) or builds a frozen copy of the trainer's model (`build_module` without
+    initialisation)."""
+    package = pathlib.Path(megatron_patch.__file__).parent
+    makers = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent.name == "lora" or path.name == "reference.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), path.name)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and (node.func.attr == "disabled"
+                         or (node.func.attr == "build_module"
+                             and any(k.arg == "perform_initialization" for k in node.keywords)))):
+                makers.append(f"{path.relative_to(package)}:{node.lineno}: "
+                              f"{ast.unparse(node.func)}")
+    assert makers == [], "\n".join(makers)
