@@ -42,7 +42,7 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace,
                  mode: Callable[[Trainer], TrainingMode] | None = None, *,
-                 beside: Trainer | None = None) -> None:
+                 companion_of: Trainer | None = None) -> None:
         from megatron.core import parallel_state
 
         self.args = args
@@ -51,7 +51,7 @@ class Trainer:
         if args.fp8_format is not None:
             raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
                              "wired up in this version; use --bf16")
-        if beside is None:
+        if companion_of is None:
             parallel.initialize(
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                 expert_model_parallel_size=args.expert_model_parallel_size, seed=args.seed,
@@ -59,7 +59,7 @@ class Trainer:
                 expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
                     args.load, args.tensor_model_parallel_size) if args.load else None)
         else:
-            _check_same_layout(args, beside.args)
+            _check_same_layout(args, companion_of.args)
             parallel.seed_all(args.seed)  # the RNG state a first model is built from
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -164,7 +164,7 @@ class Trainer:
         """A second Trainer of the same run (PPO's critic): its own model, optimizer, schedule
         and checkpoints from `args`, on this one's process groups (which it does not set up
         again; its layout flags must be this one's)."""
-        return Trainer(args, mode, beside=self)
+        return Trainer(args, mode, companion_of=self)
 
     def frozen_reference(self, load: str, iteration: int | str, flag: str) -> FrozenReference:
         """Checkpoint `load` at `iteration` as a frozen reference model beside this one's
