@@ -22,7 +22,7 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     Megatron-Core's (default: TP); a model with expert biases (GPT-OSS) needs 1
     (models.expert_tensor_parallel_size).
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     from megatron_patch import launch
 
@@ -60,6 +60,14 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's generator and Megatron's model-parallel RNG streams (as `initialize` does):
+    a second model built in an initialised process starts from the same RNG state as a first."""
+    from megatron.core import tensor_parallel
+
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

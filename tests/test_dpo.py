@@ -165,7 +165,7 @@ def _dpo_run(model_root: str, train: str, valid: str, save: str | None, *, tp: i
     with contextlib.redirect_stdout(printed):
         history = trainer.train()
     return {"history": history, "valid": trainer.evaluate_metrics(), "stdout": printed.getvalue(),
-            "reference copy": trainer.mode.reference is not None}
+            "reference copy": trainer.mode.reference.copy is not None}
 
 
 def _transformers_metrics(model_root: str, save: str, valid: str) -> dict:

@@ -285,6 +285,32 @@ def test_kl_bias_correction_is_refused_for_ppo(llama_models, prompts):
         _args(load, prompts, algorithm="ppo", extra=("--kl-bias-correction",))
 
 
+def _parallel_initializations(load: str, prompts: str) -> dict:
+    """A PPO RLTrainer built in a worker with `parallel.initialize` counted (the patch dies with
+    the forked worker)."""
+    from megatron_patch import parallel
+    from megatron_patch.rlhf.loop import RLTrainer
+
+    calls = []
+    initialize = parallel.initialize
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return initialize(*args, **kwargs)
+
+    parallel.initialize = counted
+    trainer = RLTrainer(_args(load, prompts, algorithm="ppo"))
+    return {"initializations": len(calls), "has critic": trainer.critic is not None}
+
+
+def test_ppo_critic_shares_the_actors_process_groups(llama_models, prompts):
+    """The critic is a companion Trainer on the actor's process groups: the parallel state is
+    set up once (not torn down and made again for the second model)."""
+    load = os.path.join(llama_models["llama2"], "mcore")
+    (out,) = harness.run(_parallel_initializations, 1, load, prompts)
+    assert out == {"initializations": 1, "has critic": True}, out
+
+
 def _reward_model_step(root: str, model_root: str, prompts: str) -> dict:
     """A tiny random HF Llama reward model converted, then one GRPO step scored by it: its
     rewards against transformers' scores of the same prompt + completion; and the refusals of
@@ -530,8 +556,8 @@ def _lora_runs(load: str, prompts: str, root: str) -> dict:
     files = lora_checkpoint.export(save, adapter)
     ppo, ppo_history = run("--algorithm", "ppo", iters=1)
     return {"shared": shared_history, "copied": copied_history, "resumed": first + second,
-            "shared holds a copy": shared.reference is not None,
-            "copy holds a copy": copied.reference is not None,
+            "shared holds a copy": shared.reference.copy is not None,
+            "copy holds a copy": copied.reference.copy is not None,
             "adapted": len(lora.adapted(shared.policy)),
             "frozen base": not any(p.requires_grad for n, p in shared.policy.named_parameters()
                                    if "lora_" not in n),

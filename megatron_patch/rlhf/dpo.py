@@ -12,7 +12,6 @@ Implicit rewards are beta (s_pi - s_ref) for chosen and for rejected.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 from collections import deque
@@ -23,6 +22,7 @@ import torch
 
 from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
 from megatron_patch.training.modes import LossOutput
+from megatron_patch.training.reference import FrozenReference
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -130,7 +130,7 @@ class DPOMode(PreferencePairsMode):
         # What the reference is (architecture, fingerprint) is recorded with where it is: a
         # resumed run refuses another model put at that path.
         self.reference_source = {"load": source, "iteration": iteration, **identity}
-        self.reference: torch.nn.Module | None = None
+        self.reference: FrozenReference | None = None
         self._reference_logps: deque[torch.Tensor] = deque()
 
     @classmethod
@@ -165,29 +165,21 @@ class DPOMode(PreferencePairsMode):
         self.reference_source = {**saved, **checkpoint.check_fingerprint(
             saved, saved["load"], saved["iteration"], "the DPO reference model")}
 
-    def shares_the_policy(self) -> bool:
-        """Under LoRA a reference that is the adapters' base is the policy with its adapters
-        off (peft's `disable_adapter`, as TRL does): no second copy of the model is held."""
-        lora = self.trainer.lora
-        return lora is not None and lora.adapts(self.reference_source["load"],
-                                                self.reference_source["iteration"])
-
-    def _reference_model(self) -> tuple[torch.nn.Module, Any]:
-        """The model that computes the reference log-probabilities and the context it runs in."""
-        if self.shares_the_policy():
-            from megatron_patch import lora
-
-            return self.trainer.model, lora.disabled(self.trainer.model)
+    def _reference(self) -> FrozenReference:
+        """The reference (made at the first step: the resumed run's recorded source is known
+        only once its checkpoint is loaded); under LoRA, when it is the adapters' base, the
+        policy with its adapters off."""
         if self.reference is None:
             source = self.reference_source
-            self.reference = self.trainer.frozen_copy(
+            self.reference = self.trainer.frozen_reference(
                 source["load"], source["iteration"],
                 "--ref-load" if self.trainer.args.ref_load else "the recorded reference")
-        return self.reference, contextlib.nullcontext()
+        return self.reference
 
     def before_schedule(self, dataset: Any, consumed: int, forward_only: bool) -> None:
         """The reference log-probabilities of this global batch's micro-batches, in order."""
-        model, context = self._reference_model()
+        reference = self._reference()
+        model = reference.model
 
         def step(data_iterator, model):
             batch = next(data_iterator)
@@ -202,7 +194,7 @@ class DPOMode(PreferencePairsMode):
 
         was_training = model.training
         model.eval()  # no dropout: the reference is the frozen model
-        with torch.no_grad(), context:
+        with torch.no_grad(), reference.active():
             outputs = self.trainer.run_schedule(dataset, consumed, True, forward_step=step,
                                                 model=model)
         model.train(was_training)

@@ -38,7 +38,6 @@ from megatron_patch.rlhf import rollout
 from megatron_patch.rlhf.policy import PolicyMode
 from megatron_patch.rlhf.rewards import Rewards, load_reward_function
 from megatron_patch.rlhf.rollout import RolloutShare
-from megatron_patch.training import checkpointing
 
 ALGORITHMS = ("grpo", "ppo")
 
@@ -59,7 +58,7 @@ def is_rl_checkpoint(root: str) -> str | None:
 
 class RLTrainer:
     """GRPO and PPO on the trainer's model, optimizer, schedule and checkpoints (PPO's critic:
-    a second Trainer)."""
+    the actor's companion Trainer), driven through the Trainer's public methods only."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = a = args
@@ -103,7 +102,7 @@ class RLTrainer:
                                    f"{self.reference_source['load']} (iteration "
                                    f"{self.reference_source['iteration']})"
                                    + (", the policy with its LoRA adapters off"
-                                      if self.reference_is_base else "")))
+                                      if self.reference.shares_policy else "")))
 
     def _check_rewards(self) -> None:
         a = self.args
@@ -126,28 +125,28 @@ class RLTrainer:
         trainer_args.global_batch_size = global_batch_size
         trainer_args.train_mode = a.algorithm  # recorded in checkpoints
         trainer_args.finetune = a.finetune or resumed is None  # a starting policy: weights only
-        self.trainer = t = Trainer(trainer_args, mode=lambda trainer: PolicyMode(trainer, self))
+        self.trainer = t = Trainer(trainer_args, mode=self._policy_mode)
         if a.rollout_batch_size % t.dp:
             raise ValueError(f"--rollout-batch-size {a.rollout_batch_size} is not a multiple of "
                              f"the data-parallel size {t.dp}")
         # Under LoRA a reference that is the adapters' base is the policy with its adapters off.
-        self.reference_is_base = (a.kl_coef > 0 and t.lora is not None
-                                  and t.lora.adapts(self.reference_source["load"],
-                                                    self.reference_source["iteration"]))
-        self.reference = None
-        if a.kl_coef > 0 and not self.reference_is_base:
-            self.reference = t.frozen_copy(
-                self.reference_source["load"], self.reference_source["iteration"],
-                "--ref-load" if a.ref_load else "the reference")
+        self.reference = (t.frozen_reference(
+            self.reference_source["load"], self.reference_source["iteration"],
+            "--ref-load" if a.ref_load else "the reference") if a.kl_coef > 0 else None)
         self.critic = None
         if self.ppo:
             from megatron_patch.rlhf import ppo
 
-            # A second Trainer: the same process groups (parallel.initialize sets up the same
-            # layout again), its own model, optimizer, schedule and checkpoints.
-            self.critic = Trainer(
+            # The actor's companion: the same process groups, its own model, optimizer,
+            # schedule and checkpoints.
+            self.critic = t.companion(
                 ppo.critic_args(a, trainer_args, resumed is not None),
                 mode=lambda trainer: ppo.CriticMode(trainer, t.train_iters, a.value_clip_eps))
+
+    def _policy_mode(self, trainer: Any) -> PolicyMode:
+        """The actor's training mode, kept: the step reads its ratio maxima."""
+        self.policy_mode = PolicyMode(trainer, self)
+        return self.policy_mode
 
     def _read_prompts(self) -> None:
         from transformers import AutoTokenizer
@@ -197,15 +196,11 @@ class RLTrainer:
     # ---- models ------------------------------------------------------------------------
     @property
     def has_reference(self) -> bool:
-        return self.reference is not None or self.reference_is_base
+        return self.reference is not None
 
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.reference_is_base:
-            from megatron_patch import lora
-
-            with lora.disabled(self.policy):
-                return self.forward_logprobs(self.policy, batch)
-        return self.forward_logprobs(self.reference, batch)
+        with self.reference.active():
+            return self.forward_logprobs(self.reference.module, batch)
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -260,19 +255,19 @@ class RLTrainer:
         offset = t.consumed_samples % len(share)
         if self._tokens(share, offset) == 0:  # every group skipped: the gradients would be 0 / 0
             for trainer in (t, self.critic) if self.critic else (t,):
-                trainer.iteration += 1
-                trainer.consumed_samples += trainer.global_batch_size
+                trainer.skip_step()
             return {"skipped": 1.0}
-        t.mode.maxima = []
-        t.datasets[0] = share  # train_step reads its next mini-batch from the training set
-        stats = t.train_step()
+        self.policy_mode.maxima = []
+        stats = t.train_step(share)
         if self.critic is not None:
-            self.critic.datasets[0] = share
-            critic = self.critic.train_step()
-            stats.update({k: critic[k] for k in self.critic.mode.metric_names},
+            from megatron_patch.rlhf.ppo import CriticMode
+
+            critic = self.critic.train_step(share)
+            stats.update({k: critic[k] for k in CriticMode.metric_names},
                          critic_grad_norm=critic["grad_norm"])
         # The loss (and so the maxima) is computed on the last pipeline stage only.
-        maxima = (torch.stack(t.mode.maxima).max(dim=0).values if t.mode.maxima
+        step_maxima = self.policy_mode.maxima
+        maxima = (torch.stack(step_maxima).max(dim=0).values if step_maxima
                   else torch.full((2,), -torch.inf))
         self._all_reduce(maxima, torch.distributed.ReduceOp.MAX, pipeline=True)
         stats["ratio max"], stats["ratio deviation max"] = maxima.tolist()
@@ -349,27 +344,18 @@ class RLTrainer:
             history.append(stats)
             seconds_per_step = (time.time() - began) / (self.step_count - first_step)
             self._log(stats, seconds_per_step * (a.train_iters - self.step_count))
-            step = self.step_count
-            saved = False
-            if a.save and a.save_interval and step % a.save_interval == 0:
-                self.save()
-                saved = True
-            if a.exit_interval and step % a.exit_interval == 0:
-                if a.save and not saved:
-                    self.save()
+            if t.save_or_exit(self.step_count, self.save):
                 break
         else:
-            if a.save and (not a.save_interval or self.step_count % a.save_interval):
-                self.save()
-        if t.writer:
-            t.writer.close()
+            t.save_at_end(self.step_count, self.save)
+        t.close()
         return history
 
     def save(self) -> None:
         """The critic first: the actor's tracker, written last, marks the step as saved."""
         if self.critic is not None:
-            checkpointing.save(self.critic)
-        checkpointing.save(self.trainer)
+            self.critic.save()
+        self.trainer.save()
 
     # The step's two lines: what the run is learning, then (indented) how the update went;
     # TENSORBOARD_ONLY goes to TensorBoard / W&B only. Each key where present (PPO's keys only
@@ -386,11 +372,8 @@ class RLTrainer:
         and the same scalars (rl/...) to TensorBoard."""
         t = self.trainer
         parallel.print_last_rank("\n".join(step_lines(
-            self.step_count, self.args.train_iters, s, t.optimizer.param_groups[0]["lr"], eta)))
-        if t.writer:
-            for key in self.LOGGED:
-                if key in s:
-                    t.writer.add_scalar(f"rl/{key}", s[key], self.step_count)
+            self.step_count, self.args.train_iters, s, t.learning_rate(), eta)))
+        t.log_scalars({f"rl/{key}": s[key] for key in self.LOGGED if key in s}, self.step_count)
 
 
 def step_lines(step: int, train_iters: int, s: dict[str, Any], lr: float,

@@ -27,6 +27,8 @@ from megatron_patch.models import (
 from megatron_patch.models.scratch import scratch_hf_config
 from megatron_patch.training import checkpointing, data, finite_check, kv_replicas, metrics
 from megatron_patch.training.modes import TrainingMode, mode_class
+from megatron_patch.training.optimizer import build_optimizer
+from megatron_patch.training.reference import FrozenReference
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -39,7 +41,8 @@ class Trainer:
     """
 
     def __init__(self, args: argparse.Namespace,
-                 mode: Callable[[Trainer], TrainingMode] | None = None) -> None:
+                 mode: Callable[[Trainer], TrainingMode] | None = None, *,
+                 companion_of: Trainer | None = None) -> None:
         from megatron.core import parallel_state
 
         self.args = args
@@ -49,13 +52,16 @@ class Trainer:
         if args.fp8_format is not None:
             raise ValueError("--fp8-format: FP8 needs Transformer Engine on a GPU and is not "
                              "wired up in this version; use --bf16")
-        parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                            expert_model_parallel_size=args.expert_model_parallel_size,
-                            seed=args.seed,
-                            # (Models made from architecture flags have no biased experts.)
-                            expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
-                                args.load, args.tensor_model_parallel_size) if args.load
-                            else None)
+        if companion_of is None:
+            parallel.initialize(
+                args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                expert_model_parallel_size=args.expert_model_parallel_size, seed=args.seed,
+                # (Models made from architecture flags have no biased experts.)
+                expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
+                    args.load, args.tensor_model_parallel_size) if args.load else None)
+        else:
+            _check_same_layout(args, companion_of.args)
+            parallel.seed_all(args.seed)  # the RNG state a first model is built from
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         self.ep = parallel_state.get_expert_model_parallel_world_size()
@@ -73,7 +79,7 @@ class Trainer:
         datasets = self.mode.build_datasets()
         self.datasets = [datasets.train, datasets.valid]
         self.train_iters = datasets.train_iters
-        self._setup_optimizer()
+        self.optimizer, self.scheduler = build_optimizer(self)
         self.iteration, self.consumed_samples, self.consumed_valid_samples = 0, 0, 0
         if args.load:
             checkpointing.load(self)
@@ -154,26 +160,17 @@ class Trainer:
         (module,) = built.chunks
         return built.config, module
 
-    def frozen_copy(self, load: str, iteration: int | str, flag: str) -> torch.nn.Module:
-        """A frozen copy of the run's model (a reference model) with the weights of checkpoint
-        `load` at `iteration`: same layout, no gradients, no optimizer, in eval mode. A
-        checkpoint of another model is refused naming `flag`."""
-        from megatron_patch import checkpoint
-        from megatron_patch.training import checkpointing
+    def companion(self, args: argparse.Namespace,
+                  mode: Callable[[Trainer], TrainingMode]) -> Trainer:
+        """A second Trainer of the same run (PPO's critic): its own model, optimizer, schedule
+        and checkpoints from `args`, on this one's process groups (which it does not set up
+        again; its layout flags must be this one's)."""
+        return Trainer(args, mode, companion_of=self)
 
-        if differ := checkpointing.model_differences(self, load):
-            raise ValueError(f"{flag} {load} holds another model than the policy "
-                             f"(--load {self.args.load}): {'; '.join(differ[:6])}; the reference "
-                             "must be the policy's model (its starting weights)")
-        # Weights come from the checkpoint: no initialisation (which would also draw from the
-        # RNG streams a resumed run must find as they were saved).
-        _, module = self.build_module(perform_initialization=False)
-        checkpoint.load_model(load, module, iteration)
-        module.requires_grad_(False)
-        module.eval()
-        if torch.distributed.get_rank() == 0:
-            log.info("reference model: %s (iteration %s)", load, iteration)
-        return module
+    def frozen_reference(self, load: str, iteration: int | str, flag: str) -> FrozenReference:
+        """Checkpoint `load` at `iteration` as a frozen reference model beside this one's
+        (training/reference.py); a checkpoint of another model is refused naming `flag`."""
+        return FrozenReference(self, load, iteration, flag)
 
     def _setup_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -197,41 +194,6 @@ class Trainer:
         self.config.finalize_model_grads_func = kv_replicas.finalize_model_grads_func(
             finalize_model_grads, self.model_args, args.use_distributed_optimizer, self.dp)
         self.config.no_sync_func = self.model.no_sync
-
-    def _setup_optimizer(self) -> None:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        a = self.args
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
-                adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
-                clip_grad=a.clip_grad, bf16=a.bf16, fp16=a.fp16,
-                params_dtype=self.config.params_dtype, loss_scale=a.loss_scale,
-                initial_loss_scale=a.initial_loss_scale, min_loss_scale=a.min_loss_scale,
-                loss_scale_window=a.loss_scale_window, hysteresis=a.hysteresis,
-                use_distributed_optimizer=a.use_distributed_optimizer,
-            ),
-            [self.model],
-        )
-        self.config.grad_scale_func = self.optimizer.scale_loss
-        gbs = self.global_batch_size
-        warmup_iters = (a.lr_warmup_iters if a.lr_warmup_tokens is None
-                        else -(-a.lr_warmup_tokens // (gbs * a.seq_length)))
-        decay_iters = a.lr_decay_iters or self.train_iters
-        if a.lr_decay_style != "constant" and warmup_iters >= decay_iters:
-            raise ValueError(f"{warmup_iters} warmup iterations leave no room to decay the "
-                             f"learning rate within {decay_iters} iterations")
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=a.lr, min_lr=a.min_lr,
-            lr_warmup_steps=warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
-            lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
-            wd_incr_steps=self.train_iters * gbs, wd_incr_style="constant",
-            # Megatron-LM's flags; a resume otherwise refuses a different schedule.
-            override_opt_param_scheduler=a.override_opt_param_scheduler,
-            use_checkpoint_opt_param_scheduler=not a.override_opt_param_scheduler,
-        )
 
     def tokenizer(self) -> Any:
         """The run's HF tokenizer (--tokenizer-model, else the checkpoint's), refused when it
@@ -278,10 +240,14 @@ class Trainer:
         outputs = self.run_schedule(dataset, consumed, forward_only)
         return metrics.reduce_metrics(outputs, self.mode.metric_names, self.dp, self.pp)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, dataset: Any = None) -> dict[str, float]:
+        """One optimizer step on the next global batch of `dataset` (default: the training
+        set; a loop that makes its data as it trains, such as RL's rollout batches, passes
+        it), read from sample `consumed_samples` on. Returns the step's metrics."""
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        values = self._metrics(self.datasets[0], self.consumed_samples, False)
+        values = self._metrics(self.datasets[0] if dataset is None else dataset,
+                               self.consumed_samples, False)
         finite_check.before_step(self, values)
         ok, grad_norm, _ = self.optimizer.step()
         if self.args.check_for_nan_in_loss_and_grad:
@@ -291,8 +257,17 @@ class Trainer:
         self.iteration += 1
         self.consumed_samples += self.global_batch_size
         return {"loss": values[self.mode.loss_name], **values,
-                "grad_norm": float(grad_norm or 0.0), "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm or 0.0), "lr": self.learning_rate(),
                 "skipped": not ok, "loss_scale": float(self.optimizer.get_loss_scale())}
+
+    def skip_step(self) -> None:
+        """Count a step that is not taken (its global batch consumed, the learning rate
+        schedule where it was): RL's mini-batch whose every sample was skipped."""
+        self.iteration += 1
+        self.consumed_samples += self.global_batch_size
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
     def evaluate_metrics(self) -> dict[str, float] | None:
         """The mode's metrics averaged over --eval-iters validation batches (None without
@@ -344,30 +319,65 @@ class Trainer:
                 if (values := self.evaluate_metrics()) is not None:
                     metrics.log_validation(self.writer, values, iteration=self.iteration,
                                            loss_name=self.mode.loss_name)
-            if self._save_or_exit():
+            if self.save_or_exit():
                 break
         else:
-            if a.save and (not a.save_interval or self.iteration % a.save_interval):
-                checkpointing.save(self)
-        if self.writer:
-            self.writer.close()
+            self.save_at_end()
+        self.close()
         return history
 
-    def _save_or_exit(self) -> bool:
-        """Save at --save-interval; at --exit-interval save (once) and tell the loop to stop."""
+    # ---- checkpoints and logs (a loop of its own, such as RL's, calls these) ----------
+    def save_or_exit(self, step: int | None = None,
+                     save: Callable[[], None] | None = None) -> bool:
+        """After step `step` (default: the iteration; a loop counting its own steps passes
+        its count): save at --save-interval; at --exit-interval save (once) and return True
+        (stop). `save` saves (default: this trainer's checkpoint; a loop with more models
+        saves them all)."""
         a = self.args
+        step = self.iteration if step is None else step
+        save = save or self.save
         saved = False
-        if a.save and a.save_interval and self.iteration % a.save_interval == 0:
-            checkpointing.save(self)
+        if a.save and a.save_interval and step % a.save_interval == 0:
+            save()
             saved = True
-        if a.exit_interval and self.iteration % a.exit_interval == 0:
+        if a.exit_interval and step % a.exit_interval == 0:
             if a.save and not saved:
-                checkpointing.save(self)
+                save()
             return True
         return False
 
+    def save_at_end(self, step: int | None = None,
+                    save: Callable[[], None] | None = None) -> None:
+        """The loop ran to its end: save unless step `step` was saved at --save-interval."""
+        a = self.args
+        step = self.iteration if step is None else step
+        if a.save and (not a.save_interval or step % a.save_interval):
+            (save or self.save)()
+
     def save(self) -> None:
+        """A checkpoint of this trainer's model, optimizer, schedule, mode state and counts."""
         checkpointing.save(self)
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        """Scalars to the run's TensorBoard / W&B writer (on the rank that logs), at `step`."""
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        """The end of the run's logs (the writer flushed and closed)."""
+        if self.writer:
+            self.writer.close()
+
+
+def _check_same_layout(args: argparse.Namespace, first: argparse.Namespace) -> None:
+    """A companion Trainer runs on the first one's process groups: the same layout flags."""
+    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size"):
+        if getattr(args, flag) != getattr(first, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a second model "
+                             f"of the run shares the first one's layout "
+                             f"({getattr(first, flag)})")
 
 
 def main(argv: list[str] | None = None) -> int:
