@@ -3,7 +3,10 @@
 `run`: a function on N forked ranks that form a gloo process group. megatron.core is imported
 once by the test process; forking workers from it costs well under a second, where a torchrun
 launch costs 13-25 s. The parent does no torch computation before forking (forked children
-cannot use a thread pool the parent started), and workers return plain Python data.
+cannot use a thread pool the parent started), and workers return plain Python data. A process
+a worker leaves running fails the call and is killed: conftest makes the test process the
+subreaper (`adopt_orphans`), so such orphans become its children, and its session fixture
+checks the same at the end for everything else.
 
 Also: the numerical tolerances, `run_command`, the bit-for-bit directory comparison
 (`differing_tensors`), the parity worker (`checkpoint_parity`), a short training run's dataset
@@ -67,6 +70,7 @@ def run(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
     worker traceback."""
     queue = _CTX.Queue()
     port = _free_port()
+    before = set(children())
     procs = [_CTX.Process(target=_worker, args=(r, world_size, port, fn, args, queue, kwargs))
              for r in range(world_size)]
     for p in procs:
@@ -87,9 +91,59 @@ def run(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
             if p.is_alive():
                 p.kill()
                 p.join()
+        left = kill_leftover_children(before)
+    if left:
+        errors.append(f"the workers left processes running (killed now): {left}")
     if errors:
         raise AssertionError("worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def adopt_orphans() -> None:
+    """Make this process the Linux child subreaper: a process orphaned by one of its descendants
+    (a forked worker leaves through os._exit, before anything shuts its own children down)
+    becomes its child instead of init's, where `children` sees it."""
+    import ctypes
+
+    pr_set_child_subreaper = 36  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def children() -> dict[int, str]:
+    """This process's live children, pid -> command line (exited ones are not listed)."""
+    import psutil
+
+    alive = {}
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive[child.pid] = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def kill_leftover_children(expected: set[int]) -> dict[int, str]:
+    """Kill and reap this process's children whose pids are not in `expected` (and reap the
+    exited ones, orphans that no Popen object waits for); returns those that were still alive."""
+    import psutil
+
+    left = {}
+    for child in psutil.Process().children():
+        if child.pid in expected:
+            continue
+        try:
+            if "resource_tracker" in " ".join(child.cmdline()):
+                continue  # multiprocessing's own helper: it exits once its users have
+            if child.status() != psutil.STATUS_ZOMBIE:
+                left[child.pid] = " ".join(child.cmdline())
+                child.kill()
+            child.wait(timeout=10)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
+            pass
+    return left
 
 
 def _save_then_die(nth_save: int, fn: Callable, args: tuple, kwargs: dict) -> None:

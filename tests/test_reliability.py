@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 
 import harness
+import pytest
 from harness import GLOBAL_BATCH, training_args
 
 
@@ -473,3 +475,18 @@ def test_workers_exit_when_torchrun_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         if launcher.poll() is None:
             launcher.kill()
+
+
+# ---- issue 27, 7: tests leave no process behind --------------------------------------------
+
+def _leave_a_child_behind() -> None:
+    subprocess.Popen(["sleep", "300"])  # the worker leaves through os._exit: nothing reaps it
+
+
+def test_a_process_a_worker_leaves_behind_fails_the_run_and_is_killed():
+    """harness.run (and, at the end, the session's no_process_left_behind) sees the orphan of a
+    forked worker, which the subreaper made the test process's child, names it, and kills it."""
+    with pytest.raises(AssertionError, match="left processes running") as failed:
+        harness.run(_leave_a_child_behind, 1)
+    (pid,) = (int(p) for p in re.findall(r"(\d+): 'sleep 300'", str(failed.value)))
+    assert not _alive(pid), pid
