@@ -22,19 +22,8 @@ from megatron_patch import tiny as tiny_models  # noqa: E402
 # explicitly: importing megatron_patch does not).
 cpu_mode.maybe_enable()
 
-# Orphans of the forked workers' children become this process's children, which the session
-# check below (and harness.run, per call) can see; under init they would outlive the run unseen.
-harness.adopt_orphans()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def no_process_left_behind():
-    """Fail the session if a test left a process running (it is killed here, not left behind)."""
-    before = set(harness.children())
-    yield
-    left = harness.kill_leftover_children(before)
-    if left:
-        pytest.fail(f"tests left processes running (killed now): {left}")
+# Tests leave no process behind: the session fails otherwise (process_check.py).
+pytest_plugins = ["process_check"]
 
 TOKENS_SEED = 1234
 BATCH, SEQ = 2, 32

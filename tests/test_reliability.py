@@ -490,3 +490,26 @@ def test_a_process_a_worker_leaves_behind_fails_the_run_and_is_killed():
         harness.run(_leave_a_child_behind, 1)
     (pid,) = (int(p) for p in re.findall(r"(\d+): 'sleep 300'", str(failed.value)))
     assert not _alive(pid), pid
+
+
+LEAVES_A_CHILD = """
+import subprocess
+
+def test_leaves_a_child():
+    subprocess.Popen(["sleep", "300"])
+"""
+
+
+def test_the_session_fails_when_a_test_leaves_a_process(tmp_path):
+    """The session-end check (process_check, on its own: no megatron import) fails a session
+    whose test passed but left a child running, names it, and kills it."""
+    (tmp_path / "test_leak.py").write_text(LEAVES_A_CHILD)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "process_check", "-p", "no:cacheprovider",
+         "test_leak.py"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=tests),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "1 passed, 1 error" in proc.stdout, proc.stdout[-3000:]
+    (pid,) = (int(p) for p in re.findall(r"(\d+): 'sleep 300'", proc.stdout))
+    assert not _alive(pid), pid
