@@ -569,6 +569,8 @@ def test_lora_loss_curves_are_layout_and_microbatch_invariant(llama_models, sft_
     1 gives the TP=PP=DP=1 loss curve within harness.LOSS_ATOL (fp32 reduction order only)."""
     model = llama_models["llama2"]
     (ref,) = harness.run(_lora_sft, 1, model, sft_data)
+    # Drop on seeds 1, 2 and 3 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's
+    # rounding): 0.24-0.32, worst 0.239 (seed 1). Bar: 0.1 (0.42 of the worst).
     harness.report_learning("lora layouts", drop=ref["losses"][0] - ref["losses"][-1])
     assert ref["losses"][-1] < ref["losses"][0] - 0.1, ref  # the adapters train
     curves = {
