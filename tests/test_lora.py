@@ -428,6 +428,8 @@ def test_lora_on_multi_latent_attention_trains_alike_at_tp2_with_sp(zoo_models, 
     extra = ("--lora-target-modules", _ZOO_TARGETS["deepseek_v2"])
     (ref,) = harness.run(_lora_sft, 1, model, sft_data, extra=extra)
     harness.report_learning("lora mla", drop=ref["losses"][0] - ref["losses"][-1])
+    # Drop on seeds 1, 2 and 3 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's
+    # rounding): 0.24-0.28, worst 0.238 (seed 3). Bar: 0.1 (0.42 of the worst).
     assert ref["losses"][-1] < ref["losses"][0] - 0.1, ref  # the adapters train
     tp2 = harness.run(_lora_sft, 2, model, sft_data, tp=2,
                       extra=(*extra, "--sequence-parallel"))[0]
@@ -742,7 +744,9 @@ def test_lora_on_moe_experts_trains_alike_at_ep2(zoo_models, sft_data):
     ep2 = harness.run(_lora_sft, 2, model, sft_data, mbs=2,
                       extra=("--expert-model-parallel-size", "2"))[0]
     harness.report_learning("lora ep", drop=ep1["losses"][0] - ep1["losses"][-1])
-    assert ep1["losses"][-1] < ep1["losses"][0], ep1
+    # Drop on seeds 1, 2 and 3 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's
+    # rounding): 0.19-0.26, worst 0.188 (seed 3). Bar: 0.08 (0.43 of the worst).
+    assert ep1["losses"][-1] < ep1["losses"][0] - 0.08, ep1
     assert max(abs(a - b) for a, b in zip(ep1["losses"], ep2["losses"], strict=True)) <= (
         harness.LOSS_ATOL), (ep1, ep2)
     with pytest.raises(AssertionError, match="experts split over tensor-parallel ranks"):
