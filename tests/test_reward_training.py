@@ -121,8 +121,13 @@ def _max_difference(a: list[dict], b: list[dict]) -> float:
 
 def test_rm_losses_and_metrics_agree_across_layouts_and_micro_batching(rm_run, reference):
     ref = reference["mbs2"]
+    harness.report_learning("rm layouts", first=ref[0]["loss"],
+                            drop=ref[0]["loss"] - ref[-1]["loss"])
     # The score head is new (random), so the first loss is near ln 2, not at it; it learns.
-    assert 0.6 < ref[0]["loss"] < 0.8 and ref[-1]["loss"] < ref[0]["loss"], ref
+    # On seeds 1, 2, 3 and 7 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's
+    # rounding): first loss 0.691-0.698; drop over the 6 steps 0.07-0.32, worst 0.070 (seed
+    # 3). Bars: 0.6 < first < 0.8; drop >= 0.03 (0.43 of the worst).
+    assert 0.6 < ref[0]["loss"] < 0.8 and ref[-1]["loss"] < ref[0]["loss"] - 0.03, ref
     # The centring term is added at equal weights on the first step (the unit tests check its
     # value against TRL's); then it changes the path.
     centred = reference["centred"]
