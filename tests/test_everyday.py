@@ -222,6 +222,8 @@ def _wandb_history(run_file: str) -> list[dict]:
 
 
 def _train_logged(ckpt: str, data: str, tensorboard: str, wandb_dir: str) -> list[dict]:
+    import wandb
+
     from megatron_patch.training.loop import Trainer
 
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
@@ -229,7 +231,11 @@ def _train_logged(ckpt: str, data: str, tensorboard: str, wandb_dir: str) -> lis
         "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
         "--tensorboard-dir", tensorboard, "--wandb-project", "megatron-patch-test",
         "--wandb-exp-name", "tiny", "--wandb-save-dir", wandb_dir))
-    return Trainer(args).train()
+    history = Trainer(args).train()
+    # wandb stops its service process (wandb-core) at interpreter exit, which this forked
+    # worker's os._exit skips: stop it here, or it outlives the test.
+    wandb.teardown()
+    return history
 
 
 def test_wandb_offline_run_logs_what_tensorboard_gets(llama_models, tmp_path):
