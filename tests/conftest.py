@@ -22,6 +22,9 @@ from megatron_patch import tiny as tiny_models  # noqa: E402
 # explicitly: importing megatron_patch does not).
 cpu_mode.maybe_enable()
 
+# Tests leave no process behind: the session fails otherwise (process_check.py).
+pytest_plugins = ["process_check"]
+
 TOKENS_SEED = 1234
 BATCH, SEQ = 2, 32
 

@@ -364,6 +364,8 @@ def _wandb_history(run_file: str) -> list[dict]:
 
 
 def _train_logged(ckpt: str, data: str, tensorboard: str, wandb_dir: str) -> list[dict]:
+    import wandb
+
     from megatron_patch.training.loop import Trainer
 
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
@@ -371,7 +373,11 @@ def _train_logged(ckpt: str, data: str, tensorboard: str, wandb_dir: str) -> lis
         "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
         "--tensorboard-dir", tensorboard, "--wandb-project", "megatron-patch-test",
         "--wandb-exp-name", "tiny", "--wandb-save-dir", wandb_dir))
-    return Trainer(args).train()
+    history = Trainer(args).train()
+    # wandb stops its service process (wandb-core) at interpreter exit, which this forked
+    # worker's os._exit skips: stop it here, or it outlives the test.
+    wandb.teardown()
+    return history
 
 
 def test_wandb_offline_run_logs_what_tensorboard_gets(llama_models, tmp_path):
@@ -426,7 +432,7 @@ def _flash_vs_default(ckpt: str, data: str) -> dict:
     from megatron_patch.training import loop
 
     def train(*extra: str) -> tuple[list[float], set[type], list[str]]:
-        trainer = loop.Trainer(harness.training_args(ckpt, data, iters=4, extra=extra))
+        trainer = loop.Trainer(harness.training_args(ckpt, data, iters=8, lr=5e-3, extra=extra))
         kinds = {type(m) for m in trainer.model.modules()
                  if isinstance(m, DotProductAttention)}
         losses = [s["loss"] for s in trainer.train()]
@@ -466,10 +472,15 @@ def test_use_flash_attn_without_te_selects_sdpa_flash_with_the_same_loss(llama_m
                              "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
                              "aten::scaled_dot_product_attention"], r["flash"][2]
     assert r["unfused"][2] == []
-    # fp32: the attention kernels differ only in rounding; 1e-5 over 4 Adam steps.
+    # fp32: the attention kernels differ only in rounding; 1e-5 over 8 Adam steps.
     for name in ("flash", "unfused"):
         assert r[name][0] == pytest.approx(r["default"][0], abs=harness.LOSS_ATOL), name
-    assert r["default"][0][-1] < r["default"][0][0]  # it trains
+    harness.report_learning("attention kinds", drop=r["default"][0][0] - r["default"][0][-1])
+    # It trains, so the equal curves above say something: first loss minus the last on seeds
+    # 1-4 and 7 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's rounding) 0.64-0.89,
+    # worst 0.643 (seed 2). Bar: 0.3 (0.47 of the worst). The former 4 steps at lr 1e-3 gave
+    # 0.069 down to -0.034 (seed 3) under a bar of 0.
+    assert r["default"][0][-1] < r["default"][0][0] - 0.3, r["default"][0]
 
 
 def test_use_flash_attn_selection_and_refusals(monkeypatch):

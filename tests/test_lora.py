@@ -429,6 +429,9 @@ def test_lora_on_multi_latent_attention_trains_alike_at_tp2_with_sp(zoo_models, 
     model = zoo_models["deepseek_v2_lite"]
     extra = ("--lora-target-modules", _ZOO_TARGETS["deepseek_v2"])
     (ref,) = harness.run(_lora_sft, 1, model, sft_data, extra=extra)
+    harness.report_learning("lora mla", drop=ref["losses"][0] - ref["losses"][-1])
+    # Drop on seeds 1, 2 and 3 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's
+    # rounding): 0.24-0.28, worst 0.238 (seed 3). Bar: 0.1 (0.42 of the worst).
     assert ref["losses"][-1] < ref["losses"][0] - 0.1, ref  # the adapters train
     tp2 = harness.run(_lora_sft, 2, model, sft_data, tp=2,
                       extra=(*extra, "--sequence-parallel"))[0]
@@ -570,6 +573,9 @@ def test_lora_loss_curves_are_layout_and_microbatch_invariant(llama_models, sft_
     1 gives the TP=PP=DP=1 loss curve within harness.LOSS_ATOL (fp32 reduction order only)."""
     model = llama_models["llama2"]
     (ref,) = harness.run(_lora_sft, 1, model, sft_data)
+    # Drop on seeds 1, 2 and 3 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's
+    # rounding): 0.24-0.32, worst 0.239 (seed 1). Bar: 0.1 (0.42 of the worst).
+    harness.report_learning("lora layouts", drop=ref["losses"][0] - ref["losses"][-1])
     assert ref["losses"][-1] < ref["losses"][0] - 0.1, ref  # the adapters train
     curves = {
         "mbs1": harness.run(_lora_sft, 1, model, sft_data, mbs=1)[0],
@@ -673,6 +679,11 @@ def test_lora_sft_reproduces_the_answers(sft_data, tmp_path):
     harness.run(_wide_tiny, 1, root)
     (r,) = harness.run(_learn_and_answer, 1, root, sft_data,
                        ("--lora-rank", "16", "--lora-alpha", "32"))
+    harness.report_learning("lora sft answers", first=r["first"], last=r["last"],
+                            right=sum(a == b for a, (_, b) in zip(r["answers"], QA, strict=True)))
+    # Measured on seeds 1-4 and 7 (MEGATRON_PATCH_TEST_SEED; 3 is the default; it also draws
+    # the adapters' A): all 6 answers right on every seed, the loss from 8.6 down to 0.023-0.025
+    # (a mean probability of 0.98 per answer token; greedy decoding needs only the largest).
     assert r["answers"] == [a for _, a in QA] and r["trainable"] == 32, r
 
 
@@ -842,7 +853,10 @@ def test_lora_on_moe_experts_trains_alike_at_ep2(zoo_models, sft_data):
     (ep1,) = harness.run(_lora_sft, 1, model, sft_data, mbs=2)
     ep2 = harness.run(_lora_sft, 2, model, sft_data, mbs=2,
                       extra=("--expert-model-parallel-size", "2"))[0]
-    assert ep1["losses"][-1] < ep1["losses"][0], ep1
+    harness.report_learning("lora ep", drop=ep1["losses"][0] - ep1["losses"][-1])
+    # Drop on seeds 1, 2 and 3 (the default; MEGATRON_PATCH_TEST_SEED, for another CPU's
+    # rounding): 0.19-0.26, worst 0.188 (seed 3). Bar: 0.08 (0.43 of the worst).
+    assert ep1["losses"][-1] < ep1["losses"][0] - 0.08, ep1
     assert max(abs(a - b) for a, b in zip(ep1["losses"], ep2["losses"], strict=True)) <= (
         harness.LOSS_ATOL), (ep1, ep2)
     with pytest.raises(AssertionError, match="experts split over tensor-parallel ranks"):

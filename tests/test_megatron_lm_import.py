@@ -311,7 +311,7 @@ def _write_torch_dist(root: str, kind: str, args: argparse.Namespace, state: dic
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_patch import parallel
+    from megatron_patch import cpu_mode, parallel
 
     parallel.initialize(1, 1)
     llama = kind == "llama"
@@ -334,6 +334,10 @@ def _write_torch_dist(root: str, kind: str, args: argparse.Namespace, state: dic
     assert all(torch.equal(loaded[n], v) for n, v in state.items()), "fixture did not load"
     iter_dir = os.path.join(root, "iter_0000007")
     os.makedirs(iter_dir)
+    # megatron-core otherwise collects the write results through a spawned multiprocessing
+    # Manager, which this forked worker's os._exit would leave running, orphaned (issue 27);
+    # the files written are the same.
+    cpu_mode.enable_in_process_checkpoint_queue()
     dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args,
                              "checkpoint_version": 3.0, "iteration": 7}, iter_dir)
     with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:

@@ -76,7 +76,11 @@ def test_moe_loss_goes_down_and_ep_does_not_change_it(moe_models, family):
     ckpt, data = os.path.join(moe_models, family, "mcore"), os.path.join(moe_models, "tokens")
     dense = harness.run(train_losses, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(1))[0]
     split = harness.run(train_losses, 2, ckpt, data, iters=12, lr=5e-3, extra=_ep_flags(2))[0]
-    assert sum(split[-3:]) / 3 < split[0] - 1.0, split
+    harness.report_learning(f"moe {family}", drop=split[0] - sum(split[-3:]) / 3)
+    # Drop (first loss minus the mean of the last 3) on seeds 1, 2 and 7 (the default;
+    # MEGATRON_PATCH_TEST_SEED, for another CPU's rounding), the 4 families: 1.18-1.54, worst
+    # 1.175 (qwen3_moe, seed 7). Bar: 0.5 (0.43 of the worst; the former 1.0 was 0.85).
+    assert sum(split[-3:]) / 3 < split[0] - 0.5, split
     diff = max(abs(a - b) for a, b in zip(dense, split, strict=True))
     assert diff <= harness.LOSS_ATOL, (diff, dense, split)
 
@@ -438,6 +442,10 @@ def test_trains_at_tp2_sp_with_the_tp1_curve(moe_models, tmp_path, family):
     data = os.path.join(moe_models, "tokens")
     one = harness.run(train_losses, 1, ckpt, data, iters=8, lr=5e-3)[0]
     two = harness.run(train_losses, 2, ckpt, data, iters=8, lr=5e-3, tp=2, sp=True)[0]
-    assert sum(two[-3:]) / 3 < two[0] - 0.5, two
+    harness.report_learning(f"moe tp2 {family}", drop=two[0] - sum(two[-3:]) / 3)
+    # Drop (first loss minus the mean of the last 3) on seeds 1, 2 and 7 (the default;
+    # MEGATRON_PATCH_TEST_SEED, for another CPU's rounding), both families: 0.62-0.88, worst
+    # 0.618 (deepseek_v3, seed 2). Bar: 0.25 (0.40 of the worst; the former 0.5 was 0.81).
+    assert sum(two[-3:]) / 3 < two[0] - 0.25, two
     diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
     assert diff <= 1e-5, (diff, one, two)

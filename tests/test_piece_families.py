@@ -39,8 +39,13 @@ def test_pretraining_loss_goes_down_at_tp2(zoo_models, tmp_path):
     ckpts = {n: os.path.join(zoo_models[n], "mcore") for n in TRAINED}
     curves = harness.run(_train_each, 2, ckpts, data)[0]
     assert "disagrees with the checkpoint" in curves.pop("refused", "")
+    harness.report_learning("families tp2", **{n: c[0] - sum(c[-5:]) / 5
+                                               for n, c in curves.items()})
+    # The data is a few repeated motifs: 20 steps at lr 5e-3 learn most of it. Drop (first
+    # loss minus the mean of the last 5) on seeds 1, 2 and 7 (the default;
+    # MEGATRON_PATCH_TEST_SEED, for another CPU's rounding), the 5 families: 2.13-2.70, worst
+    # 2.125 (baichuan13b_alibi, seed 7). Bar: 1.0 (0.47 of the worst).
     for name, losses in curves.items():
-        # The data is a few repeated motifs: 20 steps at lr 5e-3 learn most of it.
         assert sum(losses[-5:]) / 5 < losses[0] - 1.0, (name, losses)
 
 
@@ -104,8 +109,9 @@ def _scratch_train_export_compare(tokenizer_dir: str, data: str, root: str,
         "--tokenizer-model", tokenizer_dir, "--data-path", data, "--split", "90,10,0",
         "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--normalization", "LayerNorm", *flags, "--seq-length", "32",
-        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "10",
-        "--lr", "3e-3", "--eval-interval", "1000", "--save", save, "--seed", "5"])
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "20",
+        "--lr", "3e-3", "--eval-interval", "1000", "--save", save,
+        "--seed", str(harness.learning_seed(5))])
     losses = [s["loss"] for s in Trainer(args).train()]
     megatron_to_hf(save, out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -128,6 +134,11 @@ def test_models_from_scratch_select_the_architecture(zoo_models, tmp_path, flags
     harness.run(harness.make_token_dataset, 1, data)
     tokenizer = os.path.join(zoo_models["bloom"], "hf")
     (r,) = harness.run(_scratch_train_export_compare, 1, tokenizer, data, str(tmp_path), flags)
-    assert r["arch"] == arch and r["losses"][-1] < r["losses"][0], r
+    harness.report_learning(f"scratch {arch}", drop=r["losses"][0] - r["losses"][-1])
+    # Drop (first loss minus the last, 20 steps) on seeds 1, 2, 3 and 5 (the default;
+    # MEGATRON_PATCH_TEST_SEED, for another CPU's rounding): Bloom 1.02-1.18, GPTBigCode
+    # 1.40-1.63, worst 1.023 (Bloom, seed 2). Bar: 0.5 (0.49 of the worst). The former 10 steps
+    # gave Bloom 0.086 (seed 1) under a bar of 0.
+    assert r["arch"] == arch and r["losses"][-1] < r["losses"][0] - 0.5, r
     # fp32, same weights: summation order only (as the zoo's 1e-4).
     assert r["max_abs"] <= harness.LOGITS_ATOL, r

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 
 import harness
+import pytest
 from harness import GLOBAL_BATCH, training_args
 
 
@@ -720,3 +722,41 @@ def test_import_megatron_hf_config_may_not_add_a_sliding_window(tmp_path):
     with pytest.raises(ValueError, match=rf"^{path} does not describe the model of ckpt: "
                                          r"sliding_window: .* config 8$"):
         architecture(args, "ckpt", str(path))
+
+
+# ---- issue 27, 7: tests leave no process behind --------------------------------------------
+
+def _leave_a_child_behind() -> None:
+    subprocess.Popen(["sleep", "300"])  # the worker leaves through os._exit: nothing reaps it
+
+
+def test_a_process_a_worker_leaves_behind_fails_the_run_and_is_killed():
+    """harness.run (and, at the end, the session's no_process_left_behind) sees the orphan of a
+    forked worker, which the subreaper made the test process's child, names it, and kills it."""
+    with pytest.raises(AssertionError, match="left processes running") as failed:
+        harness.run(_leave_a_child_behind, 1)
+    (pid,) = (int(p) for p in re.findall(r"(\d+): 'sleep 300'", str(failed.value)))
+    assert not _alive(pid), pid
+
+
+LEAVES_A_CHILD = """
+import subprocess
+
+def test_leaves_a_child():
+    subprocess.Popen(["sleep", "300"])
+"""
+
+
+def test_the_session_fails_when_a_test_leaves_a_process(tmp_path):
+    """The session-end check (process_check, on its own: no megatron import) fails a session
+    whose test passed but left a child running, names it, and kills it."""
+    (tmp_path / "test_leak.py").write_text(LEAVES_A_CHILD)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "process_check", "-p", "no:cacheprovider",
+         "test_leak.py"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=tests),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "1 passed, 1 error" in proc.stdout, proc.stdout[-3000:]
+    (pid,) = (int(p) for p in re.findall(r"(\d+): 'sleep 300'", proc.stdout))
+    assert not _alive(pid), pid

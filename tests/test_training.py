@@ -38,6 +38,10 @@ def test_loss_goes_down_at_tp2(llama_models, tmp_path):
     harness.run(harness.make_token_dataset, 1, data)
     losses = harness.run(train_losses, 2, os.path.join(llama_models["llama2"], "mcore"), data,
                          iters=30, tp=2, sp=True, lr=5e-3)[0]
+    # Drop (first loss minus the mean of the last 5) on seeds 1, 2, 3 and 7 (the default;
+    # MEGATRON_PATCH_TEST_SEED, standing in for another CPU's rounding): 2.5-2.8, worst 2.505
+    # (seed 3). Bar: 1.0 (0.4 of the worst).
+    harness.report_learning("pretrain tp2", drop=losses[0] - sum(losses[-5:]) / 5)
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
 
 
@@ -191,7 +195,7 @@ def _scratch_and_eval(tokenizer_dir: str, data: str, save: str) -> dict:
         "--seq-length", str(harness.SEQ_LENGTH), "--micro-batch-size", "2",
         "--global-batch-size", "4",
         "--train-iters", "30", "--lr", "3e-3", "--lr-warmup-iters", "2", "--eval-interval", "30",
-        "--eval-iters", "2", "--save", save, "--seed", "5"])
+        "--eval-iters", "2", "--save", save, "--seed", str(harness.learning_seed(5))])
     trainer = Trainer(args)
     initial_eval = trainer.evaluate()
     losses = [s["loss"] for s in trainer.train()]
@@ -203,6 +207,11 @@ def test_model_from_scratch_trains_evaluates_and_exports(llama_models, tmp_path)
     harness.run(harness.make_token_dataset, 1, data)
     (r,) = harness.run(_scratch_and_eval, 1, os.path.join(llama_models["llama2"], "hf"), data,
                        save)
+    # Validation loss drop on seeds 1, 2, 3 and 5 (the default; MEGATRON_PATCH_TEST_SEED, for
+    # another CPU's rounding): 1.71-1.82, worst 1.714 (seed 3). Bar: 0.5 (0.29 of the worst).
+    # The training loss fell by 1.66-1.88 on the same seeds (bar: it falls).
+    harness.report_learning("scratch", eval_drop=r["initial_eval"] - r["final_eval"],
+                            drop=r["losses"][0] - r["losses"][-1])
     assert r["final_eval"] < r["initial_eval"] - 0.5, r
     assert r["losses"][-1] < r["losses"][0], r
     out = str(tmp_path / "exported")
@@ -223,11 +232,14 @@ def _export_and_run(ckpt: str, out: str) -> dict:
             "tokenizer_size": len(transformers.AutoTokenizer.from_pretrained(out))}
 
 
+MIXED_ITERS = 12
+
+
 def _mixed_precision(ckpt: str, data: str, flag: str) -> list[dict]:
     from megatron_patch.training.loop import Trainer
 
     extra = (flag, "--initial-loss-scale", "4096") if flag == "--fp16" else (flag,)
-    return Trainer(training_args(ckpt, data, iters=8, lr=3e-3, extra=extra)).train()
+    return Trainer(training_args(ckpt, data, iters=MIXED_ITERS, lr=3e-3, extra=extra)).train()
 
 
 def test_bf16_and_fp16_with_dynamic_loss_scaling(llama_models, tmp_path):
@@ -236,12 +248,20 @@ def test_bf16_and_fp16_with_dynamic_loss_scaling(llama_models, tmp_path):
     ckpt = os.path.join(llama_models["llama2"], "mcore")
     (bf16,) = harness.run(_mixed_precision, 1, ckpt, data, "--bf16")
     (fp16,) = harness.run(_mixed_precision, 1, ckpt, data, "--fp16")
-    assert bf16[-1]["loss"] < bf16[0]["loss"] - 0.3, bf16
+    harness.report_learning("bf16 fp16", bf16_drop=bf16[0]["loss"] - bf16[-1]["loss"],
+                            fp16_drop=fp16[0]["loss"] - fp16[-1]["loss"],
+                            fp16_skipped=sum(s["skipped"] for s in fp16))
+    # Drops (first loss minus the last, 12 steps) on seeds 1-4 and 7 (the default;
+    # MEGATRON_PATCH_TEST_SEED, for another CPU's rounding, which bf16 and fp16 amplify): bf16
+    # 0.49-0.87, fp16 0.46-0.74 (4 of the 12 steps skipped on every seed); worst 0.49 and 0.46
+    # (seed 3). Bars: 0.2 for both (0.41 and 0.43 of the worst). With the former 8 steps the
+    # drops were 0.21 and 0.078 at worst (seeds 3 and 1), under the former bars 0.3 and 0.1.
+    assert bf16[-1]["loss"] < bf16[0]["loss"] - 0.2, bf16
     assert all(s["loss_scale"] == 1.0 for s in bf16)
     # fp16: a dynamic scale that starts at 4096 and is halved on every overflow (hysteresis 2).
     assert fp16[0]["loss_scale"] <= 4096 and not all(s["skipped"] for s in fp16), fp16
     # The skipped (overflowing) first steps leave fewer updates: a smaller drop.
-    assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.1, fp16
+    assert fp16[-1]["loss"] < fp16[0]["loss"] - 0.2, fp16
 
 
 

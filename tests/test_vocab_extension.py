@@ -292,7 +292,7 @@ def _train_and_export(root: str, data: str, save: str) -> list[float]:
         "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
         "--train-iters", "20", "--lr", "3e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2",
         "--eval-interval", "1000", "--log-interval", "10", "--save-interval", "20",
-        "--seed", "3"])
+        "--seed", str(harness.learning_seed(3))])
     losses = [s["loss"] for s in Trainer(args).train()]
     out = save + "_hf"
     megatron_to_hf(save, out)
@@ -308,6 +308,10 @@ def test_extended_model_trains_and_exports(extended, tmp_path):
     root, _ = extended
     (losses,) = harness.run(_train_and_export, 1, root, str(tmp_path / "zh"),
                             str(tmp_path / "run"))
+    # Drop (first loss minus the mean of the last 5) on seeds 1, 2 and 3 (the default;
+    # MEGATRON_PATCH_TEST_SEED, for another CPU's rounding): 1.15-1.24, worst 1.147 (seed 3).
+    # Bar: 0.5 (0.44 of the worst).
+    harness.report_learning("vocab extension", drop=losses[0] - sum(losses[-5:]) / 5)
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses
 
 
