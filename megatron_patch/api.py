@@ -186,7 +186,7 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
     tokenizer and other non-weight files of the HF directory it was built from). Rank 0 writes;
     every rank must call it. Returns the weight files written."""
     from megatron_patch.convert import hf_io
-    from megatron_patch.convert.hf_megatron import _ensure_generation_config
+    from megatron_patch.convert.hf_megatron import ensure_generation_config
 
     info = model_info(model)
     distributed = torch.distributed.is_initialized()
@@ -211,7 +211,7 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
         # Built in OUT.partial and moved into place in one rename (hf_io.staged).
         with hf_io.staged(out_dir) as staging:
             _write_hf_files(info, staging)
-            _ensure_generation_config(staging, info.hf_config)
+            ensure_generation_config(staging, info.hf_config)
             files = hf_io.write_safetensors_shards(
                 staging, ((n, t.cpu()) for n, t in tensors), max_shard_size)
     if distributed:

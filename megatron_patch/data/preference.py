@@ -38,8 +38,8 @@ import torch
 
 from megatron_patch.data.sft import (
     BadRecord,
-    _messages_problem,
     epoch_position,
+    messages_problem,
     read_located_records,
     tokenize_record,
 )
@@ -95,12 +95,12 @@ def validate_pair(record: Any) -> str | None:
     for side in SIDES:
         if not record[side]:
             return f"'{side}' is empty"
-        if problem := _messages_problem(record[side]):
+        if problem := messages_problem(record[side]):
             return f"'{side}': {problem}"
     if "prompt" in record:
         if not isinstance(record["prompt"], list):
             return "with message lists, 'prompt' must be a list of messages too"
-        if problem := _messages_problem(record["prompt"]):
+        if problem := messages_problem(record["prompt"]):
             return f"'prompt': {problem}"
     prompt, *completions = split_pair(record)
     if not prompt:

@@ -102,7 +102,7 @@ def _json_line(lineno: int, line: bytes) -> tuple[int, Any, str | None]:
         return lineno, None, f"invalid JSON ({e.msg})"
 
 
-def _messages_problem(msgs: Any) -> str | None:
+def messages_problem(msgs: Any) -> str | None:
     if not isinstance(msgs, list) or not msgs:
         return "'messages' must be a non-empty list"
     for k, m in enumerate(msgs):
@@ -118,7 +118,7 @@ def validate(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     if "messages" in record:
-        problem = _messages_problem(record["messages"])
+        problem = messages_problem(record["messages"])
         if problem:
             return problem
         if record["messages"][-1]["role"] != "assistant":
@@ -138,7 +138,7 @@ def validate_prompt(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     if "messages" in record:
-        return _messages_problem(record["messages"])
+        return messages_problem(record["messages"])
     if any(isinstance(record.get(k), str) for k in ("prompt", "query", "instruction")):
         return None
     return "needs a string `prompt`, `query` or `instruction`, or `messages`"

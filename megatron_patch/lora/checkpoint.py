@@ -137,12 +137,12 @@ def load_merged(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_si
 def build_adapted(ckpt_dir: str, iteration: int | str | None = None):
     """The single-process (TP=1) model of a LoRA checkpoint: its base loaded, adapted, and the
     adapter loaded. Returns (model, LoRAConfig, base, hf_config, meta)."""
-    from megatron_patch.convert.hf_megatron import _single_process_model
+    from megatron_patch.convert.hf_megatron import single_process_model
     from megatron_patch.models import load_hf_config
 
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
-    model = _single_process_model(hf_config, meta.torch_dtype, meta.padded_vocab_size)
+    model = single_process_model(hf_config, meta.torch_dtype, meta.padded_vocab_size)
     config, base = load_adapted(ckpt_dir, model, hf_config, meta.padded_vocab_size, iteration)
     return model, config, base, hf_config, meta
 

@@ -97,12 +97,12 @@ def _part_rows(b: Binding, dims: Dims, out_rows: int) -> tuple[torch.Tensor, ...
 
 def sites(model, hf_config: dict[str, Any], args, padded_vocab_size: int) -> list[Site]:
     """Every adaptable linear of this rank's model chunk, with its HF parts."""
-    from megatron_patch.convert.hf_megatron import _dims
+    from megatron_patch.convert.hf_megatron import model_dims
     from megatron_patch.models import family_for
 
     bindings = {b.megatron: b for b in bind(family_for(hf_config).weights, hf_config,
                                             args.num_layers, args.num_moe_experts)}
-    dims = _dims(args, padded_vocab_size)
+    dims = model_dims(args, padded_vocab_size)
     classes = _linear_classes()
     found = []
     for name, module in _global_names(model):
