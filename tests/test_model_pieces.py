@@ -144,3 +144,25 @@ def test_pieces_equal_hand_computations_at_tp2():
         assert not r["parallel1_has_mlp_norm"] and r["parallel2_has_mlp_norm"], r
         assert r["embedding_rows"] == 16 + 2 and r["embedding_err"] <= HAND_ATOL, r
         assert 0.3 < r["embedding_zeros"] < 0.7, r
+
+
+def test_each_activation_computes_what_transformers_computes_for_its_names():
+    """models/activations.py: every HF name a config may hold (and silu, quick_gelu, which
+    families fix in `constants`) maps to a function equal to transformers' own for that name.
+    fp32, |delta| <= 1e-5: gelu_new / gelu_fast are other float formulas of GELU's tanh
+    approximation (~2e-7 apart on [-6, 6]), while exact GELU and the approximation differ by
+    ~5e-4 there, so the tolerance still tells them apart (checked below)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from megatron_patch.models.activations import ACTIVATIONS, BY_HF_NAME
+
+    x = torch.linspace(-6, 6, 1001)
+    pairs = {**BY_HF_NAME, "silu": "silu", "quick_gelu": "quick_gelu"}
+    assert set(pairs.values()) == set(ACTIVATIONS), "an activation no HF name checks"
+    for hf_name, name in pairs.items():
+        delta = float((ACTIVATIONS[name].function(x) - ACT2FN[hf_name](x)).abs().max())
+        assert delta <= 1e-5, f"{hf_name} -> {name}: |delta| {delta}"
+    exact_vs_tanh = float((ACTIVATIONS["gelu"].function(x)
+                           - ACTIVATIONS["gelu_tanh"].function(x)).abs().max())
+    assert exact_vs_tanh > 1e-5, "the tolerance cannot tell exact GELU from its approximation"

@@ -14,17 +14,9 @@ import torch
 
 from megatron_patch import cpu_mode
 from megatron_patch.errors import read_json
+from megatron_patch.models.activations import ACTIVATIONS
 from megatron_patch.models.registry import family_for
 from megatron_patch.models.spec import ModelArgs
-
-ACTIVATIONS = {
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "relu": torch.nn.functional.relu,
-    # GPT-OSS's experts: x * sigmoid(1.702 x) (Megatron-Core's quick_gelu).
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-}
 
 
 def params_dtype_from_flags(args: Any) -> torch.dtype:
@@ -172,7 +164,7 @@ def _architecture(args: ModelArgs) -> dict[str, Any]:
         layernorm_epsilon=args.layernorm_epsilon,
         normalization=args.normalization,
         gated_linear_unit=args.gated_linear_unit,
-        activation_func=ACTIVATIONS[args.activation],
+        activation_func=ACTIVATIONS[args.activation].function,
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm,
