@@ -43,6 +43,10 @@ RL_FIELDS = (
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The fine-tuning scripts' positional arguments name no validation interval: validate every
+# this many iterations, more often than the trainer's --eval-interval default (1000), which a
+# short fine-tuning run may never reach.
+FINETUNE_EVAL_INTERVAL = 100
 
 
 def exit_with_parent() -> None:
@@ -219,7 +223,8 @@ def _from_model_command(argv: list[str], mode: str, script: str) -> list[str]:
         "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
     ] + parallel_flags(v) + extra
     if v["VALID_DATASET_PATH"] not in ("", "none"):
-        flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval", "100"]
+        flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval",
+                  str(FINETUNE_EVAL_INTERVAL)]
     return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
             + ["-m", "megatron_patch.training.loop"] + flags)
 

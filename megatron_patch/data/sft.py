@@ -237,10 +237,16 @@ def epoch_position(idx: int, size: int, seed: int) -> int:
     return _epoch_order(size, seed, epoch)[pos]
 
 
+# A prime larger than any epoch count: seed * stride + epoch is a different shuffle seed for
+# every (seed, epoch) pair (a plain seed + epoch would give seed 1 epoch 0 the order of seed 0
+# epoch 1).
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(size))
-    random.Random(seed * 1000003 + epoch).shuffle(order)
+    random.Random(seed * _EPOCH_SEED_STRIDE + epoch).shuffle(order)
     return tuple(order)
 
 
