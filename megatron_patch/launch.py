@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 
+from megatron_patch import errors
+
 PRETRAIN_FIELDS = (
     "ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR "
     "SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL DATASET_PATH "
@@ -283,7 +285,6 @@ def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from megatron_patch import errors
 
     if errors.debug_requested(argv):
         from torch.distributed.run import main as torchrun_main

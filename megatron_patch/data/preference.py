@@ -43,6 +43,7 @@ from megatron_patch.data.sft import (
     read_located_records,
     tokenize_record,
 )
+from megatron_patch.prompts import PROMPT_FORMATS
 
 log = logging.getLogger("megatron_patch.data")
 
@@ -223,8 +224,6 @@ def build_preference_dataset(path: str, tokenizer, seq_length: int, *, skip_long
     either side is dropped as too long, and one whose sides are then the same tokens (nothing
     to prefer: no gradient) is dropped and counted. Malformed records fail as
     `file:line: reason`, or with skip_bad are skipped and counted."""
-    from megatron_patch.prompts import PROMPT_FORMATS
-
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got "
                          f"{prompt_format!r}")

@@ -26,7 +26,11 @@ from megatron_patch.models import (
 )
 from megatron_patch.models.scratch import scratch_hf_config
 from megatron_patch.training import checkpointing, data, finite_check, kv_replicas, metrics
+from megatron_patch.training.arguments import parse_args
 from megatron_patch.training.modes import TrainingMode, mode_class
+
+# Function-level imports: models.flash and models.layers import megatron.core, needed only to
+# pick the attention backend once the model is built.
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -157,9 +161,6 @@ class Trainer:
         """A frozen copy of the run's model (a reference model) with the weights of checkpoint
         `load` at `iteration`: same layout, no gradients, no optimizer, in eval mode. A
         checkpoint of another model is refused naming `flag`."""
-        from megatron_patch import checkpoint
-        from megatron_patch.training import checkpointing
-
         if differ := checkpointing.model_differences(self, load):
             raise ValueError(f"{flag} {load} holds another model than the policy "
                              f"(--load {self.args.load}): {'; '.join(differ[:6])}; the reference "
@@ -369,8 +370,6 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_patch.training.arguments import parse_args
-
     return run(parse_args(argv))
 
 

@@ -13,6 +13,9 @@ import argparse
 import os
 from typing import Any
 
+# Function-level imports: cpu_mode and parallel import torch, which this module otherwise does
+# not need (its flags and writers are plain Python).
+
 # The validation line shows exp(min(lm loss, this)): a perplexity above exp(20) ~ 4.9e8 is
 # beyond any vocabulary's (uniform guessing scores the vocabulary size), and the cap keeps
 # math.exp from overflowing on a diverged loss.

@@ -20,7 +20,12 @@ from megatron_patch.convert.megatron_lm.architecture import architecture, dtype_
 from megatron_patch.convert.megatron_lm.legacy import read_legacy
 from megatron_patch.convert.megatron_lm.locate import COMMON_FILE, iteration_of, locate, read_args
 from megatron_patch.convert.megatron_lm.pickles import pickle_globals
+from megatron_patch.models import family_for
 from megatron_patch.models.weight_rules import replicate_kv
+
+# Function-level imports: convert.hf_megatron, convert.saved_parts and convert.distcp import
+# megatron.core; reading a Megatron-LM checkpoint's arguments (locate, architecture) does not
+# need it.
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,6 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
     (model, HF config, padded vocabulary size, dtype)."""
     from megatron_patch.convert.hf_megatron import model_dims, single_process_model
     from megatron_patch.convert.saved_parts import parameters
-    from megatron_patch.models import family_for
 
     iter_dir, layout = locate(src, iteration)
     args, args_file = read_args(iter_dir, layout, trust_pickle)
@@ -112,7 +116,6 @@ def _hf_tensors(model, hf_config: dict[str, Any], padded: int) -> Iterator[
         tuple[str, torch.Tensor]]:
     from megatron_patch.convert.hf_megatron import export_bindings, model_dims
     from megatron_patch.convert.saved_parts import parameters
-    from megatron_patch.models import family_for
 
     family = family_for(hf_config)
     args = family.model_args(hf_config)
