@@ -7,10 +7,6 @@ check covers `from x import _y` and `x._y` where `x` is bound by importing a pro
 import ast
 import pathlib
 
-import pytest
-
-pytestmark = pytest.mark.fast
-
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "megatron_patch"
 
 
@@ -84,3 +80,21 @@ def test_the_checker_sees_both_forms():
     assert found == ["from megatron_patch.convert.hf_megatron import _dims",
                      "from megatron_patch.models import _spec_helper",
                      "tiny._helper", "live._bindings"]
+
+
+def test_every_fast_test_named_in_conftest_exists():
+    """conftest.FAST_TESTS names test modules and tests; a renamed test must not silently leave
+    `pytest -m fast`."""
+    import conftest
+
+    tests_dir = pathlib.Path(__file__).resolve().parent
+    missing = []
+    for entry in conftest.FAST_TESTS:
+        module, _, test = entry.partition("::")
+        path = tests_dir / f"{module}.py"
+        if not path.is_file():
+            missing.append(entry)
+        elif test and test not in {n.name for n in ast.parse(path.read_text()).body
+                                   if isinstance(n, ast.FunctionDef)}:
+            missing.append(entry)
+    assert not missing, f"conftest.FAST_TESTS names no such test: {missing}"
