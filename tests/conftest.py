@@ -66,9 +66,9 @@ def zoo_models(tmp_path_factory) -> dict[str, str]:
 
 
 # `pytest -m fast`: the inner-loop subset (under 3 minutes on the 2-core development machine),
-# chosen to run every megatron_patch module at least once without the multi-minute training,
-# RL and launcher runs. A test module's name marks all of its tests; "module::test" one test
-# (and all of its parametrizations).
+# chosen to run code in every megatron_patch module (rlhf/ppo.py's only in the RL runs) without
+# the multi-minute training, RL and launcher runs. A test module's name marks all of its tests;
+# "module::test" one test (and all of its parametrizations).
 FAST_TESTS = (
     "test_import_structure", "test_family_configs", "test_fast_modules", "test_rl_math",
     "test_megatron_core_contract", "test_norm_head", "test_model_pieces",
@@ -122,6 +122,13 @@ FAST_TESTS = (
     "test_bad_inputs::test_reward_function_misbehaviour_is_an_error_naming_it_and_the_record",
     "test_bad_inputs::test_a_non_finite_reward_sum_names_the_prompt_or_is_skipped",
     "test_rl::test_first_ratio_is_one_and_rollout_logprobs_equal_the_trainers",
+    "test_rl::test_kl_bias_correction_is_refused_for_ppo",
+    "test_megatron_lm_import::test_megatron_lm_bad_inputs_are_clear_errors",
+    "test_gpt_oss::test_mxfp4_checkpoint_imports_dequantised",
+    "test_lora::test_bad_lora_inputs_are_refused_clearly",
+    "test_dpo::test_bad_pairs_name_file_and_line",
+    "test_training::test_resume_is_exact",
+    "test_vocab_extension::test_cli_word_list_and_errors",
 )
 
 
