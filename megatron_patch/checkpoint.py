@@ -168,7 +168,6 @@ def save(root: str, iteration: int | str, sharded_state_dict: dict[str, Any], *,
     """
     from megatron.core import dist_checkpointing
 
-
     cpu_mode.enable_in_process_checkpoint_queue()
     final = iteration_dir(root, iteration)
     staging = final + ".partial"

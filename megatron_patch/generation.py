@@ -313,7 +313,6 @@ def run(args) -> int:
 
     from transformers import AutoTokenizer
 
-
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     check_kind(load_hf_config(os.path.join(args.load, checkpoint.HF_DIR)), reward=False,
                source=args.load, flag="--load")

@@ -285,7 +285,6 @@ def torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-
     if errors.debug_requested(argv):
         from torch.distributed.run import main as torchrun_main
 

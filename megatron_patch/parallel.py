@@ -24,7 +24,6 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     """
     from megatron.core import parallel_state, tensor_parallel
 
-
     # Every entry point (the CLI's commands, the trainer, generation, verify workers, the API)
     # sets up its process here, before building a model: CPU mode is switched on here, not as a
     # side effect of an import.

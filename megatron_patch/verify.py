@@ -132,7 +132,6 @@ def launch(args: argparse.Namespace) -> int:
         return run_worker(args)
     import subprocess
 
-
     cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={args.tp * args.pp}",
            "-m", "megatron_patch.verify", *sys_argv(args)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

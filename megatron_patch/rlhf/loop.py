@@ -148,7 +148,6 @@ class RLTrainer:
     def _read_prompts(self) -> None:
         from transformers import AutoTokenizer
 
-
         a = self.args
         check_kind(load_hf_config(os.path.join(a.load, checkpoint.HF_DIR)), reward=False,
                    source=a.load, flag="--load")
