@@ -1,9 +1,10 @@
 """megatron-patch: Hugging Face LLMs on Megatron-Core, and back.
 
 The public Python API is `megatron_patch.api` (its names are also attributes of this package,
-imported on first use). Importing `megatron_patch.models` or `megatron_patch.parallel` switches
-on CPU mode (`megatron_patch.cpu_mode`) where CUDA is absent; the top-level package stays light
-(no torch) so the CLI starts fast.
+imported on first use). Importing this package or any of its modules patches nothing: CPU mode
+(`megatron_patch.cpu_mode`) is switched on where CUDA is absent by `parallel.initialize`, which
+every entry point calls first (tests/test_cpu_mode.py checks both). The top-level package stays
+light (no torch) so the CLI starts fast.
 """
 
 from typing import Any

@@ -28,9 +28,14 @@ import torch
 
 from megatron_patch import checkpoint
 from megatron_patch import models as _models
+from megatron_patch.convert import hf_io
 from megatron_patch.forward import masked_vocab_parallel_cross_entropy as vocab_parallel_loss
 from megatron_patch.parallel import destroy as destroy_parallel
 from megatron_patch.parallel import initialize as initialize_parallel
+
+# Function-level imports: models.layers, convert.live and convert.hf_megatron import
+# megatron.core (seconds); the functions that need them import them, so importing the API
+# (and `megatron_patch`'s lazy names) does not.
 
 __all__ = [
     "HF_CONFIG_ENV", "ModelInfo", "add_megatron_lm_args", "build_model", "destroy_parallel",
@@ -185,8 +190,7 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
     """Write the model as a save_pretrained directory (safetensors shards, config.json, and the
     tokenizer and other non-weight files of the HF directory it was built from). Rank 0 writes;
     every rank must call it. Returns the weight files written."""
-    from megatron_patch.convert import hf_io
-    from megatron_patch.convert.hf_megatron import _ensure_generation_config
+    from megatron_patch.convert.hf_megatron import ensure_generation_config
 
     info = model_info(model)
     distributed = torch.distributed.is_initialized()
@@ -211,7 +215,7 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
         # Built in OUT.partial and moved into place in one rename (hf_io.staged).
         with hf_io.staged(out_dir) as staging:
             _write_hf_files(info, staging)
-            _ensure_generation_config(staging, info.hf_config)
+            ensure_generation_config(staging, info.hf_config)
             files = hf_io.write_safetensors_shards(
                 staging, ((n, t.cpu()) for n, t in tensors), max_shard_size)
     if distributed:
@@ -222,8 +226,6 @@ def save_hf_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB"
 def _write_hf_files(info: ModelInfo, out_dir: str) -> None:
     """The HF directory's files other than weights (config, tokenizer, remote code), or, for
     a model built from a config dict, its config.json."""
-    from megatron_patch.convert import hf_io
-
     os.makedirs(out_dir, exist_ok=True)
     if info.hf_dir is not None:
         hf_io.copy_non_weight_files(info.hf_dir, out_dir)

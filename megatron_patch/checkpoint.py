@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from megatron_patch import cpu_mode
 from megatron_patch.checkpoint_pickles import (  # noqa: F401 (the names callers import from here)
     UnsafePickleError,
     check_storage_files,
@@ -36,6 +37,8 @@ from megatron_patch.checkpoint_pickles import (  # noqa: F401 (the names callers
     verify_pickles,
 )
 from megatron_patch.errors import read_json
+
+# Function-level import: lora.checkpoint imports this module (a cycle).
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatron_patch.json"
@@ -177,8 +180,6 @@ def save(root: str, iteration: int | str, sharded_state_dict: dict[str, Any], *,
     sharded_strategy: dist_checkpointing's (None: Megatron-Core's default, `torch_dist`).
     """
     from megatron.core import dist_checkpointing
-
-    from megatron_patch import cpu_mode
 
     cpu_mode.enable_in_process_checkpoint_queue()
     final = iteration_dir(root, iteration)

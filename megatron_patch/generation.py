@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_patch import checkpoint, parallel
 from megatron_patch.errors import (
     nonnegative_float,
     nonnegative_int,
@@ -34,6 +35,14 @@ from megatron_patch.errors import (
     require_dir,
 )
 from megatron_patch.forward import pipelined
+from megatron_patch.models import (
+    checkpoint_expert_tensor_parallel_size,
+    from_checkpoint,
+    load_hf_config,
+    params_dtype_from_flags,
+)
+from megatron_patch.models.score_head import check_kind
+from megatron_patch.prompts import PROMPT_FORMATS, output_line, prompt_ids, read_prompts
 
 
 @dataclass(frozen=True)
@@ -249,8 +258,6 @@ def _cut_after_eos(rows: list[list[int]], eos_token_ids: list[int]) -> list[list
 
 
 def add_arguments(parser) -> None:
-    from megatron_patch.prompts import PROMPT_FORMATS
-
     parser.add_argument("--load", required=True, help="checkpoint directory")
     parser.add_argument("--input-file", required=True,
                         help="a .txt file (one prompt a line, \\n escapes) or JSON lines with "
@@ -320,16 +327,6 @@ def run(args) -> int:
     import os
 
     from transformers import AutoTokenizer
-
-    from megatron_patch import checkpoint, parallel
-    from megatron_patch.models import (
-        checkpoint_expert_tensor_parallel_size,
-        from_checkpoint,
-        load_hf_config,
-        params_dtype_from_flags,
-    )
-    from megatron_patch.models.score_head import check_kind
-    from megatron_patch.prompts import output_line, prompt_ids, read_prompts
 
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     _check_output_file(args.output_file, args.input_file)

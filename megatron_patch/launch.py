@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 
+from megatron_patch import errors
+
 PRETRAIN_FIELDS = (
     "ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR "
     "SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL DATASET_PATH "
@@ -43,6 +45,10 @@ RL_FIELDS = (
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The fine-tuning scripts' positional arguments name no validation interval: validate every
+# this many iterations, more often than the trainer's --eval-interval default (1000), which a
+# short fine-tuning run may never reach.
+FINETUNE_EVAL_INTERVAL = 100
 
 
 def exit_with_parent() -> None:
@@ -231,7 +237,8 @@ def _from_model_command(argv: list[str], mode: str, script: str) -> list[str]:
         "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
     ], extra) + parallel_flags(v) + extra
     if v["VALID_DATASET_PATH"] not in ("", "none"):
-        flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval", "100"]
+        flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval",
+                  str(FINETUNE_EVAL_INTERVAL)]
     return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
             + ["-m", "megatron_patch.training.loop"] + flags)
 
@@ -291,8 +298,6 @@ def torchrun(argv: list[str]) -> int:
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    from megatron_patch import errors
 
     if errors.debug_requested(argv):
         from torch.distributed.run import main as torchrun_main

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from megatron_patch import cpu_mode
+from megatron_patch import cpu_mode, launch
 
 
 def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
@@ -23,8 +23,6 @@ def initialize(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size
     (models.expert_tensor_parallel_size).
     """
     from megatron.core import parallel_state
-
-    from megatron_patch import launch
 
     # Every entry point (the CLI's commands, the trainer, generation, verify workers, the API)
     # sets up its process here, before building a model: CPU mode is switched on here, not as a

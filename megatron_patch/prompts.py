@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+# Function-level imports: data.sft imports torch, which this module otherwise does not need.
+
 PROMPT_FORMATS = ("auto", "raw", "chat")
 _UNESCAPE = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 

@@ -28,7 +28,7 @@ _STORAGE_DTYPES = {
     "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16,
     "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
-_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header, 30 bytes
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header's fixed part
 
 
 class _Window(io.RawIOBase):
@@ -116,10 +116,11 @@ def read_record(data: mmap.mmap, offset: int, length: int) -> Record:
         if info.compress_type != zipfile.ZIP_STORED:
             raise ValueError(f"compressed member {info.filename}")
         at = offset + info.header_offset
-        signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack(data[at:at + 30])
+        signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack(
+            data[at:at + _LOCAL_HEADER.size])
         if signature != b"PK\x03\x04":
             raise ValueError("bad zip local header")
-        return at + 30 + name_length + extra_length
+        return at + _LOCAL_HEADER.size + name_length + extra_length
 
     def member_bytes(info: zipfile.ZipInfo) -> bytes:
         start = member_start(info)

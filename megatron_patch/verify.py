@@ -22,6 +22,10 @@ import os
 import sys
 
 from megatron_patch.errors import ArgumentParser, nonnegative_float, positive_int, run_main
+from megatron_patch.launch import TORCHRUN
+
+# Function-level imports: the worker's modules import torch and megatron.core; the parser and
+# the launcher (the light CLI) do not need them.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,8 +139,6 @@ def launch(args: argparse.Namespace) -> int:
     if "LOCAL_RANK" in os.environ:
         return run_worker(args)
     import subprocess
-
-    from megatron_patch.launch import TORCHRUN
 
     cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={args.tp * args.pp}",
            "-m", "megatron_patch.verify", *sys_argv(args)]

@@ -66,3 +66,77 @@ def zoo_models(tmp_path_factory) -> dict[str, str]:
     root = str(tmp_path_factory.mktemp("zoo"))
     harness.run(zoo.prepare, 1, root, list(zoo.CASES))
     return {name: os.path.join(root, name) for name in zoo.CASES}
+
+
+# `pytest -m fast`: the inner-loop subset (under 3 minutes on the 2-core development machine),
+# chosen to run code in every megatron_patch module (rlhf/ppo.py's only in the RL runs) without
+# the multi-minute training, RL and launcher runs. A test module's name marks all of its tests;
+# "module::test" one test (and all of its parametrizations).
+FAST_TESTS = (
+    "test_import_structure", "test_family_configs", "test_fast_modules", "test_rl_math",
+    "test_megatron_core_contract", "test_norm_head", "test_model_pieces",
+    "test_cpu_mode::test_cpu_patches_under_tp2", "test_cpu_mode::test_wanted_follows_environment",
+    "test_cpu_mode::test_rng_context_warning_is_filtered_and_others_are_not",
+    "test_cpu_mode::test_importing_the_library_patches_nothing",
+    "test_conversion::test_transforms", "test_conversion::test_check_names_reports_unset_targets",
+    "test_conversion::test_file_regions_and_safetensors_writer",
+    "test_conversion::test_placeholders_refuse_to_be_read",
+    "test_conversion::test_conversion_errors_name_the_problem",
+    "test_conversion::test_input_formats_dtypes_and_sharded_output",
+    "test_reward_model::test_score_positions_follow_transformers_pooling",
+    "test_reward_model::test_bradley_terry_loss_and_metrics_by_hand",
+    "test_reward_model::test_every_family_maps_its_score_head_or_is_refused_with_the_reason",
+    "test_dpo::test_losses_and_metrics_equal_trl", "test_dpo::test_bad_flags_are_refused",
+    "test_dpo::test_launcher_builds_the_dpo_command",
+    "test_moe::test_layout_refuses_experts_not_divisible_by_ep",
+    "test_moe::test_qwen2_moe_refuses_dense_layers_and_sliding_window",
+    "test_moe::test_qwen3_moe_refuses_what_it_cannot_reproduce",
+    "test_moe::test_deepseek_v3_released_config",
+    "test_moe::test_deepseek_refuses_what_it_cannot_reproduce",
+    "test_moe::test_bind_expands_every_expert_and_refuses_one_sided_placeholders",
+    "test_moe::test_launcher_starts_tp_x_pp_x_ep_cpu_processes",
+    "test_gpt_oss::test_released_config", "test_gpt_oss::test_refuses_what_it_cannot_reproduce",
+    "test_gpt_oss::test_stacked_expert_transforms",
+    "test_bad_inputs::test_launcher_refuses_zero_sizes_in_one_line",
+    "test_bad_inputs::test_train_subcommand_takes_its_flags",
+    "test_bad_inputs::test_unexpected_errors_are_one_line_and_debug_shows_the_traceback",
+    "test_bad_inputs::test_no_float_flag_accepts_nan_or_inf",
+    "test_bad_inputs::test_float_flags_are_range_checked_by_argparse",
+    "test_bad_inputs::test_split_refuses_non_finite_weights",
+    "test_bad_inputs::test_sft_reads_line_by_line_and_skips_surrogates_and_bad_bytes",
+    "test_bad_inputs::test_generation_prompts_are_held_to_sft_message_rules",
+    "test_everyday::test_prompt_files_formats_and_errors",
+    "test_everyday::test_quiet_by_default_verbose_brings_the_rest_back",
+    "test_everyday::test_wandb_flag_without_wandb_is_a_clear_error",
+    "test_everyday::test_use_flash_attn_selection_and_refusals",
+    "test_everyday::test_tp1_linears_train_through_torch_autograd_with_megatrons_gradients",
+    "test_sft::test_bad_records_name_file_and_line",
+    "test_sft::test_each_epoch_is_a_new_shuffle_whatever_the_split_and_on_resume",
+    "test_preprocess::test_launcher_usage_on_wrong_argument_count",
+    "test_preprocess::test_round_trip_hf_tokenizer_1_and_2_workers",
+    "test_training::test_a_split_without_documents_is_refused",
+    "test_training::test_first_step_loss_equals_transformers",
+    "test_generation::test_logits_processors_match_transformers",
+    "test_megatron_lm_import::test_megatron_lm_rope_scaling_is_megatron_cores",
+    "test_vocab_extension::test_special_tokens_after_the_vocabulary_keep_their_ids",
+    "test_verify_cli::test_verify_passes_at_tp2_with_sp",
+    "test_api::test_memory_stays_within_one_tensor",
+    "test_api::test_api_names_are_the_package_attributes",
+    "test_bad_inputs::test_reward_function_misbehaviour_is_an_error_naming_it_and_the_record",
+    "test_bad_inputs::test_a_non_finite_reward_sum_names_the_prompt_or_is_skipped",
+    "test_rl::test_first_ratio_is_one_and_rollout_logprobs_equal_the_trainers",
+    "test_rl::test_kl_bias_correction_is_refused_for_ppo",
+    "test_megatron_lm_import::test_megatron_lm_bad_inputs_are_clear_errors",
+    "test_gpt_oss::test_mxfp4_checkpoint_imports_dequantised",
+    "test_lora::test_bad_lora_inputs_are_refused_clearly",
+    "test_dpo::test_bad_pairs_name_file_and_line",
+    "test_training::test_resume_is_exact",
+    "test_vocab_extension::test_cli_word_list_and_errors",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in FAST_TESTS or f"{module}::{item.originalname}" in FAST_TESTS:
+            item.add_marker(pytest.mark.fast)

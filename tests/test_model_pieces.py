@@ -130,6 +130,43 @@ def _pieces_at_tp2() -> dict:
     out["embedding_zeros"] = (emb2.train()(tokens, positions) == 0).float().mean().item()
     out["embedding_rows"] = emb.position_embeddings.weight.shape[0]
     out["embedding_err"] = (got - want).abs().max().item()
+    out.update(_gemma_pieces(config, rank))
+    return out
+
+
+def _gemma_pieces(config, rank: int) -> dict:
+    """Gemma's soft-capping (models/gemma.py) on this TP rank's 3 heads / vocabulary columns:
+    cap * tanh(x / cap) of the attention scores (before the causal mask) and of the logits."""
+    import math
+
+    import torch
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_patch.models.gemma import SoftcapDotProductAttention, SoftcapOutputLinear
+    from megatron_patch.models.inference_linear import InferenceColumnParallelLinear
+
+    cap, out = 0.5, {}  # a cap below the scores' spread, so capping changes the result
+    attn = SoftcapDotProductAttention(config, 1, AttnMaskType.causal, "self", softcap=cap)
+    s, b, d = 5, 2, 8
+    torch.manual_seed(10 + rank)
+    q, k, v = (torch.randn(s, b, 3, d) for _ in range(3))
+    got = attn(q, k, v, None).view(s, b, 3, d)
+    scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / math.sqrt(d)
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    for name, hand in (("capped", cap * torch.tanh(scores / cap)), ("uncapped", scores)):
+        want = torch.einsum("bhqk,kbhd->qbhd", hand.masked_fill(causal, float("-inf")).softmax(-1),
+                            v)
+        out[f"softcap_attn_{name}_err"] = (got - want).abs().max().item()
+
+    head = InferenceColumnParallelLinear(48, 20, config=config, init_method=torch.nn.init.normal_,
+                                         bias=False, gather_output=False)
+    SoftcapOutputLinear.adopt(head, cap)
+    x = torch.randn(s, b, 48)
+    with torch.no_grad():
+        logits, _ = head(x)
+        want = cap * torch.tanh(x @ head.weight.t() / cap)
+    out["softcap_logits_err"] = (logits - want).abs().max().item()
+    out["softcap_logits_max"] = logits.abs().max().item()
     return out
 
 
@@ -144,3 +181,29 @@ def test_pieces_equal_hand_computations_at_tp2():
         assert not r["parallel1_has_mlp_norm"] and r["parallel2_has_mlp_norm"], r
         assert r["embedding_rows"] == 16 + 2 and r["embedding_err"] <= HAND_ATOL, r
         assert 0.3 < r["embedding_zeros"] < 0.7, r
+        # Soft-capping: the hand computation with the cap, and not without it (the check could
+        # not tell a missing cap otherwise); the capped logits stay within the cap.
+        assert r["softcap_attn_capped_err"] <= HAND_ATOL < r["softcap_attn_uncapped_err"], r
+        assert r["softcap_logits_err"] <= HAND_ATOL and r["softcap_logits_max"] <= 0.5, r
+
+
+def test_each_activation_computes_what_transformers_computes_for_its_names():
+    """models/activations.py: every HF name a config may hold (and silu, quick_gelu, which
+    families fix in `constants`) maps to a function equal to transformers' own for that name.
+    fp32, |delta| <= 1e-5: gelu_new / gelu_fast are other float formulas of GELU's tanh
+    approximation (~2e-7 apart on [-6, 6]), while exact GELU and the approximation differ by
+    ~5e-4 there, so the tolerance still tells them apart (checked below)."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from megatron_patch.models.activations import ACTIVATIONS, BY_HF_NAME
+
+    x = torch.linspace(-6, 6, 1001)
+    pairs = {**BY_HF_NAME, "silu": "silu", "quick_gelu": "quick_gelu"}
+    assert set(pairs.values()) == set(ACTIVATIONS), "an activation no HF name checks"
+    for hf_name, name in pairs.items():
+        delta = float((ACTIVATIONS[name].function(x) - ACT2FN[hf_name](x)).abs().max())
+        assert delta <= 1e-5, f"{hf_name} -> {name}: |delta| {delta}"
+    exact_vs_tanh = float((ACTIVATIONS["gelu"].function(x)
+                           - ACTIVATIONS["gelu_tanh"].function(x)).abs().max())
+    assert exact_vs_tanh > 1e-5, "the tolerance cannot tell exact GELU from its approximation"

@@ -33,7 +33,7 @@ from megatron_patch.models.weight_rules import Binding, Dims, bind
 log = logging.getLogger(__name__)
 
 
-def _dims(args: ModelArgs, padded_vocab_size: int) -> Dims:
+def model_dims(args: ModelArgs, padded_vocab_size: int) -> Dims:
     return Dims(num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
                 num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
                 vocab_size=args.vocab_size, padded_vocab_size=padded_vocab_size,
@@ -81,7 +81,7 @@ def check_hf_source(reader: hf_io.HFCheckpointReader, hf_config: dict[str, Any],
         engine.check_shapes({n: reader.shape(n) for n in hf_names}, expected_hf, reader.path)
 
 
-def _single_process_model(hf_config: dict[str, Any], dtype: torch.dtype,
+def single_process_model(hf_config: dict[str, Any], dtype: torch.dtype,
                           padded_vocab_size: int, args: ModelArgs | None = None):
     """An unsharded model whose parameters act as the schema (names, shapes) of the checkpoint."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -112,7 +112,7 @@ def _source_dtype(reader: hf_io.HFCheckpointReader, bindings: list[Binding]) -> 
 
 
 @contextlib.contextmanager
-def _progress(total_bytes: int, desc: str) -> Iterator[tqdm]:
+def progress_bar(total_bytes: int, desc: str) -> Iterator[tqdm]:
     """A byte progress bar that ends at 100% of what was written: `total_bytes` is an estimate
     (export drops the padded vocabulary rows it counts)."""
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=1.0) as bar:
@@ -147,11 +147,11 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, make_vocab_size_divisible_by: i
     check_hf_source(reader, hf_config, bindings, ignore)
     dtype = params_dtype or _source_dtype(reader, bindings)
 
-    model = _single_process_model(hf_config, dtype, padded)
+    model = single_process_model(hf_config, dtype, padded)
     params = parameters(model)
     engine.check_names(bindings, source=hf_names, target=params, direction="hf->megatron",
                        ignore=ignore)
-    state = _converted_state(model, params, bindings, reader, _dims(args, padded), dtype)
+    state = _converted_state(model, params, bindings, reader, model_dims(args, padded), dtype)
     meta = checkpoint.CheckpointMeta(
         architecture=hf_config["architectures"][0], vocab_size=args.vocab_size,
         padded_vocab_size=padded, dtype=str(dtype).removeprefix("torch."),
@@ -179,7 +179,7 @@ def _converted_state(model, params: dict[str, torch.Tensor], bindings: list[Bind
         pieces = [reader.shape(n) for n in b.hf]
         views = [sh.data for sh in parts[b.megatron]]
         (direct if views_are_pieces(b, pieces, params[b.megatron], views) else rest).append(b)
-    with _progress(total, "hf->megatron") as bar:
+    with progress_bar(total, "hf->megatron") as bar:
         # Inputs that are exactly the parts a parameter is saved in are saved as they are, never
         # concatenated (and then cut apart again by Megatron-Core's writer).
         for b in direct:
@@ -243,9 +243,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     family = family_for(hf_config)
     args = family.model_args(hf_config)
-    dims = _dims(args, meta.padded_vocab_size)
+    dims = model_dims(args, meta.padded_vocab_size)
     dtype = meta.torch_dtype
-    model = _single_process_model(hf_config, dtype, meta.padded_vocab_size)
+    model = single_process_model(hf_config, dtype, meta.padded_vocab_size)
     params = parameters(model)
 
     bindings, expected_hf = export_bindings(family, args, hf_config, params)
@@ -260,7 +260,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
 
     with hf_io.staged(out_dir) as staging:
         hf_io.copy_non_weight_files(os.path.join(ckpt_dir, checkpoint.HF_DIR), staging)
-        _ensure_generation_config(staging, hf_config)
+        ensure_generation_config(staging, hf_config)
         unconverted = os.path.join(staging, hf_io.UNCONVERTED)
         if os.path.isfile(unconverted):
             from safetensors.torch import load_file
@@ -270,7 +270,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, max_shard_size: int | str = "
             tensors = itertools.chain(tensors, load_file(unconverted).items())
             os.remove(unconverted)
         total = sum(p.numel() * p.element_size() for p in params.values())
-        with _progress(total, "megatron->hf") as bar:
+        with progress_bar(total, "megatron->hf") as bar:
             with stored.regions:  # stored chunks go out unchanged: copied from the files
                 files = hf_io.write_safetensors_shards(staging, tensors, max_shard_size, bar,
                                                        regions=stored.regions)
@@ -286,7 +286,7 @@ def export_bindings(family, args: ModelArgs, hf_config: dict[str, Any],
     expected_hf = hf_expected_shapes(hf_config)
     target = expected_hf if expected_hf is not None else [n for b in bindings for n in b.hf]
     engine.check_names(bindings, source=params, target=target, direction="megatron->hf")
-    return _in_save_order(bindings, None if expected_hf is None else list(expected_hf)), (
+    return in_save_order(bindings, None if expected_hf is None else list(expected_hf)), (
         expected_hf)
 
 
@@ -362,7 +362,7 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", name)))
 
 
-def _in_save_order(bindings: list[Binding], hf_order: list[str] | None) -> list[Binding]:
+def in_save_order(bindings: list[Binding], hf_order: list[str] | None) -> list[Binding]:
     """The bindings in the order save_pretrained writes their tensors, so that each shard holds
     whole layers: by the first place any of a binding's HF names has in `hf_order` (the HF
     model's state-dict order, where transformers knows the model), else by layer, naturally."""
@@ -372,7 +372,7 @@ def _in_save_order(bindings: list[Binding], hf_order: list[str] | None) -> list[
     return sorted(bindings, key=lambda b: min(position[n] for n in b.hf))
 
 
-def _ensure_generation_config(out_dir: str, hf_config: dict[str, Any]) -> None:
+def ensure_generation_config(out_dir: str, hf_config: dict[str, Any]) -> None:
     """save_pretrained writes generation_config.json; derive it from config.json if absent."""
     path = os.path.join(out_dir, "generation_config.json")
     if os.path.exists(path):

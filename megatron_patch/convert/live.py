@@ -28,10 +28,10 @@ from megatron_patch import checkpoint, cpu_mode
 from megatron_patch.convert import engine, hf_io
 from megatron_patch.convert.fast_path import row_origins
 from megatron_patch.convert.hf_megatron import (
-    _dims,
-    _in_save_order,
     check_hf_source,
     hf_expected_shapes,
+    in_save_order,
+    model_dims,
 )
 from megatron_patch.models import family_for
 from megatron_patch.models.weight_rules import Binding, bind
@@ -173,7 +173,7 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any], hf
     every rank calls it (to agree which tensors exist)."""
     family = family_for(hf_config)
     args = family.model_args(hf_config)
-    dims = _dims(args, padded_vocab_size)
+    dims = model_dims(args, padded_vocab_size)
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     reader = hf_io.HFCheckpointReader(hf_dir)
     try:
@@ -253,7 +253,7 @@ def export_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any],
     end, and every rank receives every tensor."""
     family = family_for(hf_config)
     args = family.model_args(hf_config)
-    dims = _dims(args, padded_vocab_size)
+    dims = model_dims(args, padded_vocab_size)
     shards, schema = model_shards(chunks)
     bindings = bind(family.weights, hf_config, args.num_layers, args.num_moe_experts)
     expected_hf = hf_expected_shapes(hf_config)
@@ -261,7 +261,7 @@ def export_hf_weights(chunks: list[torch.nn.Module], hf_config: dict[str, Any],
     engine.check_names(bindings, source=schema, target=target, direction="megatron->hf")
     origins_cache: dict[tuple[int, tuple[int, ...]], Any] = {}
     stacks = engine.ExpertStacks()
-    for b in _in_save_order(bindings, None if expected_hf is None else list(expected_hf)):
+    for b in in_save_order(bindings, None if expected_hf is None else list(expected_hf)):
         shape, dtype = schema[b.megatron]
         key = (id(b.transform), shape)
         if key not in origins_cache:

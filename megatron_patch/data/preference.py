@@ -38,11 +38,12 @@ import torch
 
 from megatron_patch.data.sft import (
     BadRecord,
-    _messages_problem,
     epoch_position,
+    messages_problem,
     read_located_records,
     tokenize_record,
 )
+from megatron_patch.prompts import PROMPT_FORMATS
 
 log = logging.getLogger("megatron_patch.data")
 
@@ -95,12 +96,12 @@ def validate_pair(record: Any) -> str | None:
     for side in SIDES:
         if not record[side]:
             return f"'{side}' is empty"
-        if problem := _messages_problem(record[side]):
+        if problem := messages_problem(record[side]):
             return f"'{side}': {problem}"
     if "prompt" in record:
         if not isinstance(record["prompt"], list):
             return "with message lists, 'prompt' must be a list of messages too"
-        if problem := _messages_problem(record["prompt"]):
+        if problem := messages_problem(record["prompt"]):
             return f"'prompt': {problem}"
     prompt, *completions = split_pair(record)
     if not prompt:
@@ -223,8 +224,6 @@ def build_preference_dataset(path: str, tokenizer, seq_length: int, *, skip_long
     either side is dropped as too long, and one whose sides are then the same tokens (nothing
     to prefer: no gradient) is dropped and counted. Malformed records fail as
     `file:line: reason`, or with skip_bad are skipped and counted."""
-    from megatron_patch.prompts import PROMPT_FORMATS
-
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got "
                          f"{prompt_format!r}")

@@ -64,6 +64,7 @@ from megatron_patch.data.preprocess_tasks import (
     load_tokenizer,
     read_tasks,
 )
+from megatron_patch.errors import ArgumentParser, run_main
 
 __all__ = ["MAX_TASK_BYTES", "PreprocessError", "expand_inputs", "load_tokenizer", "main",
            "preprocess", "run", "summary_line"]
@@ -327,8 +328,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_patch.errors import ArgumentParser, run_main
-
     parser = ArgumentParser(prog="python -m megatron_patch.data.preprocess",
                             description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)

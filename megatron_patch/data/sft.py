@@ -107,7 +107,7 @@ def _json_line(lineno: int, line: bytes) -> tuple[int, Any, str | None]:
         return lineno, None, f"invalid JSON ({e.msg})"
 
 
-def _messages_problem(msgs: Any) -> str | None:
+def messages_problem(msgs: Any) -> str | None:
     if not isinstance(msgs, list) or not msgs:
         return "'messages' must be a non-empty list"
     for k, m in enumerate(msgs):
@@ -123,7 +123,7 @@ def validate(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     if "messages" in record:
-        problem = _messages_problem(record["messages"])
+        problem = messages_problem(record["messages"])
         if problem:
             return problem
         if record["messages"][-1]["role"] != "assistant":
@@ -143,7 +143,7 @@ def validate_prompt(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     if "messages" in record:
-        return _messages_problem(record["messages"])
+        return messages_problem(record["messages"])
     if any(isinstance(record.get(k), str) for k in ("prompt", "query", "instruction")):
         return None
     return "needs a string `prompt`, `query` or `instruction`, or `messages`"
@@ -242,10 +242,16 @@ def epoch_position(idx: int, size: int, seed: int) -> int:
     return _epoch_order(size, seed, epoch)[pos]
 
 
+# A prime larger than any epoch count: seed * stride + epoch is a different shuffle seed for
+# every (seed, epoch) pair (a plain seed + epoch would give seed 1 epoch 0 the order of seed 0
+# epoch 1).
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(size))
-    random.Random(seed * 1000003 + epoch).shuffle(order)
+    random.Random(seed * _EPOCH_SEED_STRIDE + epoch).shuffle(order)
     return tuple(order)
 
 

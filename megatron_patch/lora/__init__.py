@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_patch.lora.layers import LoRAConfig, adapted, disabled, merge
-from megatron_patch.lora.targets import select, sites
+from megatron_patch.lora import peft
+from megatron_patch.lora.layers import LoRAConfig, adapted, adopt, disabled, merge
+from megatron_patch.lora.targets import hf_modules, select, sites
 
 __all__ = ["LoRAConfig", "adapted", "apply", "disabled", "merge", "select", "sites"]
 
@@ -27,8 +28,6 @@ def apply(model, hf_config: dict[str, Any], args, padded_vocab_size: int, config
     """Freeze every parameter of the model chunk and give the linears `config` targets their
     adapters (the only trainable parameters then). Returns the HF module paths adapted on this
     rank. Call it after the model is built and its base weights loaded, before DDP wraps it."""
-    from megatron_patch.lora.layers import adopt
-
     all_sites = sites(model, hf_config, args, padded_vocab_size)
     chosen = select(all_sites, list(config.target_modules))
     if not chosen:
@@ -48,9 +47,6 @@ def load_peft(model, hf_config: dict[str, Any], args, padded_vocab_size: int,
               adapter_dir: str) -> LoRAConfig:
     """Adapt a model chunk (base weights loaded, any TP/PP) as the PEFT adapter directory
     says and load its tensors. Returns the adapter's LoRAConfig."""
-    from megatron_patch.lora import peft
-    from megatron_patch.lora.targets import hf_modules
-
     config, tensors = peft.read_adapter(adapter_dir)
     apply(model, hf_config, args, padded_vocab_size, config)
     peft.load_adapter_tensors(model, tensors, adapter_dir, hf_modules(hf_config, args))

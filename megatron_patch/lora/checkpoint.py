@@ -13,9 +13,15 @@ from typing import Any
 
 import torch
 
-from megatron_patch import checkpoint
+from megatron_patch import checkpoint, lora
+from megatron_patch.convert import hf_io
 from megatron_patch.errors import read_json
+from megatron_patch.lora import peft
 from megatron_patch.lora.layers import LoRAConfig, adapted
+from megatron_patch.models import family_for, load_hf_config
+
+# Function-level imports: convert.hf_megatron imports megatron.core; loading and saving
+# adapters does not need it.
 
 LORA_FILE = "lora.json"
 log = logging.getLogger(__name__)
@@ -113,9 +119,6 @@ def load_adapted(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_s
                  iteration: int | str | None = None) -> tuple[LoRAConfig, BaseReference]:
     """Into a built model chunk (any layout): the LoRA checkpoint's base weights, then its
     adapters. Returns the adapters' settings and their base."""
-    from megatron_patch import lora
-    from megatron_patch.models import family_for
-
     config, base = read_reference(ckpt_dir)
     checkpoint.load_model(base.path, model, base.iteration)
     args = family_for(hf_config).model_args(hf_config)
@@ -128,8 +131,6 @@ def load_merged(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_si
                 iteration: int | str | None = None) -> None:
     """`load_adapted`, then every adapter merged into its weight: the plain model that
     generation, verification and the Python API use."""
-    from megatron_patch import lora
-
     load_adapted(ckpt_dir, model, hf_config, padded_vocab_size, iteration)
     lora.merge(model)
 
@@ -137,12 +138,11 @@ def load_merged(ckpt_dir: str, model, hf_config: dict[str, Any], padded_vocab_si
 def build_adapted(ckpt_dir: str, iteration: int | str | None = None):
     """The single-process (TP=1) model of a LoRA checkpoint: its base loaded, adapted, and the
     adapter loaded. Returns (model, LoRAConfig, base, hf_config, meta)."""
-    from megatron_patch.convert.hf_megatron import _single_process_model
-    from megatron_patch.models import load_hf_config
+    from megatron_patch.convert.hf_megatron import single_process_model
 
     meta = checkpoint.read_meta(ckpt_dir)
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
-    model = _single_process_model(hf_config, meta.torch_dtype, meta.padded_vocab_size)
+    model = single_process_model(hf_config, meta.torch_dtype, meta.padded_vocab_size)
     config, base = load_adapted(ckpt_dir, model, hf_config, meta.padded_vocab_size, iteration)
     return model, config, base, hf_config, meta
 
@@ -158,10 +158,7 @@ def export(ckpt_dir: str, out_dir: str, *, iteration: int | str | None = None,
     `AutoPeftModelForCausalLM` opens) `base_model_name_or_path`, else the HF name recorded at
     training (--lora-base-model-name-or-path, or the --lora-load adapter's), else, with a
     warning, the Megatron base checkpoint's path (which transformers cannot open)."""
-    from megatron_patch import lora
-    from megatron_patch.convert import hf_io
     from megatron_patch.convert.hf_megatron import megatron_to_hf
-    from megatron_patch.lora import peft
 
     hf_io.check_output_dir(out_dir)
     model, config, base, hf_config, meta = build_adapted(ckpt_dir, iteration)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from megatron_patch.convert import hf_io
 from megatron_patch.errors import read_json
 from megatron_patch.lora.layers import LoRAConfig, adapted, local_columns, local_rows
 
@@ -52,8 +53,6 @@ def adapter_config(config: LoRAConfig, target_modules: list[str], base: str) -> 
 def write_adapter(out_dir: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]
                   ) -> None:
     """The adapter directory, built in OUT.partial and moved into place (hf_io.staged)."""
-    from megatron_patch.convert import hf_io
-
     with hf_io.staged(out_dir) as staging:
         hf_io.write_safetensors(os.path.join(staging, WEIGHTS_FILE), tensors, {"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:

@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
+from megatron_patch.models import family_for
 from megatron_patch.models.weight_rules import Binding, Dims, bind
+
+# Function-level imports: models.inference_linear and convert.hf_megatron import
+# megatron.core; matching target names does not need it.
 
 MEGATRON_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",
                     # multi-latent attention (DeepSeek)
@@ -97,12 +101,11 @@ def _part_rows(b: Binding, dims: Dims, out_rows: int) -> tuple[torch.Tensor, ...
 
 def sites(model, hf_config: dict[str, Any], args, padded_vocab_size: int) -> list[Site]:
     """Every adaptable linear of this rank's model chunk, with its HF parts."""
-    from megatron_patch.convert.hf_megatron import _dims
-    from megatron_patch.models import family_for
+    from megatron_patch.convert.hf_megatron import model_dims
 
     bindings = {b.megatron: b for b in bind(family_for(hf_config).weights, hf_config,
                                             args.num_layers, args.num_moe_experts)}
-    dims = _dims(args, padded_vocab_size)
+    dims = model_dims(args, padded_vocab_size)
     classes = _linear_classes()
     found = []
     for name, module in _global_names(model):
@@ -174,8 +177,6 @@ def select(all_sites: list[Site], targets: list[str]) -> dict[str, tuple[int, ..
 
 def hf_modules(hf_config: dict[str, Any], args) -> set[str]:
     """The HF module paths of every adaptable linear of the whole model (all stages)."""
-    from megatron_patch.models import family_for
-
     return {h.removesuffix(".weight")
             for b in bind(family_for(hf_config).weights, hf_config, args.num_layers,
                           args.num_moe_experts)

@@ -24,10 +24,13 @@ from typing import Any
 
 import torch
 
-from megatron_patch import checkpoint
+from megatron_patch import checkpoint, lora
 from megatron_patch.errors import FloatRange, positive_float, read_json
 from megatron_patch.lora import checkpoint as lora_checkpoint
+from megatron_patch.lora import peft
 from megatron_patch.lora.layers import LoRAConfig
+from megatron_patch.lora.targets import hf_modules
+from megatron_patch.training.checkpointing import load_iteration
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -118,8 +121,6 @@ def settle(t: Any, config: LoRAConfig, source: str, *, dropout_applies: bool) ->
     against the command line's: a flag that says otherwise is refused naming both values
     (target modules compare by the linears they select in this model); --lora-dropout, where
     `dropout_applies`, replaces the adapter's. Call it before the model is adapted."""
-    from megatron_patch import lora
-
     def selects(targets: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
         return lora.select(lora.sites(t.module, t.hf_config, t.model_args,
                                       t.meta.padded_vocab_size), list(targets))
@@ -162,12 +163,8 @@ def _base(t: Any, resumed: bool) -> tuple[LoRAConfig | None, lora_checkpoint.Bas
     """(the LoRA checkpoint's adapter settings, or None when not resuming; the base)."""
     a = t.args
     if not resumed:
-        from megatron_patch.training.checkpointing import load_iteration
-
         hf_name = a.lora_base_model_name_or_path
         if hf_name is None and a.lora_load is not None:
-            from megatron_patch.lora import peft
-
             hf_name = read_json(os.path.join(a.lora_load, peft.CONFIG_FILE)).get(
                 "base_model_name_or_path")
         return None, lora_checkpoint.BaseReference.of(a.load, load_iteration(a), hf_name)
@@ -183,8 +180,6 @@ def _base(t: Any, resumed: bool) -> tuple[LoRAConfig | None, lora_checkpoint.Bas
 def setup(t: Any) -> TrainingAdapters | None:
     """The trainer's hook between building its model chunk (`t.module`) and wrapping it in DDP:
     load the base weights, freeze them and add the adapters. None when LoRA is off."""
-    from megatron_patch import lora
-
     a = t.args
     resumed = bool(a.load) and lora_checkpoint.is_lora_checkpoint(a.load)
     if a.lora_rank is None and a.lora_load is None and not resumed:
@@ -195,9 +190,6 @@ def setup(t: Any) -> TrainingAdapters | None:
                          "the LoRA checkpoint elsewhere (it refers to the base by path)")
     checkpoint.load_model(base.path, t.module, base.iteration)
     if a.lora_load:
-        from megatron_patch.lora import peft
-        from megatron_patch.lora.targets import hf_modules
-
         config, tensors = peft.read_adapter(a.lora_load)
         config = settle(t, config, f"--lora-load {a.lora_load}", dropout_applies=True)
         lora.apply(t.module, t.hf_config, t.model_args, t.meta.padded_vocab_size, config)

@@ -12,19 +12,18 @@ from typing import Any
 
 import torch
 
-from megatron_patch import cpu_mode
+from megatron_patch import checkpoint, cpu_mode
 from megatron_patch.errors import read_json
+from megatron_patch.models import rope
+from megatron_patch.models.activations import ACTIVATIONS
 from megatron_patch.models.registry import family_for
+from megatron_patch.models.score_head import ScoreHead
 from megatron_patch.models.spec import ModelArgs
 
-ACTIVATIONS = {
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "relu": torch.nn.functional.relu,
-    # GPT-OSS's experts: x * sigmoid(1.702 x) (Megatron-Core's quick_gelu).
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-}
+# Function-level imports: models.layers, embedding, norm_head, inference_linear and gemma
+# import megatron.core, needed only once a model is built (`megatron_patch.models`, which
+# config reading and conversion planning import, stays without it); lora.checkpoint imports
+# this module (a cycle).
 
 
 def params_dtype_from_flags(args: Any) -> torch.dtype:
@@ -53,8 +52,6 @@ def expert_tensor_parallel_size(args: ModelArgs, tp: int) -> int:
 def checkpoint_expert_tensor_parallel_size(ckpt_dir: str, tp: int) -> int:
     """expert_tensor_parallel_size of the model a converted checkpoint holds (for entry points
     that set up the parallel layout before building the model)."""
-    from megatron_patch import checkpoint
-
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     return expert_tensor_parallel_size(family_for(hf_config).model_args(hf_config), tp)
 
@@ -172,7 +169,7 @@ def _architecture(args: ModelArgs) -> dict[str, Any]:
         layernorm_epsilon=args.layernorm_epsilon,
         normalization=args.normalization,
         gated_linear_unit=args.gated_linear_unit,
-        activation_func=ACTIVATIONS[args.activation],
+        activation_func=ACTIVATIONS[args.activation].function,
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm,
@@ -298,8 +295,6 @@ def _replace_parts(model, args: ModelArgs, pre_process: bool, post_process: bool
                           position_offset=args.position_offset, norm=args.embedding_norm,
                           scale=args.embedding_scale)
     if args.score_head and post_process:
-        from megatron_patch.models.score_head import ScoreHead
-
         # megatron-core internal: GPTModel.output_layer replaced after construction (GPTModel
         # calls it as (hidden_states, weight=, runtime_gather_output=) and saves its `weight`
         # under output_layer.weight).
@@ -323,8 +318,6 @@ def _set_rope_frequencies(model, args: ModelArgs, hf_config: dict[str, Any]) -> 
     """The family's RoPE frequencies (scaling included) in place of Megatron-Core's, and the
     local layers' own base where the family has one. (MLA rotates inside its attention, with
     Megatron-Core's RoPE / YaRN frequencies: not called for it.)"""
-    from megatron_patch.models import rope
-
     rotary_dim = int(args.kv_channels * args.rotary_percent)
     family = family_for(hf_config)
     params = (family.rope_parameters or rope.rope_parameters)(hf_config)
@@ -384,7 +377,6 @@ def from_checkpoint(ckpt_dir: str, *, sequence_parallel: bool = False,
 
     Returns (model, meta) where meta is the checkpoint's CheckpointMeta.
     """
-    from megatron_patch import checkpoint
     from megatron_patch.lora import checkpoint as lora_checkpoint
 
     meta = checkpoint.read_meta(ckpt_dir)

@@ -21,6 +21,8 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.models.layers import Norm
+
 
 class Embedding(LanguageModelEmbedding):
     """LanguageModelEmbedding with a position offset and an optional norm on its output.
@@ -41,8 +43,6 @@ class Embedding(LanguageModelEmbedding):
         self.norm = None
         self.scale = config.hidden_size ** 0.5 if scale else None
         if norm:
-            from megatron_patch.models.layers import Norm
-
             self.norm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
         # The parent's forward ends with the dropout; here it follows the norm / scaling.
         self.dropout_after_norm = self.embedding_dropout

@@ -23,6 +23,7 @@ from megatron_patch.models.inference_linear import (
     InferenceColumnParallelLinear,
     InferenceRowParallelLinear,
 )
+from megatron_patch.models.layers import Norm
 from megatron_patch.models.sdpa_attention import SDPADotProductAttention
 
 
@@ -35,7 +36,6 @@ class PostNormRowParallelLinear(InferenceRowParallelLinear):
 
     def __init__(self, input_size: int, output_size: int, *, config, **kwargs) -> None:
         super().__init__(input_size, output_size, config=config, **kwargs)
-        from megatron_patch.models.layers import Norm
 
         if self.bias is not None:
             raise ValueError("a post-norm linear has no bias (add_bias_linear must be off)")

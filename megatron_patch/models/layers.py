@@ -20,6 +20,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_patch import cpu_mode
+from megatron_patch.models.alibi import AlibiDotProductAttention
 from megatron_patch.models.cached_rotary import CachedRotarySelfAttention
 
 # Megatron's tensor-parallel linears, with a direct path for gradient-free TP=1 calls.
@@ -29,7 +31,10 @@ from megatron_patch.models.inference_linear import (
 from megatron_patch.models.inference_linear import (
     InferenceRowParallelLinear as RowParallelLinear,
 )
+from megatron_patch.models.parallel_layer import parallel_layer_spec
 from megatron_patch.models.sdpa_attention import SDPADotProductAttention
+
+# Function-level import: models.gemma imports Norm from this module (a cycle).
 
 if TYPE_CHECKING:
     from megatron_patch.models.spec import ModelArgs
@@ -202,8 +207,6 @@ def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None,
         ),
     )
     if args is not None and args.parallel_attention:
-        from megatron_patch.models.parallel_layer import parallel_layer_spec
-
         spec = parallel_layer_spec(spec, args.parallel_attention_norms)
     return spec
 
@@ -215,8 +218,6 @@ def _family_modules(args: ModelArgs | None, core_attention: type | None) -> tupl
     core_attention = core_attention or SDPADotProductAttention
     attention, out_proj, fc2 = CachedRotarySelfAttention, RowParallelLinear, RowParallelLinear
     if args is not None and args.position_embedding_type == "alibi":
-        from megatron_patch.models.alibi import AlibiDotProductAttention
-
         core_attention = AlibiDotProductAttention
     if args is not None and (args.attn_logit_softcapping or args.post_norms
                              or args.local_rope_theta is not None):
@@ -282,8 +283,6 @@ def needs_local_layers(args: ModelArgs | None) -> bool:
 
 
 def transformer_engine_available() -> bool:
-    from megatron_patch import cpu_mode
-
     if cpu_mode.is_enabled() or cpu_mode.wanted():  # also before an entry point switched it on
         return False
     try:

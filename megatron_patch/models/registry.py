@@ -8,6 +8,9 @@ from typing import Any
 
 from megatron_patch.models.spec import FamilySpec
 
+# Function-level imports: models.families and models.score_head import this module (a
+# cycle).
+
 _FAMILIES: dict[str, list[FamilySpec]] = {}
 
 

@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from megatron_patch.models.registry import family_for, supported_architectures
+from megatron_patch.models.weight_rules import Rule
+
 SEQUENCE_CLASSIFICATION = "ForSequenceClassification"
 
 
@@ -96,8 +99,6 @@ def reward_architecture(hf_config: dict[str, Any]) -> str:
 
 def _registered() -> set[str]:
     """The *ForSequenceClassification classes of the registered causal-LM families."""
-    from megatron_patch.models.registry import supported_architectures
-
     sequence_classes, causal_classes = _transformers_classes()
     archs = set(supported_architectures())
     return {sequence_classes[t] for t, c in causal_classes.items()
@@ -119,9 +120,6 @@ def reward_family(hf_config: dict[str, Any]):
     """The FamilySpec of a reward model's config.json: its causal LM's family with the score
     head (`ScoreHead`, HF `score.weight`) in place of the LM head. Refuses configs with more
     than one label, and architectures transformers does not pair with the model type."""
-    from megatron_patch.models.registry import family_for
-    from megatron_patch.models.weight_rules import Rule
-
     arch = hf_config["architectures"][0]
     expected = reward_architecture(hf_config)
     if arch != expected:

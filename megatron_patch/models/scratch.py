@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from megatron_patch.models.families.llama import LLAMA
+from megatron_patch.models.spec import ModelArgs
+
 
 def _require(ok: bool, what: str, kind: str, problems: list[str]) -> None:
     if not ok:
@@ -70,9 +73,6 @@ def hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any] | Non
 def scratch_hf_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
     """An HF Llama config.json for a model defined by Megatron-LM architecture flags, written
     through the Llama family's two-way config table."""
-    from megatron_patch.models.families.llama import LLAMA
-    from megatron_patch.models.spec import ModelArgs
-
     other = hf_config(args, vocab_size)  # ALiBi (BLOOM) or learned positions
     if other is not None:
         return other

@@ -51,7 +51,7 @@ class ModelArgs:
     max_sequence_length: int
     layernorm_epsilon: float
     normalization: str = "RMSNorm"
-    activation: str = "silu"
+    activation: str = "silu"  # a key of models/activations.py ACTIVATIONS
     gated_linear_unit: bool = True
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
@@ -65,7 +65,8 @@ class ModelArgs:
     hidden_dropout: float = 0.0
     # Rotary on interleaved pairs (x0, x1), (x2, x3)... instead of halves (GLM).
     rotary_interleaved: bool = False
-    # Pieces Megatron-Core lacks, added by megatron_patch (models/layers.py, models/gpt.py).
+    # Pieces Megatron-Core lacks, added by megatron_patch (models/layers.py, models/embedding.py,
+    # wired in by models/build.py).
     # position_embedding_type may also be "learned_absolute", "alibi" or "none".
     position_offset: int = 0  # learned positions start at this row (OPT: 2)
     embedding_norm: bool = False  # a norm right after the word embeddings (BLOOM)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_patch.errors import (
+    ArgumentParser,
     FloatRange,
     nonnegative_float,
     nonnegative_int,
@@ -13,6 +14,9 @@ from megatron_patch.errors import (
     positive_int,
     probability,
 )
+
+# Function-level imports: rlhf.advantages, training.arguments, parallel and rlhf.loop import
+# torch (and megatron.core), which importing this module (from the light CLI) does not need.
 
 # PPO's ratio clip: 1 +- eps must stay a positive range around 1.
 CLIP_EPS = FloatRange(0.0, 1.0, low_open=True, high_open=True)
@@ -127,8 +131,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from megatron_patch.errors import ArgumentParser
-
     parser = add_arguments(ArgumentParser(prog="megatron-patch rl"))
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return validate(parser.parse_args(argv))

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from megatron_patch import checkpoint
+from megatron_patch.forward import masked_vocab_parallel_cross_entropy
 from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
 from megatron_patch.training.modes import LossOutput
 from megatron_patch.training.reference import FrozenReference
@@ -35,8 +37,6 @@ def sequence_logps(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.
     Megatron-Core's vocab-parallel cross entropy, never gathering the vocabulary. Position t
     predicts token t+1 (`loss_mask` is aligned with those labels, as in SFT).
     """
-    from megatron_patch.forward import masked_vocab_parallel_cross_entropy
-
     labels = torch.roll(tokens, -1, dims=1)  # the last position's label is masked out
     per_token = masked_vocab_parallel_cross_entropy(logits, labels, vocab_size)
     return -(per_token * loss_mask).sum(dim=1)
@@ -118,7 +118,6 @@ class DPOMode(PreferencePairsMode):
     def __init__(self, trainer) -> None:
         super().__init__(trainer)
         a = trainer.args
-        from megatron_patch import checkpoint
 
         source = a.ref_load or a.load
         try:
@@ -160,7 +159,6 @@ class DPOMode(PreferencePairsMode):
             raise ValueError(f"--ref-load {given}: {self.trainer.args.load} is a DPO run whose "
                              f"reference is {saved['load']} (iteration {saved['iteration']}); "
                              "a resumed run keeps it (leave --ref-load out)")
-        from megatron_patch import checkpoint
 
         self.reference_source = {**saved, **checkpoint.check_fingerprint(
             saved, saved["load"], saved["iteration"], "the DPO reference model")}

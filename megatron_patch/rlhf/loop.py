@@ -33,11 +33,14 @@ import torch
 
 from megatron_patch import checkpoint, parallel
 from megatron_patch.generation import SamplingParams
+from megatron_patch.models import load_hf_config
+from megatron_patch.models.score_head import check_kind
 from megatron_patch.rlhf import advantages as adv
-from megatron_patch.rlhf import rollout
+from megatron_patch.rlhf import ppo, rollout
 from megatron_patch.rlhf.policy import PolicyMode
 from megatron_patch.rlhf.rewards import Rewards, load_reward_function
 from megatron_patch.rlhf.rollout import RolloutShare
+from megatron_patch.training.loop import Trainer
 
 ALGORITHMS = ("grpo", "ppo")
 
@@ -109,17 +112,12 @@ class RLTrainer:
         self.reward_function = (load_reward_function(a.reward_function) if a.reward_function
                                 else None)
         if a.reward_model:
-            from megatron_patch.models import load_hf_config
-            from megatron_patch.models.score_head import check_kind
-
             check_kind(load_hf_config(os.path.join(a.reward_model, checkpoint.HF_DIR)),
                        reward=True, source=a.reward_model, flag="--reward-model")
 
     def _build_models(self, global_batch_size: int, resumed: str | None) -> None:
         """The actor's Trainer (its model, optimizer, checkpoints; resumed state loaded), the
         frozen reference, and PPO's critic Trainer."""
-        from megatron_patch.training.loop import Trainer
-
         a = self.args
         trainer_args = copy.copy(a)
         trainer_args.global_batch_size = global_batch_size
@@ -135,8 +133,6 @@ class RLTrainer:
             "--ref-load" if a.ref_load else "the reference") if a.kl_coef > 0 else None)
         self.critic = None
         if self.ppo:
-            from megatron_patch.rlhf import ppo
-
             # The actor's companion: the same process groups, its own model, optimizer,
             # schedule and checkpoints.
             self.critic = t.companion(
@@ -150,9 +146,6 @@ class RLTrainer:
 
     def _read_prompts(self) -> None:
         from transformers import AutoTokenizer
-
-        from megatron_patch.models import load_hf_config
-        from megatron_patch.models.score_head import check_kind
 
         a = self.args
         check_kind(load_hf_config(os.path.join(a.load, checkpoint.HF_DIR)), reward=False,
@@ -241,8 +234,6 @@ class RLTrainer:
         if self.has_reference:
             batch["ref_logprobs"] = self.reference_logprobs(batch)
         if self.ppo:
-            from megatron_patch.rlhf import ppo
-
             self._sequence_kl = ppo.prepare_advantages(self, batch, rewards)
         else:
             scores = adv.grpo_advantages(rewards, self.n, scale_by_std=not a.no_scale_rewards)

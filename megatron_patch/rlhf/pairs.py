@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from megatron_patch import parallel
+from megatron_patch.data.preference import build_preference_dataset
 from megatron_patch.training.modes import RecordsMode
 
 
@@ -24,8 +25,6 @@ class PreferencePairsMode(RecordsMode):
     sequences_per_sample = 2  # chosen and rejected go through the model together
 
     def build_dataset(self, path: str) -> Any:
-        from megatron_patch.data.preference import build_preference_dataset
-
         a = self.trainer.args
         dataset, summary = build_preference_dataset(
             path, self.trainer.tokenizer(), a.seq_length, skip_long=a.skip_long_samples,

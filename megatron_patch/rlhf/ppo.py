@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from megatron_patch import checkpoint
+from megatron_patch.forward import pipelined
 from megatron_patch.lora import training as lora_training
 from megatron_patch.rlhf import advantages as adv
 from megatron_patch.rlhf.reward import RewardMode
@@ -59,8 +61,6 @@ def critic_args(args: argparse.Namespace, trainer_args: argparse.Namespace, resu
     c = copy.copy(trainer_args)
     c.train_mode = CriticMode.name
     if resumed:
-        from megatron_patch import checkpoint
-
         c.load, c.finetune = os.path.join(args.load, CRITIC_DIR), False
         # The actor's tracker, written last, marks a step saved: a run killed between the two
         # saves holds a critic one step ahead, which the resumed run redoes and overwrites.
@@ -82,8 +82,6 @@ def critic_args(args: argparse.Namespace, trainer_args: argparse.Namespace, resu
 def values(module: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch_size: int
            ) -> torch.Tensor:
     """[N, S] values of every position (no gradients), in micro-batches, on every stage."""
-    from megatron_patch.forward import pipelined
-
     out = []
     for start in range(0, batch["tokens"].shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)

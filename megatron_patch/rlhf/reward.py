@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
+from megatron_patch import checkpoint
 from megatron_patch.checkpoint import CheckpointMeta
+from megatron_patch.models import from_checkpoint, load_hf_config
 from megatron_patch.models.score_head import check_kind, is_reward_config, reward_hf_config
 from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
 
@@ -134,9 +136,6 @@ def load_reward_model(ckpt_dir: str, *, flag: str = "--reward-model",
     """This rank's reward model (one chunk, at the current parallel layout) from a converted or
     trained reward-model checkpoint, and its pad token id. A language-model checkpoint is
     refused naming `flag` and the directory."""
-    from megatron_patch import checkpoint
-    from megatron_patch.models import from_checkpoint, load_hf_config
-
     hf_config = load_hf_config(os.path.join(ckpt_dir, checkpoint.HF_DIR))
     check_kind(hf_config, reward=True, source=ckpt_dir, flag=flag)
     model, _ = from_checkpoint(ckpt_dir, sequence_parallel=sequence_parallel)

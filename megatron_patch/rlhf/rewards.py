@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+from megatron_patch import checkpoint
+from megatron_patch.rlhf.reward import load_reward_model, score
+
 # The dtype of the rewards tensor (advantages and returns are computed from it), whatever the
 # model's dtype.
 REWARD_DTYPE = torch.float32
@@ -118,9 +121,6 @@ class Rewards:
 
     def _load_model(self, policy_vocab: int) -> None:
         """The reward model, at the policy's layout; it must read the policy's token ids."""
-        from megatron_patch import checkpoint
-        from megatron_patch.rlhf.reward import load_reward_model
-
         path = self.args.reward_model
         rm_vocab = checkpoint.read_meta(path).vocab_size
         if rm_vocab != policy_vocab:
@@ -136,8 +136,6 @@ class Rewards:
         out)."""
         rewards = torch.zeros(len(rollouts), dtype=REWARD_DTYPE)
         if self.model is not None:
-            from megatron_patch.rlhf.reward import score
-
             lengths = torch.tensor([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts])
             rewards += score([self.model], batch["tokens"], self.pad, lengths,
                              micro_batch_size=self.args.micro_batch_size)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_patch.forward import masked_vocab_parallel_cross_entropy, pipelined
 from megatron_patch.generation import SamplingParams, generate
 from megatron_patch.prompts import Prompt, prompt_ids, read_prompts
 
@@ -142,8 +143,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                    temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature)[label] from vocab-parallel logits [b, s, V/TP] (the
     whole vocabulary is never gathered); differentiable."""
-    from megatron_patch.forward import masked_vocab_parallel_cross_entropy
-
     scaled = logits if temperature == 1.0 else logits / temperature
     return -masked_vocab_parallel_cross_entropy(scaled, labels, vocab_size)
 
@@ -153,8 +152,6 @@ def logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch
              vocab_size: int, temperature: float) -> torch.Tensor:
     """[N, S] log-probs of every label of a packed batch under `model` (any TP/PP: on every
     stage), in micro-batches."""
-    from megatron_patch.forward import pipelined
-
     def of_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return token_logprobs(logits, labels, vocab_size, temperature).float()
 

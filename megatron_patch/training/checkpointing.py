@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from megatron_patch import checkpoint
+from megatron_patch.convert.hf_io import copy_non_weight_files
 from megatron_patch.lora import checkpoint as lora_checkpoint
 from megatron_patch.models import family_for, load_hf_config
 from megatron_patch.training import optim_state
@@ -188,8 +189,6 @@ def _check_writable(save: str) -> None:
 def _write_model_files(t: Trainer, root: str) -> None:
     """Give the save directory what export needs: HF config/tokenizer files and meta (where it
     has them, check_save_dir found them to describe this model)."""
-    from megatron_patch.convert.hf_io import copy_non_weight_files
-
     if os.path.isfile(os.path.join(root, checkpoint.META)):
         return
     hf_dir = os.path.join(root, checkpoint.HF_DIR)

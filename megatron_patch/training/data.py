@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from megatron_patch import cpu_mode
+
 
 @dataclass
 class DatasetTokenizer:
@@ -97,8 +99,6 @@ def microbatches(dataset, consumed_samples: int, micro_batch_size: int, num_micr
     shuffle; any other dataset (megatron's GPTDataset, sized for the whole run; a rollout
     batch) is read from its start again.
     """
-    from megatron_patch import cpu_mode
-
     device = cpu_mode.device()
     step = micro_batch_size * dp_size
     wraps = not getattr(dataset, "epoch_shuffled", False)

@@ -26,9 +26,13 @@ from megatron_patch.models import (
 )
 from megatron_patch.models.scratch import scratch_hf_config
 from megatron_patch.training import checkpointing, data, finite_check, kv_replicas, metrics
+from megatron_patch.training.arguments import parse_args
 from megatron_patch.training.modes import TrainingMode, mode_class
 from megatron_patch.training.optimizer import build_optimizer
 from megatron_patch.training.reference import FrozenReference
+
+# Function-level imports: models.flash and models.layers import megatron.core, needed only to
+# pick the attention backend once the model is built.
 
 log = logging.getLogger("megatron_patch.train")
 
@@ -381,8 +385,6 @@ def _check_same_layout(args: argparse.Namespace, first: argparse.Namespace) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_patch.training.arguments import parse_args
-
     return run(parse_args(argv))
 
 

@@ -13,6 +13,14 @@ import argparse
 import os
 from typing import Any
 
+# Function-level imports: cpu_mode and parallel import torch, which this module otherwise does
+# not need (its flags and writers are plain Python).
+
+# The validation line shows exp(min(lm loss, this)): a perplexity above exp(20) ~ 4.9e8 is
+# beyond any vocabulary's (uniform guessing scores the vocabulary size), and the cap keeps
+# math.exp from overflowing on a diverged loss.
+PERPLEXITY_LOSS_CAP = 20.0
+
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--wandb-project", default="",
@@ -151,8 +159,9 @@ def log_validation(writer: MetricsWriter | None, values: dict[str, float], *, it
     from megatron_patch import parallel
 
     shown = " | ".join(f"{name} {value:.6f}" for name, value in values.items())
-    ppl = (f" | ppl {math.exp(min(values[loss_name], 20)):.3f}" if loss_name == "lm loss"
-           else "")
+    ppl = ""
+    if loss_name == "lm loss":
+        ppl = f" | ppl {math.exp(min(values[loss_name], PERPLEXITY_LOSS_CAP)):.3f}"
     parallel.print_last_rank(f"validation at iteration {iteration} | {shown}{ppl}")
     if writer is not None:
         for name, value in values.items():

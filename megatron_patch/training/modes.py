@@ -16,6 +16,7 @@ import torch
 
 from megatron_patch import parallel
 from megatron_patch.checkpoint import CheckpointMeta
+from megatron_patch.data.sft import build_sft_dataset, epochs_to_iters
 from megatron_patch.forward import masked_vocab_parallel_cross_entropy
 from megatron_patch.models.score_head import check_kind
 from megatron_patch.training import data
@@ -136,7 +137,6 @@ def train_iterations(args: argparse.Namespace, global_batch_size: int,
         return args.train_iters
     if args.train_tokens:
         return -(-args.train_tokens // (global_batch_size * args.seq_length))
-    from megatron_patch.data.sft import epochs_to_iters
 
     return epochs_to_iters(train_samples, args.epochs, global_batch_size)
 
@@ -198,8 +198,6 @@ class FinetuneMode(RecordsMode, LanguageModelMode):
     name = "finetune"
 
     def build_dataset(self, path: str) -> Any:
-        from megatron_patch.data.sft import build_sft_dataset
-
         a = self.trainer.args
         dataset, summary = build_sft_dataset(
             path, self.trainer.tokenizer(), a.seq_length, pack=a.pack_sequences,

@@ -15,6 +15,9 @@ from megatron_patch.vocab.formats import SP_MODEL, TOKENIZER_JSON
 from megatron_patch.vocab.planning import Plan, plan_pieces
 from megatron_patch.vocab.tokenizer_files import TokenizerFiles
 
+# Function-level imports: models, convert.hf_io, convert.hf_megatron and checkpoint import
+# torch (megatron.core); planning a vocabulary extension (the light CLI) does not need them.
+
 if TYPE_CHECKING:
     import torch
 

@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+from megatron_patch.models import family_for, load_hf_config
+from megatron_patch.models.rope import rope_parameters
+from megatron_patch.models.scratch import scratch_hf_config
+
 
 def get_arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
     """The first of `names` (current, then older spellings) that args has and is not None."""
@@ -116,8 +120,6 @@ def _refuse_unsupported(args: argparse.Namespace, source: str) -> None:
 def derived_hf_config(args: argparse.Namespace, vocab_size: int, source: str) -> dict[str, Any]:
     """A config.json for the checkpoint's architecture: Llama (Qwen2 with q/k/v biases only)
     for RoPE + RMSNorm + SwiGLU, GPT-BigCode for learned positions + LayerNorm + biases."""
-    from megatron_patch.models.scratch import scratch_hf_config
-
     s = _settings(args)
     # The flags Megatron-LM's own command line would carry, for the from-scratch config tables.
     flags = argparse.Namespace(
@@ -166,9 +168,6 @@ def derived_hf_config(args: argparse.Namespace, vocab_size: int, source: str) ->
 def check_args_match(args: argparse.Namespace, hf_config: dict[str, Any], source: str,
                      config_source: str) -> None:
     """Refuse an HF config whose model differs from the one `args` describe, naming the arg."""
-    from megatron_patch.models import family_for
-    from megatron_patch.models.rope import rope_parameters
-
     model_args = family_for(hf_config).model_args(hf_config)
     s = _settings(args)
     checked = ["num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -244,8 +243,6 @@ def architecture(args: argparse.Namespace, source: str, hf_config_path: str | No
     """The HF config.json of the checkpoint's model: `hf_config_path` (a config.json or a
     directory holding one) checked against `args`, else derived from `args`, with the
     vocabulary size of `tokenizer_dir` (else the padded size: nothing is dropped)."""
-    from megatron_patch.models import load_hf_config
-
     _refuse_unsupported(args, source)
     padded = getattr(args, "padded_vocab_size", None)
     if not padded:

@@ -20,7 +20,12 @@ from megatron_patch.convert.megatron_lm.architecture import architecture, dtype_
 from megatron_patch.convert.megatron_lm.legacy import read_legacy
 from megatron_patch.convert.megatron_lm.locate import COMMON_FILE, iteration_of, locate, read_args
 from megatron_patch.convert.megatron_lm.pickles import pickle_globals
+from megatron_patch.models import family_for
 from megatron_patch.models.weight_rules import replicate_kv
+
+# Function-level imports: convert.hf_megatron, convert.saved_parts and convert.distcp import
+# megatron.core; reading a Megatron-LM checkpoint's arguments (locate, architecture) does not
+# need it.
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +35,8 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
              Any, dict[str, Any], int, torch.dtype]:
     """A single-process Megatron-Core model holding the checkpoint's weights:
     (model, HF config, padded vocabulary size, dtype)."""
-    from megatron_patch.convert.hf_megatron import _dims, _single_process_model
+    from megatron_patch.convert.hf_megatron import model_dims, single_process_model
     from megatron_patch.convert.saved_parts import parameters
-    from megatron_patch.models import family_for
 
     iter_dir, layout = locate(src, iteration)
     args, args_file = read_args(iter_dir, layout, trust_pickle)
@@ -44,7 +48,7 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
     if layout == "torch_dist":
         dtype = dtype_of(args)
         # Megatron-LM's model has one KV group where this one holds copies of it (multi-query).
-        model = _single_process_model(hf_config, dtype, padded,
+        model = single_process_model(hf_config, dtype, padded,
                                       args=replace(model_args, kv_replicas=1))
         common = os.path.join(iter_dir, COMMON_FILE)
         # Megatron-Core's loader reads common.pt with torch.load's weights_only default; the
@@ -60,8 +64,8 @@ def load(src: str, *, iteration: int | str | None = None, hf_config_path: str | 
     if model_args.kv_replicas > 1:
         # Megatron-LM's one KV group -> this model's identical copies (weight_rules.replicate_kv).
         for name in [n for n in weights if ".linear_qkv." in n]:
-            weights[name] = replicate_kv(weights[name], _dims(model_args, padded))
-    model = _single_process_model(hf_config, dtype, padded)
+            weights[name] = replicate_kv(weights[name], model_dims(model_args, padded))
+    model = single_process_model(hf_config, dtype, padded)
     params = parameters(model)
     missing, unknown = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unknown:
@@ -96,7 +100,7 @@ def _legacy_weights(iter_dir: str, args: argparse.Namespace, model_args,
 def _write_hf_files(out_dir: str, hf_config: dict[str, Any], dtype: torch.dtype,
                     tokenizer_dir: str | None) -> None:
     """config.json (with the dtype), the tokenizer's files and generation_config.json."""
-    from megatron_patch.convert.hf_megatron import _ensure_generation_config
+    from megatron_patch.convert.hf_megatron import ensure_generation_config
 
     os.makedirs(out_dir, exist_ok=True)
     if tokenizer_dir:
@@ -105,20 +109,19 @@ def _write_hf_files(out_dir: str, hf_config: dict[str, Any], dtype: torch.dtype,
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-    _ensure_generation_config(out_dir, config)
+    ensure_generation_config(out_dir, config)
 
 
 def _hf_tensors(model, hf_config: dict[str, Any], padded: int) -> Iterator[
         tuple[str, torch.Tensor]]:
-    from megatron_patch.convert.hf_megatron import _dims, export_bindings
+    from megatron_patch.convert.hf_megatron import export_bindings, model_dims
     from megatron_patch.convert.saved_parts import parameters
-    from megatron_patch.models import family_for
 
     family = family_for(hf_config)
     args = family.model_args(hf_config)
     params = parameters(model)
     bindings, expected = export_bindings(family, args, hf_config, params)
-    return engine.megatron_to_hf(bindings, _dims(args, padded), lambda n: params[n].detach(),
+    return engine.megatron_to_hf(bindings, model_dims(args, padded), lambda n: params[n].detach(),
                                  expected)
 
 
@@ -126,7 +129,7 @@ def export_to_hf(src: str, out_dir: str, *, iteration: int | str | None = None,
                  hf_config_path: str | None = None, tokenizer_dir: str | None = None,
                  trust_pickle: bool = False, max_shard_size: int | str = "5GB") -> list[str]:
     """A Megatron-LM checkpoint -> an HF model directory."""
-    from megatron_patch.convert.hf_megatron import _progress
+    from megatron_patch.convert.hf_megatron import progress_bar
 
     hf_io.check_output_dir(out_dir)
     model, hf_config, padded, dtype = load(src, iteration=iteration,
@@ -135,7 +138,7 @@ def export_to_hf(src: str, out_dir: str, *, iteration: int | str | None = None,
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     with hf_io.staged(out_dir) as staging:
         _write_hf_files(staging, hf_config, dtype, tokenizer_dir)
-        with _progress(total, "megatron-lm->hf") as bar:
+        with progress_bar(total, "megatron-lm->hf") as bar:
             files = hf_io.write_safetensors_shards(
                 staging, _hf_tensors(model, hf_config, padded), max_shard_size, bar)
     return files

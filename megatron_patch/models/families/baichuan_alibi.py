@@ -19,7 +19,7 @@ from megatron_patch.models.spec import (
 )
 from megatron_patch.models.weight_rules import GATE_UP, QKV_CONCAT, VOCAB, Rule
 
-_H, _M = "model.layers.{layer}", "decoder.layers.{layer}"
+_HF_LAYER, _MCORE_LAYER = "model.layers.{layer}", "decoder.layers.{layer}"
 
 
 BAICHUAN_ALIBI = register(
@@ -43,14 +43,17 @@ BAICHUAN_ALIBI = register(
         constants={"position_embedding_type": "alibi"},
         weights=(
             Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
-            Rule(f"{_M}.input_layernorm.weight", f"{_H}.input_layernorm.weight"),
-            Rule(f"{_M}.self_attention.linear_qkv.weight", f"{_H}.self_attn.W_pack.weight",
+            Rule(f"{_MCORE_LAYER}.input_layernorm.weight", f"{_HF_LAYER}.input_layernorm.weight"),
+            Rule(f"{_MCORE_LAYER}.self_attention.linear_qkv.weight",
+                 f"{_HF_LAYER}.self_attn.W_pack.weight",
                  QKV_CONCAT),
-            Rule(f"{_M}.self_attention.linear_proj.weight", f"{_H}.self_attn.o_proj.weight"),
-            Rule(f"{_M}.pre_mlp_layernorm.weight", f"{_H}.post_attention_layernorm.weight"),
-            Rule(f"{_M}.mlp.linear_fc1.weight",
-                 (f"{_H}.mlp.gate_proj.weight", f"{_H}.mlp.up_proj.weight"), GATE_UP),
-            Rule(f"{_M}.mlp.linear_fc2.weight", f"{_H}.mlp.down_proj.weight"),
+            Rule(f"{_MCORE_LAYER}.self_attention.linear_proj.weight",
+                 f"{_HF_LAYER}.self_attn.o_proj.weight"),
+            Rule(f"{_MCORE_LAYER}.pre_mlp_layernorm.weight",
+                 f"{_HF_LAYER}.post_attention_layernorm.weight"),
+            Rule(f"{_MCORE_LAYER}.mlp.linear_fc1.weight",
+                 (f"{_HF_LAYER}.mlp.gate_proj.weight", f"{_HF_LAYER}.mlp.up_proj.weight"), GATE_UP),
+            Rule(f"{_MCORE_LAYER}.mlp.linear_fc2.weight", f"{_HF_LAYER}.mlp.down_proj.weight"),
             Rule("decoder.final_layernorm.weight", "model.norm.weight"),
             Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(False)),
         ),

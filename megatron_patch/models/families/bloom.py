@@ -12,7 +12,7 @@ from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
 from megatron_patch.models.weight_rules import VOCAB, Rule
 
-_H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
+_HF_LAYER, _MCORE_LAYER = "transformer.h.{layer}", "decoder.layers.{layer}"
 
 
 # Released BLOOM configs differ: bloom-560m has hidden_size / n_head, bloom (176B) n_embed /
@@ -47,12 +47,15 @@ BLOOM = register(
             Rule("embedding.word_embeddings.weight", "transformer.word_embeddings.weight",
                  VOCAB),
             *with_bias("embedding.norm", "transformer.word_embeddings_layernorm"),
-            *with_bias(f"{_M}.input_layernorm", f"{_H}.input_layernorm"),
-            *with_bias(f"{_M}.self_attention.linear_qkv", f"{_H}.self_attention.query_key_value"),
-            *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.self_attention.dense"),
-            *with_bias(f"{_M}.pre_mlp_layernorm", f"{_H}.post_attention_layernorm"),
-            *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h"),
-            *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h"),
+            *with_bias(f"{_MCORE_LAYER}.input_layernorm", f"{_HF_LAYER}.input_layernorm"),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_qkv",
+                       f"{_HF_LAYER}.self_attention.query_key_value"),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_proj",
+                       f"{_HF_LAYER}.self_attention.dense"),
+            *with_bias(f"{_MCORE_LAYER}.pre_mlp_layernorm",
+                       f"{_HF_LAYER}.post_attention_layernorm"),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc1", f"{_HF_LAYER}.mlp.dense_h_to_4h"),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc2", f"{_HF_LAYER}.mlp.dense_4h_to_h"),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
             Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),

@@ -25,7 +25,7 @@ from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec, head_dim
 from megatron_patch.models.weight_rules import GATE_UP, QKV_CONCAT, VOCAB, Rule
 
-_L = "transformer.encoder.layers.{layer}"
+_HF_LAYER = "transformer.encoder.layers.{layer}"
 
 
 def _chatglm_rope(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -68,18 +68,22 @@ CHATGLM = register(
         weights=(
             Rule("embedding.word_embeddings.weight",
                  "transformer.embedding.word_embeddings.weight", VOCAB),
-            Rule("decoder.layers.{layer}.input_layernorm.weight", f"{_L}.input_layernorm.weight"),
+            Rule("decoder.layers.{layer}.input_layernorm.weight",
+                 f"{_HF_LAYER}.input_layernorm.weight"),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-                 f"{_L}.self_attention.query_key_value.weight", QKV_CONCAT),
+                 f"{_HF_LAYER}.self_attention.query_key_value.weight", QKV_CONCAT),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.bias",
-                 f"{_L}.self_attention.query_key_value.bias", QKV_CONCAT, when=_has_qkv_bias),
+                 f"{_HF_LAYER}.self_attention.query_key_value.bias", QKV_CONCAT,
+                 when=_has_qkv_bias),
             Rule("decoder.layers.{layer}.self_attention.linear_proj.weight",
-                 f"{_L}.self_attention.dense.weight"),
+                 f"{_HF_LAYER}.self_attention.dense.weight"),
             Rule("decoder.layers.{layer}.pre_mlp_layernorm.weight",
-                 f"{_L}.post_attention_layernorm.weight"),
+                 f"{_HF_LAYER}.post_attention_layernorm.weight"),
             # dense_h_to_4h is already [gate; up]: swiglu(x) = silu(x[:f]) * x[f:].
-            Rule("decoder.layers.{layer}.mlp.linear_fc1.weight", f"{_L}.mlp.dense_h_to_4h.weight"),
-            Rule("decoder.layers.{layer}.mlp.linear_fc2.weight", f"{_L}.mlp.dense_4h_to_h.weight"),
+            Rule("decoder.layers.{layer}.mlp.linear_fc1.weight",
+                 f"{_HF_LAYER}.mlp.dense_h_to_4h.weight"),
+            Rule("decoder.layers.{layer}.mlp.linear_fc2.weight",
+                 f"{_HF_LAYER}.mlp.dense_4h_to_h.weight"),
             Rule("decoder.final_layernorm.weight", "transformer.encoder.final_layernorm.weight"),
             Rule("output_layer.weight", "transformer.output_layer.weight", VOCAB),
         ),

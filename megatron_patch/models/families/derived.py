@@ -8,13 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_patch.models.activations import BY_HF_NAME
 from megatron_patch.models.spec import ConfigField
 from megatron_patch.models.weight_rules import COPY, Rule, Transform
-
-# HF activation names -> ModelArgs.activation. gelu_new / gelu_fast / gelu_pytorch_tanh all
-# compute GELU's tanh approximation (they differ only in float rounding).
-ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-               "gelu_fast": "gelu_tanh", "relu": "relu"}
 
 
 @dataclass(frozen=True)
@@ -42,10 +38,10 @@ def either(*keys: str) -> Any:
 def activation(key: str, default: str) -> Derived:
     def read(cfg: dict[str, Any]) -> str:
         name = cfg.get(key) or default
-        if name not in ACTIVATIONS:
+        if name not in BY_HF_NAME:
             raise ValueError(f"config.json {key}={name!r} is not supported; supported: "
-                             f"{sorted(ACTIVATIONS)}")
-        return ACTIVATIONS[name]
+                             f"{sorted(BY_HF_NAME)}")
+        return BY_HF_NAME[name]
 
     return Derived(key, "activation", read)
 

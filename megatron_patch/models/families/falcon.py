@@ -31,7 +31,7 @@ from megatron_patch.models.spec import (
 )
 from megatron_patch.models.weight_rules import QKV_GROUPED, VOCAB, Rule
 
-_H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
+_HF_LAYER, _MCORE_LAYER = "transformer.h.{layer}", "decoder.layers.{layer}"
 
 
 def _new(cfg: dict[str, Any]) -> bool:
@@ -116,15 +116,17 @@ FALCON = register(
         weights=(
             Rule("embedding.word_embeddings.weight", "transformer.word_embeddings.weight",
                  VOCAB),
-            *_norm(f"{_M}.input_layernorm", f"{_H}.input_layernorm", _one_norm),
-            *_norm(f"{_M}.input_layernorm", f"{_H}.ln_attn", _two_norms),
-            *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.ln_mlp", _two_norms),
-            *_norm(f"{_M}.pre_mlp_layernorm", f"{_H}.post_attention_layernorm", _sequential),
-            *with_bias(f"{_M}.self_attention.linear_qkv",
-                       f"{_H}.self_attention.query_key_value", _bias, QKV_GROUPED),
-            *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.self_attention.dense", _bias),
-            *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.dense_h_to_4h", _bias),
-            *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.dense_4h_to_h", _bias),
+            *_norm(f"{_MCORE_LAYER}.input_layernorm", f"{_HF_LAYER}.input_layernorm", _one_norm),
+            *_norm(f"{_MCORE_LAYER}.input_layernorm", f"{_HF_LAYER}.ln_attn", _two_norms),
+            *_norm(f"{_MCORE_LAYER}.pre_mlp_layernorm", f"{_HF_LAYER}.ln_mlp", _two_norms),
+            *_norm(f"{_MCORE_LAYER}.pre_mlp_layernorm", f"{_HF_LAYER}.post_attention_layernorm",
+                   _sequential),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_qkv",
+                       f"{_HF_LAYER}.self_attention.query_key_value", _bias, QKV_GROUPED),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_proj",
+                       f"{_HF_LAYER}.self_attention.dense", _bias),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc1", f"{_HF_LAYER}.mlp.dense_h_to_4h", _bias),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc2", f"{_HF_LAYER}.mlp.dense_4h_to_h", _bias),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
             Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),

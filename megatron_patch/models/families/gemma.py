@@ -38,7 +38,7 @@ def _layer_types(period: int):
     return read
 
 
-def _window_pattern(period: int):
+def window_pattern(period: int):
     def read(cfg: dict[str, Any]) -> tuple[int, ...] | None:
         if cfg.get("sliding_window") is None:
             return None
@@ -47,7 +47,7 @@ def _window_pattern(period: int):
     return read
 
 
-def _validate(period: int):
+def validate_layer_types(period: int):
     def check(cfg: dict[str, Any]) -> None:
         types = _layer_types(period)(cfg)
         if unknown := sorted(set(types) - set(_TYPES)):
@@ -75,7 +75,7 @@ def _gemma3_rope(cfg: dict[str, Any], layer_type: str) -> dict[str, Any]:
 
 
 def _gemma3_validate(cfg: dict[str, Any]) -> None:
-    _validate(6)(cfg)
+    validate_layer_types(6)(cfg)
     if cfg.get("sliding_window") is None:
         # transformers still rotates "sliding_attention" layers by the local base then.
         raise ValueError("config.json sliding_window=None is not supported for Gemma 3")
@@ -122,12 +122,12 @@ GEMMA2 = register(
         name="gemma2",
         architectures=("Gemma2ForCausalLM",),
         config_fields=GEMMA_CONFIG + (
-            Derived("layer_types", "window_pattern", _window_pattern(2)),
+            Derived("layer_types", "window_pattern", window_pattern(2)),
         ),
         constants=GEMMA_CONSTANTS,
         weights=GEMMA_WEIGHTS,
         requires=GEMMA_REQUIRES,
-        validate=_validate(2),
+        validate=validate_layer_types(2),
     )
 )
 
@@ -136,7 +136,7 @@ GEMMA3 = register(
         name="gemma3",
         architectures=("Gemma3ForCausalLM",),
         config_fields=GEMMA_CONFIG + (
-            Derived("layer_types", "window_pattern", _window_pattern(6)),
+            Derived("layer_types", "window_pattern", window_pattern(6)),
             Derived("rope_parameters", "local_rope_theta",
                     lambda c: float(_gemma3_rope(c, "sliding_attention")["rope_theta"])),
         ),

@@ -15,7 +15,7 @@ from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec, tie_word_embeddings, untied
 from megatron_patch.models.weight_rules import QKV_GROUPED, VOCAB, Rule
 
-_H, _M = "transformer.h.{layer}", "decoder.layers.{layer}"
+_HF_LAYER, _MCORE_LAYER = "transformer.h.{layer}", "decoder.layers.{layer}"
 
 GPT_BIGCODE = register(
     FamilySpec(
@@ -43,13 +43,13 @@ GPT_BIGCODE = register(
         weights=(
             Rule("embedding.word_embeddings.weight", "transformer.wte.weight", VOCAB),
             Rule("embedding.position_embeddings.weight", "transformer.wpe.weight"),
-            *with_bias(f"{_M}.input_layernorm", f"{_H}.ln_1"),
-            *with_bias(f"{_M}.self_attention.linear_qkv", f"{_H}.attn.c_attn",
+            *with_bias(f"{_MCORE_LAYER}.input_layernorm", f"{_HF_LAYER}.ln_1"),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_qkv", f"{_HF_LAYER}.attn.c_attn",
                        transform=QKV_GROUPED),
-            *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.attn.c_proj"),
-            *with_bias(f"{_M}.pre_mlp_layernorm", f"{_H}.ln_2"),
-            *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.mlp.c_fc"),
-            *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.mlp.c_proj"),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_proj", f"{_HF_LAYER}.attn.c_proj"),
+            *with_bias(f"{_MCORE_LAYER}.pre_mlp_layernorm", f"{_HF_LAYER}.ln_2"),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc1", f"{_HF_LAYER}.mlp.c_fc"),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc2", f"{_HF_LAYER}.mlp.c_proj"),
             *with_bias("decoder.final_layernorm", "transformer.ln_f"),
             Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),

@@ -25,7 +25,7 @@ from typing import Any
 
 from megatron_patch.models import rope
 from megatron_patch.models.families.derived import Derived, either
-from megatron_patch.models.families.gemma import _validate, _window_pattern
+from megatron_patch.models.families.gemma import validate_layer_types, window_pattern
 from megatron_patch.models.families.llama import LLAMA_CONFIG, LLAMA_WEIGHTS
 from megatron_patch.models.registry import register
 from megatron_patch.models.spec import ConfigField, FamilySpec
@@ -64,7 +64,7 @@ def _softmax_scale(cfg: dict[str, Any]) -> float:
 
 
 def _check(cfg: dict[str, Any]) -> None:
-    _validate(2)(cfg)
+    validate_layer_types(2)(cfg)
     params = rope_parameters(cfg)
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"config.json rope partial_rotary_factor="
@@ -84,7 +84,7 @@ _OWN_DEFAULTS = (
 GPT_OSS_CONFIG = tuple(f for f in LLAMA_CONFIG
                        if f.megatron not in {o.megatron for o in _OWN_DEFAULTS}) + _OWN_DEFAULTS + (
     ConfigField("sliding_window", "sliding_window", 128),
-    Derived("layer_types", "window_pattern", _window_pattern(2)),
+    Derived("layer_types", "window_pattern", window_pattern(2)),
     Derived("rope_parameters", "softmax_scale", _softmax_scale),
     ConfigField("num_local_experts", "num_moe_experts", either("num_experts")),
     ConfigField("num_experts_per_tok", "moe_router_topk", either("experts_per_token")),

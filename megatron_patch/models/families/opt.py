@@ -22,8 +22,8 @@ from megatron_patch.models.spec import (
 )
 from megatron_patch.models.weight_rules import QKV, VOCAB, Rule
 
-_D = "model.decoder"
-_H, _M = f"{_D}.layers.{{layer}}", "decoder.layers.{layer}"
+_HF_DECODER = "model.decoder"
+_HF_LAYER, _MCORE_LAYER = f"{_HF_DECODER}.layers.{{layer}}", "decoder.layers.{layer}"
 
 # OPT's learned position table starts two rows before position 0 (fairseq's padding offset).
 OPT_POSITION_OFFSET = 2
@@ -34,7 +34,7 @@ def _bias(cfg: dict[str, Any]) -> bool:
 
 
 def _qkv(part: str) -> tuple[str, str, str]:
-    return tuple(f"{_H}.self_attn.{p}_proj.{part}" for p in "qkv")
+    return tuple(f"{_HF_LAYER}.self_attn.{p}_proj.{part}" for p in "qkv")
 
 
 def _validate(cfg: dict[str, Any]) -> None:
@@ -69,16 +69,17 @@ OPT = register(
                    "layernorm_epsilon": 1e-5, "position_embedding_type": "learned_absolute",
                    "position_offset": OPT_POSITION_OFFSET},
         weights=(
-            Rule("embedding.word_embeddings.weight", f"{_D}.embed_tokens.weight", VOCAB),
-            Rule("embedding.position_embeddings.weight", f"{_D}.embed_positions.weight"),
-            *with_bias(f"{_M}.input_layernorm", f"{_H}.self_attn_layer_norm"),
-            Rule(f"{_M}.self_attention.linear_qkv.weight", _qkv("weight"), QKV),
-            Rule(f"{_M}.self_attention.linear_qkv.bias", _qkv("bias"), QKV, when=_bias),
-            *with_bias(f"{_M}.self_attention.linear_proj", f"{_H}.self_attn.out_proj", _bias),
-            *with_bias(f"{_M}.pre_mlp_layernorm", f"{_H}.final_layer_norm"),
-            *with_bias(f"{_M}.mlp.linear_fc1", f"{_H}.fc1", _bias),
-            *with_bias(f"{_M}.mlp.linear_fc2", f"{_H}.fc2", _bias),
-            *with_bias("decoder.final_layernorm", f"{_D}.final_layer_norm"),
+            Rule("embedding.word_embeddings.weight", f"{_HF_DECODER}.embed_tokens.weight", VOCAB),
+            Rule("embedding.position_embeddings.weight", f"{_HF_DECODER}.embed_positions.weight"),
+            *with_bias(f"{_MCORE_LAYER}.input_layernorm", f"{_HF_LAYER}.self_attn_layer_norm"),
+            Rule(f"{_MCORE_LAYER}.self_attention.linear_qkv.weight", _qkv("weight"), QKV),
+            Rule(f"{_MCORE_LAYER}.self_attention.linear_qkv.bias", _qkv("bias"), QKV, when=_bias),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_proj",
+                       f"{_HF_LAYER}.self_attn.out_proj", _bias),
+            *with_bias(f"{_MCORE_LAYER}.pre_mlp_layernorm", f"{_HF_LAYER}.final_layer_norm"),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc1", f"{_HF_LAYER}.fc1", _bias),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc2", f"{_HF_LAYER}.fc2", _bias),
+            *with_bias("decoder.final_layernorm", f"{_HF_DECODER}.final_layer_norm"),
             Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),
         validate=_validate,

@@ -26,7 +26,7 @@ from megatron_patch.models.spec import (
 )
 from megatron_patch.models.weight_rules import GATE_UP, QKV_CONCAT, VOCAB, Rule
 
-_H = "transformer.h.{layer}"
+_HF_LAYER = "transformer.h.{layer}"
 
 
 
@@ -57,18 +57,18 @@ QWEN1 = register(
         constants={"add_qkv_bias": True},
         weights=(
             Rule("embedding.word_embeddings.weight", "transformer.wte.weight", VOCAB),
-            Rule("decoder.layers.{layer}.input_layernorm.weight", f"{_H}.ln_1.weight"),
+            Rule("decoder.layers.{layer}.input_layernorm.weight", f"{_HF_LAYER}.ln_1.weight"),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.weight",
-                 f"{_H}.attn.c_attn.weight", QKV_CONCAT),
+                 f"{_HF_LAYER}.attn.c_attn.weight", QKV_CONCAT),
             Rule("decoder.layers.{layer}.self_attention.linear_qkv.bias",
-                 f"{_H}.attn.c_attn.bias", QKV_CONCAT),
+                 f"{_HF_LAYER}.attn.c_attn.bias", QKV_CONCAT),
             Rule("decoder.layers.{layer}.self_attention.linear_proj.weight",
-                 f"{_H}.attn.c_proj.weight"),
-            Rule("decoder.layers.{layer}.pre_mlp_layernorm.weight", f"{_H}.ln_2.weight"),
+                 f"{_HF_LAYER}.attn.c_proj.weight"),
+            Rule("decoder.layers.{layer}.pre_mlp_layernorm.weight", f"{_HF_LAYER}.ln_2.weight"),
             # Megatron's linear_fc1 is [gate; up]: w2 (inside the silu), then w1.
             Rule("decoder.layers.{layer}.mlp.linear_fc1.weight",
-                 (f"{_H}.mlp.w2.weight", f"{_H}.mlp.w1.weight"), GATE_UP),
-            Rule("decoder.layers.{layer}.mlp.linear_fc2.weight", f"{_H}.mlp.c_proj.weight"),
+                 (f"{_HF_LAYER}.mlp.w2.weight", f"{_HF_LAYER}.mlp.w1.weight"), GATE_UP),
+            Rule("decoder.layers.{layer}.mlp.linear_fc2.weight", f"{_HF_LAYER}.mlp.c_proj.weight"),
             Rule("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
             Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(False)),
         ),

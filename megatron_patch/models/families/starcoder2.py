@@ -17,8 +17,8 @@ from megatron_patch.models.spec import (
 )
 from megatron_patch.models.weight_rules import QKV, VOCAB, Rule
 
-_L = "model.layers.{layer}"
-_M = "decoder.layers.{layer}"
+_HF_LAYER = "model.layers.{layer}"
+_MCORE_LAYER = "decoder.layers.{layer}"
 
 
 def _bias(cfg: dict[str, Any]) -> bool:
@@ -34,7 +34,7 @@ def _validate(cfg: dict[str, Any]) -> None:
                          f"residual_dropout={res!r}; Megatron applies one hidden_dropout to both")
 
 
-_ATTN = f"{_L}.self_attn"
+_ATTN = f"{_HF_LAYER}.self_attn"
 
 STARCODER2 = register(
     FamilySpec(
@@ -61,17 +61,18 @@ STARCODER2 = register(
                    "gated_linear_unit": False},
         weights=(
             Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
-            *with_bias(f"{_M}.input_layernorm", f"{_L}.input_layernorm"),
-            Rule(f"{_M}.self_attention.linear_qkv.weight",
+            *with_bias(f"{_MCORE_LAYER}.input_layernorm", f"{_HF_LAYER}.input_layernorm"),
+            Rule(f"{_MCORE_LAYER}.self_attention.linear_qkv.weight",
                  (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight", f"{_ATTN}.v_proj.weight"),
                  QKV),
-            Rule(f"{_M}.self_attention.linear_qkv.bias",
+            Rule(f"{_MCORE_LAYER}.self_attention.linear_qkv.bias",
                  (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
                  QKV, when=_bias),
-            *with_bias(f"{_M}.self_attention.linear_proj", f"{_ATTN}.o_proj", _bias),
-            *with_bias(f"{_M}.pre_mlp_layernorm", f"{_L}.post_attention_layernorm"),
-            *with_bias(f"{_M}.mlp.linear_fc1", f"{_L}.mlp.c_fc", _bias),
-            *with_bias(f"{_M}.mlp.linear_fc2", f"{_L}.mlp.c_proj", _bias),
+            *with_bias(f"{_MCORE_LAYER}.self_attention.linear_proj", f"{_ATTN}.o_proj", _bias),
+            *with_bias(f"{_MCORE_LAYER}.pre_mlp_layernorm",
+                       f"{_HF_LAYER}.post_attention_layernorm"),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc1", f"{_HF_LAYER}.mlp.c_fc", _bias),
+            *with_bias(f"{_MCORE_LAYER}.mlp.linear_fc2", f"{_HF_LAYER}.mlp.c_proj", _bias),
             *with_bias("decoder.final_layernorm", "model.norm"),
             Rule("output_layer.weight", "lm_head.weight", VOCAB, when=untied(True)),
         ),
