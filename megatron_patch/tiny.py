@@ -1,8 +1,9 @@
 """Tiny random Hugging Face models with a locally trained tokenizer: the demo's default model and
-the test suite's fixtures. Nothing is downloaded."""
+the test suite's fixtures, saved by `megatron-patch make-tiny`. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -126,3 +127,31 @@ def write_demo_data(out_dir: str) -> dict[str, str]:
         for q, a in QA:
             f.write(json.dumps({"prompt": q, "chosen": enthusiastic(a), "rejected": a}) + "\n")
     return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`megatron-patch make-tiny`'s flags."""
+    parser.add_argument("out_dir")
+    parser.add_argument("--variant", default="llama2", choices=sorted(LLAMA_VARIANTS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--demo-data", metavar="DIR",
+                        help="also write the demo's data here: "
+                             + ", ".join(f"{name}.jsonl" for name in DEMO_FILES))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`megatron-patch make-tiny`: the model, and the demo's data if asked for."""
+    from megatron_patch.convert.hf_io import check_output_dir
+
+    # Both checked before anything is written: the model's files and the demo data's names are
+    # common ones (config.json, corpus.jsonl) that a user's directory may hold.
+    check_output_dir(args.out_dir)
+    if args.demo_data:
+        check_output_dir(args.demo_data)
+    make_hf_model(args.out_dir, args.variant, seed=args.seed, dtype=args.dtype)
+    print(f"{args.out_dir}: tiny random {args.variant} model with a local tokenizer")
+    if args.demo_data:
+        for name, path in write_demo_data(args.demo_data).items():
+            print(f"{path}: demo {name}")
+    return 0

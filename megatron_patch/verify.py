@@ -134,8 +134,9 @@ def _compare_scores(args: argparse.Namespace, tokens, scores) -> int:
     return 0 if report["ok"] else 1
 
 
-def launch(args: argparse.Namespace) -> int:
-    """Start the workers under torchrun, or run in place when already started by it."""
+def run(args: argparse.Namespace) -> int:
+    """`megatron-patch verify`: start the workers under torchrun, or run in place when already
+    started by it."""
     if "LOCAL_RANK" in os.environ:
         return run_worker(args)
     import subprocess

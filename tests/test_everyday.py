@@ -266,6 +266,59 @@ def test_every_command_takes_verbose():
         assert any("--verbose" in a.option_strings for a in command._actions), name
 
 
+def test_every_command_is_a_row_of_the_table():
+    """The parser's commands are cli.COMMANDS, in order; each row's module has add_arguments and
+    run, and its parser builds on its own."""
+    import importlib
+
+    from megatron_patch import cli, errors
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert list(commands) == [row.name for row in cli.COMMANDS]
+    for row in cli.COMMANDS:
+        module = importlib.import_module(row.module)
+        assert callable(module.add_arguments) and callable(module.run), row
+        assert commands[row.name].get_default("func") is module.run, row
+        parser = errors.ArgumentParser(prog=f"megatron-patch {row.name}")
+        module.add_arguments(parser)
+        assert parser.format_help().startswith(f"usage: megatron-patch {row.name}"), row
+        if row.output is not None:  # a flag the command has
+            assert row.output in {a.dest for a in cli._leaf_parsers(parser)[0]._actions}, row
+
+
+def test_a_new_command_is_one_row(monkeypatch, tmp_path, capsys):
+    """A module with add_arguments and run, and a row naming it: parsed, run, its errors named
+    after it, a full disk told against its output flag, --debug and --verbose added."""
+    import types
+
+    from megatron_patch import cli, errors
+
+    module = types.ModuleType("megatron_patch_test_hello")
+    module.add_arguments = lambda parser: parser.add_argument("out")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.out == "full":
+            raise OSError(28, "No space left on device")
+        print(f"hello {args.out} verbose={args.verbose}")
+        return 0
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, cli.Command(
+        "hello", "say hello", module.__name__, output="out")))
+    monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+    assert cli.main(["hello", "x", "--verbose"]) == 0
+    assert capsys.readouterr().out == "hello x verbose=True\n"
+    assert cli.main(["hello", "full"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-patch hello: error: ") and "full" in err, err
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["hello", "x", "--bogus"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.startswith("megatron-patch hello: error: unrecognized "
+                                              "arguments: --bogus")
+
+
 def test_a_failing_command_prints_its_error_line_alone(tmp_path):
     """megatron-core's import warnings used to come before the error line of `convert`; they
     come back with --verbose."""

@@ -121,6 +121,12 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`megatron-patch rl`: the parsed flags checked, then the run."""
+    return train(validate(args))
+
+
+def train(args: argparse.Namespace) -> int:
+    """The run, from flags that `validate` has checked (`parse_args` gives such)."""
     from megatron_patch import logs, parallel
     from megatron_patch.rlhf.loop import RLTrainer
 
@@ -141,4 +147,4 @@ if __name__ == "__main__":
 
     from megatron_patch.errors import run_main
 
-    sys.exit(run_main("megatron-patch rl", lambda: run(parse_args())))
+    sys.exit(run_main("megatron-patch rl", lambda: train(parse_args())))
