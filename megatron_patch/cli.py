@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_patch import generation, tiny, verify, vocab
     from megatron_patch.data import preprocess
     from megatron_patch.rlhf import cli as rl_cli
+    from megatron_patch.rlhf import modes as rlhf_modes  # noqa: F401 (registers rm, dpo)
     from megatron_patch.training import arguments
 
     parser = errors.ArgumentParser(prog="megatron-patch", description=__doc__)

@@ -18,6 +18,10 @@ import megatron_patch.forward  # noqa: E402,F401
 from megatron_patch import cpu_mode  # noqa: E402
 from megatron_patch import tiny as tiny_models  # noqa: E402
 
+# The test process is an entry point like `megatron-patch train`: it registers rlhf's training
+# modes (rm, dpo), which the tests' Trainers and `training.arguments.parse_args` run.
+from megatron_patch.rlhf import modes as rlhf_modes  # noqa: E402,F401
+
 # CPU mode on in the test process, before any worker is forked (entry points switch it on
 # explicitly: importing megatron_patch does not).
 cpu_mode.maybe_enable()
