@@ -119,6 +119,7 @@ FAST_TESTS = (
     "test_preprocess::test_launcher_usage_on_wrong_argument_count",
     "test_preprocess::test_round_trip_hf_tokenizer_1_and_2_workers",
     "test_training::test_a_split_without_documents_is_refused",
+    "test_training::test_a_registered_mode_brings_its_flags_and_choice",
     "test_training::test_first_step_loss_equals_transformers",
     "test_generation::test_logits_processors_match_transformers",
     "test_megatron_lm_import::test_megatron_lm_rope_scaling_is_megatron_cores",
