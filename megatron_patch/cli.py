@@ -54,6 +54,10 @@ COMMANDS: tuple[Command, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The training modes rlhf/ defines register themselves (training/ does not know them) before
+    # train's and rl's flags are built.
+    from megatron_patch.rlhf import modes as rlhf_modes  # noqa: F401
+
     parser = errors.ArgumentParser(prog="megatron-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

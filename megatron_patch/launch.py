@@ -125,6 +125,11 @@ def expert_parallel_size(extra: list[str]) -> int:
     return 1
 
 
+# `megatron-patch train` itself: the CLI registers rlhf's modes (rm, dpo), which the training
+# package alone does not know.
+TRAIN_COMMAND = ["-m", "megatron_patch", "train"]
+
+
 def torchrun_prefix(env: str, tp: int, pp: int, ep: int = 1) -> list[str]:
     """dsw: one node, every local device (CPU: TP x PP x EP processes). dlc: a multi-node job
     whose WORLD_SIZE (nodes), RANK (node rank), MASTER_ADDR and MASTER_PORT come from the
@@ -198,7 +203,7 @@ def pretrain_command(argv: list[str]) -> list[str]:
         "--extra-vocab-size", v["EXTRA_VOCAB_SIZE"], "--log-interval", "1",
     ], extra) + parallel_flags(v) + extra
     return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
-            + ["-m", "megatron_patch.training.loop"] + flags)
+            + TRAIN_COMMAND + flags)
 
 
 def finetune_command(argv: list[str]) -> list[str]:
@@ -240,7 +245,7 @@ def _from_model_command(argv: list[str], mode: str, script: str) -> list[str]:
         flags += ["--valid-data-path", v["VALID_DATASET_PATH"], "--eval-interval",
                   str(FINETUNE_EVAL_INTERVAL)]
     return (torchrun_prefix(v["ENV"], int(v["TP"]), int(v["PP"]), expert_parallel_size(extra))
-            + ["-m", "megatron_patch.training.loop"] + flags)
+            + TRAIN_COMMAND + flags)
 
 
 def generate_command(argv: list[str]) -> list[str]:

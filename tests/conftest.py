@@ -18,6 +18,10 @@ import megatron_patch.forward  # noqa: E402,F401
 from megatron_patch import cpu_mode  # noqa: E402
 from megatron_patch import tiny as tiny_models  # noqa: E402
 
+# The test process is an entry point like `megatron-patch train`: it registers rlhf's training
+# modes (rm, dpo), which the tests' Trainers and `training.arguments.parse_args` run.
+from megatron_patch.rlhf import modes as rlhf_modes  # noqa: E402,F401
+
 # CPU mode on in the test process, before any worker is forked (entry points switch it on
 # explicitly: importing megatron_patch does not).
 cpu_mode.maybe_enable()
@@ -115,6 +119,7 @@ FAST_TESTS = (
     "test_preprocess::test_launcher_usage_on_wrong_argument_count",
     "test_preprocess::test_round_trip_hf_tokenizer_1_and_2_workers",
     "test_training::test_a_split_without_documents_is_refused",
+    "test_training::test_a_registered_mode_brings_its_flags_and_choice",
     "test_training::test_first_step_loss_equals_transformers",
     "test_generation::test_logits_processors_match_transformers",
     "test_megatron_lm_import::test_megatron_lm_rope_scaling_is_megatron_cores",

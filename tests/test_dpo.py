@@ -496,7 +496,7 @@ def test_launcher_builds_the_dpo_command(tmp_path):
     with open(record) as f:
         assert f.read().splitlines() == ["-m", "megatron_patch.launch", "dpo", *positional]
     cmd = launch.dpo_command(positional)
-    flags = cmd[cmd.index("megatron_patch.training.loop") + 1:]
+    flags = cmd[cmd.index("train") + 1:]
     joined = " ".join(flags)
     assert "--train-mode dpo --train-data-path pairs.jsonl" in joined, joined
     assert "--load ckpt/sft" in joined and "--finetune" in flags, joined

@@ -6,6 +6,7 @@ check covers `from x import _y` and `x._y` where `x` is bound by importing a pro
 
 import ast
 import pathlib
+import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "megatron_patch"
 
@@ -98,3 +99,49 @@ def test_every_fast_test_named_in_conftest_exists():
                                    if isinstance(n, ast.FunctionDef)}:
             missing.append(entry)
     assert not missing, f"conftest.FAST_TESTS names no such test: {missing}"
+
+
+RLHF_MODULE_NAME = re.compile(r"\bmegatron_patch\.rlhf\b|(?<![\w/])rlhf\.\w")
+
+
+def rlhf_references(source: str, path: pathlib.Path) -> list[str]:
+    """'file:line: what' for each import of megatron_patch.rlhf, and each string naming one of
+    its modules, in one file's source: `training` runs the modes `rlhf` registers, never names
+    them."""
+    tree = ast.parse(source, filename=str(path))
+    module, is_package = _module_name(path), path.name == "__init__.py"
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names = [f"{_absolute(node, module, is_package)}.{alias.name}"
+                     for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if RLHF_MODULE_NAME.search(node.value):
+                found.append(f"{path}:{node.lineno}: string {node.value!r}")
+            continue
+        else:
+            continue
+        found += [f"{path}:{node.lineno}: import {name}" for name in names
+                  if name == "megatron_patch.rlhf" or name.startswith("megatron_patch.rlhf.")]
+    return found
+
+
+def test_training_does_not_know_rlhf():
+    found = [hit for path in sorted((PACKAGE / "training").glob("*.py"))
+             for hit in rlhf_references(path.read_text(), path)]
+    assert not found, "training/ names rlhf modules (rlhf registers its modes):\n" + "\n".join(
+        found)
+
+
+def test_the_rlhf_checker_sees_every_form():
+    path = PACKAGE / "training" / "example.py"
+    for source in ("from megatron_patch.rlhf import dpo", "from megatron_patch import rlhf",
+                   "import megatron_patch.rlhf.reward", "from ..rlhf.dpo import DPOMode",
+                   "MODES = {'rm': 'megatron_patch.rlhf.reward:RewardMode'}",
+                   "importlib.import_module('rlhf.dpo')"):
+        assert rlhf_references(source, path), source
+    for source in ("from megatron_patch.training import modes", "x = 'see rlhf/README.md'",
+                   "import megatron_patch.rlhfx"):
+        assert not rlhf_references(source, path), source

@@ -839,7 +839,7 @@ def test_readme_launcher_lines_pass_lora_flags(tmp_path, monkeypatch):
         built = open(record).read().splitlines()
         assert built[:3] == ["-m", "megatron_patch.launch", "finetune"], built
         command = launch.finetune_command(built[3:])
-        flags = command[command.index("megatron_patch.training.loop") + 1:]
+        flags = command[command.index("train") + 1:]
         args = arguments.add_arguments(arguments.ArgumentParser()).parse_args(flags)
         arguments.validate(args)
         assert args.lora_rank is not None and args.transformer_impl == "local", (line, flags)

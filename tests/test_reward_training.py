@@ -288,7 +288,7 @@ def test_rm_launcher_maps_positional_arguments(tmp_path):
                           text=True, timeout=60)
     assert proc.stdout == "ARGS=-m megatron_patch.launch rm " + " ".join(args) + "\n", proc
     line = " ".join(launch.rm_command(args))
-    for flags in ("-m megatron_patch.training.loop --load ckpt/sft", "--finetune",
+    for flags in ("-m megatron_patch train --load ckpt/sft", "--finetune",
                   "--train-mode rm --train-data-path pairs.jsonl",
                   "--micro-batch-size 2 --seq-length 64", "--epochs 1", "--bf16",
                   "--tensor-model-parallel-size 2", "--use-distributed-optimizer",

@@ -353,3 +353,52 @@ def test_the_loaded_weights_line_is_printed_once_not_per_rank(llama_models, tmp_
     per_rank = harness.run(_load_messages, 2, os.path.join(llama_models["llama2"], "mcore"),
                            data)
     assert sorted(len(m) for m in per_rank) == [0, 1], per_rank
+
+
+def test_a_registered_mode_brings_its_flags_and_choice(monkeypatch):
+    """A mode registered with `register_mode` is a --train-mode choice; its `add_arguments`
+    puts its flags (in its group) into the train parser and its `check_flags_of` runs whichever
+    mode is chosen; one registered with selectable=False is neither offered nor asked."""
+    import argparse
+
+    from megatron_patch.errors import ArgumentParser
+    from megatron_patch.training import arguments, modes
+
+    monkeypatch.setattr(modes, "MODES", dict(modes.MODES))
+    monkeypatch.setattr(modes, "SELECTABLE", list(modes.SELECTABLE))
+    monkeypatch.setattr(arguments, "MODES", modes.MODES)
+    monkeypatch.setattr(arguments, "SELECTABLE", modes.SELECTABLE)
+    asked = []
+
+    class ToyMode(modes.FinetuneMode):
+        name = "toy"
+
+        @classmethod
+        def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+            parser.add_argument_group("toy mode").add_argument("--toy-strength", type=float)
+
+        @classmethod
+        def check_flags_of(cls, args: argparse.Namespace) -> None:
+            asked.append(args.train_mode)
+
+    class HiddenMode(ToyMode):
+        name = "hidden"
+
+        @classmethod
+        def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+            parser.add_argument("--hidden-flag")
+
+    modes.register_mode("toy", ToyMode)
+    modes.register_mode("hidden", HiddenMode, selectable=False)
+    parser = arguments.add_arguments(ArgumentParser(prog="megatron-patch train"))
+    assert "toy mode:" in parser.format_help()
+    assert "--hidden-flag" not in parser.format_help()
+    args = parser.parse_args(["--train-mode", "toy", "--toy-strength", "2", "--seq-length", "8",
+                              "--train-iters", "1", "--train-data-path", "x.jsonl"])
+    assert args.toy_strength == 2.0
+    assert arguments.validate(args) is args and asked == ["toy"]
+    assert modes.mode_class("toy") is ToyMode and modes.mode_class("hidden") is HiddenMode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train-mode", "hidden", "--seq-length", "8"])
+    with pytest.raises(ValueError, match="registered twice"):
+        modes.register_mode("toy", HiddenMode)

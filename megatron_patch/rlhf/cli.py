@@ -24,6 +24,7 @@ TOP_P = FloatRange(0.0, 1.0, low_open=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from megatron_patch.rlhf import modes  # noqa: F401 (train's flags include rm's and dpo's)
     from megatron_patch.rlhf.advantages import KL_ESTIMATORS
     from megatron_patch.training import arguments
 

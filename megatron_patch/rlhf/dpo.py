@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megatron_patch import checkpoint
+from megatron_patch.errors import FloatRange, positive_float
 from megatron_patch.forward import masked_vocab_parallel_cross_entropy
 from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
 from megatron_patch.training.modes import LossOutput
@@ -97,6 +98,8 @@ def pair_metrics(terms: PairTerms, policy_chosen: torch.Tensor,
 
 # ---- the training mode (megatron-patch train --train-mode dpo) -------------------------------
 
+# The probability that a preference label is flipped: below one half.
+LABEL_SMOOTHING = FloatRange(0.0, 0.5, high_open=True)
 METRIC_NAMES = ("dpo loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -131,6 +134,24 @@ class DPOMode(PreferencePairsMode):
         self.reference_source = {"load": source, "iteration": iteration, **identity}
         self.reference: FrozenReference | None = None
         self._reference_logps: deque[torch.Tensor] = deque()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("direct preference optimisation (--train-mode dpo; TRL's "
+                                      "names and defaults)")
+        g.add_argument("--dpo-beta", type=positive_float, default=0.1,
+                       help="how far the policy may move from the reference (TRL's beta; the "
+                            "IPO loss's regularisation tau)")
+        g.add_argument("--dpo-loss", choices=["sigmoid", "ipo"], default="sigmoid",
+                       help="sigmoid: the DPO paper's loss; ipo: Azar et al.'s, on per-token "
+                            "averaged log-probabilities as TRL computes it")
+        g.add_argument("--dpo-label-smoothing", type=LABEL_SMOOTHING, default=0.0,
+                       help="conservative DPO: the assumed probability that a preference label "
+                            "is flipped, in [0, 0.5) (sigmoid loss)")
+        g.add_argument("--ref-load", default=None,
+                       help="the frozen reference model's checkpoint (default: --load, at the "
+                            "iteration it holds when the run starts); recorded in the run's "
+                            "checkpoints, which a resumed run keeps")
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:

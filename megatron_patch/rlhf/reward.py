@@ -30,6 +30,7 @@ import torch
 
 from megatron_patch import checkpoint
 from megatron_patch.checkpoint import CheckpointMeta
+from megatron_patch.errors import nonnegative_float
 from megatron_patch.models import from_checkpoint, load_hf_config
 from megatron_patch.models.score_head import check_kind, is_reward_config, reward_hf_config
 from megatron_patch.rlhf.pairs import PreferencePairsMode, pair_tensors
@@ -152,6 +153,19 @@ class RewardMode(PreferencePairsMode):
     name = "rm"
     loss_name = LOSS_NAME
     metric_names = (LOSS_NAME, "accuracy", "margin")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("reward models (--train-mode rm; TRL's names)")
+        g.add_argument("--center-rewards-coefficient", type=nonnegative_float, default=None,
+                       help="add c * (r_chosen + r_rejected)^2 per pair to the loss, pulling the "
+                            "scores towards zero mean (TRL's RewardConfig; e.g. 0.01)")
+
+    @classmethod
+    def check_flags_of(cls, args: argparse.Namespace) -> None:
+        if args.center_rewards_coefficient is not None and args.train_mode != cls.name:
+            raise ValueError(f"--center-rewards-coefficient applies to --train-mode {cls.name}, "
+                             f"not {args.train_mode}")
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:

@@ -17,12 +17,10 @@ from megatron_patch.errors import (
 from megatron_patch.lora import training as lora_training
 from megatron_patch.prompts import PROMPT_FORMATS
 from megatron_patch.training import metrics
-from megatron_patch.training.modes import MODES, mode_class
+from megatron_patch.training.modes import MODES, SELECTABLE, mode_class
 
-# Adam's moment decay rates (torch.optim.Adam's range); DPO's label smoothing is the probability
-# that a preference label is flipped, below one half.
+# Adam's moment decay rates (torch.optim.Adam's range).
 ADAM_BETA = FloatRange(0.0, 1.0, high_open=True)
-LABEL_SMOOTHING = FloatRange(0.0, 0.5, high_open=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -119,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="HF tokenizer directory (default: the one the checkpoint carries)")
 
     g = p.add_argument_group("supervised fine-tuning (--train-mode finetune)")
-    g.add_argument("--train-mode", choices=list(MODES), default="pretrain",
+    g.add_argument("--train-mode", choices=list(SELECTABLE), default="pretrain",
                    help="what to train: pretrain (--data-path), finetune (SFT records), dpo "
                         "(preference pairs; rlhf/README.md)")
     g.add_argument("--train-data-path", help="SFT records: JSON list or JSON lines")
@@ -142,26 +140,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "`megatron-patch generate` (raw for `text` records and .txt files). "
                         "Message lists always use the chat template")
 
-    g = p.add_argument_group("reward models (--train-mode rm; TRL's names)")
-    g.add_argument("--center-rewards-coefficient", type=nonnegative_float, default=None,
-                   help="add c * (r_chosen + r_rejected)^2 per pair to the loss, pulling the "
-                        "scores towards zero mean (TRL's RewardConfig; e.g. 0.01)")
-
-    g = p.add_argument_group("direct preference optimisation (--train-mode dpo; TRL's names and "
-                             "defaults)")
-    g.add_argument("--dpo-beta", type=positive_float, default=0.1,
-                   help="how far the policy may move from the reference (TRL's beta; the IPO "
-                        "loss's regularisation tau)")
-    g.add_argument("--dpo-loss", choices=["sigmoid", "ipo"], default="sigmoid",
-                   help="sigmoid: the DPO paper's loss; ipo: Azar et al.'s, on per-token "
-                        "averaged log-probabilities as TRL computes it")
-    g.add_argument("--dpo-label-smoothing", type=LABEL_SMOOTHING, default=0.0,
-                   help="conservative DPO: the assumed probability that a preference label is "
-                        "flipped, in [0, 0.5) (sigmoid loss)")
-    g.add_argument("--ref-load", default=None,
-                   help="the frozen reference model's checkpoint (default: --load, at the "
-                        "iteration it holds when the run starts); recorded in the run's "
-                        "checkpoints, which a resumed run keeps")
+    # Each registered mode's own flags, in its own group (rlhf/ registers rm's and dpo's).
+    for name in SELECTABLE:
+        MODES[name].add_arguments(p)
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=positive_int, default=10)
@@ -240,9 +221,8 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--bf16 and --fp16 are exclusive")
     if args.seq_length is None:
         raise ValueError("--seq-length is required")
-    if args.center_rewards_coefficient is not None and args.train_mode != "rm":
-        raise ValueError(f"--center-rewards-coefficient applies to --train-mode rm, not "
-                         f"{args.train_mode}")
+    for name in SELECTABLE:
+        MODES[name].check_flags_of(args)
     mode_class(args.train_mode).check_args(args)
     lora_training.validate(args)
     return args

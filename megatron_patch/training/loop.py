@@ -385,6 +385,8 @@ def _check_same_layout(args: argparse.Namespace, first: argparse.Namespace) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m megatron_patch.training.loop`: the modes registered by the time it parses
+    (pretrain and finetune; `python -m megatron_patch train` registers all of them)."""
     return run(parse_args(argv))
 
 

@@ -2,13 +2,14 @@
 
 A mode supplies its data (`build_datasets`), its forward pass over one micro-batch (`forward`)
 and its loss (`loss`); the Trainer does the rest (model, optimizer, Megatron-Core's schedules,
-checkpoints, logging). A new mode is a `TrainingMode` subclass and one line in `MODES`.
+checkpoints, logging). A new mode is a `TrainingMode` subclass that registers itself with
+`register_mode`; modes of other packages (rlhf/) register there when imported, so an entry point
+that offers them imports their package first.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,18 +25,28 @@ from megatron_patch.training import data
 if TYPE_CHECKING:
     from megatron_patch.training.loop import Trainer
 
-# --train-mode NAME -> "module:Class", imported when chosen.
-MODES = {
-    "pretrain": "megatron_patch.training.modes:PretrainMode",
-    "finetune": "megatron_patch.training.modes:FinetuneMode",
-    "rm": "megatron_patch.rlhf.reward:RewardMode",
-    "dpo": "megatron_patch.rlhf.dpo:DPOMode",
-}
+# Every mode the Trainer can run, by name, in registration order; `register_mode` fills it.
+MODES: dict[str, type[TrainingMode]] = {}
+# Those --train-mode offers (the others are run by their own commands, e.g. RL's actor).
+SELECTABLE: list[str] = []
+
+
+def register_mode(name: str, cls: type[TrainingMode], *, selectable: bool = True) -> None:
+    """Make `cls` the mode called `name`: offered by --train-mode if `selectable`, and its
+    `add_arguments` called by the parser of `megatron-patch train`."""
+    if MODES.get(name, cls) is not cls:
+        raise ValueError(f"training mode {name!r} registered twice ({MODES[name].__qualname__}, "
+                         f"{cls.__qualname__})")
+    MODES[name] = cls
+    if selectable and name not in SELECTABLE:
+        SELECTABLE.append(name)
 
 
 def mode_class(name: str) -> type[TrainingMode]:
-    module, _, cls = MODES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    if name not in MODES:
+        raise ValueError(f"--train-mode {name}: no such training mode registered (registered: "
+                         f"{', '.join(MODES)})")
+    return MODES[name]
 
 
 @dataclass
@@ -73,6 +84,16 @@ class TrainingMode:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this mode's own flags (in their own argument group) to `megatron-patch train`'s
+        parser; called for every registered mode."""
+
+    @classmethod
+    def check_flags_of(cls, args: argparse.Namespace) -> None:
+        """Refuse this mode's own flags given to another --train-mode; called for every
+        registered mode, whichever is chosen."""
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -207,3 +228,7 @@ class FinetuneMode(RecordsMode, LanguageModelMode):
             f"truncated {summary.truncated}, skipped as too long {summary.skipped_long}, bad "
             f"records skipped {summary.bad_records}")
         return dataset
+
+
+register_mode(PretrainMode.name, PretrainMode)
+register_mode(FinetuneMode.name, FinetuneMode)
