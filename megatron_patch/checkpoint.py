@@ -228,11 +228,17 @@ def load(root: str, sharded_state_dict: dict[str, Any],
 def existing_iteration_dir(root: str, iteration: int | str | None = None) -> str:
     """The directory of the given (or latest) iteration, which must exist; its pickles are
     verified (verify_pickles) before anything reads them."""
+    asked = iteration is not None
     if iteration is None:
         iteration = latest_iteration(root)
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} not found (named by {os.path.join(root, TRACKER)})")
+        if not asked:
+            raise FileNotFoundError(f"{path} not found (named by {os.path.join(root, TRACKER)})")
+        held = sorted(name for name in os.listdir(root)
+                      if name == "release" or (name.startswith("iter_") and name[5:].isdigit()))
+        raise FileNotFoundError(f"{path} not found: iteration {iteration} was asked for, and "
+                                f"{root} holds {', '.join(held) or 'no iteration'}")
     check_storage_files(path)
     verify_pickles(path)
     return path

@@ -837,3 +837,21 @@ def test_preference_pairs_identical_once_truncated_are_skipped_and_counted(llama
     assert r["only"].startswith(f"{only}: no usable preference pairs"), r
     assert "identical once tokenized and truncated skipped 1" in r["only"], r
 
+
+
+def test_an_iteration_asked_for_and_missing_names_what_the_checkpoint_holds(tmp_path):
+    """`--iteration 3` on a checkpoint without it: the error said the iteration was named by
+    latest_checkpointed_iteration.txt, which named another."""
+    from megatron_patch import checkpoint
+
+    root = tmp_path / "ckpt"
+    (root / "iter_0000001").mkdir(parents=True)
+    (root / "iter_0000002").mkdir()
+    (root / checkpoint.TRACKER).write_text("2")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"iteration 3 was asked for, and {root} holds iter_0000001, iter_0000002")):
+        checkpoint.existing_iteration_dir(str(root), 3)
+    (root / "iter_0000002").rmdir()  # the latest, named by the tracker, is gone
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"(named by {root / checkpoint.TRACKER})")):
+        checkpoint.existing_iteration_dir(str(root))
