@@ -22,6 +22,7 @@ import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -320,25 +321,40 @@ def _check_output_file(output: str, prompts: str) -> None:
                          "overwritten")
 
 
+def _load_tokenizer(tokenizer_model: str | None, load: str) -> Any:
+    """--tokenizer-model, else the checkpoint's own tokenizer; a --tokenizer-model that does not
+    load is named (transformers takes a missing directory for a hub name it then refuses)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    if not tokenizer_model:
+        return AutoTokenizer.from_pretrained(os.path.join(load, checkpoint.HF_DIR))
+    if not os.path.isdir(tokenizer_model) and tokenizer_model.startswith(("/", ".", "~")):
+        raise ValueError(f"--tokenizer-model {tokenizer_model}: no such directory")
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer-model {tokenizer_model}: cannot load a tokenizer "
+                         f"({e})") from e
+
+
 def run(args) -> int:
     """Generate completions for a prompt file (run under torchrun for TP > 1)."""
     check_sampling_flags(args)
     require_dir("--load", args.load)
     import os
 
-    from transformers import AutoTokenizer
-
     records = read_prompts(args.input_file, args.prompt_format)  # bad input before work
     _check_output_file(args.output_file, args.input_file)
     check_kind(load_hf_config(os.path.join(args.load, checkpoint.HF_DIR)), reward=False,
                source=args.load, flag="--load")
+    tok = _load_tokenizer(args.tokenizer_model, args.load)  # before the model: seconds
     parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         seed=args.seed,
                         expert_tensor_parallel_size=checkpoint_expert_tensor_parallel_size(
                             args.load, args.tensor_model_parallel_size))
     model, meta = from_checkpoint(args.load, params_dtype=params_dtype_from_flags(args))
-    tok = AutoTokenizer.from_pretrained(args.tokenizer_model
-                                        or os.path.join(args.load, checkpoint.HF_DIR))
     params = sampling_params(args)
     eos = [tok.eos_token_id]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -105,6 +105,8 @@ def _cases() -> list[dict]:
          ["--load {out}/no_such_ckpt: no such directory"]),
         ("generate_load_missing", "flags", [*gen[:2], "{out}/no_such_ckpt", *gen[3:]],
          ["--load {out}/no_such_ckpt: no such directory"]),
+        ("generate_tokenizer_missing", "flags", [*gen, "--tokenizer-model", "{out}/no_tok"],
+         ["--tokenizer-model {out}/no_tok: no such directory"]),
         ("convert_source_missing", "files", ["convert", "megatron-to-hf", "{out}/no_such_ckpt",
                                              "{out}/x"],
          ["{out}/no_such_ckpt: no such checkpoint directory"]),
