@@ -328,8 +328,6 @@ def torchrun(argv: list[str]) -> int:
 
 def _report_first_failure(error) -> int:
     """Print the one-line error of the rank that failed first and return its exit status."""
-    from megatron_patch import errors
-
     ours = {r: f for r, f in error.failures.items()
             if f.error_file_data.get("source") == errors.ERROR_FILE_SOURCE}
     if ours:

@@ -161,6 +161,3 @@ class MappedCheckpoint:
             return None
         return torch.frombuffer(data, dtype=torch.uint8, count=numel * dtype.itemsize,
                                 offset=start).view(*sizes, dtype.itemsize)
-
-    # The layout of one dense record (tests call it on crafted records).
-    _tensor_bytes = staticmethod(tensor_records.dense_tensor_bytes)

@@ -14,6 +14,7 @@ directories, `checkpoint` stores training adapters beside a reference to their b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from megatron_patch.lora import peft
@@ -44,10 +45,15 @@ def apply(model, hf_config: dict[str, Any], args, padded_vocab_size: int, config
 
 
 def load_peft(model, hf_config: dict[str, Any], args, padded_vocab_size: int,
-              adapter_dir: str) -> LoRAConfig:
+              adapter_dir: str,
+              settle: Callable[[LoRAConfig], LoRAConfig] | None = None) -> LoRAConfig:
     """Adapt a model chunk (base weights loaded, any TP/PP) as the PEFT adapter directory
-    says and load its tensors. Returns the adapter's LoRAConfig."""
+    says and load its tensors. `settle` (the trainer's flags held against the adapter's
+    settings) may check or adjust the settings read before the model is adapted. Returns the
+    LoRAConfig applied."""
     config, tensors = peft.read_adapter(adapter_dir)
+    if settle is not None:
+        config = settle(config)
     apply(model, hf_config, args, padded_vocab_size, config)
     peft.load_adapter_tensors(model, tensors, adapter_dir, hf_modules(hf_config, args))
     return config

@@ -29,7 +29,6 @@ from megatron_patch.errors import FloatRange, positive_float, read_json
 from megatron_patch.lora import checkpoint as lora_checkpoint
 from megatron_patch.lora import peft
 from megatron_patch.lora.layers import LoRAConfig
-from megatron_patch.lora.targets import hf_modules
 from megatron_patch.training.checkpointing import load_iteration
 
 log = logging.getLogger("megatron_patch.train")
@@ -190,11 +189,9 @@ def setup(t: Any) -> TrainingAdapters | None:
                          "the LoRA checkpoint elsewhere (it refers to the base by path)")
     checkpoint.load_model(base.path, t.module, base.iteration)
     if a.lora_load:
-        config, tensors = peft.read_adapter(a.lora_load)
-        config = settle(t, config, f"--lora-load {a.lora_load}", dropout_applies=True)
-        lora.apply(t.module, t.hf_config, t.model_args, t.meta.padded_vocab_size, config)
-        peft.load_adapter_tensors(t.module, tensors, a.lora_load,
-                                  hf_modules(t.hf_config, t.model_args))
+        config = lora.load_peft(
+            t.module, t.hf_config, t.model_args, t.meta.padded_vocab_size, a.lora_load,
+            lambda held: settle(t, held, f"--lora-load {a.lora_load}", dropout_applies=True))
     else:
         config = (settle(t, saved, f"the LoRA checkpoint {a.load}", dropout_applies=False)
                   if resumed else config_from_args(a))

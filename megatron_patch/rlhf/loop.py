@@ -251,10 +251,8 @@ class RLTrainer:
         self.policy_mode.maxima = []
         stats = t.train_step(share)
         if self.critic is not None:
-            from megatron_patch.rlhf.ppo import CriticMode
-
             critic = self.critic.train_step(share)
-            stats.update({k: critic[k] for k in CriticMode.metric_names},
+            stats.update({k: critic[k] for k in ppo.CriticMode.metric_names},
                          critic_grad_norm=critic["grad_norm"])
         # The loss (and so the maxima) is computed on the last pipeline stage only.
         step_maxima = self.policy_mode.maxima

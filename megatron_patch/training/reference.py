@@ -52,9 +52,14 @@ class FrozenReference:
     def __init__(self, trainer: Trainer, load: str, iteration: int | str, flag: str) -> None:
         self.load, self.iteration = load, iteration
         self._policy = trainer.model
-        self.shares_policy = trainer.lora is not None and trainer.lora.adapts(load, iteration)
+        shares_policy = trainer.lora is not None and trainer.lora.adapts(load, iteration)
         self.copy: torch.nn.Module | None = (
-            None if self.shares_policy else frozen_copy(trainer, load, iteration, flag))
+            None if shares_policy else frozen_copy(trainer, load, iteration, flag))
+
+    @property
+    def shares_policy(self) -> bool:
+        """Whether the reference is the policy with its adapters off (no copy held)."""
+        return self.copy is None
 
     @property
     def model(self) -> torch.nn.Module:
